@@ -1,0 +1,154 @@
+"""Landing segments: the durable, append-only record of every message the broker delivered.
+
+A segment is a file of newline-delimited JSON. The first line is a header naming the format, its version and
+the record encoding; each following line is one MQTT message::
+
+    {"rpm_landing": 1, "segment": "...", "created_at": "...", "encoding": "plain"}
+    {"n": 0, "topic": "rpm/v1/devices/bp-001/vitals", "received_at": "2026-11-27T12:00:00.123456Z",
+     "payload": "<base64 of the raw bytes>", "mark": null}
+
+Raw payload bytes are kept exactly (base64), so a decoder fixed later can re-read history. ``mark`` carries
+the reason the ingest service already knows a message is malformed (it is still landed, never dropped).
+The header's ``encoding`` is where per-record authenticated encryption plugs in: a reader refuses an encoding
+it does not know instead of guessing.
+
+Life cycle: ``open/<name>.seg`` is appended and fsynced by one ingest instance; sealing fsyncs it and renames
+it into ``sealed/`` (atomic on one file system), after which it never changes. A crash can leave a torn last
+line in an open segment: that record was never acked, the broker redelivers it, and recovery drops the tail.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+FORMAT_VERSION = 1
+SEGMENT_SUFFIX = ".seg"
+ENCODINGS = ("plain",)
+
+
+@dataclass(frozen=True)
+class LandedRecord:
+    n: int
+    topic: str
+    received_at: datetime
+    payload: bytes
+    mark: str | None
+
+
+def open_dir(landing_dir: Path) -> Path:
+    return landing_dir / "open"
+
+
+def sealed_dir(landing_dir: Path) -> Path:
+    return landing_dir / "sealed"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentWriter:
+    """Appends records to one open segment; ``sync`` makes them durable, ``seal`` publishes the segment."""
+
+    def __init__(self, landing_dir: Path, name: str, now: datetime | None = None):
+        self.landing_dir = landing_dir
+        self.name = name
+        self.created = now or utc_now()
+        open_dir(landing_dir).mkdir(parents=True, exist_ok=True)
+        sealed_dir(landing_dir).mkdir(parents=True, exist_ok=True)
+        self.path = open_dir(landing_dir) / f"{name}{SEGMENT_SUFFIX}"
+        self._f = open(self.path, "xb")  # noqa: SIM115 - lives as long as the writer
+        header = {"rpm_landing": FORMAT_VERSION, "segment": name, "created_at": _iso(self.created),
+                  "encoding": "plain"}
+        self._f.write(json.dumps(header).encode() + b"\n")
+        self.records = 0
+        self.bytes = self._f.tell()
+        _fsync_dir(open_dir(landing_dir))
+
+    def append(self, topic: str, payload: bytes, received_at: datetime, mark: str | None = None) -> None:
+        line = json.dumps({
+            "n": self.records, "topic": topic, "received_at": _iso(received_at),
+            "payload": base64.b64encode(payload).decode("ascii"), "mark": mark,
+        }, ensure_ascii=True).encode() + b"\n"
+        self._f.write(line)
+        self.records += 1
+        self.bytes += len(line)
+
+    def sync(self) -> None:
+        """Flush and fsync: every record appended so far survives a crash from now on."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def seal(self) -> Path:
+        """Make the segment immutable and visible to the pipeline."""
+        self.sync()
+        self._f.close()
+        target = sealed_dir(self.landing_dir) / self.path.name
+        os.rename(self.path, target)
+        _fsync_dir(sealed_dir(self.landing_dir))
+        _fsync_dir(open_dir(self.landing_dir))
+        return target
+
+    def close_unsealed(self) -> None:
+        self._f.close()
+
+
+def read_segment(path: Path) -> Iterator[LandedRecord]:
+    """Records of a segment in order; a torn final line (crash while writing) is skipped."""
+    with open(path, "rb") as f:
+        header_line = f.readline()
+        header = json.loads(header_line)
+        if header.get("rpm_landing") != FORMAT_VERSION or header.get("encoding") not in ENCODINGS:
+            raise ValueError(f"{path.name}: unsupported landing format {header!r}")
+        for line in f:
+            if not line.endswith(b"\n"):
+                return  # torn tail: never fsynced, so never acked
+            rec = json.loads(line)
+            yield LandedRecord(
+                n=rec["n"], topic=rec["topic"],
+                received_at=datetime.fromisoformat(rec["received_at"]),
+                payload=base64.b64decode(rec["payload"]), mark=rec.get("mark"),
+            )
+
+
+def recover_open_segments(landing_dir: Path, prefix: str) -> list[Path]:
+    """Seal segments an earlier run of this ingest instance left open, dropping any torn tail."""
+    sealed = []
+    for path in sorted(open_dir(landing_dir).glob(f"{prefix}-*{SEGMENT_SUFFIX}")):
+        data = path.read_bytes()
+        keep = data[: data.rfind(b"\n") + 1]
+        if len(keep) != len(data):
+            with open(path, "r+b") as f:
+                f.truncate(len(keep))
+                os.fsync(f.fileno())
+        if keep.count(b"\n") <= 1:  # header only: nothing was ever acked from it
+            path.unlink()
+            continue
+        target = sealed_dir(landing_dir) / path.name
+        os.rename(path, target)
+        sealed.append(target)
+    if sealed:
+        _fsync_dir(sealed_dir(landing_dir))
+    return sealed
+
+
+def list_sealed(landing_dir: Path) -> list[Path]:
+    return sorted(sealed_dir(landing_dir).glob(f"*{SEGMENT_SUFFIX}"))

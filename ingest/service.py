@@ -1,0 +1,255 @@
+"""The ingest service: broker -> landing segments, acking each message only after it is fsynced.
+
+Delivery contract (at-least-once into landing):
+- MQTT 5, a stable client id, ``clean_start=False`` on *every* connect and a long session expiry, so the
+  broker keeps queueing for us while we are down (paho's default clean start would discard that queue).
+- QoS 1 through a shared subscription (``$share/<group>/rpm/v1/#``): more instances can join the group.
+- ``manual_ack``: a PUBACK is sent only after the record is in a landing segment and fsynced. A crash before
+  that means the broker redelivers; the warehouse's idempotency key turns that into a counted duplicate.
+- The un-acked window (MQTT 5 Receive Maximum) bounds redelivery and stays below the broker's limits.
+- A failed write (disk full, I/O error) disconnects without acking, forcing redelivery once we are back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ingest.landing import SegmentWriter, recover_open_segments
+from rpmctl.settings import Settings
+from transforms.decode import parse_json_object
+from transforms.topics import parse_topic
+
+log = logging.getLogger("rpm.ingest")
+
+SUBSCRIPTION = "rpm/v1/#"
+
+
+def make_client(client_id: str, username: str, password: str, *, ca_file: str | None = None,
+                manual_ack: bool = False) -> mqtt.Client:
+    """The one place MQTT 5 clients are built (ingest, simulator, tests)."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+    client.username_pw_set(username, password)
+    if ca_file:
+        client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    return client
+
+
+def quick_mark(topic: str, payload: bytes) -> str | None:
+    """Why a message is already known to be malformed at the door (it is landed anyway), or None."""
+    if parse_topic(topic) is None:
+        return "unknown_topic"
+    _, reason, _ = parse_json_object(payload)
+    return reason
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    landed: int = 0
+    acked: int = 0
+    marked: int = 0
+    segments_sealed: int = 0
+    write_errors: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class IngestService:
+    """Runs the receive -> append -> fsync -> ack loop on one thread (no locks around the client)."""
+
+    def __init__(self, settings: Settings, password: str,
+                 client_factory: Callable[..., mqtt.Client] = make_client):
+        self.s = settings
+        self.client = client_factory(settings.ingest_client_id, settings.ingest_username, password,
+                                     manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.stats = IngestStats()
+        self._pending: list[tuple[int, int]] = []  # (mid, qos) appended but not yet fsynced/acked
+        self._oldest_pending = 0.0
+        self._writer: SegmentWriter | None = None
+        self._segment_counter = 0
+        self._stop = False
+        self._seal_requested = False
+        self._write_failed = False
+        self.connected = False
+
+    # --- MQTT callbacks (run inside client.loop on our thread) ----------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("broker refused connection: %s", reason_code)
+            return
+        self.connected = True
+        log.info("connected (session present=%s)", flags.session_present)
+        # Re-subscribing is harmless with a persistent session and needed after session expiry.
+        client.subscribe(f"$share/{self.s.ingest_group}/{SUBSCRIPTION}", options=SubscribeOptions(qos=1))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected = False
+        # Anything received but not acked will be redelivered by the broker: forget it here.
+        self._pending.clear()
+        log.warning("disconnected: %s", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage):
+        self.stats.received += 1
+        if self._write_failed:
+            return  # we are about to disconnect; leave it un-acked for redelivery
+        mark = quick_mark(msg.topic, msg.payload)
+        try:
+            writer = self._writer_for_append()
+            writer.append(msg.topic, msg.payload, datetime.now(UTC), mark)
+        except OSError as exc:
+            self._fail_write(exc)
+            return
+        self.stats.landed += 1
+        self.stats.marked += mark is not None
+        if not self._pending:
+            self._oldest_pending = time.monotonic()
+        self._pending.append((msg.mid, msg.qos))
+
+    # --- landing -------------------------------------------------------------------------------------
+    def _writer_for_append(self) -> SegmentWriter:
+        if self._writer is None:
+            self._segment_counter += 1
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            name = f"{self.s.ingest_client_id}-{stamp}-{self._segment_counter:06d}"
+            self._writer = SegmentWriter(self.s.landing_dir, name)  # type: ignore[arg-type]
+        return self._writer
+
+    def _fail_write(self, exc: OSError) -> None:
+        self.stats.write_errors += 1
+        log.error("landing write failed (%s): disconnecting so the broker redelivers", exc)
+        self._write_failed = True
+        self._pending.clear()
+        if self._writer is not None:
+            try:
+                self._writer.close_unsealed()
+            except OSError:
+                pass
+            self._writer = None
+        self.client.disconnect()
+
+    def flush(self) -> None:
+        """fsync everything appended, then ack it: the only place PUBACKs are sent."""
+        if not self._pending or self._writer is None:
+            return
+        try:
+            self._writer.sync()
+        except OSError as exc:
+            self._fail_write(exc)
+            return
+        for mid, qos in self._pending:
+            if qos > 0:
+                self.client.ack(mid, qos)
+        self.stats.acked += len(self._pending)
+        self._pending.clear()
+
+    def seal(self) -> None:
+        """Flush, ack, and hand the current segment to the pipeline."""
+        self.flush()
+        if self._writer is not None and self._writer.records and not self._write_failed:
+            path = self._writer.seal()
+            self.stats.segments_sealed += 1
+            log.info("sealed %s (%d records)", path.name, self._writer.records)
+            self._writer = None
+
+    def _seal_due(self) -> bool:
+        w = self._writer
+        if w is None or not w.records:
+            return False
+        age = (datetime.now(UTC) - w.created).total_seconds()
+        return self._seal_requested or w.bytes >= self.s.segment_max_bytes or age >= self.s.segment_max_age_s
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def request_seal(self, *_: object) -> None:
+        self._seal_requested = True
+
+    def connect(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.s.ingest_session_expiry_s
+        props.ReceiveMaximum = self.s.ingest_receive_maximum
+        self.client.connect(self.s.broker_host, self.s.broker_port, keepalive=30, clean_start=False,
+                            properties=props)
+
+    def run(self, install_signals: bool = True) -> IngestStats:
+        """Serve until SIGTERM/SIGINT; SIGUSR1 seals the open segment now (used by `rpm pipeline run`)."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+            signal.signal(signal.SIGUSR1, self.request_seal)
+        recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
+        if recovered:
+            log.info("recovered %d segment(s) left open by a previous run", len(recovered))
+        self._connect_with_retry()
+        flush_s = self.s.ingest_flush_interval_ms / 1000
+        while not self._stop:
+            self.client.loop(timeout=flush_s / 2)
+            if self._pending and (time.monotonic() - self._oldest_pending >= flush_s
+                                  or len(self._pending) >= self.s.ingest_receive_maximum // 2):
+                self.flush()
+            if self._seal_due():
+                self.seal()
+                self._seal_requested = False
+            elif self._seal_requested and (self._writer is None or not self._writer.records):
+                self._seal_requested = False
+            if not self.connected:
+                self._connect_with_retry()
+        self.seal()
+        # Normal DISCONNECT keeps the session (expiry > 0): the broker queues for us until we return.
+        self.client.disconnect()
+        self.client.loop(timeout=0.5)
+        log.info("stopped: %s", self.stats)
+        return self.stats
+
+    def _connect_with_retry(self) -> None:
+        delay = 0.2
+        while not self._stop:
+            if self._write_failed:
+                self._write_failed = not _landing_writable(self.s)
+                if self._write_failed:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+            try:
+                self.connect()
+            except OSError as exc:
+                log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            deadline = time.monotonic() + 10
+            while not self.connected and time.monotonic() < deadline and not self._stop:
+                self.client.loop(timeout=0.1)
+            if self.connected:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _landing_writable(s: Settings) -> bool:
+    probe = s.landing_dir / ".write-probe"  # type: ignore[operator]
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,116 @@
+"""Local secrets, generated at setup into git-ignored folders: warehouse key, service logins, a local CA.
+
+Keys live in ``secrets_dir`` (mode 0700), never inside the warehouse or landing folders, never in a database
+and never in a log line. Generating is idempotent: existing secrets are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import os
+import secrets
+import socket
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from rpmctl.settings import Settings
+
+# Mosquitto 2's password file format "$7$": PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt.
+MOSQUITTO_PBKDF2_ITERATIONS = 101
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomically write a secret readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
+    """A password-file entry Mosquitto 2 verifies (same as `mosquitto_passwd` writes)."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, MOSQUITTO_PBKDF2_ITERATIONS)
+    return f"$7${MOSQUITTO_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def warehouse_key(s: Settings) -> str:
+    """The clinical warehouse's encryption key (hex), created on first use."""
+    path = s.warehouse_key_file
+    if not path.exists():
+        Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
+        write_private(path, secrets.token_hex(32).encode())
+    return path.read_text().strip()
+
+
+def service_password(s: Settings, name: str) -> str:
+    """Password of an internal broker login (e.g. the ingest service), created on first use."""
+    path = Path(s.secrets_dir) / f"{name}.password"  # type: ignore[arg-type]
+    if not path.exists():
+        write_private(path, new_password().encode())
+    return path.read_text().strip()
+
+
+def ensure_pki(s: Settings) -> tuple[Path, Path, Path]:
+    """A local CA and a broker server certificate signed by it: (ca.crt, server.crt, server.key)."""
+    secrets_dir = Path(s.secrets_dir)  # type: ignore[arg-type]
+    pki = Path(s.pki_dir)  # type: ignore[arg-type]
+    ca_key_path, ca_crt = secrets_dir / "ca.key", pki / "ca.crt"
+    srv_key_path, srv_crt = secrets_dir / "server.key", pki / "server.crt"
+    if ca_crt.exists() and srv_crt.exists() and srv_key_path.exists():
+        return ca_crt, srv_crt, srv_key_path
+    pki.mkdir(parents=True, exist_ok=True)
+    os.chmod(pki, 0o755)
+    now = datetime.now(UTC)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rpm-pipeline local CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, encipher_only=False,
+                                     decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(socket.gethostname()),
+                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    srv_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_fmt = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
+                   encryption_algorithm=serialization.NoEncryption())
+    write_private(ca_key_path, ca_key.private_bytes(**key_fmt))
+    write_private(srv_key_path, srv_key.private_bytes(**key_fmt))
+    ca_crt.write_bytes(ca_cert.public_bytes(pem))
+    srv_crt.write_bytes(srv_cert.public_bytes(pem))
+    os.chmod(ca_crt, 0o644)
+    os.chmod(srv_crt, 0o644)
+    return ca_crt, srv_crt, srv_key_path

@@ -1,0 +1,110 @@
+"""Background processes with pid files and logs under ``run_dir`` (no supervisor needed locally)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rpmctl.settings import Settings
+
+
+class StartError(RuntimeError):
+    pass
+
+
+def pid_file(s: Settings, name: str) -> Path:
+    return Path(s.run_dir) / f"{name}.pid"  # type: ignore[arg-type]
+
+
+def log_file(s: Settings, name: str) -> Path:
+    return Path(s.run_dir) / f"{name}.log"  # type: ignore[arg-type]
+
+
+def read_pid(s: Settings, name: str) -> int | None:
+    """The pid of a running service, or None (a stale pid file is removed)."""
+    path = pid_file(s, name)
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if _alive(pid):
+        return pid
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours is not alive: reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def start(s: Settings, name: str, argv: list[str], env: dict[str, str] | None = None,
+          ready: Callable[[], bool] | None = None, timeout: float = 20.0) -> int:
+    """Start ``argv`` detached in its own session, logging to run/<name>.log; wait until ``ready()``."""
+    existing = read_pid(s, name)
+    if existing:
+        return existing
+    Path(s.run_dir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    log = open(log_file(s, name), "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    log.close()
+    pid_file(s, name).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while ready is not None and not ready():
+        if proc.poll() is not None:
+            pid_file(s, name).unlink(missing_ok=True)
+            raise StartError(f"{name} exited with {proc.returncode}; see {log_file(s, name)}:\n"
+                             + tail(log_file(s, name)))
+        if time.monotonic() > deadline:
+            stop(s, name)
+            raise StartError(f"{name} not ready after {timeout:.0f}s; see {log_file(s, name)}:\n"
+                             + tail(log_file(s, name)))
+        time.sleep(0.05)
+    return proc.pid
+
+
+def stop(s: Settings, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> bool:
+    """Signal the service and wait for it to exit; escalate to SIGKILL after ``timeout``."""
+    pid = read_pid(s, name)
+    if pid is None:
+        return False
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+        time.sleep(0.05)
+    pid_file(s, name).unlink(missing_ok=True)
+    return True
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""

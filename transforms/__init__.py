@@ -1,0 +1,1 @@
+"""Decode landed MQTT messages and normalise them into canonical readings (pure functions)."""

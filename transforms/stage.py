@@ -1,0 +1,59 @@
+"""Stage a batch: decode and normalise its landing segments into the (encrypted) staging tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ingest.landing import SEGMENT_SUFFIX, read_segment, sealed_dir
+from rpmctl.settings import Settings
+from transforms.normalise import CANDIDATE_COLUMNS, StructuralReject, normalise_records
+from warehouse.db import clinical, transaction
+from warehouse.ledger import Batch
+
+REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
+                  "detail", "raw"]
+
+
+def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """(candidates, structural rejects, messages per segment) of a batch's segments."""
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    messages: dict[str, int] = {}
+    for name in batch.segments:
+        records = list(read_segment(sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"))  # type: ignore[arg-type]
+        messages[name] = len(records)
+        for out in normalise_records(name, records):
+            if isinstance(out, StructuralReject):
+                rejects.append({c: getattr(out, c) for c in REJECT_COLUMNS})
+            else:
+                rows.append(out)
+    return (pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), pd.DataFrame(rejects, columns=REJECT_COLUMNS),
+            messages)
+
+
+def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
+    """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows."""
+    candidates, rejects, messages = decode_batch(s, batch)
+    seg = pd.DataFrame({"segment": list(messages), "messages": list(messages.values())})
+    with clinical(s) as con, transaction(con):
+        for table in ("stg_candidates", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated"):
+            con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
+        if len(candidates):
+            con.register("c", candidates)
+            cols = ", ".join(CANDIDATE_COLUMNS)
+            con.execute(f"INSERT INTO stg_candidates ({cols}, batch_id) SELECT {cols}, ? FROM c", [batch.batch_id])
+            # The patient is whoever the device was enrolled to at the *measured* instant.
+            con.execute("""
+                UPDATE stg_candidates c SET patient_id = e.patient_id
+                FROM enrollments e
+                WHERE e.device_id = c.device_id AND c.measured_at >= e.valid_from
+                  AND (e.valid_to IS NULL OR c.measured_at < e.valid_to)""")
+        if len(rejects):
+            con.register("r", rejects)
+            cols = ", ".join(REJECT_COLUMNS)
+            con.execute(f"INSERT INTO stg_rejects ({cols}, batch_id) SELECT {cols}, ? FROM r", [batch.batch_id])
+        if len(seg):
+            con.register("sg", seg)
+            con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch.batch_id])
+    return {"segments": len(messages), "messages": sum(messages.values()), "candidates": len(candidates),
+            "unreadable": len(rejects)}

@@ -1,0 +1,68 @@
+"""The vitals vocabulary of payload contract v1: metrics, accepted UCUM units, LOINC codes, plausible ranges.
+
+Plausibility bounds are physiological limits of a living patient measured at home, not alert thresholds:
+a value outside them is a device or entry error and goes to quarantine, never to a clinician's chart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# 1 mmol/L glucose = 18.0156 mg/dL (molar mass of glucose 180.156 g/mol).
+GLUCOSE_MG_DL_PER_MMOL_L = 18.0156
+LB_AV_IN_KG = 0.45359237  # avoirdupois pound, exact by definition
+
+
+def _identity(v: float) -> float:
+    return v
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    canonical_unit: str
+    loinc: str
+    loinc_display: str
+    plausible: tuple[float, float]
+    # unit as sent -> conversion to the canonical unit
+    units: dict[str, Callable[[float], float]] = field(default_factory=dict)
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    # 85354-9 is the BP panel; components systolic 8480-6 / diastolic 8462-4 (FHIR vital-signs profile).
+    Metric("blood_pressure", "mm[Hg]", "85354-9", "Blood pressure panel with all children optional",
+           (50, 300), {"mm[Hg]": _identity}),
+    Metric("heart_rate", "/min", "8867-4", "Heart rate", (20, 300), {"/min": _identity}),
+    Metric("spo2", "%", "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry", (50, 100),
+           {"%": _identity}),
+    Metric("respiratory_rate", "/min", "9279-1", "Respiratory rate", (4, 70), {"/min": _identity}),
+    Metric("body_temperature", "Cel", "8310-5", "Body temperature", (25, 45),
+           {"Cel": _identity, "[degF]": lambda f: (f - 32.0) * 5.0 / 9.0}),
+    Metric("body_weight", "kg", "29463-7", "Body weight", (2, 400),
+           {"kg": _identity, "[lb_av]": lambda lb: lb * LB_AV_IN_KG}),
+    # Meter readings are capillary blood (41653-7); CGM readings are interstitial fluid (2339-0 is the
+    # blood-glucose code most EHRs accept for them; source keeps the distinction).
+    Metric("blood_glucose", "mg/dL", "41653-7", "Glucose [Mass/volume] in Capillary blood by Glucometer",
+           (10, 1000), {"mg/dL": _identity, "mmol/L": lambda mmol: mmol * GLUCOSE_MG_DL_PER_MMOL_L}),
+]}
+
+# Diastolic plausibility (systolic uses the metric's range).
+DIASTOLIC_PLAUSIBLE = (20, 200)
+BP_COMPONENT_LOINC = {"systolic": "8480-6", "diastolic": "8462-4"}
+CGM_LOINC = "2339-0"
+GLUCOSE_SOURCES = ("meter", "cgm")
+
+
+def unit_key(metric: object, unit: object) -> str:
+    """A single comparable string for the (metric, unit) pair, so GX can check it against a set."""
+    return f"{metric}|{unit}"
+
+
+ACCEPTED_UNIT_KEYS = sorted(unit_key(m.name, u) for m in METRICS.values() for u in m.units)
+
+
+def loinc_for(metric: str, source: str | None) -> str:
+    if metric == "blood_glucose" and source == "cgm":
+        return CGM_LOINC
+    return METRICS[metric].loinc

@@ -1,0 +1,97 @@
+"""Connections to the clinical warehouse: an AES-GCM encrypted DuckDB file whose key lives outside it.
+
+DuckDB writes encrypted files only with the OpenSSL crypto of its httpfs extension; the pinned
+``duckdb-extension-httpfs`` wheel ships the signed binary, loaded from disk (no network). Temporary files
+are encrypted too (``temp_file_encryption``) and kept next to the warehouse, so PHI never spills in plaintext.
+One process writes at a time (DuckDB's file lock): writers retry briefly instead of failing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from rpmctl import keys
+from rpmctl.settings import Settings
+
+LOCK_WAIT_S = 60.0
+
+
+@cache
+def httpfs_extension() -> Path:
+    import duckdb_extension_httpfs
+
+    root = Path(duckdb_extension_httpfs.__file__).parent
+    found = sorted(root.glob(f"extensions/v{duckdb.__version__}/httpfs.duckdb_extension"))
+    if not found:
+        raise RuntimeError(f"httpfs extension for duckdb {duckdb.__version__} not found under {root}: "
+                           "install duckdb-extension-httpfs with the same version as duckdb")
+    return found[0]
+
+
+def migrations() -> list[str]:
+    sql_dir = resources.files("warehouse") / "sql"
+    return [p.read_text() for p in sorted(sql_dir.iterdir(), key=lambda p: p.name) if p.name.endswith(".sql")]
+
+
+def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool) -> None:
+    key = keys.warehouse_key(s)
+    path = str(s.clinical_db).replace("'", "''")
+    mode = ", READ_ONLY" if read_only else ""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            con.execute(f"ATTACH '{path}' AS clinical (ENCRYPTION_KEY '{key}'{mode})")
+            return
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def open_clinical(s: Settings, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection with the clinical warehouse attached (and migrated, unless read-only) as ``clinical``."""
+    Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
+    tmp = Path(s.warehouse_dir) / "tmp"  # type: ignore[arg-type]
+    con = duckdb.connect(config={"temp_directory": str(tmp)})
+    try:
+        con.execute(f"LOAD '{httpfs_extension()}'")
+        con.execute("SET temp_file_encryption = true")
+        if read_only and not s.clinical_db.exists():
+            raise FileNotFoundError(f"no clinical warehouse at {s.clinical_db}: run `rpm pipeline run` first")
+        _attach(con, s, read_only)
+        con.execute("USE clinical")
+        if not read_only:
+            for sql in migrations():
+                con.execute(sql)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+@contextmanager
+def clinical(s: Settings, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = open_clinical(s, read_only)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All or nothing: a task that dies inside leaves the warehouse as it was."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")

@@ -1,0 +1,129 @@
+"""Load a validated batch in one transaction: readings, quarantine, duplicates and the segment ledger.
+
+Exactly-once effect: a reading whose ``reading_id`` is already loaded (or appears earlier in the batch) is a
+*duplicate* when its values agree, and a *conflicting duplicate* (quarantined) when they do not — a device
+must not silently rewrite a reading a clinician may already have seen. Segments already in the ledger are
+skipped, so re-running the load, or the whole DAG run, changes nothing.
+"""
+
+from __future__ import annotations
+
+from rpmctl.settings import Settings
+from warehouse.db import clinical, transaction
+from warehouse.ledger import Batch
+
+CLASSIFY = """
+CREATE OR REPLACE TEMP TABLE _classified AS
+WITH ok AS (
+    SELECT c.*,
+           row_number() OVER (PARTITION BY c.reading_id ORDER BY c.segment, c.record_no, c.item_no) AS rn,
+           first_value(c.value) OVER w AS first_value, first_value(c.diastolic) OVER w AS first_diastolic
+    FROM stg_candidates c
+    WHERE c.batch_id = $batch
+      AND c.row_key NOT IN (SELECT row_key FROM stg_verdicts WHERE batch_id = $batch)
+      AND c.segment NOT IN (SELECT segment FROM segments)
+    WINDOW w AS (PARTITION BY c.reading_id ORDER BY c.segment, c.record_no, c.item_no)
+)
+SELECT ok.*,
+       CASE
+         WHEN r.reading_id IS NULL AND ok.rn = 1 THEN 'load'
+         WHEN r.reading_id IS NOT NULL
+              AND r.value IS NOT DISTINCT FROM ok.value AND r.diastolic IS NOT DISTINCT FROM ok.diastolic
+           THEN 'duplicate'
+         WHEN r.reading_id IS NULL
+              AND ok.first_value IS NOT DISTINCT FROM ok.value
+              AND ok.first_diastolic IS NOT DISTINCT FROM ok.diastolic
+           THEN 'duplicate'
+         ELSE 'conflict'
+       END AS fate
+FROM ok LEFT JOIN readings r USING (reading_id)
+"""
+
+INSERT_READINGS = """
+INSERT INTO readings
+SELECT reading_id, patient_id, device_id, metric, loinc, value, diastolic, canonical_unit, unit, source,
+       measured_at, utc_offset_min, received_at, now(), msg_id, segment, record_no, item_no, extra, $run
+FROM _classified WHERE fate = 'load'
+"""
+
+INSERT_DUPLICATES = """
+INSERT INTO duplicates
+SELECT row_key, reading_id, segment, record_no, item_no, received_at, $run
+FROM _classified WHERE fate = 'duplicate'
+"""
+
+INSERT_QUARANTINE = """
+INSERT INTO quarantine
+SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL, c.raw,
+       c.received_at, now(), $run
+FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
+WHERE c.batch_id = $batch AND c.segment NOT IN (SELECT segment FROM segments)
+UNION ALL
+SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, raw, received_at, now(), $run
+FROM stg_rejects WHERE batch_id = $batch AND segment NOT IN (SELECT segment FROM segments)
+UNION ALL
+SELECT row_key, segment, record_no, item_no, device_id, reading_id, ['conflicting_duplicate'],
+       'same device, metric and time as a loaded reading, different value', raw, received_at, now(), $run
+FROM _classified WHERE fate = 'conflict'
+"""
+
+# Per-segment accounting from this batch's own classification; the load refuses to commit if any segment
+# does not balance (items = loaded + quarantined + duplicates).
+INSERT_LEDGER = """
+INSERT INTO segments
+WITH items AS (
+    SELECT segment, 'item' AS kind FROM stg_candidates WHERE batch_id = $batch
+    UNION ALL SELECT segment, 'item' FROM stg_rejects WHERE batch_id = $batch
+), outcomes AS (
+    SELECT segment, fate FROM _classified WHERE fate IN ('load', 'duplicate')
+    UNION ALL SELECT segment, 'quarantine' FROM _classified WHERE fate = 'conflict'
+    UNION ALL SELECT c.segment, 'quarantine' FROM stg_candidates c
+              JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key WHERE c.batch_id = $batch
+    UNION ALL SELECT segment, 'quarantine' FROM stg_rejects WHERE batch_id = $batch
+)
+SELECT s.segment, s.messages,
+       (SELECT count(*) FROM items i WHERE i.segment = s.segment),
+       (SELECT count(*) FROM outcomes o WHERE o.segment = s.segment AND o.fate = 'load'),
+       (SELECT count(*) FROM outcomes o WHERE o.segment = s.segment AND o.fate = 'quarantine'),
+       (SELECT count(*) FROM outcomes o WHERE o.segment = s.segment AND o.fate = 'duplicate'),
+       now(), $run
+FROM stg_segments s
+WHERE s.batch_id = $batch AND s.segment NOT IN (SELECT segment FROM segments)
+"""
+
+
+class UnbalancedLoad(RuntimeError):
+    """A segment's items did not equal loaded + quarantined + duplicates: nothing was committed."""
+
+
+def load_batch(s: Settings, batch: Batch, run_id: str) -> dict[str, int]:
+    """Commit a validated batch; returns counts of what this call added (zeros when re-run)."""
+    params = {"batch": batch.batch_id, "run": run_id}
+    with clinical(s) as con, transaction(con):
+        staged = con.execute("SELECT count(*) FROM stg_segments WHERE batch_id = ?", [batch.batch_id]).fetchone()
+        validated = con.execute("SELECT count(*) FROM stg_validated WHERE batch_id = ?",
+                                [batch.batch_id]).fetchone()
+        if batch.segments and staged and staged[0] and not (validated and validated[0]):
+            raise RuntimeError(f"batch {batch.batch_id} was staged but not validated: refusing to load")
+        con.execute(CLASSIFY, {"batch": batch.batch_id})
+        before = _totals(con)
+        con.execute(INSERT_READINGS, {"run": run_id})
+        con.execute(INSERT_DUPLICATES, {"run": run_id})
+        con.execute(INSERT_QUARANTINE, params)
+        con.execute(INSERT_LEDGER, params)
+        unbalanced = con.execute("""
+            SELECT segment, items, loaded, quarantined, duplicates FROM segments
+            WHERE segment IN (SELECT segment FROM stg_segments WHERE batch_id = ?)
+              AND items <> loaded + quarantined + duplicates""", [batch.batch_id]).fetchall()
+        if unbalanced:
+            raise UnbalancedLoad(f"segments do not balance, nothing committed: {unbalanced[:5]}")
+        after = _totals(con)
+        for table in ("stg_candidates", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated"):
+            con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch.batch_id])
+    return {k: after[k] - before[k] for k in after}
+
+
+def _totals(con) -> dict[str, int]:
+    row = con.execute("""SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM quarantine),
+                                (SELECT count(*) FROM duplicates), (SELECT count(*) FROM segments)""").fetchone()
+    return dict(zip(("loaded", "quarantined", "duplicates", "segments"), row, strict=True))
