@@ -12,14 +12,16 @@ Delivery contract (at-least-once into landing):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -86,6 +88,15 @@ class IngestService:
         self._seal_requested = False
         self._write_failed = False
         self.connected = False
+        self.status_file = Path(settings.run_dir) / f"ingest-{settings.ingest_client_id}.json"  # type: ignore[arg-type]
+
+    def write_status(self) -> None:
+        """A small JSON file `rpm status` and the start-up wait read (counters only, no payloads)."""
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected, "updated": time.time(),
+                                   **asdict(self.stats)}))
+        os.replace(tmp, self.status_file)
 
     # --- MQTT callbacks (run inside client.loop on our thread) ----------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -94,6 +105,7 @@ class IngestService:
             return
         self.connected = True
         log.info("connected (session present=%s)", flags.session_present)
+        self.write_status()
         # Re-subscribing is harmless with a persistent session and needed after session expiry.
         client.subscribe(f"$share/{self.s.ingest_group}/{SUBSCRIPTION}", options=SubscribeOptions(qos=1))
 
@@ -102,6 +114,7 @@ class IngestService:
         # Anything received but not acked will be redelivered by the broker: forget it here.
         self._pending.clear()
         log.warning("disconnected: %s", reason_code)
+        self.write_status()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage):
         self.stats.received += 1
@@ -165,6 +178,7 @@ class IngestService:
             self.stats.segments_sealed += 1
             log.info("sealed %s (%d records)", path.name, self._writer.records)
             self._writer = None
+            self.write_status()
 
     def _seal_due(self) -> bool:
         w = self._writer
@@ -214,6 +228,8 @@ class IngestService:
         # Normal DISCONNECT keeps the session (expiry > 0): the broker queues for us until we return.
         self.client.disconnect()
         self.client.loop(timeout=0.5)
+        self.connected = False
+        self.write_status()
         log.info("stopped: %s", self.stats)
         return self.stats
 
@@ -240,6 +256,16 @@ class IngestService:
                 return
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def main(s: Settings) -> int:
+    """`rpm ingest`: run the service in the foreground until SIGTERM."""
+    from rpmctl import keys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = IngestService(s, keys.service_password(s, "ingest"))
+    service.run()
+    return 0
 
 
 def _landing_writable(s: Settings) -> bool:

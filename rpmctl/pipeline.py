@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ingest.landing import SEGMENT_SUFFIX, open_dir
@@ -62,6 +63,8 @@ def run_once(s: Settings) -> dict:
     """Run rpm_pipeline once in this process; returns {task_id: state}. Raises if the run failed."""
     ensure_airflow_db(s)
     os.environ.update(airflow_env(s))
+    # Airflow's in-process API client trips a third-party deprecation notice on every run: not ours to fix.
+    warnings.filterwarnings("ignore", message=".*httpx.*starlette.*")
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(DAGS_FOLDER))

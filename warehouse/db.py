@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -36,8 +35,7 @@ def httpfs_extension() -> Path:
 
 
 def migrations() -> list[str]:
-    sql_dir = resources.files("warehouse") / "sql"
-    return [p.read_text() for p in sorted(sql_dir.iterdir(), key=lambda p: p.name) if p.name.endswith(".sql")]
+    return [p.read_text() for p in sorted((Path(__file__).parent / "sql").glob("*.sql"))]
 
 
 def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool) -> None:

@@ -1,0 +1,54 @@
+"""`rpm up` / `rpm down`: the broker and the ingest service as background processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rpmctl import broker, keys, procs
+from rpmctl.settings import Settings
+
+INGEST = "ingest"
+
+
+def init(s: Settings) -> None:
+    """Create state folders and secrets (idempotent): warehouse key, service logins, local CA, broker files."""
+    Path(s.home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
+    keys.warehouse_key(s)
+    broker.prepare(s)
+
+
+def ingest_status(s: Settings) -> dict | None:
+    path = Path(s.run_dir) / f"ingest-{s.ingest_client_id}.json"  # type: ignore[arg-type]
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _ingest_connected(s: Settings) -> bool:
+    st = ingest_status(s)
+    pid = procs.read_pid(s, INGEST)
+    return bool(st and st.get("connected") and st.get("pid") == pid)
+
+
+def up(s: Settings) -> dict:
+    init(s)
+    broker_pid = broker.start(s)
+    ingest_pid = procs.start(s, INGEST, [sys.executable, "-m", "rpmctl.cli", "ingest"], env=s.as_env(),
+                             ready=lambda: _ingest_connected(s))
+    return {"broker_pid": broker_pid, "ingest_pid": ingest_pid,
+            "mqtt_loopback": f"{s.broker_host}:{s.broker_port}", "mqtts": f"0.0.0.0:{s.broker_tls_port}",
+            "logs": str(s.run_dir)}
+
+
+def down(s: Settings) -> dict:
+    # Ingest first: it flushes, acks and seals before the broker goes away.
+    return {"ingest_stopped": procs.stop(s, INGEST), "broker_stopped": broker.stop(s)}
+
+
+def status(s: Settings) -> dict:
+    return {"broker_pid": procs.read_pid(s, broker.NAME), "ingest_pid": procs.read_pid(s, INGEST),
+            "ingest": ingest_status(s)}

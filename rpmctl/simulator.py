@@ -1,0 +1,239 @@
+"""A simulated RPM fleet: patients with chronic conditions, their home devices, and days of readings.
+
+Values follow each condition's typical home picture with daily patterns (morning blood-pressure surge,
+post-meal glucose peaks, nocturnal CGM lows), units the devices really use (lb scales, degF thermometers,
+mmol/L meters outside the US), buffered batch uploads, and known faults: repeated messages, implausible
+values and malformed payloads. The manifest says exactly what should be loaded, counted as duplicate, or
+quarantined, so a run can be checked against the accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from rpmctl.devices import provision
+from rpmctl.settings import Settings
+
+CONDITIONS = ("hypertension", "diabetes", "copd", "heart_failure")
+ZONES = ("America/New_York", "America/Chicago", "America/Denver", "America/Los_Angeles",
+         "America/Phoenix", "Europe/London")
+
+
+@dataclass
+class Device:
+    device_id: str
+    kind: str
+    patient_id: str
+    zone: ZoneInfo
+    password: str = ""
+
+
+@dataclass
+class Message:
+    device_id: str
+    payload: bytes
+    readings: int
+    fate: str  # "valid" | "implausible" | "malformed" | "duplicate"
+
+
+@dataclass
+class Fleet:
+    patients: dict[str, tuple[str, ...]]  # patient -> conditions
+    devices: list[Device]
+    messages: list[Message] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        count = {f: sum(m.readings for m in self.messages if m.fate == f)
+                 for f in ("valid", "implausible", "malformed", "duplicate")}
+        return {
+            "patients": len(self.patients),
+            "devices": len(self.devices),
+            "messages": len(self.messages),
+            "readings": sum(m.readings for m in self.messages),
+            "conditions": {c: sum(c in cs for cs in self.patients.values()) for c in CONDITIONS},
+            "expected": {"loaded": count["valid"], "duplicates": count["duplicate"],
+                         "quarantined": count["implausible"] + count["malformed"]},
+        }
+
+
+def _iso(ts: datetime, zone: ZoneInfo) -> str:
+    return ts.astimezone(zone).isoformat(timespec="seconds")
+
+
+def _daily(start_local: datetime, days: int, hours: list[float], rng: random.Random,
+           adherence: float) -> Iterator[datetime]:
+    """Measurement instants at roughly the given local hours, skipping days the patient forgets."""
+    for d in range(days):
+        if rng.random() > adherence:
+            continue
+        day = start_local + timedelta(days=d)
+        for h in hours:
+            jitter = rng.gauss(0, 0.4)
+            yield day + timedelta(hours=h + jitter, seconds=rng.randrange(60))
+
+
+def build_fleet(patients: int = 24, days: int = 14, seed: int = 7, end: datetime | None = None,
+                cgm_every_min: int = 15) -> Fleet:
+    """The fleet and every message it will publish (deterministic for a seed and an end hour)."""
+    rng = random.Random(seed)
+    end = (end or datetime.now(UTC)).replace(minute=0, second=0, microsecond=0)
+    conditions: dict[str, tuple[str, ...]] = {}
+    devices: list[Device] = []
+    readings: list[tuple[Device, dict]] = []  # (device, reading), valid by construction
+    for i in range(patients):
+        pid = f"pt-{i + 1:04d}"
+        primary = CONDITIONS[i % len(CONDITIONS)]
+        extra = (("hypertension",) if primary != "hypertension" and rng.random() < 0.5 else ())
+        conds = (primary, *extra)
+        conditions[pid] = conds
+        zone = ZoneInfo(ZONES[i % len(ZONES)])
+        metric_units = zone.key == "Europe/London"
+        start_local = (end - timedelta(days=days)).astimezone(zone).replace(hour=0, minute=0, second=0)
+        adherence = rng.uniform(0.7, 0.98)
+
+        def dev(kind: str, pid: str = pid, zone: ZoneInfo = zone) -> Device:
+            d = Device(f"{kind}-{pid[3:]}", kind, pid, zone)
+            devices.append(d)
+            return d
+
+        def add(d: Device, ts: datetime, reading: dict) -> None:
+            if ts < end - timedelta(minutes=5):
+                readings.append((d, {"measured_at": _iso(ts, d.zone), **reading}))
+
+        if "hypertension" in conds or "heart_failure" in conds:
+            cuff = dev("bp")
+            base_s, base_d = rng.uniform(128, 165), rng.uniform(78, 98)
+            for ts in _daily(start_local, days, [7.5, 20.0], rng, adherence):
+                surge = 8 if ts.hour < 12 else 0  # morning surge
+                sys_ = round(base_s + surge + rng.gauss(0, 8))
+                dia = round(base_d + surge / 2 + rng.gauss(0, 5))
+                add(cuff, ts, {"metric": "blood_pressure", "unit": "mm[Hg]",
+                               "values": {"systolic": sys_, "diastolic": min(dia, sys_ - 20)}})
+                add(cuff, ts + timedelta(seconds=1),
+                    {"metric": "heart_rate", "unit": "/min", "value": round(rng.gauss(74, 9))})
+        if "heart_failure" in conds:
+            scale = dev("scale")
+            kg = rng.uniform(70, 115)
+            gain = rng.choice([0.0, 0.0, 0.25])  # some patients retain fluid: kg per day
+            for n, ts in enumerate(_daily(start_local, days, [6.75], rng, adherence)):
+                w = kg + gain * n + rng.gauss(0, 0.3)
+                reading = ({"unit": "kg", "value": round(w, 1)} if metric_units
+                           else {"unit": "[lb_av]", "value": round(w / 0.45359237, 1)})
+                add(scale, ts, {"metric": "body_weight", **reading})
+        if "copd" in conds:
+            ox, thermo = dev("ox"), dev("thermo")
+            base_spo2 = rng.uniform(90, 95)
+            for ts in _daily(start_local, days, [9.0, 15.0, 21.0], rng, adherence):
+                add(ox, ts, {"metric": "spo2", "unit": "%", "value": min(100, round(base_spo2 + rng.gauss(0, 1.2)))})
+                add(ox, ts + timedelta(seconds=1),
+                    {"metric": "heart_rate", "unit": "/min", "value": round(rng.gauss(86, 8))})
+                add(ox, ts + timedelta(seconds=2),
+                    {"metric": "respiratory_rate", "unit": "/min", "value": round(rng.gauss(19, 2))})
+            for ts in _daily(start_local, days, [8.0], rng, adherence):
+                c = rng.gauss(36.8, 0.3)
+                reading = ({"unit": "Cel", "value": round(c, 1)} if metric_units
+                           else {"unit": "[degF]", "value": round(c * 9 / 5 + 32, 1)})
+                add(thermo, ts, {"metric": "body_temperature", **reading})
+        if "diabetes" in conds:
+            if i % 8 == 1:  # every other diabetic patient wears a CGM
+                cgm = dev("cgm")
+                mean = rng.uniform(130, 175)
+                t = start_local
+                while t < end:
+                    h = t.astimezone(zone).hour + t.astimezone(zone).minute / 60
+                    meals = sum(55 * math.exp(-((h - m) ** 2) / 1.2) for m in (8, 13, 19))
+                    night = -25 if 2 <= h < 5 else 0  # nocturnal dip
+                    mg = max(45, min(380, mean + meals + night + rng.gauss(0, 12)))
+                    add(cgm, t, {"metric": "blood_glucose", "unit": "mg/dL", "value": round(mg),
+                                 "source": "cgm"})
+                    t += timedelta(minutes=cgm_every_min)
+            else:
+                meter = dev("glu")
+                fasting = rng.uniform(110, 160)
+                for ts in _daily(start_local, days, [7.0, 10.0, 14.5, 21.0], rng, adherence):
+                    mg = fasting + (0 if ts.hour < 9 else rng.uniform(20, 70)) + rng.gauss(0, 15)
+                    reading = ({"unit": "mmol/L", "value": round(mg / 18.0156, 1)} if metric_units
+                               else {"unit": "mg/dL", "value": round(mg)})
+                    add(meter, ts, {"metric": "blood_glucose", "source": "meter", **reading})
+
+    fleet = Fleet(conditions, devices)
+    _package(fleet, readings, rng)
+    return fleet
+
+
+def _package(fleet: Fleet, readings: list[tuple[Device, dict]], rng: random.Random) -> None:
+    """Turn readings into messages: singles and buffered batches, then inject duplicates and faults."""
+    by_device: dict[str, list[dict]] = {}
+    for d, r in readings:
+        by_device.setdefault(d.device_id, []).append(r)
+    seq = 0
+    for d in fleet.devices:
+        rs = sorted(by_device.get(d.device_id, []), key=lambda r: r["measured_at"])
+        i = 0
+        while i < len(rs):
+            # CGMs upload in bursts; other devices are sometimes offline and upload a buffered batch.
+            n = 12 if d.kind == "cgm" else (rng.randint(2, 8) if rng.random() < 0.15 else 1)
+            chunk = []
+            for r in rs[i:i + n]:
+                seq += 1
+                chunk.append({"msg_id": f"{d.device_id}-{seq}", **r})
+            i += n
+            body = chunk[0] if len(chunk) == 1 else {"readings": chunk}
+            fleet.messages.append(Message(d.device_id, json.dumps(body).encode(), len(chunk), "valid"))
+    valid = [m for m in fleet.messages if m.fate == "valid"]
+    # ~2 % of messages delivered again (device retry after a lost PUBACK).
+    for m in rng.sample(valid, max(1, len(valid) // 50)):
+        fleet.messages.append(Message(m.device_id, m.payload, m.readings, "duplicate"))
+    # Implausible values: a device fault or a reading taken off-body.
+    bad_values = [("heart_rate", "/min", 400), ("spo2", "%", 130), ("body_temperature", "Cel", 51.0),
+                  ("blood_glucose", "mg/dL", 2400), ("body_weight", "kg", 0.4)]
+    for k, d in enumerate(rng.sample(fleet.devices, min(len(fleet.devices), 8))):
+        metric, unit, value = bad_values[k % len(bad_values)]
+        ts = datetime.now(UTC) - timedelta(hours=rng.uniform(1, 48))
+        body = {"msg_id": f"{d.device_id}-bad-{k}", "metric": metric, "unit": unit, "value": value,
+                "measured_at": _iso(ts, d.zone)}
+        fleet.messages.append(Message(d.device_id, json.dumps(body).encode(), 1, "implausible"))
+    # Malformed payloads: each is one unreadable or incomplete item.
+    malformed = [b"\x00\x9f not json at all",
+                 b'{"msg_id": "x", "metric": "heart_rate", "value": 72',  # truncated
+                 json.dumps({"msg_id": "m1", "metric": "heart_rate", "unit": "/min", "value": 70,
+                             "measured_at": "2026-11-20T08:00:00"}).encode(),  # no UTC offset
+                 json.dumps({"msg_id": "m2", "metric": "heart_rate", "unit": "bpm", "value": 70,
+                             "measured_at": "2026-11-20T08:00:00Z"}).encode(),  # unit not UCUM
+                 json.dumps({"msg_id": "m3", "metric": "blood_pressure", "unit": "mm[Hg]",
+                             "values": {"systolic": "high"}, "measured_at": "2026-11-20T08:00:00Z"}).encode()]
+    for k, payload in enumerate(malformed):
+        d = fleet.devices[k % len(fleet.devices)]
+        fleet.messages.append(Message(d.device_id, payload, 1, "malformed"))
+    rng.shuffle(fleet.messages)
+
+
+def provision_fleet(s: Settings, fleet: Fleet, days: int) -> None:
+    since = datetime.now(UTC) - timedelta(days=days + 2)
+    for d in fleet.devices:
+        d.password = provision(s, d.device_id, d.patient_id, kind=d.kind, since=since)["password"]
+
+
+def publish_fleet(s: Settings, fleet: Fleet, *, tls: bool = False, max_inflight: int = 500) -> dict:
+    """Publish every message through the broker, one MQTT 5 login per device; raise on any refusal."""
+    from rpmctl.publish import DevicePublisher
+
+    by_device: dict[str, list[Message]] = {}
+    for m in fleet.messages:
+        by_device.setdefault(m.device_id, []).append(m)
+    acked = 0
+    for d in fleet.devices:
+        msgs = by_device.get(d.device_id, [])
+        if not msgs:
+            continue
+        with DevicePublisher(s, d.device_id, d.password, tls=tls, max_inflight=max_inflight) as pub:
+            for m in msgs:
+                pub.publish(m.payload)
+            acked += pub.wait_all()
+    return {"published": len(fleet.messages), "acked": acked}

@@ -1,0 +1,38 @@
+"""The demo's clinician summary: latest vitals per monitored patient (from mart_latest_vitals)."""
+
+from __future__ import annotations
+
+from rpmctl.settings import Settings
+from warehouse.db import clinical
+
+COLUMNS = [("blood_pressure", "BP mm[Hg]"), ("heart_rate", "HR /min"), ("spo2", "SpO2 %"),
+           ("respiratory_rate", "RR /min"), ("body_temperature", "Temp Cel"), ("body_weight", "Wt kg"),
+           ("blood_glucose", "Glu mg/dL")]
+
+
+def latest_vitals(s: Settings) -> list[dict]:
+    with clinical(s, read_only=True) as con:
+        rows = con.execute("""
+            SELECT patient_id, metric, value, diastolic, measured_local, readings_total
+            FROM mart_latest_vitals ORDER BY patient_id, metric""").fetchall()
+        days = dict(con.execute("""
+            SELECT patient_id, count(DISTINCT local_date) FROM stg_readings GROUP BY patient_id""").fetchall())
+    out: dict[str, dict] = {}
+    for pid, metric, value, dia, local, total in rows:
+        p = out.setdefault(pid, {"patient_id": pid, "days_with_readings": days.get(pid, 0), "readings": 0,
+                                 "last_local": None, "latest": {}})
+        p["latest"][metric] = f"{value:.0f}/{dia:.0f}" if metric == "blood_pressure" else f"{value:.1f}"
+        p["readings"] += total
+        p["last_local"] = max(filter(None, [p["last_local"], local]))
+    return list(out.values())
+
+
+def render(patients: list[dict]) -> str:
+    header = ["patient", "days", "readings", *(label for _, label in COLUMNS), "last reading (local)"]
+    lines = [header]
+    for p in patients:
+        lines.append([p["patient_id"], str(p["days_with_readings"]), str(p["readings"]),
+                      *(p["latest"].get(m, "-") for m, _ in COLUMNS),
+                      p["last_local"].strftime("%Y-%m-%d %H:%M") if p["last_local"] else "-"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines)
