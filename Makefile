@@ -1,0 +1,55 @@
+# RPM pipeline — every entry point. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help system install demo test test-fast lint up down status clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+system: ## install Mosquitto (broker + stock clients) with apt-get when missing
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then \
+		echo "installing mosquitto with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	fi
+	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+		echo "installing python3-venv with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: system $(STAMP) ## create .venv and install the pinned dependencies (idempotent)
+
+demo: install ## end to end on the embedded default: broker, ingest, simulated fleet, DAG run, reports
+	$(BIN)/rpm demo
+
+test: install ## lint, then the whole test suite (unit, integration with a real broker, DAG end to end)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+test-fast: install ## unit tests only (nothing started)
+	$(BIN)/python -m pytest tests/unit
+
+lint: install ## ruff (with Airflow AIR rules)
+	$(BIN)/ruff check .
+
+up: install ## start broker + ingest in the background (logs in var/run/)
+	$(BIN)/rpm up
+
+down: ## stop what `make up` started
+	@if [ -x $(BIN)/rpm ]; then $(BIN)/rpm down; fi
+
+status: ## pids and ingest counters
+	$(BIN)/rpm status
+
+clean: down ## remove all generated state (secrets, landing data, warehouse) — irreversible
+	rm -rf var
