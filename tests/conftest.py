@@ -1,0 +1,80 @@
+"""Shared fixtures: an isolated RPM_HOME on free loopback ports, a real Mosquitto, a real ingest process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rpmctl import broker, procs, services
+from rpmctl.pipeline import airflow_env
+from rpmctl.settings import Settings
+
+RPM = str(Path(sys.executable).with_name("rpm"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def airflow_db_template() -> Iterator[Path]:
+    """One migrated Airflow metadata DB per session; each test copies it (migrating takes seconds)."""
+    home = Path(tempfile.mkdtemp(prefix="rpm-airflow-"))
+    s = Settings(home=home / "var")
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+                   env={**os.environ, **airflow_env(s)}, check=True, capture_output=True)
+    yield Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def settings() -> Iterator[Settings]:
+    """Settings for one test: state in a fresh folder, both broker listeners on free loopback ports."""
+    base = Path(tempfile.mkdtemp(prefix="rpm-test-"))
+    os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
+    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
+                 broker_tls_bind="127.0.0.1", segment_max_age_s=1.0, ingest_flush_interval_ms=10)
+    yield s
+    procs.stop(s, services.INGEST, timeout=10)
+    broker.stop(s)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def running_broker(settings: Settings) -> Settings:
+    services.init(settings)
+    broker.start(settings)
+    return settings
+
+
+@pytest.fixture
+def stack(settings: Settings, airflow_db_template: Path) -> Settings:
+    """Broker + ingest running in the background, Airflow metadata ready: what `rpm up` gives a user."""
+    Path(settings.airflow_home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    shutil.copyfile(airflow_db_template, Path(settings.airflow_home) / "airflow.db")  # type: ignore[arg-type]
+    services.up(settings)
+    return settings
+
+
+def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `rpm` console command as a user would, with this test's settings in its environment."""
+    proc = subprocess.run([RPM, *args], env={**os.environ, **s.as_env()}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rpm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def rpm_json(s: Settings, *args: str) -> dict:
+    return json.loads(rpm(s, *args, "--json").stdout)
