@@ -36,6 +36,7 @@ from transforms.topics import parse_topic
 log = logging.getLogger("rpm.ingest")
 
 SUBSCRIPTION = "rpm/v1/#"
+STATUS_INTERVAL_S = 1.0
 
 
 def make_client(client_id: str, username: str, password: str, *, ca_file: str | None = None,
@@ -88,15 +89,20 @@ class IngestService:
         self._seal_requested = False
         self._write_failed = False
         self.connected = False
+        self._status_written = 0.0
         self.status_file = Path(settings.run_dir) / f"ingest-{settings.ingest_client_id}.json"  # type: ignore[arg-type]
 
     def write_status(self) -> None:
         """A small JSON file `rpm status` and the start-up wait read (counters only, no payloads)."""
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected, "updated": time.time(),
-                                   **asdict(self.stats)}))
-        os.replace(tmp, self.status_file)
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected, "updated": time.time(),
+                                       **asdict(self.stats)}))
+            os.replace(tmp, self.status_file)
+        except OSError as exc:  # status is advisory; never let it stop ingestion
+            log.warning("could not write status file: %s", exc)
+        self._status_written = time.monotonic()
 
     # --- MQTT callbacks (run inside client.loop on our thread) ----------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -174,7 +180,11 @@ class IngestService:
         """Flush, ack, and hand the current segment to the pipeline."""
         self.flush()
         if self._writer is not None and self._writer.records and not self._write_failed:
-            path = self._writer.seal()
+            try:
+                path = self._writer.seal()
+            except OSError as exc:
+                self._fail_write(exc)
+                return
             self.stats.segments_sealed += 1
             log.info("sealed %s (%d records)", path.name, self._writer.records)
             self._writer = None
@@ -224,6 +234,8 @@ class IngestService:
                 self._seal_requested = False
             if not self.connected:
                 self._connect_with_retry()
+            if time.monotonic() - self._status_written >= STATUS_INTERVAL_S:
+                self.write_status()
         self.seal()
         # Normal DISCONNECT keeps the session (expiry > 0): the broker queues for us until we return.
         self.client.disconnect()
@@ -242,6 +254,9 @@ class IngestService:
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
+                # Space is back: seal what the failed writer had already acked, so the pipeline sees it.
+                recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
+                log.info("landing writable again; reconnecting")
             try:
                 self.connect()
             except OSError as exc:
