@@ -9,8 +9,10 @@ the record encoding; each following line is one MQTT message::
 
 Raw payload bytes are kept exactly (base64), so a decoder fixed later can re-read history. ``mark`` carries
 the reason the ingest service already knows a message is malformed (it is still landed, never dropped).
-The header's ``encoding`` is where per-record authenticated encryption plugs in: a reader refuses an encoding
-it does not know instead of guessing.
+Encryption at rest (``encoding: "aesgcm-v1"``, what the ingest service writes): each record line is instead
+``base64(key id | nonce | AES-256-GCM(record JSON))`` with the segment name and record number as associated
+data, so a record cannot be altered, moved or reordered undetected. Keys come from the landing keyring
+(rpmctl.crypto), outside the landing folder. A reader refuses an encoding it does not know.
 
 Life cycle: ``open/<name>.seg`` is appended and fsynced by one ingest instance; sealing fsyncs it and renames
 it into ``sealed/`` (atomic on one file system), after which it never changes. A crash can leave a torn last
@@ -26,10 +28,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rpmctl.crypto import Keyring
 
 FORMAT_VERSION = 1
 SEGMENT_SUFFIX = ".seg"
-ENCODINGS = ("plain",)
+PLAIN, AESGCM = "plain", "aesgcm-v1"
+ENCODINGS = (PLAIN, AESGCM)
 
 
 @dataclass(frozen=True)
@@ -68,26 +75,31 @@ def _fsync_dir(path: Path) -> None:
 class SegmentWriter:
     """Appends records to one open segment; ``sync`` makes them durable, ``seal`` publishes the segment."""
 
-    def __init__(self, landing_dir: Path, name: str, now: datetime | None = None):
+    def __init__(self, landing_dir: Path, name: str, now: datetime | None = None,
+                 keyring: Keyring | None = None, directory: Path | None = None):
         self.landing_dir = landing_dir
         self.name = name
+        self.keyring = keyring
         self.created = now or utc_now()
         open_dir(landing_dir).mkdir(parents=True, exist_ok=True)
         sealed_dir(landing_dir).mkdir(parents=True, exist_ok=True)
-        self.path = open_dir(landing_dir) / f"{name}{SEGMENT_SUFFIX}"
+        self.path = (directory or open_dir(landing_dir)) / f"{name}{SEGMENT_SUFFIX}"
         self._f = open(self.path, "xb")  # noqa: SIM115 - lives as long as the writer
         header = {"rpm_landing": FORMAT_VERSION, "segment": name, "created_at": _iso(self.created),
-                  "encoding": "plain"}
+                  "encoding": AESGCM if keyring else PLAIN}
         self._f.write(json.dumps(header).encode() + b"\n")
         self.records = 0
         self.bytes = self._f.tell()
-        _fsync_dir(open_dir(landing_dir))
+        _fsync_dir(self.path.parent)
 
     def append(self, topic: str, payload: bytes, received_at: datetime, mark: str | None = None) -> None:
         line = json.dumps({
             "n": self.records, "topic": topic, "received_at": _iso(received_at),
             "payload": base64.b64encode(payload).decode("ascii"), "mark": mark,
-        }, ensure_ascii=True).encode() + b"\n"
+        }, ensure_ascii=True).encode()
+        if self.keyring is not None:
+            line = base64.b64encode(self.keyring.seal(line, _aad(self.name, self.records)))
+        line += b"\n"
         self._f.write(line)
         self.records += 1
         self.bytes += len(line)
@@ -111,16 +123,34 @@ class SegmentWriter:
         self._f.close()
 
 
-def read_segment(path: Path) -> Iterator[LandedRecord]:
-    """Records of a segment in order; a torn final line (crash while writing) is skipped."""
+def _aad(segment: str, n: int) -> bytes:
+    return f"rpm-landing:{segment}:{n}".encode()
+
+
+def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
-        header_line = f.readline()
-        header = json.loads(header_line)
-        if header.get("rpm_landing") != FORMAT_VERSION or header.get("encoding") not in ENCODINGS:
-            raise ValueError(f"{path.name}: unsupported landing format {header!r}")
-        for line in f:
+        header = json.loads(f.readline())
+    if header.get("rpm_landing") != FORMAT_VERSION or header.get("encoding") not in ENCODINGS:
+        raise ValueError(f"{path.name}: unsupported landing format {header!r}")
+    return header
+
+
+def read_segment(path: Path, keyring: Keyring | None = None) -> Iterator[LandedRecord]:
+    """Records of a segment in order; a torn final line (crash while writing) is skipped.
+
+    Encrypted segments need the landing keyring; a record that fails authentication raises DecryptError.
+    """
+    header = read_header(path)
+    encrypted = header["encoding"] == AESGCM
+    if encrypted and keyring is None:
+        raise ValueError(f"{path.name} is encrypted: the landing keyring is needed to read it")
+    with open(path, "rb") as f:
+        f.readline()
+        for n, line in enumerate(f):
             if not line.endswith(b"\n"):
                 return  # torn tail: never fsynced, so never acked
+            if encrypted:
+                line = keyring.open(base64.b64decode(line), _aad(header["segment"], n))  # type: ignore[union-attr]
             rec = json.loads(line)
             yield LandedRecord(
                 n=rec["n"], topic=rec["topic"],
@@ -152,3 +182,30 @@ def recover_open_segments(landing_dir: Path, prefix: str) -> list[Path]:
 
 def list_sealed(landing_dir: Path) -> list[Path]:
     return sorted(sealed_dir(landing_dir).glob(f"*{SEGMENT_SUFFIX}"))
+
+
+def segment_key_ids(path: Path) -> set[str]:
+    """Ids of the keys that sealed a segment's records (empty for a plain segment)."""
+    from rpmctl.crypto import Keyring
+
+    if read_header(path)["encoding"] != AESGCM:
+        return set()
+    with open(path, "rb") as f:
+        f.readline()
+        return {Keyring.key_id_of(base64.b64decode(line)) for line in f if line.endswith(b"\n")}
+
+
+def reencrypt_segment(path: Path, keyring: Keyring) -> None:
+    """Rewrite a sealed segment under the keyring's active key (atomic rename; readers see old or new)."""
+    header = read_header(path)
+    records = list(read_segment(path, keyring))
+    tmp_dir = path.parent / ".rewrite"
+    tmp_dir.mkdir(exist_ok=True)
+    writer = SegmentWriter(path.parent.parent, header["segment"], keyring=keyring, directory=tmp_dir,
+                           now=datetime.fromisoformat(header["created_at"]))
+    for r in records:
+        writer.append(r.topic, r.payload, r.received_at, r.mark)
+    writer.sync()
+    writer.close_unsealed()
+    os.replace(writer.path, path)
+    _fsync_dir(path.parent)

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.landing import SegmentWriter, recover_open_segments
+from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
 from transforms.decode import parse_json_object
 from transforms.topics import parse_topic
@@ -81,6 +82,9 @@ class IngestService:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.stats = IngestStats()
+        # Landing is encrypted at rest; SIGHUP reloads the keyring after `rpm keys rotate`.
+        self.keyring = Keyring.load(settings, "landing")
+        self._reload_keys = False
         self._pending: list[tuple[int, int]] = []  # (mid, qos) appended but not yet fsynced/acked
         self._oldest_pending = 0.0
         self._writer: SegmentWriter | None = None
@@ -145,7 +149,7 @@ class IngestService:
             self._segment_counter += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             name = f"{self.s.ingest_client_id}-{stamp}-{self._segment_counter:06d}"
-            self._writer = SegmentWriter(self.s.landing_dir, name)  # type: ignore[arg-type]
+            self._writer = SegmentWriter(self.s.landing_dir, name, keyring=self.keyring)  # type: ignore[arg-type]
         return self._writer
 
     def _fail_write(self, exc: OSError) -> None:
@@ -204,6 +208,9 @@ class IngestService:
     def request_seal(self, *_: object) -> None:
         self._seal_requested = True
 
+    def request_key_reload(self, *_: object) -> None:
+        self._reload_keys = True
+
     def connect(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.s.ingest_session_expiry_s
@@ -212,11 +219,13 @@ class IngestService:
                             properties=props)
 
     def run(self, install_signals: bool = True) -> IngestStats:
-        """Serve until SIGTERM/SIGINT; SIGUSR1 seals the open segment now (used by `rpm pipeline run`)."""
+        """Serve until SIGTERM/SIGINT; SIGUSR1 seals the open segment now (used by `rpm pipeline run`),
+        SIGHUP seals and reloads the landing keyring (used by `rpm keys rotate`)."""
         if install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
             signal.signal(signal.SIGUSR1, self.request_seal)
+            signal.signal(signal.SIGHUP, self.request_key_reload)
         recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
         if recovered:
             log.info("recovered %d segment(s) left open by a previous run", len(recovered))
@@ -227,6 +236,12 @@ class IngestService:
             if self._pending and (time.monotonic() - self._oldest_pending >= flush_s
                                   or len(self._pending) >= self.s.ingest_receive_maximum // 2):
                 self.flush()
+            if self._reload_keys:
+                # Seal first: a segment is written under one key, so rotation can re-encrypt it whole.
+                self.seal()
+                self.keyring = Keyring.load(self.s, "landing")
+                self._reload_keys = False
+                log.info("landing keyring reloaded (active key %s)", self.keyring.active)
             if self._seal_due():
                 self.seal()
                 self._seal_requested = False

@@ -12,7 +12,7 @@ from transforms.topics import valid_device_id, vitals_topic
 from warehouse.db import clinical
 from warehouse.registry import enroll
 
-PATIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PATIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ProvisioningError(ValueError):
@@ -30,7 +30,7 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
                                 "(it becomes the device's broker login and topic segment)")
     if device_id == s.ingest_username:
         raise ProvisioningError(f"{device_id!r} is reserved for the ingest service")
-    if not PATIENT_ID_RE.match(patient_id):
+    if not PATIENT_ID_RE.fullmatch(patient_id):
         raise ProvisioningError(f"invalid patient id {patient_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     with clinical(s) as con:
         enrollment = enroll(con, device_id, patient_id, kind=kind, valid_from=since)

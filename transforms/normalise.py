@@ -22,12 +22,13 @@ from transforms.vocab import METRICS, loinc_for, unit_key
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
-CONTRACT_FIELDS = {"msg_id", "metric", "measured_at", "value", "values", "unit", "source"}
+# "manual": true marks a reading keyed in by the patient rather than transmitted by the device.
+CONTRACT_FIELDS = {"msg_id", "metric", "measured_at", "value", "values", "unit", "source", "manual"}
 
 CANDIDATE_COLUMNS = [
     "row_key", "segment", "record_no", "item_no", "device_id", "msg_id", "metric", "unit", "unit_key",
     "value_sent", "diastolic_sent", "value", "diastolic", "canonical_unit", "loinc", "source", "measured_at",
-    "utc_offset_min", "has_time", "received_at", "seconds_ahead", "reading_id", "extra", "raw",
+    "utc_offset_min", "has_time", "received_at", "seconds_ahead", "reading_id", "extra", "raw", "manual",
 ]
 
 
@@ -63,7 +64,7 @@ def number(v: Any) -> float | None:
 
 
 def parse_time(v: Any) -> datetime | None:
-    if not isinstance(v, str) or not _RFC3339.match(v):
+    if not isinstance(v, str) or not _RFC3339.fullmatch(v):
         return None
     try:
         ts = datetime.fromisoformat(v.replace("z", "Z"))
@@ -116,6 +117,7 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
         "reading_id": reading_id(device_id, metric, measured) if metric and measured else None,
         "extra": json.dumps(extra, default=str, ensure_ascii=False) if extra else None,
         "raw": json.dumps(item, default=str, ensure_ascii=False).encode(),
+        "manual": item.get("manual") is True,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ingest.landing import SEGMENT_SUFFIX, read_segment, sealed_dir
+from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
 from transforms.normalise import CANDIDATE_COLUMNS, StructuralReject, normalise_records
 from warehouse.db import clinical, transaction
@@ -19,8 +20,10 @@ def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame,
     rows: list[dict] = []
     rejects: list[dict] = []
     messages: dict[str, int] = {}
+    keyring = Keyring.load(s, "landing")
     for name in batch.segments:
-        records = list(read_segment(sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"))  # type: ignore[arg-type]
+        path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
+        records = list(read_segment(path, keyring))
         messages[name] = len(records)
         for out in normalise_records(name, records):
             if isinstance(out, StructuralReject):

@@ -40,9 +40,11 @@ FROM ok LEFT JOIN readings r USING (reading_id)
 """
 
 INSERT_READINGS = """
-INSERT INTO readings
+INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, diastolic, unit, unit_sent,
+                      source, measured_at, utc_offset_min, received_at, loaded_at, msg_id, segment, record_no,
+                      item_no, extra, run_id, manual)
 SELECT reading_id, patient_id, device_id, metric, loinc, value, diastolic, canonical_unit, unit, source,
-       measured_at, utc_offset_min, received_at, now(), msg_id, segment, record_no, item_no, extra, $run
+       measured_at, utc_offset_min, received_at, now(), msg_id, segment, record_no, item_no, extra, $run, manual
 FROM _classified WHERE fate = 'load'
 """
 

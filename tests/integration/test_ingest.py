@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import pytest
 
 from ingest.landing import list_sealed, open_dir, read_segment
 from rpmctl import broker, keys, procs, services
+from rpmctl.crypto import DecryptError, Keyring
 from rpmctl.devices import wait_for_login
 from rpmctl.pipeline import seal_open_segments
 from rpmctl.publish import DevicePublisher, wait_until
@@ -23,7 +25,8 @@ def landed(s: Settings) -> int:
 
 
 def sealed_records(s: Settings) -> list:
-    return [r for p in list_sealed(s.landing_dir) for r in read_segment(p)]
+    keyring = Keyring.load(s, "landing")
+    return [r for p in list_sealed(s.landing_dir) for r in read_segment(p, keyring)]
 
 
 def add_device(s: Settings, device_id: str) -> str:
@@ -60,6 +63,27 @@ def test_every_message_lands_byte_exact_with_topic_and_receive_time(ingest_up: S
     assert marks[b"[1, 2, 3]"] == "not_a_json_object"
     assert marks[b"{truncated"] == "not_json"
     assert marks[payloads[0]] is None
+
+
+def test_landing_segments_are_encrypted_at_rest(ingest_up: Settings):
+    s = ingest_up
+    password = add_device(s, "thermo-9")
+    secret = b'{"msg_id": "t-1", "metric": "body_temperature", "value": 39.7, "note": "fever-marker-xyz"}'
+    with DevicePublisher(s, "thermo-9", password) as pub:
+        pub.publish(secret)
+        pub.wait_all()
+    wait_until(lambda: landed(s) >= 1, 20, what="ingest to land the message")
+    seal_open_segments(s)
+    [segment] = list_sealed(s.landing_dir)
+    on_disk = segment.read_bytes()
+    assert b"fever-marker-xyz" not in on_disk and b"thermo-9" not in on_disk
+    assert b"fever-marker-xyz" not in base64.b64decode(on_disk.splitlines()[1])  # not merely base64
+    assert [r.payload for r in read_segment(segment, Keyring.load(s, "landing"))] == [secret]
+    # A different key (or an altered byte) fails authentication instead of returning garbage.
+    kid = Keyring.key_id_of(base64.b64decode(on_disk.splitlines()[1]))
+    wrong = Keyring(s.home / "unused.json", kid, {kid: bytes(32)})
+    with pytest.raises(DecryptError):
+        list(read_segment(segment, wrong))
 
 
 def test_sigterm_flushes_seals_and_exits_cleanly(ingest_up: Settings):

@@ -1,0 +1,108 @@
+"""Authenticated encryption (AES-256-GCM) with named, rotatable keys kept outside every data folder.
+
+A keyring file (``secrets/<purpose>.keyring.json``, mode 0600) holds the active key id and every key still
+needed to decrypt. Each sealed value carries the id of the key that sealed it, and its associated data binds
+it to where it lives (segment name and record number, audit sequence number), so a record moved, reordered
+or swapped between files fails authentication instead of decrypting.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from rpmctl.keys import write_private
+from rpmctl.settings import Settings
+
+NONCE_BYTES = 12
+
+
+class DecryptError(ValueError):
+    """Wrong key, unknown key id, or the data was altered."""
+
+
+def new_key_id() -> str:
+    return "k" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+
+
+@dataclass
+class Keyring:
+    path: Path
+    active: str
+    keys: dict[str, bytes]
+
+    @classmethod
+    def load(cls, s: Settings, purpose: str) -> Keyring:
+        """The keyring for ``purpose`` ("landing", "audit"), created with one fresh key on first use."""
+        path = Path(s.secrets_dir) / f"{purpose}.keyring.json"  # type: ignore[arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _locked(path):
+            if not path.exists():
+                kid = new_key_id()
+                ring = cls(path, kid, {kid: secrets.token_bytes(32)})
+                ring._save()
+                return ring
+            doc = json.loads(path.read_text())
+        return cls(path, doc["active"], {k: bytes.fromhex(v) for k, v in doc["keys"].items()})
+
+    def _save(self) -> None:
+        doc = {"active": self.active, "keys": {k: v.hex() for k, v in self.keys.items()}}
+        write_private(self.path, json.dumps(doc, indent=1).encode())
+
+    def add_active(self) -> str:
+        """Add a fresh key and make it the one new data is sealed with; old keys still decrypt."""
+        with _locked(self.path):
+            kid = new_key_id()
+            self.keys[kid] = secrets.token_bytes(32)
+            self.active = kid
+            self._save()
+        return kid
+
+    def retire(self, kids: set[str]) -> None:
+        with _locked(self.path):
+            for kid in kids - {self.active}:
+                self.keys.pop(kid, None)
+            self._save()
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        """key id | 0x00 | nonce | ciphertext+tag."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        ct = AESGCM(self.keys[self.active]).encrypt(nonce, plaintext, aad)
+        return self.active.encode() + b"\x00" + nonce + ct
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        kid, sep, rest = sealed.partition(b"\x00")
+        key = self.keys.get(kid.decode(errors="replace"))
+        if not sep or key is None:
+            raise DecryptError(f"unknown key id {kid[:40]!r}")
+        try:
+            return AESGCM(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], aad)
+        except InvalidTag as exc:
+            raise DecryptError("authentication failed: wrong key or altered data") from exc
+
+    @staticmethod
+    def key_id_of(sealed: bytes) -> str:
+        return sealed.partition(b"\x00")[0].decode(errors="replace")
+
+
+class _locked:
+    """An exclusive advisory lock beside ``path`` (keyring updates from several processes)."""
+
+    def __init__(self, path: Path):
+        self.lock_path = path.with_name(f".{path.name}.lock")
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
