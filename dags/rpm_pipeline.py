@@ -1,7 +1,8 @@
 """rpm_pipeline: landed MQTT segments -> decoded, validated readings in the clinical warehouse.
 
 claim sealed segments -> decode + normalise (transforms/) -> validate (expectations/, Great Expectations)
--> load readings, quarantine, duplicates and the segment ledger in one transaction (warehouse/).
+-> load readings, quarantine, duplicates and the segment ledger in one transaction (warehouse/)
+-> evaluate alert episodes -> publish the read-only serving snapshot clinicians query.
 
 Wiring only: every task calls one library function and passes ids and counts, never data. Each task is
 safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).
@@ -57,9 +58,24 @@ def rpm_pipeline():
         run_id = get_current_context()["run_id"]
         return load_batch(Settings.from_env(), Batch.from_xcom(batch), run_id)
 
+    @task
+    def evaluate_alerts(loaded: dict) -> dict:
+        from rpmctl.settings import Settings
+        from warehouse.alerts import evaluate
+
+        return evaluate(Settings.from_env())
+
+    @task
+    def publish_snapshot(open_alerts: dict) -> str:
+        from rpmctl.settings import Settings
+        from warehouse.serving import publish_snapshot
+
+        return publish_snapshot(Settings.from_env()).name
+
     batch = claim()
     staged = decode_normalise(batch)
-    load(batch, validate(batch, staged))
+    loaded = load(batch, validate(batch, staged))
+    publish_snapshot(evaluate_alerts(loaded))
 
 
 rpm_pipeline()

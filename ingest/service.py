@@ -102,7 +102,7 @@ class IngestService:
         tmp = self.status_file.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected, "updated": time.time(),
-                                       **asdict(self.stats)}))
+                                       "landing_key": self.keyring.active, **asdict(self.stats)}))
             os.replace(tmp, self.status_file)
         except OSError as exc:  # status is advisory; never let it stop ingestion
             log.warning("could not write status file: %s", exc)
@@ -242,6 +242,7 @@ class IngestService:
                 self.keyring = Keyring.load(self.s, "landing")
                 self._reload_keys = False
                 log.info("landing keyring reloaded (active key %s)", self.keyring.active)
+                self.write_status()
             if self._seal_due():
                 self.seal()
                 self._seal_requested = False

@@ -167,6 +167,174 @@ def cmd_config(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+# --- registry --------------------------------------------------------------------------------------------
+def _publish(s: Settings, con) -> None:
+    from warehouse.serving import publish_snapshot
+
+    publish_snapshot(s, con)
+
+
+def cmd_patients_add(s: Settings, a: argparse.Namespace) -> int:
+    from datetime import date
+
+    from warehouse.db import clinical
+    from warehouse.registry import upsert_patient
+
+    conditions = [c.strip() for c in a.conditions.split(",") if c.strip()] if a.conditions else None
+    with clinical(s) as con:
+        upsert_patient(con, a.patient_id, mrn=a.mrn, given_name=a.given, family_name=a.family,
+                       birth_date=date.fromisoformat(a.birth_date) if a.birth_date else None,
+                       time_zone=a.tz, conditions=conditions)
+        _publish(s, con)
+    print(f"patient {a.patient_id} saved")
+    return 0
+
+
+def cmd_patients_import(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.registry import import_patients_csv
+
+    result = import_patients_csv(s, a.csv)
+    _print_json(result) if a.json else print(f"imported {result['patients']} patients from {a.csv}")
+    return 0
+
+
+def cmd_patients_list(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.audit import AuditLog
+    from warehouse.serving import serving
+
+    with serving(s) as con:
+        cur = con.execute("""SELECT patient_id, mrn, given_name, family_name, birth_date, time_zone, conditions
+                             FROM patients ORDER BY patient_id""")
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    AuditLog(s).append(f"admin:{a.actor}", "patients-list", [r["patient_id"] for r in rows], {}, len(rows))
+    if a.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['patient_id']:<10} {r['mrn'] or '-':<11} {(r['family_name'] or '-') + ', ' + (r['given_name'] or '-'):<22} "
+                  f"{r['birth_date'] or '-'!s:<11} {r['time_zone'] or '-':<20} {','.join(r['conditions'] or [])}")
+    return 0
+
+
+def cmd_patients_threshold(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.db import clinical
+    from warehouse.registry import set_threshold
+
+    with clinical(s) as con:
+        try:
+            set_threshold(con, a.patient_id, a.rule, a.value, a.set_by)
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        _publish(s, con)
+    print(f"{a.patient_id}: {a.rule} = {a.value}")
+    return 0
+
+
+def cmd_careteam_add(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.db import clinical
+    from warehouse.registry import add_clinician, assign
+
+    with clinical(s) as con:
+        add_clinician(con, a.clinician_id, a.name, a.role)
+        try:
+            added = assign(con, a.clinician_id, a.patient) if a.patient else False
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        _publish(s, con)
+    print(f"{a.clinician_id}" + (f" {'added to' if added else 'already on'} the care team of {a.patient}"
+                                 if a.patient else " saved"))
+    return 0
+
+
+def cmd_careteam_remove(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.db import clinical
+    from warehouse.registry import unassign
+
+    with clinical(s) as con:
+        removed = unassign(con, a.clinician_id, a.patient)
+        _publish(s, con)
+    print(f"{a.clinician_id} {'removed from' if removed else 'was not on'} the care team of {a.patient}")
+    return 0
+
+
+def cmd_careteam_list(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.serving import serving
+
+    with serving(s) as con:
+        rows = con.execute("""SELECT c.clinician_id, c.name, c.role, list(t.patient_id ORDER BY t.patient_id)
+                                     FILTER (t.patient_id IS NOT NULL)
+                              FROM clinicians c LEFT JOIN care_team t ON t.clinician_id = c.clinician_id
+                                   AND t.until IS NULL
+                              GROUP BY ALL ORDER BY c.clinician_id""").fetchall()
+    out = [{"clinician_id": r[0], "name": r[1], "role": r[2], "patients": r[3] or []} for r in rows]
+    if a.json:
+        _print_json(out)
+    else:
+        for r in out:
+            print(f"{r['clinician_id']:<12} {r['name'] or '-':<20} {r['role'] or '-':<10} "
+                  f"{len(r['patients'])} patients: {' '.join(r['patients'])}")
+    return 0
+
+
+# --- clinicians -------------------------------------------------------------------------------------------
+def cmd_clinician(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl import clinician_view as view
+    from warehouse.access import AccessDenied, ClinicianSession
+
+    session = ClinicianSession(s, a.as_clinician)
+    try:
+        result = view.run(session, a)
+    except AccessDenied as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    if a.json:
+        _print_json(result)
+    else:
+        print(view.render(a.view, result))
+    return 0
+
+
+def cmd_audit_verify(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.audit import AuditLog
+
+    result = AuditLog(s).verify()
+    _print_json(result) if a.json else print(
+        f"audit log intact: {result['records']} records, chain verified" if result["ok"]
+        else f"AUDIT LOG TAMPERED: {result['problem']} ({result['records']} records verified before it)")
+    return 0 if result["ok"] else 5
+
+
+def cmd_audit_show(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.audit import AuditLog
+
+    records = AuditLog(s).records()[-a.last:]
+    if a.json:
+        _print_json(records)
+    else:
+        for r in records:
+            print(f"{r['seq']:>6} {r['ts'][:19]} {r['actor']:<14} {r['action']:<12} {r['outcome']:<28} "
+                  f"rows={r['rows']:<5} patients={','.join(r['patients'][:5])}{'...' if len(r['patients']) > 5 else ''}")
+    return 0
+
+
+def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.rotate import rotate_all
+
+    result = rotate_all(s)
+    _print_json(result) if a.json else print(
+        f"landing: {result['landing']['segments_reencrypted']} segments re-encrypted under "
+        f"{result['landing']['active']}; warehouse: re-encrypted ({result['warehouse']['tables']} tables, "
+        f"{result['warehouse']['rows']} rows, all verified); audit: {result['audit']['records']} records; "
+        f"retired keys: {', '.join(result['retired']) or 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpm", description="Remote patient monitoring pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,6 +379,83 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "simulate":
             sp.add_argument("--tls", action="store_true", help="publish over the TLS listener")
     add("summary", cmd_summary, "latest vitals per patient (the demo's clinician summary)")
+
+    patients = sub.add_parser("patients", help="patient registry").add_subparsers(dest="patients_cmd",
+                                                                                  required=True)
+    p_add = add("add", cmd_patients_add, "create or update a patient", parent=patients, json_flag=False)
+    p_add.add_argument("patient_id")
+    p_add.add_argument("--mrn")
+    p_add.add_argument("--given")
+    p_add.add_argument("--family")
+    p_add.add_argument("--birth-date", help="YYYY-MM-DD")
+    p_add.add_argument("--tz", help="IANA time zone of the patient's home, e.g. America/Chicago")
+    p_add.add_argument("--conditions", help="comma-separated: hypertension,diabetes,copd,heart_failure")
+    p_imp = add("import", cmd_patients_import, "import a practice's patient list (CSV)", parent=patients)
+    p_imp.add_argument("csv", help="columns: patient_id,mrn,given_name,family_name,birth_date,time_zone,"
+                                   "conditions (';'-separated)")
+    p_list = add("list", cmd_patients_list, "all patients (an audited PHI read)", parent=patients)
+    p_list.add_argument("--actor", default="registry", help="who is asking (recorded in the audit log)")
+    p_thr = add("threshold", cmd_patients_threshold, "override an alert threshold for one patient",
+                parent=patients, json_flag=False)
+    p_thr.add_argument("patient_id")
+    p_thr.add_argument("rule", help="e.g. bp_stage2.systolic, glucose_level1_low.mg_dl")
+    p_thr.add_argument("value", type=float)
+    p_thr.add_argument("--set-by")
+
+    careteam = sub.add_parser("careteam", help="clinicians and care-team assignments").add_subparsers(
+        dest="careteam_cmd", required=True)
+    c_add = add("add", cmd_careteam_add, "create a clinician and/or put them on a patient's care team",
+                parent=careteam, json_flag=False)
+    c_add.add_argument("clinician_id")
+    c_add.add_argument("--patient")
+    c_add.add_argument("--name")
+    c_add.add_argument("--role")
+    c_rm = add("remove", cmd_careteam_remove, "take a clinician off a patient's care team", parent=careteam,
+               json_flag=False)
+    c_rm.add_argument("clinician_id")
+    c_rm.add_argument("--patient", required=True)
+    add("list", cmd_careteam_list, "clinicians and their current patients", parent=careteam)
+
+    clin = sub.add_parser("clinician", help="a clinician's view: only their care team's patients, audited",
+                          description="Queries as one clinician; every read of PHI is audited.")
+    clin.add_argument("--as", dest="as_clinician", required=True, metavar="CLINICIAN_ID")
+    views = clin.add_subparsers(dest="view", required=True)
+    add("patients", cmd_clinician, "your patients with last reading and open alerts", parent=views)
+    v_pat = add("patient", cmd_clinician, "one patient: latest vitals, daily summaries, trends, alerts, glucose",
+                parent=views)
+    v_pat.add_argument("patient_id")
+    v_pat.add_argument("--days", type=int, default=30)
+    add("alerts", cmd_clinician, "open alerts, most severe first", parent=views)
+    v_ack = add("ack", cmd_clinician, "acknowledge an alert (it resolves when readings return to range)",
+                parent=views)
+    v_ack.add_argument("alert_id")
+    v_ack.add_argument("--note")
+    v_bill = add("billing", cmd_clinician, "RPM billing eligibility (99445/99454, 99470/99457/99458)",
+                 parent=views)
+    v_bill.add_argument("--month", help="YYYY-MM (default: this month)")
+    v_bill.add_argument("--csv", help="also write the report to this CSV file")
+    v_time = add("log-time", cmd_clinician, "log treatment-management minutes for a patient", parent=views)
+    v_time.add_argument("minutes", type=int)
+    v_time.add_argument("--patient", required=True)
+    v_time.add_argument("--interactive", action="store_true",
+                        help="the time included a real-time interactive communication with the patient")
+    v_time.add_argument("--note")
+    v_fhir = add("export-fhir", cmd_clinician, "write a FHIR R4 Bundle of vital-signs Observations",
+                 parent=views)
+    v_fhir.add_argument("patient_id")
+    v_fhir.add_argument("--days", type=int)
+    v_fhir.add_argument("--out", help="file to write (default: <patient>-fhir.json)")
+
+    audit = sub.add_parser("audit", help="the PHI access audit log").add_subparsers(dest="audit_cmd",
+                                                                                   required=True)
+    add("verify", cmd_audit_verify, "check the hash chain; exit 5 if a record was edited or removed",
+        parent=audit)
+    a_show = add("show", cmd_audit_show, "the last audit records", parent=audit)
+    a_show.add_argument("--last", type=int, default=20)
+
+    keys_p = sub.add_parser("keys", help="encryption keys").add_subparsers(dest="keys_cmd", required=True)
+    add("rotate", cmd_keys_rotate, "re-encrypt landing, warehouse, snapshots and audit log under new keys",
+        parent=keys_p)
     add("config", cmd_config, "every RPM_* setting with its documentation", json_flag=False)
     return p
 

@@ -59,6 +59,11 @@ def warehouse_key(s: Settings) -> str:
     return path.read_text().strip()
 
 
+def warehouse_key_file_next(s: Settings) -> Path:
+    """Where `rpm keys rotate` stages the new warehouse key until the re-encrypted file is in place."""
+    return s.warehouse_key_file.with_name("warehouse.key.next")
+
+
 def service_password(s: Settings, name: str) -> str:
     """Password of an internal broker login (e.g. the ingest service), created on first use."""
     path = Path(s.secrets_dir) / f"{name}.password"  # type: ignore[arg-type]

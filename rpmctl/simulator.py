@@ -214,7 +214,35 @@ def _package(fleet: Fleet, readings: list[tuple[Device, dict]], rng: random.Rand
     rng.shuffle(fleet.messages)
 
 
+GIVEN = ("Maria", "James", "Aiko", "Olu", "Fatima", "Liam", "Grace", "Mateo", "Priya", "Henry", "Zoe", "Ravi")
+FAMILY = ("Alvarez", "Brown", "Chen", "Dubois", "Eze", "Fischer", "Garcia", "Hughes", "Iyer", "Jones", "Khan")
+CLINICIANS = (("dr-lee", "Dr. Sam Lee", "physician"), ("dr-okafor", "Dr. Ada Okafor", "physician"),
+              ("rn-garcia", "Luz Garcia RN", "nurse"))
+
+
+def register_fleet(s: Settings, fleet: Fleet, seed: int = 7) -> None:
+    """Synthetic demographics (never real people), conditions, home time zones and care teams."""
+    from warehouse.db import clinical
+    from warehouse.registry import add_clinician, assign, upsert_patient
+
+    rng = random.Random(seed)
+    zones = {d.patient_id: d.zone.key for d in fleet.devices}
+    with clinical(s) as con:
+        for n, (pid, conds) in enumerate(sorted(fleet.patients.items())):
+            upsert_patient(con, pid, mrn=f"MRN{7000000 + n * 7919 % 1000000:07d}", given_name=rng.choice(GIVEN),
+                           family_name=rng.choice(FAMILY),
+                           birth_date=datetime(1940 + rng.randrange(45), 1 + rng.randrange(12),
+                                               1 + rng.randrange(28)).date(),
+                           time_zone=zones.get(pid, "UTC"), conditions=list(conds))
+        for cid, name, role in CLINICIANS:
+            add_clinician(con, cid, name, role)
+        for n, pid in enumerate(sorted(fleet.patients)):
+            assign(con, CLINICIANS[n % 2][0], pid)  # physicians split the panel
+            assign(con, CLINICIANS[2][0], pid)      # the RPM nurse follows everyone
+
+
 def provision_fleet(s: Settings, fleet: Fleet, days: int) -> None:
+    register_fleet(s, fleet)
     since = datetime.now(UTC) - timedelta(days=days + 2)
     for d in fleet.devices:
         d.password = provision(s, d.device_id, d.patient_id, kind=d.kind, since=since)["password"]

@@ -8,6 +8,7 @@ One process writes at a time (DuckDB's file lock): writers retry briefly instead
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +39,9 @@ def migrations() -> list[str]:
     return [p.read_text() for p in sorted((Path(__file__).parent / "sql").glob("*.sql"))]
 
 
-def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool) -> None:
+def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_path: Path) -> None:
     key = keys.warehouse_key(s)
-    path = str(s.clinical_db).replace("'", "''")
+    path = str(db_path).replace("'", "''")
     mode = ", READ_ONLY" if read_only else ""
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
@@ -51,19 +52,31 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool) -> Non
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+        except duckdb.Error:
+            # A rotation that crashed after swapping the file but before promoting its key.
+            staged = keys.warehouse_key_file_next(s)
+            if not staged.exists():
+                raise
+            con.execute(f"ATTACH '{path}' AS clinical (ENCRYPTION_KEY '{staged.read_text().strip()}'{mode})")
+            os.replace(staged, s.warehouse_key_file)
+            return
 
 
-def open_clinical(s: Settings, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """A connection with the clinical warehouse attached (and migrated, unless read-only) as ``clinical``."""
+def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection with the clinical warehouse attached (and migrated, unless read-only) as ``clinical``.
+
+    ``db_path`` opens another file under the same key instead (a published serving snapshot).
+    """
+    db_path = db_path or s.clinical_db
     Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
     tmp = Path(s.warehouse_dir) / "tmp"  # type: ignore[arg-type]
     con = duckdb.connect(config={"temp_directory": str(tmp)})
     try:
         con.execute(f"LOAD '{httpfs_extension()}'")
         con.execute("SET temp_file_encryption = true")
-        if read_only and not s.clinical_db.exists():
-            raise FileNotFoundError(f"no clinical warehouse at {s.clinical_db}: run `rpm pipeline run` first")
-        _attach(con, s, read_only)
+        if read_only and not db_path.exists():
+            raise FileNotFoundError(f"no clinical warehouse at {db_path}: run `rpm pipeline run` first")
+        _attach(con, s, read_only, db_path)
         con.execute("USE clinical")
         if not read_only:
             for sql in migrations():

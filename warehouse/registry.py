@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import duckdb
 
@@ -52,3 +53,100 @@ def list_devices(con: duckdb.DuckDBPyConnection) -> list[dict]:
         FROM devices d LEFT JOIN enrollments e ON e.device_id = d.device_id AND e.valid_to IS NULL
         ORDER BY d.device_id""").fetchall()
     return [dict(device_id=r[0], kind=r[1], patient_id=r[2], enrolled_since=r[3]) for r in rows]
+
+
+def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str | None = None,
+                   given_name: str | None = None, family_name: str | None = None, birth_date: date | None = None,
+                   time_zone: str | None = None, conditions: list[str] | None = None) -> None:
+    """Create or update a patient; fields given as None keep their current value."""
+    if time_zone is not None:
+        ZoneInfo(time_zone)  # raises for an unknown IANA zone: local days must be computable
+    con.execute("""
+        INSERT INTO patients (patient_id, mrn, given_name, family_name, birth_date, time_zone, conditions)
+        VALUES (?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (patient_id) DO UPDATE SET
+            mrn = coalesce(excluded.mrn, patients.mrn),
+            given_name = coalesce(excluded.given_name, patients.given_name),
+            family_name = coalesce(excluded.family_name, patients.family_name),
+            birth_date = coalesce(excluded.birth_date, patients.birth_date),
+            time_zone = coalesce(excluded.time_zone, patients.time_zone),
+            conditions = coalesce(excluded.conditions, patients.conditions)""",
+                [patient_id, mrn, given_name, family_name, birth_date, time_zone, conditions])
+
+
+def add_clinician(con: duckdb.DuckDBPyConnection, clinician_id: str, name: str | None = None,
+                  role: str | None = None) -> None:
+    con.execute("""INSERT INTO clinicians (clinician_id, name, role) VALUES (?, ?, ?)
+                   ON CONFLICT (clinician_id) DO UPDATE SET name = coalesce(excluded.name, clinicians.name),
+                   role = coalesce(excluded.role, clinicians.role)""", [clinician_id, name, role])
+
+
+def assign(con: duckdb.DuckDBPyConnection, clinician_id: str, patient_id: str) -> bool:
+    """Put a clinician on a patient's care team from now on; False if already on it."""
+    if con.execute("SELECT 1 FROM patients WHERE patient_id = ?", [patient_id]).fetchone() is None:
+        raise KeyError(f"unknown patient {patient_id}")
+    if con.execute("SELECT 1 FROM clinicians WHERE clinician_id = ?", [clinician_id]).fetchone() is None:
+        raise KeyError(f"unknown clinician {clinician_id}: add them with `rpm careteam add-clinician`")
+    if con.execute("SELECT 1 FROM care_team WHERE clinician_id = ? AND patient_id = ? AND until IS NULL",
+                   [clinician_id, patient_id]).fetchone():
+        return False
+    con.execute("INSERT INTO care_team VALUES (?, ?, ?, NULL)", [clinician_id, patient_id, datetime.now(UTC)])
+    return True
+
+
+def unassign(con: duckdb.DuckDBPyConnection, clinician_id: str, patient_id: str) -> bool:
+    row = con.execute("""UPDATE care_team SET until = ? WHERE clinician_id = ? AND patient_id = ?
+                         AND until IS NULL RETURNING 1""", [datetime.now(UTC), clinician_id, patient_id]).fetchone()
+    return row is not None
+
+
+def care_team_patients(con: duckdb.DuckDBPyConnection, clinician_id: str) -> list[str] | None:
+    """Patients currently on the clinician's care team; None if the clinician does not exist."""
+    if con.execute("SELECT 1 FROM clinicians WHERE clinician_id = ?", [clinician_id]).fetchone() is None:
+        return None
+    return [r[0] for r in con.execute("""SELECT DISTINCT patient_id FROM care_team WHERE clinician_id = ?
+                                          AND since <= now() AND (until IS NULL OR until > now())
+                                          ORDER BY patient_id""", [clinician_id]).fetchall()]
+
+
+def set_threshold(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, threshold: float,
+                  set_by: str | None) -> None:
+    known = {f"{r}.{p}" for r, p in con.execute("SELECT rule, param FROM alert_rule_params").fetchall()}
+    if rule not in known:
+        raise KeyError(f"unknown threshold {rule!r}; one of: {', '.join(sorted(known))}")
+    con.execute("""INSERT INTO alert_thresholds (patient_id, rule, threshold, set_by) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (patient_id, rule) DO UPDATE SET threshold = excluded.threshold,
+                   set_by = excluded.set_by, set_at = now()""", [patient_id, rule, threshold, set_by])
+
+
+CSV_COLUMNS = ("patient_id", "mrn", "given_name", "family_name", "birth_date", "time_zone", "conditions")
+
+
+def import_patients_csv(s, path: str) -> dict:
+    """Import a practice's patient list; all rows or none (a bad row names its line)."""
+    import csv
+
+    from warehouse.db import clinical, transaction
+    from warehouse.serving import publish_snapshot
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"patient_id"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected {', '.join(CSV_COLUMNS)}")
+        rows = list(reader)
+    with clinical(s) as con:
+        with transaction(con):
+            for line, row in enumerate(rows, start=2):
+                try:
+                    upsert_patient(
+                        con, row["patient_id"].strip(), mrn=row.get("mrn") or None,
+                        given_name=row.get("given_name") or None, family_name=row.get("family_name") or None,
+                        birth_date=date.fromisoformat(row["birth_date"]) if row.get("birth_date") else None,
+                        time_zone=row.get("time_zone") or None,
+                        conditions=[c.strip() for c in row["conditions"].split(";") if c.strip()]
+                        if row.get("conditions") else None)
+                except (ValueError, KeyError, duckdb.Error) as exc:
+                    raise ValueError(f"{path} line {line}: {exc}") from exc
+        publish_snapshot(s, con)
+    return {"patients": len(rows)}

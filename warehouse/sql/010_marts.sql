@@ -23,3 +23,20 @@ SELECT patient_id, metric, local_date, unit,
        avg(diastolic) AS mean_diastolic
 FROM stg_readings
 GROUP BY ALL;
+
+-- mart_trends: 7- and 30-day picture per patient and metric. The 7-day mean against the 7 days before it
+-- is the change a clinician titrates on (e.g. home BP after a dose change); 30 days is the billing horizon.
+CREATE OR REPLACE VIEW mart_trends AS
+SELECT patient_id, metric, any_value(unit) AS unit,
+       count(*) FILTER (measured_at >= now() - INTERVAL 7 DAY) AS n_7d,
+       avg(value) FILTER (measured_at >= now() - INTERVAL 7 DAY) AS mean_7d,
+       avg(diastolic) FILTER (measured_at >= now() - INTERVAL 7 DAY) AS mean_diastolic_7d,
+       avg(value) FILTER (measured_at >= now() - INTERVAL 14 DAY AND measured_at < now() - INTERVAL 7 DAY)
+           AS mean_prev_7d,
+       count(*) FILTER (measured_at >= now() - INTERVAL 30 DAY) AS n_30d,
+       avg(value) FILTER (measured_at >= now() - INTERVAL 30 DAY) AS mean_30d,
+       min(value) FILTER (measured_at >= now() - INTERVAL 30 DAY) AS min_30d,
+       max(value) FILTER (measured_at >= now() - INTERVAL 30 DAY) AS max_30d
+FROM readings
+WHERE measured_at >= now() - INTERVAL 30 DAY
+GROUP BY patient_id, metric;

@@ -44,9 +44,9 @@ CREATE TABLE IF NOT EXISTS alert_thresholds (
 );
 
 -- Logged treatment-management time (99457/99458/99470) and whether it included an interactive communication.
-CREATE SEQUENCE IF NOT EXISTS interaction_seq;
+-- UUID ids rather than a sequence: `rpm keys rotate` copies the database, and copies keep no sequence state.
 CREATE TABLE IF NOT EXISTS interactions (
-    interaction_id BIGINT PRIMARY KEY DEFAULT nextval('interaction_seq'),
+    interaction_id UUID PRIMARY KEY DEFAULT uuid(),
     patient_id     VARCHAR NOT NULL,
     clinician_id   VARCHAR NOT NULL,
     minutes        INTEGER NOT NULL CHECK (minutes > 0),

@@ -1,0 +1,109 @@
+"""`rpm clinician --as ID <view>`: dispatch to the scoped, audited session and render for a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from warehouse.access import ClinicianSession
+
+SEVERITY = {1: "CRITICAL", 2: "HIGH", 3: "MODERATE"}
+
+
+def run(session: ClinicianSession, a: argparse.Namespace) -> Any:
+    if a.view == "patients":
+        return session.patients()
+    if a.view == "patient":
+        return session.patient(a.patient_id, a.days)
+    if a.view == "alerts":
+        return session.alerts()
+    if a.view == "ack":
+        return session.acknowledge(a.alert_id, a.note)
+    if a.view == "billing":
+        rows = session.billing(a.month)
+        if a.csv:
+            from warehouse.billing import write_csv
+
+            write_csv(rows, Path(a.csv))
+        return rows
+    if a.view == "log-time":
+        return session.log_time(a.patient, a.minutes, a.interactive, a.note)
+    if a.view == "export-fhir":
+        from warehouse.fhir import write_bundle
+
+        bundle = session.export_fhir(a.patient_id, a.days)
+        out = write_bundle(bundle, Path(a.out or f"{a.patient_id}-fhir.json"))  # 0600: PHI leaves the store
+        return {"file": str(out), "observations": len(bundle.get("entry", [])), "resourceType": "Bundle"}
+    raise ValueError(f"unknown view {a.view}")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _bp(systolic: float | None, diastolic: float | None) -> str:
+    return "-" if systolic is None else f"{systolic:.0f}/{diastolic:.0f}" if diastolic is not None else f"{systolic:.0f}"
+
+
+def render(view: str, result: Any) -> str:
+    if view == "patients":
+        return _table(["patient", "name", "MRN", "conditions", "last reading (UTC)", "readings 30d", "open alerts"],
+                      [[r["patient_id"], f"{r['family_name'] or ''}, {r['given_name'] or ''}".strip(", "), r["mrn"],
+                        ",".join(r["conditions"] or []),
+                        r["last_reading_at"].strftime("%Y-%m-%d %H:%M") if r["last_reading_at"] else None,
+                        r["readings_30d"], r["open_alerts"]] for r in result]) or "no patients on your care team"
+    if view == "patient":
+        p = result["patient"]
+        lines = [f"{p.get('patient_id')}  {p.get('family_name') or ''}, {p.get('given_name') or ''}  "
+                 f"MRN {p.get('mrn') or '-'}  born {p.get('birth_date') or '-'}  {p.get('time_zone') or ''}  "
+                 f"{','.join(p.get('conditions') or [])}", "", "Latest vitals"]
+        lines.append(_table(["metric", "value", "unit", "measured (local)"],
+                            [[r["metric"], f"{r['value']:.0f}/{r['diastolic']:.0f}" if r["diastolic"] is not None
+                              else _fmt(r["value"]), r["unit"], r["measured_local"]] for r in result["latest"]]))
+        lines += ["", "Trends (mean)"]
+        lines.append(_table(["metric", "7d", "prev 7d", "30d", "min 30d", "max 30d", "n 7d", "n 30d"],
+                            [[r["metric"], _bp(r["mean_7d"], r["mean_diastolic_7d"]) if r["metric"] == "blood_pressure"
+                              else _fmt(r["mean_7d"]), _fmt(r["mean_prev_7d"]), _fmt(r["mean_30d"]),
+                              _fmt(r["min_30d"]), _fmt(r["max_30d"]), r["n_7d"], r["n_30d"]]
+                             for r in result["trends"]]))
+        lines += ["", f"Open alerts ({len(result['alerts'])})"]
+        lines += [f"  {SEVERITY.get(a['severity'], a['severity']):<9} {a['rule']:<20} {a['last_observed']}  "
+                  f"since {a['opened_at']:%Y-%m-%d %H:%M}{'  (acknowledged)' if a['acknowledged_by'] else ''}"
+                  for a in result["alerts"]]
+        if result.get("glucose"):
+            from warehouse.glucose import render_glucose
+
+            lines += ["", render_glucose(result["glucose"])]
+        lines += ["", "Daily summary (patient-local days)"]
+        lines.append(_table(["date", "metric", "n", "min", "mean", "max"],
+                            [[r["local_date"], r["metric"], r["readings"], _fmt(r["min_value"]),
+                              _bp(r["mean_value"], r["mean_diastolic"]) if r["metric"] == "blood_pressure"
+                              else _fmt(r["mean_value"]), _fmt(r["max_value"])] for r in result["daily"][:60]]))
+        return "\n".join(lines)
+    if view == "alerts":
+        return _table(["severity", "patient", "rule", "observed", "opened (UTC)", "breaches", "ack", "alert id"],
+                      [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], a["rule"], a["last_observed"],
+                        f"{a['opened_at']:%Y-%m-%d %H:%M}", a["breaches"], a["acknowledged_by"], a["alert_id"]]
+                       for a in result]) if result else "no open alerts"
+    if view == "billing":
+        return _table(["patient", "period", "days", "device", "minutes", "management", "flags"],
+                      [[r["patient_id"], f"{r.get('period_start') or '-'}..{r.get('period_end') or '-'}",
+                        r.get("days_with_data"), ",".join(r.get("device_codes") or []) or None,
+                        r.get("management_minutes"), ",".join(r.get("management_codes") or []) or None,
+                        " | ".join(r.get("flags") or []) or None] for r in result])
+    if view == "ack":
+        return f"alert {result['alert_id']} ({result['rule']}, {result['patient_id']}) acknowledged"
+    if view == "log-time":
+        return (f"logged {result['minutes']} min for {result['patient_id']}"
+                f"{' (interactive)' if result['interactive'] else ''}")
+    if view == "export-fhir":
+        return f"wrote {result['observations']} Observations to {result['file']}"
+    return json.dumps(result, indent=2, default=str)

@@ -1,0 +1,83 @@
+"""Shared builders for the unit tests: valid readings of every metric, tmp settings, sealed segments.
+
+Helpers are fixtures (factories) rather than importable functions, so this file never collides with a
+``tests/conftest.py`` module of the same name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.landing import SegmentWriter
+from rpmctl.crypto import Keyring
+from rpmctl.settings import Settings
+
+# One valid reading per stream of contract v1 (values in the unit a real device sends).
+VALID_READINGS: dict[str, dict[str, Any]] = {
+    "blood_pressure": {"metric": "blood_pressure", "values": {"systolic": 128, "diastolic": 82},
+                       "unit": "mm[Hg]"},
+    "heart_rate": {"metric": "heart_rate", "value": 72, "unit": "/min"},
+    "spo2": {"metric": "spo2", "value": 97, "unit": "%"},
+    "respiratory_rate": {"metric": "respiratory_rate", "value": 16, "unit": "/min"},
+    "body_temperature": {"metric": "body_temperature", "value": 98.6, "unit": "[degF]"},
+    "body_weight": {"metric": "body_weight", "value": 176.0, "unit": "[lb_av]"},
+    "blood_glucose": {"metric": "blood_glucose", "value": 5.5, "unit": "mmol/L", "source": "meter"},
+    "cgm_glucose": {"metric": "blood_glucose", "value": 112, "unit": "mg/dL", "source": "cgm"},
+}
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="microseconds")
+
+
+@pytest.fixture
+def make_reading() -> Callable[..., dict[str, Any]]:
+    """Factory: a valid payload item of ``kind`` (a VALID_READINGS key), with fields overridden.
+
+    ``measured_at`` may be a datetime (rendered RFC 3339 with its offset) or a raw string; pass a field
+    as ``None`` to drop it from the item.
+    """
+    counter = iter(range(1_000_000))
+
+    def build(kind: str = "heart_rate", *, measured_at: datetime | str | None = None, **fields: Any
+              ) -> dict[str, Any]:
+        item = copy.deepcopy(VALID_READINGS[kind])
+        item["msg_id"] = f"m-{next(counter)}"
+        when = measured_at if measured_at is not None else datetime.now(UTC) - timedelta(minutes=5)
+        item["measured_at"] = _iso(when) if isinstance(when, datetime) else when
+        item.update(fields)
+        return {k: v for k, v in item.items() if v is not None}
+
+    return build
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """A fresh RPM_HOME: secrets, landing and warehouse all under tmp_path/var."""
+    return Settings(home=tmp_path / "var")
+
+
+@pytest.fixture
+def write_segment(settings: Settings) -> Callable[..., Path]:
+    """Factory: land ``messages`` (topic, payload) in a sealed segment named ``name``; returns its path.
+
+    Segments are encrypted with the settings' landing keyring, as the ingest service writes them. A payload
+    that is a dict or list is JSON-encoded; bytes are landed as they are.
+    """
+    keyring = Keyring.load(settings, "landing")
+
+    def write(name: str, messages: Iterable[tuple[str, Any]], received_at: datetime | None = None) -> Path:
+        writer = SegmentWriter(settings.landing_dir, name, keyring=keyring)  # type: ignore[arg-type]
+        for topic, payload in messages:
+            raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            writer.append(topic, raw, received_at or datetime.now(UTC))
+        return writer.seal()
+
+    return write

@@ -1,0 +1,271 @@
+"""Claim -> stage -> validate -> load, called as the DAG's tasks call them (no Airflow, a tmp RPM_HOME).
+
+What a user relies on: every landed reading ends in exactly one of readings, quarantine (with its reasons)
+or duplicates; the accounting identity holds; re-running changes nothing; a reading belongs to the patient
+the device was enrolled to when it was measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+import pytest
+
+from expectations.gate import validate_batch
+from rpmctl.settings import Settings
+from transforms.stage import stage_batch
+from warehouse.accounting import accounting
+from warehouse.db import clinical
+from warehouse.ledger import Batch, claim_segments
+from warehouse.load import load_batch
+from warehouse.registry import enroll
+
+DEVICE = "dev-1"
+TOPIC = f"rpm/v1/devices/{DEVICE}/vitals"
+SEG = "ingest-1-000001"
+
+
+def run_pipeline(s: Settings, run_id: str) -> dict[str, Any]:
+    """The four DAG tasks in order, each with its own connection as in separate task processes."""
+    batch = claim_segments(s)
+    batch = Batch.from_xcom(batch.to_xcom())  # through XCom: ids only
+    staged = stage_batch(s, batch)
+    failures = validate_batch(s, batch)
+    loaded = load_batch(s, batch, run_id)
+    return {"batch": batch, "staged": staged, "failures": failures, "loaded": loaded}
+
+
+def counts(s: Settings) -> dict[str, int]:
+    with clinical(s) as con:
+        row = con.execute("""SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM quarantine),
+                                    (SELECT count(*) FROM duplicates), (SELECT count(*) FROM segments)""").fetchone()
+    return dict(zip(("readings", "quarantine", "duplicates", "segments"), row, strict=True))
+
+
+def quarantine(s: Settings) -> dict[str, list[str]]:
+    with clinical(s) as con:
+        return dict(con.execute("SELECT row_key, reasons FROM quarantine").fetchall())
+
+
+def patients_by_msg(s: Settings) -> dict[str, str]:
+    with clinical(s) as con:
+        return dict(con.execute("SELECT msg_id, patient_id FROM readings").fetchall())
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def enrolled(settings: Settings, now: datetime) -> datetime:
+    """dev-1 enrolled to pat-1 since two days ago; returns valid_from."""
+    since = now - timedelta(days=2)
+    with clinical(settings) as con:
+        enroll(con, DEVICE, "pat-1", kind="multi", valid_from=since)
+    return since
+
+
+@pytest.fixture
+def first_segment(settings: Settings, enrolled: datetime, now: datetime,
+                  make_reading: Callable[..., dict[str, Any]], write_segment) -> dict[str, Any]:
+    at = now - timedelta(minutes=10)
+    hr = make_reading("heart_rate", measured_at=at, msg_id="hr")
+    messages = [
+        (TOPIC, hr),                                                                          # 0 load
+        (TOPIC, make_reading("blood_pressure", measured_at=at, msg_id="bp")),                 # 1 load
+        (TOPIC, make_reading("blood_glucose", measured_at=at, msg_id="glu")),                 # 2 load
+        (TOPIC, hr),                                                                          # 3 exact duplicate
+        (TOPIC, dict(hr, msg_id="hr-again", value=91)),                                       # 4 conflict
+        (TOPIC, make_reading("heart_rate", measured_at=at - timedelta(minutes=1), value=400,
+                             msg_id="hr-bad")),                                               # 5 implausible
+        (TOPIC, b"\x00garbage{"),                                                             # 6 not JSON
+        (TOPIC, {"readings": [make_reading("spo2", measured_at=at, msg_id="spo2"),           # 7 batch of two
+                              make_reading("body_weight", measured_at=at, msg_id="wt")]}),
+    ]
+    write_segment(SEG, messages, received_at=now)
+    return {"at": at}
+
+
+def test_first_run_sorts_every_reading_into_exactly_one_outcome(settings: Settings, first_segment) -> None:
+    out = run_pipeline(settings, "t1")
+
+    assert out["batch"].segments == [SEG]
+    assert out["staged"] == {"segments": 1, "messages": 8, "candidates": 8, "unreadable": 1}
+    assert out["failures"] == {"plausible_heart_rate": 1}
+    assert out["loaded"] == {"loaded": 5, "quarantined": 3, "duplicates": 1, "segments": 1}
+    assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
+    assert quarantine(settings) == {
+        f"{SEG}:4:0": ["conflicting_duplicate"],
+        f"{SEG}:5:0": ["plausible_heart_rate"],
+        f"{SEG}:6:0": ["not_json"],
+    }
+    with clinical(settings) as con:
+        assert con.execute("SELECT row_key FROM duplicates").fetchall() == [(f"{SEG}:3:0",)]
+        readings = {r[0]: r[1:] for r in con.execute(
+            "SELECT msg_id, patient_id, loinc, value, diastolic, unit, unit_sent, run_id FROM readings").fetchall()}
+        raw = con.execute("SELECT raw FROM quarantine WHERE row_key = ?", [f"{SEG}:6:0"]).fetchone()[0]
+    assert set(readings) == {"hr", "bp", "glu", "spo2", "wt"}
+    assert readings["hr"] == ("pat-1", "8867-4", 72.0, None, "/min", "/min", "t1")  # first copy wins
+    assert readings["bp"][:5] == ("pat-1", "85354-9", 128.0, 82.0, "mm[Hg]")
+    assert readings["glu"][1:] == ("41653-7", pytest.approx(5.5 * 18.0156), None, "mg/dL", "mmol/L", "t1")
+    assert bytes(raw) == b"\x00garbage{"  # unreadable bytes kept for replay
+
+
+def test_accounting_balances(settings: Settings, first_segment) -> None:
+    run_pipeline(settings, "t1")
+    acc = accounting(settings)
+    assert acc["balanced"] is True
+    assert acc["received"] == acc["loaded"] + acc["quarantined"] + acc["duplicates"]
+    assert (acc["received"], acc["loaded"], acc["quarantined"], acc["duplicates"]) == (9, 5, 3, 1)
+    assert acc["messages_processed"] == 8
+    assert "conflicting_duplicate" in acc["quarantined_by_reason"]
+    assert acc["quarantined_by_reason"] == {"conflicting_duplicate": 1, "not_json": 1, "plausible_heart_rate": 1}
+    assert acc["pending"] == {"sealed_segments": 0, "sealed_messages": 0, "open_segments": 0, "open_messages": 0}
+
+
+def test_accounting_reports_landed_but_unprocessed_messages_as_pending(settings: Settings, first_segment) -> None:
+    acc = accounting(settings)
+    assert acc["pending"]["sealed_segments"] == 1
+    assert acc["pending"]["sealed_messages"] == 8
+    assert acc["received"] == 0
+
+
+def test_rerunning_the_whole_sequence_changes_nothing(settings: Settings, first_segment) -> None:
+    first = run_pipeline(settings, "t1")
+    before, acc_before = counts(settings), accounting(settings)
+
+    again = run_pipeline(settings, "t2")
+    assert again["batch"].segments == []
+    assert again["loaded"] == {"loaded": 0, "quarantined": 0, "duplicates": 0, "segments": 0}
+
+    # A retried run re-stages the same, already absorbed batch: still nothing changes.
+    batch = first["batch"]
+    stage_batch(settings, batch)
+    validate_batch(settings, batch)
+    assert load_batch(settings, batch, "t1") == {"loaded": 0, "quarantined": 0, "duplicates": 0, "segments": 0}
+    assert load_batch(settings, batch, "t1") == {"loaded": 0, "quarantined": 0, "duplicates": 0, "segments": 0}
+
+    assert counts(settings) == before
+    assert accounting(settings) == acc_before
+
+
+def test_load_refuses_a_staged_but_unvalidated_batch(settings: Settings, first_segment) -> None:
+    batch = claim_segments(settings)
+    stage_batch(settings, batch)
+    with pytest.raises(RuntimeError, match="not validated"):
+        load_batch(settings, batch, "t1")
+    assert counts(settings) == {"readings": 0, "quarantine": 0, "duplicates": 0, "segments": 0}
+
+    validate_batch(settings, batch)
+    assert load_batch(settings, batch, "t1")["loaded"] == 5
+
+
+def test_redelivery_in_a_later_segment_is_a_duplicate_and_a_changed_value_a_conflict(
+        settings: Settings, enrolled: datetime, now: datetime, make_reading, write_segment) -> None:
+    hr = make_reading("heart_rate", measured_at=now - timedelta(minutes=3), msg_id="hr")
+    write_segment("ingest-1-000001", [(TOPIC, hr)], received_at=now)
+    run_pipeline(settings, "t1")
+    write_segment("ingest-1-000002", [(TOPIC, hr), (TOPIC, dict(hr, value=120))], received_at=now)
+
+    out = run_pipeline(settings, "t2")
+
+    assert out["loaded"] == {"loaded": 0, "quarantined": 1, "duplicates": 1, "segments": 1}
+    assert quarantine(settings) == {"ingest-1-000002:1:0": ["conflicting_duplicate"]}
+    with clinical(settings) as con:
+        assert con.execute("SELECT value FROM readings").fetchall() == [(72.0,)]  # never silently rewritten
+    assert accounting(settings)["balanced"] is True
+
+
+def test_each_segment_of_a_batch_balances_in_the_ledger(
+        settings: Settings, enrolled: datetime, now: datetime, make_reading, write_segment) -> None:
+    hr = make_reading("heart_rate", measured_at=now - timedelta(minutes=3), msg_id="hr")
+    write_segment("ingest-1-000001", [(TOPIC, hr)], received_at=now)
+    write_segment("ingest-1-000002", [(TOPIC, hr), (TOPIC, dict(hr, value=99)), (TOPIC, b"{")], received_at=now)
+
+    out = run_pipeline(settings, "t1")
+
+    assert out["batch"].segments == ["ingest-1-000001", "ingest-1-000002"]
+    with clinical(settings) as con:
+        ledger = con.execute("SELECT segment, messages, items, loaded, quarantined, duplicates, run_id "
+                             "FROM segments ORDER BY segment").fetchall()
+    assert ledger == [("ingest-1-000001", 1, 1, 1, 0, 0, "t1"),   # the earlier segment's copy is loaded
+                      ("ingest-1-000002", 3, 3, 0, 2, 1, "t1")]
+    assert accounting(settings)["balanced"] is True
+
+
+def test_reading_measured_before_enrollment_is_quarantined(
+        settings: Settings, enrolled: datetime, make_reading, write_segment) -> None:
+    early = make_reading("heart_rate", measured_at=enrolled - timedelta(seconds=1), msg_id="early")
+    on_time = make_reading("heart_rate", measured_at=enrolled, msg_id="on-time")  # valid_from is inclusive
+    write_segment(SEG, [(TOPIC, early), (TOPIC, on_time)])
+
+    out = run_pipeline(settings, "t1")
+
+    assert out["failures"] == {"device_enrolled_at_measured_time": 1}
+    assert quarantine(settings) == {f"{SEG}:0:0": ["device_enrolled_at_measured_time"]}
+    assert patients_by_msg(settings) == {"on-time": "pat-1"}
+
+
+def test_reading_of_an_unknown_device_is_quarantined(settings: Settings, enrolled: datetime, make_reading,
+                                                     write_segment) -> None:
+    write_segment(SEG, [("rpm/v1/devices/stranger/vitals", make_reading("heart_rate"))])
+    run_pipeline(settings, "t1")
+    assert quarantine(settings) == {f"{SEG}:0:0": ["device_enrolled_at_measured_time"]}
+    assert counts(settings)["readings"] == 0
+
+
+def test_enroll_reads_back_the_current_enrollment(settings: Settings, enrolled: datetime) -> None:
+    """Regression: enroll() fetches the current enrollment's TIMESTAMPTZ ``valid_from`` into Python, which
+    DuckDB can only do with ``pytz`` installed. Without it, enrolling an already-enrolled device (a
+    hand-over, or re-issuing its password) raised ``InvalidInputException: Required module 'pytz'``."""
+    error = None
+    with clinical(settings) as con:
+        try:
+            same = enroll(con, DEVICE, "pat-1")
+        except duckdb.InvalidInputException as exc:
+            error = exc
+    assert error is None, f"re-enrolling an enrolled device crashed: {error}"
+    assert same.changed is False and same.valid_from == enrolled
+
+
+def test_reenrolled_device_attributes_readings_by_measured_time(
+        settings: Settings, enrolled: datetime, now: datetime, make_reading, write_segment) -> None:
+    handover = now - timedelta(days=1)
+    with clinical(settings) as con:
+        change = enroll(con, DEVICE, "pat-2", valid_from=handover)
+        same = enroll(con, DEVICE, "pat-2")
+    assert change.changed is True
+    assert same.changed is False and same.valid_from == handover  # re-enrolling to the same patient: no-op
+
+    write_segment(SEG, [
+        (TOPIC, make_reading("heart_rate", measured_at=handover - timedelta(hours=12), msg_id="old-1")),
+        (TOPIC, make_reading("heart_rate", measured_at=handover - timedelta(microseconds=1), msg_id="old-2")),
+        (TOPIC, make_reading("heart_rate", measured_at=handover, msg_id="new-1")),
+        (TOPIC, make_reading("heart_rate", measured_at=now - timedelta(hours=1), msg_id="new-2")),
+    ], received_at=now)
+
+    out = run_pipeline(settings, "t1")
+
+    assert out["failures"] == {}
+    assert patients_by_msg(settings) == {"old-1": "pat-1", "old-2": "pat-1", "new-1": "pat-2", "new-2": "pat-2"}
+
+
+def test_empty_claim_is_a_no_op(settings: Settings) -> None:
+    out = run_pipeline(settings, "t1")
+    assert out["batch"].segments == []
+    assert out["loaded"] == {"loaded": 0, "quarantined": 0, "duplicates": 0, "segments": 0}
+    assert accounting(settings)["balanced"] is True
+
+
+def test_claim_names_the_same_batch_when_retried(settings: Settings, write_segment, make_reading) -> None:
+    write_segment("ingest-1-000002", [(TOPIC, make_reading())])
+    write_segment("ingest-1-000001", [(TOPIC, make_reading())])
+    first, second = claim_segments(settings), claim_segments(settings)
+    assert first == second
+    assert first.segments == ["ingest-1-000001", "ingest-1-000002"]  # oldest first
+    capped = claim_segments(Settings(home=settings.home, pipeline_max_segments=1))
+    assert capped.segments == ["ingest-1-000001"]

@@ -1,0 +1,69 @@
+"""Read-only serving snapshots: readers never block the pipeline, and the pipeline never blocks readers.
+
+DuckDB lets one process write a file and blocks even read-only opens while it does. So writers (DAG tasks,
+registry commands) publish a checkpointed copy of the encrypted clinical file — same key, still encrypted —
+and clinicians' queries open the newest copy read-only. A snapshot is taken while the writer's connection
+holds the file lock right after a CHECKPOINT, so it is always a committed, consistent state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from rpmctl.settings import Settings
+from warehouse.db import clinical, open_clinical
+
+KEEP = 3  # older snapshots are removed; a reader still holding one keeps its open file on Linux
+
+
+def serving_dir(s: Settings) -> Path:
+    return Path(s.warehouse_dir) / "serving"  # type: ignore[arg-type]
+
+
+def current_snapshot(s: Settings) -> Path | None:
+    pointer = serving_dir(s) / "CURRENT"
+    try:
+        path = serving_dir(s) / pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return path if path.exists() else None
+
+
+def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) -> Path:
+    """Copy the committed clinical warehouse into a new serving snapshot and make it current."""
+    if con is None:
+        with clinical(s) as own:
+            return publish_snapshot(s, own)
+    d = serving_dir(s)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    con.execute("CHECKPOINT")
+    name = f"clinical-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}.duckdb"
+    tmp = d / f".{name}.tmp"
+    shutil.copyfile(s.clinical_db, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, d / name)
+    pointer_tmp = d / ".CURRENT.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, d / "CURRENT")
+    for old in sorted(d.glob("clinical-*.duckdb"))[:-KEEP]:
+        old.unlink(missing_ok=True)
+    return d / name
+
+
+@contextmanager
+def serving(s: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to the newest snapshot (the clinical file itself before the first one)."""
+    snap = current_snapshot(s)
+    con = open_clinical(s, read_only=True, db_path=snap) if snap else open_clinical(s, read_only=True)
+    try:
+        yield con
+    finally:
+        con.close()
