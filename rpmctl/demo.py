@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rpmctl import clinician_view as view
 from rpmctl import procs, services
 from rpmctl.cli import render_accounting
 from rpmctl.pipeline import run_once, seal_open_segments
@@ -11,7 +12,9 @@ from rpmctl.publish import wait_until
 from rpmctl.settings import Settings
 from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
 from rpmctl.summary import latest_vitals, render
+from warehouse.access import ClinicianSession
 from warehouse.accounting import accounting
+from warehouse.audit import AuditLog
 
 
 def _section(title: str) -> None:
@@ -47,6 +50,19 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
 
         _section("clinician summary: latest vitals per patient")
         print(render(latest_vitals(s)))
+
+        nurse = ClinicianSession(s, "rn-garcia")
+        _section("open alerts, most severe first (rpm clinician --as rn-garcia alerts)")
+        alerts = nurse.alerts()
+        print(view.render("alerts", alerts[:12]))
+        if len(alerts) > 12:
+            print(f"... and {len(alerts) - 12} more")
+
+        _section("RPM billing this month (rpm clinician --as rn-garcia billing)")
+        print(view.render("billing", nurse.billing(None)))
+        verdict = AuditLog(s).verify()
+        print(f"\naudit log: {verdict['records']} PHI reads recorded, chain "
+              f"{'verified' if verdict['ok'] else 'BROKEN: ' + str(verdict['problem'])}")
 
         _section("accounting")
         acc = accounting(s)

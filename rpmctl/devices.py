@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import datetime
 
@@ -10,9 +9,7 @@ from rpmctl import broker, keys, procs
 from rpmctl.settings import Settings
 from transforms.topics import valid_device_id, vitals_topic
 from warehouse.db import clinical
-from warehouse.registry import enroll
-
-PATIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from warehouse.registry import PATIENT_ID_RE, enroll
 
 
 class ProvisioningError(ValueError):
@@ -33,7 +30,10 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
     if not PATIENT_ID_RE.fullmatch(patient_id):
         raise ProvisioningError(f"invalid patient id {patient_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     with clinical(s) as con:
-        enrollment = enroll(con, device_id, patient_id, kind=kind, valid_from=since)
+        try:
+            enrollment = enroll(con, device_id, patient_id, kind=kind, valid_from=since)
+        except ValueError as exc:
+            raise ProvisioningError(str(exc)) from exc
     password = keys.new_password()
     if not broker.passwd_path(s).exists():
         broker.prepare(s)

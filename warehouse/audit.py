@@ -62,7 +62,9 @@ class AuditLog:
         lock = os.open(self.dir / ".audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            head = self._read_head()
+            # Chain from the log itself, not the head: if a crash hit between the two writes, the next
+            # append still continues the chain, and rewriting the head repairs it.
+            head = self._last_record()
             record = {
                 "seq": head["seq"] + 1, "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
                 "actor": actor, "os_user": getpass.getuser(), "action": action,
@@ -82,6 +84,15 @@ class AuditLog:
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.close(lock)
         return record
+
+    def _last_record(self) -> dict:
+        """seq and MAC of the newest record (its position is its sequence number, authenticated as AAD)."""
+        lines = self.path.read_bytes().splitlines() if self.path.exists() else []
+        if not lines:
+            return {"seq": -1, "mac": GENESIS}
+        seq = len(lines) - 1
+        rec = json.loads(self.keyring.open(base64.b64decode(lines[-1]), f"audit:{seq}".encode()))
+        return {"seq": rec["seq"], "mac": rec["mac"]}
 
     def records(self) -> list[dict]:
         """Every record, decrypted (raises DecryptError on an altered line)."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 import duckdb
+
+PATIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ def enroll(con: duckdb.DuckDBPyConnection, device_id: str, patient_id: str, *, k
         if current and current[0] == patient_id:
             con.execute("COMMIT")
             return Enrollment(device_id, patient_id, current[1], changed=False)
+        latest = con.execute("SELECT max(greatest(valid_from, coalesce(valid_to, valid_from))) FROM enrollments "
+                             "WHERE device_id = ?", [device_id]).fetchone()
+        if latest and latest[0] is not None and start < latest[0]:
+            # Back-dating into existing history would give one instant two patients.
+            raise ValueError(f"device {device_id} has enrollment history up to {latest[0].isoformat()}: "
+                             f"a new enrollment cannot start before it ({start.isoformat()})")
         if current:
             con.execute("UPDATE enrollments SET valid_to = ? WHERE device_id = ? AND valid_to IS NULL",
                         [start, device_id])
@@ -139,8 +148,11 @@ def import_patients_csv(s, path: str) -> dict:
         with transaction(con):
             for line, row in enumerate(rows, start=2):
                 try:
+                    patient_id = (row.get("patient_id") or "").strip()
+                    if not PATIENT_ID_RE.fullmatch(patient_id):
+                        raise ValueError(f"invalid patient_id {patient_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
                     upsert_patient(
-                        con, row["patient_id"].strip(), mrn=row.get("mrn") or None,
+                        con, patient_id, mrn=row.get("mrn") or None,
                         given_name=row.get("given_name") or None, family_name=row.get("family_name") or None,
                         birth_date=date.fromisoformat(row["birth_date"]) if row.get("birth_date") else None,
                         time_zone=row.get("time_zone") or None,

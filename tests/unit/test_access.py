@@ -52,7 +52,7 @@ def alert_id(s: Settings, patient_id: str) -> str:
     return aid
 
 
-# --- scope -------------------------------------------------------------------------------------------------
+# --- scope --------------------------------------------------------------------------------------------------
 
 
 def test_patients_lists_only_the_care_team(ward):
@@ -94,7 +94,7 @@ def test_unknown_clinician_is_denied_and_audited(ward):
     assert [r["action"] for r in records] == ["patients", "alerts", "patient", "export-fhir"]
 
 
-# --- every read audited once -------------------------------------------------------------------------------
+# --- every read audited once --------------------------------------------------------------------------------
 
 
 def test_every_successful_read_appends_exactly_one_audit_record(ward):
@@ -166,7 +166,7 @@ def test_reads_work_while_the_warehouse_is_held_by_a_writer(ward):
     assert [r["action"] for r in audit_records(ward)] == ["patients", "patient", "alerts", "patients"]
 
 
-# --- writes ------------------------------------------------------------------------------------------------
+# --- writes -------------------------------------------------------------------------------------------------
 
 
 def test_acknowledge_writes_publishes_and_is_audited(ward):

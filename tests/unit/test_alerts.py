@@ -63,7 +63,7 @@ def open_rules(con: duckdb.DuckDBPyConnection, patient_id: str) -> list[str]:
     return sorted(a["rule"] for a in alerts_of(con, patient_id) if a["resolved_at"] is None)
 
 
-# --- thresholds at their boundaries ------------------------------------------------------------------------
+# --- thresholds at their boundaries -------------------------------------------------------------------------
 # (rule, metric, value, diastolic, fires): the boundary value itself and the nearest in-range value.
 BOUNDARIES = [
     ("bp_severe", "blood_pressure", 180, 80, True),
@@ -125,7 +125,7 @@ def test_level1_hypoglycaemia_at_54_is_not_level2(con, add, now):
     assert rules_of(con, "p1") == {"glucose_level1_low"}
 
 
-# --- episodes ----------------------------------------------------------------------------------------------
+# --- episodes -----------------------------------------------------------------------------------------------
 
 
 def test_consecutive_breaches_are_one_episode_resolved_by_first_in_range_reading(con, add, now):
@@ -215,7 +215,7 @@ def test_acknowledge_unknown_alert_returns_none(con):
     assert acknowledge(con, "no-such-alert", "dr-a", None) is None
 
 
-# --- per-patient overrides ---------------------------------------------------------------------------------
+# --- per-patient overrides ----------------------------------------------------------------------------------
 
 
 def test_override_changes_what_fires_for_that_patient_only(con, add, now):
@@ -242,7 +242,7 @@ def test_unknown_threshold_name_raises_key_error(con, add, now, name):
     assert con.execute("SELECT count(*) FROM alert_thresholds").fetchone() == (0,)
 
 
-# --- heart failure weight gain -----------------------------------------------------------------------------
+# --- heart failure weight gain ------------------------------------------------------------------------------
 
 
 def _weights(add, patient_id: str, now: datetime) -> None:
@@ -251,7 +251,7 @@ def _weights(add, patient_id: str, now: datetime) -> None:
     add(patient_id, "body_weight", 80.8, now - 3 * D)
     add(patient_id, "body_weight", 81.6, now - 2 * D)
     add(patient_id, "body_weight", 82.4, now - 1 * D)
-    add(patient_id, "body_weight", 83.35, now - H)  # +0.95 kg since the previous weight: day too
+    add(patient_id, "body_weight", 83.35, now - H)  # +0.95 kg over the weight 23 h before: day too
 
 
 def test_weight_gain_fires_only_for_heart_failure(con, add, now):
@@ -283,21 +283,24 @@ def test_weight_gain_under_thresholds_is_quiet(con, add, now):
 
 
 
-def test_weight_gain_day_compares_with_the_previous_day_not_an_older_weight(con, add, now):
-    """Known bug (this test fails): +1.0 kg over ten days is reported as "weight gain > 2 lb in a day".
-
-    030_alerts.sql documents the rule as "daily weight ... against the previous day" and describes it as a
-    gain "in a day", but ``gain_day`` is ``value - lag(value)``: the difference with the previous weight,
-    however old. A heart-failure patient who weighs in irregularly gets a daily-gain alert for a slow,
-    sub-threshold trend (0.1 kg a day here).
-    """
+def test_weight_gain_day_needs_a_weight_about_a_day_before(con, add, now):
+    """+1.0 kg over ten days is not "weight gain > 2 lb in a day" (regression: it was compared with the
+    previous weight however old), nor is +1.0 kg between a morning and an evening weigh-in (no weight 12-36 h
+    earlier); +1.0 kg against the latest weight 12-36 h before is."""
     registry.upsert_patient(con, "hf", conditions=["heart_failure"])
     add("hf", "body_weight", 80.0, now - 10 * D)
-    add("hf", "body_weight", 81.0, now - H)
+    add("hf", "body_weight", 81.0, now - 30 * H)
+    add("hf", "body_weight", 82.0, now - 20 * H)  # 10 h after the previous one: same day
     refresh_alerts(con)
     assert alerts_of(con, "hf", "weight_gain_day") == []
 
-# --- NEWS2 -------------------------------------------------------------------------------------------------
+    add("hf", "body_weight", 83.0, now - H)        # +1.0 over the latest weight 12-36 h before (-20 h)
+    refresh_alerts(con)
+    [a] = alerts_of(con, "hf", "weight_gain_day")
+    assert (a["opened_at"], a["last_observed"]) == (now - H, "+1.0 kg since previous weight")
+
+
+# --- NEWS2 --------------------------------------------------------------------------------------------------
 
 
 def _slot(now: datetime) -> datetime:
@@ -348,7 +351,7 @@ def test_news2_score_6_is_medium_only(con, add, now):
     assert alerts_of(con, "p1", "news2_high") == []
 
 
-# --- no data -----------------------------------------------------------------------------------------------
+# --- no data ------------------------------------------------------------------------------------------------
 
 
 def test_no_data_alerts_follow_the_age_of_the_last_reading(con, add, now):
@@ -388,47 +391,56 @@ def test_new_reading_resolves_open_no_data_alert(con, add, now):
     assert a["resolved_at"] == now - H
 
 
-# --- episodes whose evidence changes after the alert opened (known bug: these fail) --------------------------
+# --- episodes whose evidence changes after the alert opened -------------------------------------------------
+# A device that was offline uploads its stored readings later (README: "A device that was offline sends a
+# batch"). Regression: refresh_alerts used to upsert only the episodes it still saw, so an alert whose
+# episode the late data erased stayed open forever.
 
 
 def test_buffered_upload_closes_the_no_data_alert_it_disproves(con, add, now):
-    """A device that was offline uploads its buffered readings (README: "A device that was offline sends a batch").
-
-    Before the upload the last reading is 30 h old and no_data_24h opens, keyed by that reading. The batch
-    fills the gap (readings 20 h and 1 h ago), so the episode no longer exists in ``alert_episodes`` -- but
-    ``refresh_alerts`` only upserts episodes it still sees, so the alert keeps ``resolved_at`` NULL forever:
-    it is shown as open and can never resolve.
-    """
     add("p1", "heart_rate", 72, now - 30 * H)
     refresh_alerts(con)
     assert open_rules(con, "p1") == ["no_data_24h"]
 
-    add("p1", "heart_rate", 73, now - 20 * H)
+    add("p1", "heart_rate", 73, now - 20 * H)  # the batch fills the gap
     add("p1", "heart_rate", 74, now - H)
-    refresh_alerts(con)
+    assert refresh_alerts(con) == {}
     assert con.execute("SELECT count(*) FROM alert_episodes WHERE patient_id = 'p1'").fetchone() == (0,)
+    [a] = alerts_of(con, "p1", "no_data_24h")
+    assert a["resolved_at"] is not None and a["resolution"] == "disproved by late readings"
     assert open_rules(con, "p1") == []
 
 
 def test_late_breaching_reading_does_not_leave_a_second_open_alert(con, add, now):
-    """A breaching reading measured *before* an open episode arrives late (buffered upload).
-
-    The episode now opens at the late reading, so its alert_id (hash of the opening reading) changes and a
-    second alert is inserted, while the first -- no longer produced by ``alert_episodes`` -- stays open with
-    its acknowledgement, and still stays open after the patient's readings return to range.
-    """
+    """The episode now opens at the late reading (a new alert_id): the old alert is closed, not duplicated."""
     add("p1", "blood_pressure", 150, now - 2 * H, 95)
     refresh_alerts(con)
+    [first] = alerts_of(con, "p1", "bp_stage2")
     add("p1", "blood_pressure", 152, now - 3 * H, 96)  # measured earlier, delivered later
     refresh_alerts(con)
-    assert len(open_alerts(con, ["p1"])) == 1
+    [current] = open_alerts(con, ["p1"])
+    assert current["alert_id"] != first["alert_id"]
+    assert (current["opened_at"], current["breaches"]) == (now - 3 * H, 2)
+    [old] = [a for a in alerts_of(con, "p1", "bp_stage2") if a["alert_id"] == first["alert_id"]]
+    assert old["resolution"] == "disproved by late readings"
 
     add("p1", "blood_pressure", 120, now - H, 80)
     refresh_alerts(con)
     assert open_alerts(con, ["p1"]) == []
+    [back] = [a for a in alerts_of(con, "p1", "bp_stage2") if a["alert_id"] == current["alert_id"]]
+    assert (back["resolved_at"], back["resolution"]) == (now - H, "back in range")
 
 
-# --- open_alerts ------------------------------------------------------------------------------------------
+def test_raised_override_closes_the_alert_it_no_longer_supports(con, add, now):
+    add("p1", "blood_pressure", 145, now - H, 85)
+    refresh_alerts(con)
+    assert open_rules(con, "p1") == ["bp_stage2"]
+    registry.set_threshold(con, "p1", "bp_stage2.systolic", 150, "dr")
+    refresh_alerts(con)
+    assert open_rules(con, "p1") == []
+
+
+# --- open_alerts --------------------------------------------------------------------------------------------
 
 
 def test_open_alerts_most_severe_first_then_oldest_for_requested_patients(con, add, now):

@@ -86,7 +86,7 @@ def test_log_and_head_hold_no_identifiers_in_plaintext(log):
         assert b'"actor"' not in base64.b64decode(line)
 
 
-# --- tampering ---------------------------------------------------------------------------------------------
+# --- tampering ----------------------------------------------------------------------------------------------
 
 
 def _flip(c: int) -> int:
@@ -175,7 +175,7 @@ def test_verify_detects_a_line_duplicated_at_the_end(log):
     assert log.verify()["ok"] is False
 
 
-# --- key rotation ------------------------------------------------------------------------------------------
+# --- key rotation -------------------------------------------------------------------------------------------
 
 
 def test_reencrypt_under_a_new_key_keeps_the_chain(log, settings):
@@ -200,7 +200,7 @@ def test_reencrypt_under_a_new_key_keeps_the_chain(log, settings):
     assert fresh.verify()["ok"] is True
 
 
-# --- two writers -------------------------------------------------------------------------------------------
+# --- two writers --------------------------------------------------------------------------------------------
 
 
 def _append_many(home: str, worker: int, n: int, barrier) -> None:
