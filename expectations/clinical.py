@@ -9,26 +9,12 @@ that list is what goes to quarantine. Only row keys are read from the result; th
 
 from __future__ import annotations
 
-import os
-from collections import defaultdict
-from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
+from expectations.suite import Rule, run_suite
 from transforms.vocab import ACCEPTED_UNIT_KEYS, DIASTOLIC_PLAUSIBLE, GLUCOSE_SOURCES, METRICS
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no usage statistics leave the machine
-
 SUITE_NAME = "clinical_readings"
-INDEX_COLUMN = "row_key"
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    protects: str
-    expectation: str
-    kwargs: dict[str, Any]
 
 
 def _bp(cond: str = "") -> str:
@@ -83,52 +69,9 @@ def rules(future_skew_s: int) -> list[Rule]:
     return r
 
 
-@cache
-def _context() -> Any:
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    asset = ctx.data_sources.add_pandas("rpm").add_dataframe_asset("candidate_readings")
-    asset.add_batch_definition_whole_dataframe("batch")
-    return ctx
-
-
-@cache
-def build_suite(future_skew_s: int) -> Any:
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
-    suite = gx.ExpectationSuite(name=f"{SUITE_NAME}_{future_skew_s}")
-    for rule in rules(future_skew_s):
-        cls = getattr(gxe, rule.expectation)
-        suite.add_expectation(cls(**rule.kwargs, meta={"rule": rule.name, "protects": rule.protects}))
-    return _context().suites.add(suite)
-
-
 def validate(df: Any, future_skew_s: int) -> dict[str, list[str]]:
     """Rules each failing row broke, by row key. Raises if GX could not evaluate a rule (never passes)."""
     if df.empty:
         return {}
     frame = df.assign(metric_is_known=df["metric"].isin(list(METRICS)))
-    batch = (_context().data_sources.get("rpm").get_asset("candidate_readings")
-             .get_batch_definition("batch").get_batch(batch_parameters={"dataframe": frame}))
-    result = batch.validate(build_suite(future_skew_s), result_format={
-        "result_format": "COMPLETE", "unexpected_index_column_names": [INDEX_COLUMN],
-        "return_unexpected_index_query": False, "partial_unexpected_count": 0,
-    })
-    failures: dict[str, list[str]] = defaultdict(list)
-    for r in result.results:
-        rule = r.expectation_config.meta["rule"]
-        if r.exception_info and r.exception_info.get("raised_exception"):
-            raise RuntimeError(f"validation rule {rule} could not be evaluated: "
-                               f"{r.exception_info.get('exception_message')}")
-        if r.success:
-            continue
-        ids = r.result.get("unexpected_index_list")
-        if ids is None:
-            raise RuntimeError(f"validation rule {rule} failed without naming the failing rows")
-        for entry in ids:
-            failures[entry[INDEX_COLUMN]].append(rule)
-    return dict(failures)
+    return run_suite(frame, f"{SUITE_NAME}_{future_skew_s}", rules(future_skew_s))

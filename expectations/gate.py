@@ -7,6 +7,7 @@ from collections import Counter
 import pandas as pd
 
 from expectations.clinical import validate
+from expectations.telehealth import validate as validate_events
 from rpmctl.settings import Settings
 from warehouse.db import clinical, transaction
 from warehouse.ledger import Batch
@@ -17,7 +18,9 @@ def validate_batch(s: Settings, batch: Batch) -> dict[str, int]:
     with clinical(s) as con:
         df = con.execute("SELECT * EXCLUDE (batch_id, raw) FROM stg_candidates WHERE batch_id = ?",
                          [batch.batch_id]).df()
-    failures = validate(df, s.future_skew_s)
+        ev = con.execute("SELECT * EXCLUDE (batch_id, raw) FROM stg_events WHERE batch_id = ?",
+                         [batch.batch_id]).df()
+    failures = {**validate(df, s.future_skew_s), **validate_events(ev, s.future_skew_s)}
     verdicts = pd.DataFrame({"row_key": list(failures), "reasons": list(failures.values())})
     with clinical(s) as con, transaction(con):
         con.execute("DELETE FROM stg_verdicts WHERE batch_id = ?", [batch.batch_id])
@@ -25,5 +28,5 @@ def validate_batch(s: Settings, batch: Batch) -> dict[str, int]:
         if len(verdicts):
             con.register("v", verdicts)
             con.execute("INSERT INTO stg_verdicts SELECT ?, row_key, reasons FROM v", [batch.batch_id])
-        con.execute("INSERT INTO stg_validated VALUES (?, ?, now())", [batch.batch_id, len(df)])
+        con.execute("INSERT INTO stg_validated VALUES (?, ?, now())", [batch.batch_id, len(df) + len(ev)])
     return dict(Counter(rule for rules in failures.values() for rule in rules))

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.landing import SegmentWriter, recover_open_segments
+from ingest.metrics import MetricsServer, Snapshot
 from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
 from transforms.decode import parse_json_object
@@ -94,6 +95,9 @@ class IngestService:
         self._write_failed = False
         self.connected = False
         self._status_written = 0.0
+        self._marked_by_reason: dict[str, int] = {}
+        self._last_message_at: float | None = None
+        self.metrics: MetricsServer | None = None
         self.status_file = Path(settings.run_dir) / f"ingest-{settings.ingest_client_id}.json"  # type: ignore[arg-type]
 
     def write_status(self) -> None:
@@ -116,6 +120,7 @@ class IngestService:
         self.connected = True
         log.info("connected (session present=%s)", flags.session_present)
         self.write_status()
+        self.publish_metrics()
         # Re-subscribing is harmless with a persistent session and needed after session expiry.
         client.subscribe(f"$share/{self.s.ingest_group}/{SUBSCRIPTION}", options=SubscribeOptions(qos=1))
 
@@ -125,9 +130,11 @@ class IngestService:
         self._pending.clear()
         log.warning("disconnected: %s", reason_code)
         self.write_status()
+        self.publish_metrics()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage):
         self.stats.received += 1
+        self._last_message_at = time.time()
         if self._write_failed:
             return  # we are about to disconnect; leave it un-acked for redelivery
         mark = quick_mark(msg.topic, msg.payload)
@@ -139,9 +146,22 @@ class IngestService:
             return
         self.stats.landed += 1
         self.stats.marked += mark is not None
+        if mark is not None:
+            self._marked_by_reason[mark] = self._marked_by_reason.get(mark, 0) + 1
         if not self._pending:
             self._oldest_pending = time.monotonic()
         self._pending.append((msg.mid, msg.qos))
+
+    def publish_metrics(self) -> None:
+        """Hand the metrics thread an immutable copy of our state (it never reads this object directly)."""
+        if self.metrics is None:
+            return
+        st, w = self.stats, self._writer
+        self.metrics.publish(Snapshot(
+            received=st.received, landed=st.landed, acked=st.acked, marked=tuple(self._marked_by_reason.items()),
+            write_errors=st.write_errors, segments_sealed=st.segments_sealed, inflight=len(self._pending),
+            connected=self.connected, open_segment_created=w.created.timestamp() if w is not None else None,
+            last_message_at=self._last_message_at, started_at=st.started_at))
 
     # --- landing -------------------------------------------------------------------------------------
     def _writer_for_append(self) -> SegmentWriter:
@@ -226,6 +246,25 @@ class IngestService:
             signal.signal(signal.SIGINT, self.request_stop)
             signal.signal(signal.SIGUSR1, self.request_seal)
             signal.signal(signal.SIGHUP, self.request_key_reload)
+        self.metrics = self._start_metrics()
+        try:
+            return self._serve()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+
+    def _start_metrics(self) -> MetricsServer | None:
+        if self.s.ingest_metrics_port <= 0:
+            return None
+        try:
+            server = MetricsServer(self.s.ingest_metrics_port, snapshot=Snapshot(started_at=self.stats.started_at))
+        except OSError as exc:  # metrics are advisory, like the status file: never let them stop ingestion
+            log.error("metrics disabled: cannot listen on 127.0.0.1:%d (%s)", self.s.ingest_metrics_port, exc)
+            return None
+        log.info("metrics on http://127.0.0.1:%d/metrics", server.port)
+        return server.start()
+
+    def _serve(self) -> IngestStats:
         recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
         if recovered:
             log.info("recovered %d segment(s) left open by a previous run", len(recovered))
@@ -252,12 +291,14 @@ class IngestService:
                 self._connect_with_retry()
             if time.monotonic() - self._status_written >= STATUS_INTERVAL_S:
                 self.write_status()
+            self.publish_metrics()
         self.seal()
         # Normal DISCONNECT keeps the session (expiry > 0): the broker queues for us until we return.
         self.client.disconnect()
         self.client.loop(timeout=0.5)
         self.connected = False
         self.write_status()
+        self.publish_metrics()
         log.info("stopped: %s", self.stats)
         return self.stats
 

@@ -58,11 +58,18 @@ class Settings:
                                     default=10.0)
     max_payload_bytes: int = _doc("Largest publish the broker accepts; bigger ones are refused with MQTT 5 "
                                   "'packet too large' before they can reach the landing disk.", default=256 * 1024)
+    ingest_metrics_port: int = _doc("Prometheus metrics port of the ingest service, on 127.0.0.1; 0 disables.",
+                                    default=9464)
 
     # --- pipeline -----------------------------------------------------------------------------------
     future_skew_s: int = _doc("A reading measured more than this many seconds after it was received is "
                               "rejected as 'measured in the future' (device clock ahead).", default=300)
     pipeline_max_segments: int = _doc("Most sealed segments one DAG run claims.", default=5000)
+    airflow_port: int = _doc("Airflow UI/API of `make up`, bound to 127.0.0.1 only.", default=8080)
+    pipeline_schedule_minutes: int = _doc("How often the scheduled rpm_pipeline DAG runs.", default=2)
+    landing_retention_days: int = _doc(
+        "Sealed landing segments already absorbed by the warehouse are deleted once they are this old "
+        "(rpm_daily); segments the ledger does not list are never deleted.", default=30)
 
     # --- derived paths (default from home) ----------------------------------------------------------
     secrets_dir: Path | None = _doc("Keys and passwords (0700); never inside a data folder.", default=None)

@@ -44,7 +44,8 @@ def settings() -> Iterator[Settings]:
     base = Path(tempfile.mkdtemp(prefix="rpm-test-"))
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
     s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
-                 broker_tls_bind="127.0.0.1", segment_max_age_s=1.0, ingest_flush_interval_ms=10)
+                 broker_tls_bind="127.0.0.1", segment_max_age_s=1.0, ingest_flush_interval_ms=10,
+                 ingest_metrics_port=free_port())
     yield s
     procs.stop(s, services.INGEST, timeout=10)
     broker.stop(s)

@@ -26,9 +26,13 @@ def _reject_constant(token: str) -> _NonFinite:
 @dataclass(frozen=True)
 class DecodedMessage:
     device_id: str | None
-    items: list[Any]          # each a reading candidate (normally a dict)
+    items: list[Any]          # each a reading or event candidate (normally a dict)
     reason: str | None        # structural reason the whole message is unreadable
     detail: str = ""
+    channel: str = "vitals"
+
+# The batch key of each channel: devices buffer readings, apps buffer events.
+BATCH_KEYS = {"vitals": "readings", "status": "statuses", "events": "events"}
 
 
 def parse_json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None, str]:
@@ -52,18 +56,18 @@ def decode_message(topic: str, payload: bytes) -> DecodedMessage:
     parsed = parse_topic(topic)
     if parsed is None:
         return DecodedMessage(None, [], "unknown_topic", topic[:200])
-    if parsed.channel != "vitals":
-        return DecodedMessage(parsed.device_id, [], "unsupported_channel", parsed.channel)
+    src, channel = parsed.device_id, parsed.channel
     doc, reason, detail = parse_json_object(payload)
     if doc is None:
-        return DecodedMessage(parsed.device_id, [], reason, detail)
-    if "readings" in doc:
-        readings = doc["readings"]
-        if not isinstance(readings, list):
-            return DecodedMessage(parsed.device_id, [], "readings_not_a_list", type(readings).__name__)
-        if not readings:
-            return DecodedMessage(parsed.device_id, [], "empty_batch")
-        if len(readings) > MAX_BATCH:
-            return DecodedMessage(parsed.device_id, [], "batch_too_large", f"{len(readings)} > {MAX_BATCH}")
-        return DecodedMessage(parsed.device_id, readings, None)
-    return DecodedMessage(parsed.device_id, [doc], None)
+        return DecodedMessage(src, [], reason, detail, channel)
+    key = BATCH_KEYS[channel]
+    if key in doc:
+        batch = doc[key]
+        if not isinstance(batch, list):
+            return DecodedMessage(src, [], f"{key}_not_a_list", type(batch).__name__, channel)
+        if not batch:
+            return DecodedMessage(src, [], "empty_batch", "", channel)
+        if len(batch) > MAX_BATCH:
+            return DecodedMessage(src, [], "batch_too_large", f"{len(batch)} > {MAX_BATCH}", channel)
+        return DecodedMessage(src, batch, None, "", channel)
+    return DecodedMessage(src, [doc], None, "", channel)

@@ -121,9 +121,15 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
     }
 
 
+class EventRow(dict):
+    """A telehealth event candidate (device status or app event), as opposed to a vitals reading."""
+
+
 def normalise_records(segment: str, records: Iterable[LandedRecord]
-                      ) -> Iterator[dict[str, Any] | StructuralReject]:
+                      ) -> Iterator[dict[str, Any] | EventRow | StructuralReject]:
     """Every landed message of a segment as candidate rows, or structural rejects (one per unreadable item)."""
+    from transforms.events import event_candidate
+
     for rec in records:
         msg = decode_message(rec.topic, rec.payload)
         base = dict(segment=segment, record_no=rec.n, received_at=rec.received_at)
@@ -135,7 +141,11 @@ def normalise_records(segment: str, records: Iterable[LandedRecord]
         for i, item in enumerate(msg.items):
             if not isinstance(item, dict):
                 yield StructuralReject(f"{segment}:{rec.n}:{i}", device_id=msg.device_id, item_no=i,
-                                       reason="reading_not_an_object", detail=type(item).__name__,
+                                       reason=f"{'reading' if msg.channel == 'vitals' else 'event'}_not_an_object",
+                                       detail=type(item).__name__,
                                        raw=json.dumps(item, default=str).encode(), **base)
-                continue
-            yield candidate(item, device_id=msg.device_id, item_no=i, **base)
+            elif msg.channel == "vitals":
+                yield candidate(item, device_id=msg.device_id, item_no=i, **base)
+            else:
+                yield EventRow(event_candidate(item, channel=msg.channel, device_id=msg.device_id, item_no=i,
+                                               **base))

@@ -7,17 +7,20 @@ import pandas as pd
 from ingest.landing import SEGMENT_SUFFIX, read_segment, sealed_dir
 from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
-from transforms.normalise import CANDIDATE_COLUMNS, StructuralReject, normalise_records
+from transforms.events import EVENT_COLUMNS
+from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
 from warehouse.db import clinical, transaction
 from warehouse.ledger import Batch
 
+STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
                   "detail", "raw"]
 
 
-def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    """(candidates, structural rejects, messages per segment) of a batch's segments."""
+def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """(reading candidates, event candidates, structural rejects, messages per segment) of a batch."""
     rows: list[dict] = []
+    events: list[dict] = []
     rejects: list[dict] = []
     messages: dict[str, int] = {}
     keyring = Keyring.load(s, "landing")
@@ -28,18 +31,20 @@ def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame,
         for out in normalise_records(name, records):
             if isinstance(out, StructuralReject):
                 rejects.append({c: getattr(out, c) for c in REJECT_COLUMNS})
+            elif isinstance(out, EventRow):
+                events.append(out)
             else:
                 rows.append(out)
-    return (pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), pd.DataFrame(rejects, columns=REJECT_COLUMNS),
-            messages)
+    return (pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), pd.DataFrame(events, columns=EVENT_COLUMNS),
+            pd.DataFrame(rejects, columns=REJECT_COLUMNS), messages)
 
 
 def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows."""
-    candidates, rejects, messages = decode_batch(s, batch)
+    candidates, events, rejects, messages = decode_batch(s, batch)
     seg = pd.DataFrame({"segment": list(messages), "messages": list(messages.values())})
     with clinical(s) as con, transaction(con):
-        for table in ("stg_candidates", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated"):
+        for table in STAGING_TABLES:
             con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
         if len(candidates):
             con.register("c", candidates)
@@ -51,6 +56,15 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
                 FROM enrollments e
                 WHERE e.device_id = c.device_id AND c.measured_at >= e.valid_from
                   AND (e.valid_to IS NULL OR c.measured_at < e.valid_to)""")
+        if len(events):
+            con.register("ev", events)
+            cols = ", ".join(EVENT_COLUMNS)
+            con.execute(f"INSERT INTO stg_events ({cols}, batch_id) SELECT {cols}, ? FROM ev", [batch.batch_id])
+            con.execute("""
+                UPDATE stg_events v SET patient_id = e.patient_id
+                FROM enrollments e
+                WHERE e.device_id = v.device_id AND v.occurred_at >= e.valid_from
+                  AND (e.valid_to IS NULL OR v.occurred_at < e.valid_to)""")
         if len(rejects):
             con.register("r", rejects)
             cols = ", ".join(REJECT_COLUMNS)
@@ -59,4 +73,4 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
             con.register("sg", seg)
             con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch.batch_id])
     return {"segments": len(messages), "messages": sum(messages.values()), "candidates": len(candidates),
-            "unreadable": len(rejects)}
+            "events": len(events), "unreadable": len(rejects)}

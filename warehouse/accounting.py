@@ -25,8 +25,11 @@ def accounting(s: Settings) -> dict:
                    coalesce(sum(quarantined), 0), coalesce(sum(duplicates), 0), count(*)
             FROM segments""").fetchone()
         loaded, quarantined, duplicates = con.execute("""
-            SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM quarantine),
-                   (SELECT count(*) FROM duplicates)""").fetchone()
+            SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM telehealth_events),
+                   (SELECT count(*) FROM quarantine), (SELECT count(*) FROM duplicates)""").fetchone()
+        loaded_by_stream = dict(zip(("readings", "telehealth_events"), con.execute(
+            "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telehealth_events)").fetchone(),
+            strict=True))
         by_reason = dict(con.execute("""
             SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM quarantine)
             GROUP BY reason ORDER BY count(*) DESC, reason""").fetchall())
@@ -39,6 +42,7 @@ def accounting(s: Settings) -> dict:
         "messages_processed": int(messages),
         "received": int(received),
         "loaded": int(loaded),
+        "loaded_by_stream": {k: int(v) for k, v in loaded_by_stream.items()},
         "quarantined": int(quarantined),
         "quarantined_by_reason": {k: int(v) for k, v in by_reason.items()},
         "duplicates": int(duplicates),

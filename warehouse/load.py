@@ -9,6 +9,7 @@ skipped, so re-running the load, or the whole DAG run, changes nothing.
 from __future__ import annotations
 
 from rpmctl.settings import Settings
+from transforms.stage import STAGING_TABLES
 from warehouse.db import clinical, transaction
 from warehouse.ledger import Batch
 
@@ -39,6 +40,31 @@ SELECT ok.*,
 FROM ok LEFT JOIN readings r USING (reading_id)
 """
 
+# Telehealth events: the same event (source, kind, instant, subject) again is a duplicate, whatever else
+# changed — events are facts that happened, there is no clinical value a device could silently rewrite.
+CLASSIFY_EVENTS = """
+CREATE OR REPLACE TEMP TABLE _events_classified AS
+WITH ok AS (
+    SELECT e.*, row_number() OVER (PARTITION BY e.event_id ORDER BY e.segment, e.record_no, e.item_no) AS rn
+    FROM stg_events e
+    WHERE e.batch_id = $batch
+      AND e.row_key NOT IN (SELECT row_key FROM stg_verdicts WHERE batch_id = $batch)
+      AND e.segment NOT IN (SELECT segment FROM segments)
+)
+SELECT ok.*, CASE WHEN t.event_id IS NULL AND ok.rn = 1 THEN 'load' ELSE 'duplicate' END AS fate
+FROM ok LEFT JOIN telehealth_events t USING (event_id)
+"""
+
+INSERT_EVENTS = """
+INSERT INTO telehealth_events (event_id, patient_id, device_id, channel, event, occurred_at, utc_offset_min,
+    received_at, loaded_at, module, minutes, appointment_id, modality, scheduled_for, survey, battery_pct,
+    signal_dbm, firmware, uptime_s, msg_id, segment, record_no, item_no, extra, run_id)
+SELECT event_id, patient_id, device_id, channel, event, occurred_at, utc_offset_min, received_at, now(), module,
+       minutes, appointment_id, modality, scheduled_for, survey, battery_pct, signal_dbm, firmware, uptime_s,
+       msg_id, segment, record_no, item_no, extra, $run
+FROM _events_classified WHERE fate = 'load'
+"""
+
 INSERT_READINGS = """
 INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, diastolic, unit, unit_sent,
                       source, measured_at, utc_offset_min, received_at, loaded_at, msg_id, segment, record_no,
@@ -52,6 +78,9 @@ INSERT_DUPLICATES = """
 INSERT INTO duplicates
 SELECT row_key, reading_id, segment, record_no, item_no, received_at, $run
 FROM _classified WHERE fate = 'duplicate'
+UNION ALL
+SELECT row_key, event_id, segment, record_no, item_no, received_at, $run
+FROM _events_classified WHERE fate = 'duplicate'
 """
 
 INSERT_QUARANTINE = """
@@ -60,6 +89,11 @@ SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, 
        c.received_at, now(), $run
 FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
 WHERE c.batch_id = $batch AND c.segment NOT IN (SELECT segment FROM segments)
+UNION ALL
+SELECT e.row_key, e.segment, e.record_no, e.item_no, e.device_id, e.event_id, v.reasons, NULL, e.raw,
+       e.received_at, now(), $run
+FROM stg_events e JOIN stg_verdicts v ON v.batch_id = e.batch_id AND v.row_key = e.row_key
+WHERE e.batch_id = $batch AND e.segment NOT IN (SELECT segment FROM segments)
 UNION ALL
 SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, raw, received_at, now(), $run
 FROM stg_rejects WHERE batch_id = $batch AND segment NOT IN (SELECT segment FROM segments)
@@ -75,9 +109,13 @@ INSERT_LEDGER = """
 INSERT INTO segments
 WITH items AS (
     SELECT segment, 'item' AS kind FROM stg_candidates WHERE batch_id = $batch
+    UNION ALL SELECT segment, 'item' FROM stg_events WHERE batch_id = $batch
     UNION ALL SELECT segment, 'item' FROM stg_rejects WHERE batch_id = $batch
 ), outcomes AS (
     SELECT segment, fate FROM _classified WHERE fate IN ('load', 'duplicate')
+    UNION ALL SELECT segment, fate FROM _events_classified
+    UNION ALL SELECT e.segment, 'quarantine' FROM stg_events e
+              JOIN stg_verdicts v ON v.batch_id = e.batch_id AND v.row_key = e.row_key WHERE e.batch_id = $batch
     UNION ALL SELECT segment, 'quarantine' FROM _classified WHERE fate = 'conflict'
     UNION ALL SELECT c.segment, 'quarantine' FROM stg_candidates c
               JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key WHERE c.batch_id = $batch
@@ -108,8 +146,10 @@ def load_batch(s: Settings, batch: Batch, run_id: str) -> dict[str, int]:
         if batch.segments and staged and staged[0] and not (validated and validated[0]):
             raise RuntimeError(f"batch {batch.batch_id} was staged but not validated: refusing to load")
         con.execute(CLASSIFY, {"batch": batch.batch_id})
+        con.execute(CLASSIFY_EVENTS, {"batch": batch.batch_id})
         before = _totals(con)
         con.execute(INSERT_READINGS, {"run": run_id})
+        con.execute(INSERT_EVENTS, {"run": run_id})
         con.execute(INSERT_DUPLICATES, {"run": run_id})
         con.execute(INSERT_QUARANTINE, params)
         con.execute(INSERT_LEDGER, params)
@@ -120,12 +160,13 @@ def load_batch(s: Settings, batch: Batch, run_id: str) -> dict[str, int]:
         if unbalanced:
             raise UnbalancedLoad(f"segments do not balance, nothing committed: {unbalanced[:5]}")
         after = _totals(con)
-        for table in ("stg_candidates", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated"):
+        for table in STAGING_TABLES:
             con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch.batch_id])
     return {k: after[k] - before[k] for k in after}
 
 
 def _totals(con) -> dict[str, int]:
-    row = con.execute("""SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM quarantine),
+    row = con.execute("""SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM telehealth_events),
+                                (SELECT count(*) FROM quarantine),
                                 (SELECT count(*) FROM duplicates), (SELECT count(*) FROM segments)""").fetchone()
     return dict(zip(("loaded", "quarantined", "duplicates", "segments"), row, strict=True))

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 HEAVY = ("pandas", "duckdb", "great_expectations", "paho")
-PIPELINE_ORDER = ["claim", "decode_normalise", "validate", "load", "evaluate_alerts", "publish_snapshot"]
+PIPELINE_ORDER = ["claim", "decode_normalise", "validate", "load", "evaluate_alerts", "record_run", "publish_snapshot", "publish_telehealth"]
 
 
 @pytest.fixture(scope="module")

@@ -94,11 +94,15 @@ def test_unknown_topic_is_rejected_without_reading_the_payload() -> None:
     assert msg.items == []
 
 
-def test_status_channel_is_not_a_clinical_reading() -> None:
-    msg = decode_message("rpm/v1/devices/bp-001/status", _json({"battery": 80}))
-    assert msg.reason == "unsupported_channel"
-    assert msg.device_id == "bp-001"
-    assert msg.items == []
+def test_status_and_app_event_channels_decode_for_the_telehealth_stream() -> None:
+    msg = decode_message("rpm/v1/devices/bp-001/status", _json({"battery_pct": 80}))
+    assert (msg.reason, msg.device_id, msg.channel, msg.items) == (None, "bp-001", "status", [{"battery_pct": 80}])
+    app = decode_message("rpm/v1/apps/app-7/events", _json({"events": [{"event": "survey_completed"}] * 2}))
+    assert (app.reason, app.device_id, app.channel, len(app.items)) == (None, "app-7", "events", 2)
+    # A vitals-style batch key on the events channel is not an events batch: it is one (odd) event.
+    odd = decode_message("rpm/v1/apps/app-7/events", _json({"readings": []}))
+    assert odd.items == [{"readings": []}]
+    assert decode_message("rpm/v1/apps/app-7/vitals", _json(READING)).reason == "unknown_topic"
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])

@@ -12,6 +12,7 @@ import pytest
 from ingest.landing import LandedRecord
 from transforms.normalise import (
     CANDIDATE_COLUMNS,
+    EventRow,
     StructuralReject,
     candidate,
     normalise_records,
@@ -302,8 +303,10 @@ def test_normalise_records_yields_rows_and_structural_rejects_keyed_segment_reco
 
     rejects = {o.row_key: o for o in out if isinstance(o, StructuralReject)}
     assert {k: r.reason for k, r in rejects.items()} == {
-        "seg-a:1:0": "not_json", "seg-a:2:1": "reading_not_an_object", "seg-a:3:0": "unsupported_channel",
+        "seg-a:1:0": "not_json", "seg-a:2:1": "reading_not_an_object",
         "seg-a:4:0": "unknown_topic", "seg-a:7:0": "not_utf8"}
+    status = next(o for o in out if isinstance(o, EventRow))  # device status feeds the telehealth stream
+    assert (status["row_key"], status["event"], status["channel"]) == ("seg-a:3:0", "device_status", "status")
     assert rejects["seg-a:1:0"].raw == b"{not json"        # raw bytes kept for replay
     assert rejects["seg-a:7:0"].raw == b"\xff"
     assert rejects["seg-a:2:1"].raw == b"7"
@@ -314,7 +317,7 @@ def test_normalise_records_yields_rows_and_structural_rejects_keyed_segment_reco
     assert (rejects["seg-a:2:1"].segment, rejects["seg-a:2:1"].record_no, rejects["seg-a:2:1"].item_no) == (
         "seg-a", 2, 1)
 
-    rows = [o for o in out if isinstance(o, dict)]
+    rows = [o for o in out if isinstance(o, dict) and not isinstance(o, EventRow)]
     assert [r["msg_id"] for r in rows] == ["m-1", "a", "c"]
     assert all(r["device_id"] == "dev-1" for r in rows)
     assert rows[2]["received_at"] == RECEIVED + timedelta(seconds=2)

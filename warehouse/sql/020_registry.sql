@@ -54,3 +54,68 @@ CREATE TABLE IF NOT EXISTS interactions (
     occurred_at    TIMESTAMPTZ NOT NULL,
     note           VARCHAR
 );
+
+-- Telehealth events (patient-app events and device status) as received, attributed to the patient through
+-- the source's enrollment. Kept here, encrypted, with identifiers; the telehealth store gets a pseudonymised
+-- projection of them (warehouse/telehealth.py).
+CREATE TABLE IF NOT EXISTS telehealth_events (
+    event_id        VARCHAR PRIMARY KEY,   -- idempotency key: source, event, instant, subject
+    patient_id      VARCHAR NOT NULL,
+    device_id       VARCHAR NOT NULL,      -- the publishing device or app
+    channel         VARCHAR NOT NULL,      -- status | events
+    event           VARCHAR NOT NULL,
+    occurred_at     TIMESTAMPTZ NOT NULL,
+    utc_offset_min  INTEGER NOT NULL,
+    received_at     TIMESTAMPTZ NOT NULL,
+    loaded_at       TIMESTAMPTZ NOT NULL,
+    module          VARCHAR,
+    minutes         DOUBLE,
+    appointment_id  VARCHAR,
+    modality        VARCHAR,
+    scheduled_for   TIMESTAMPTZ,
+    survey          VARCHAR,
+    battery_pct     DOUBLE,
+    signal_dbm      DOUBLE,
+    firmware        VARCHAR,
+    uptime_s        DOUBLE,
+    msg_id          VARCHAR NOT NULL,
+    segment         VARCHAR NOT NULL,
+    record_no       INTEGER NOT NULL,
+    item_no         INTEGER NOT NULL,
+    extra           JSON,
+    run_id          VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS stg_events (
+    batch_id VARCHAR NOT NULL, row_key VARCHAR NOT NULL, segment VARCHAR, record_no INTEGER, item_no INTEGER,
+    device_id VARCHAR, channel VARCHAR, channel_event VARCHAR, msg_id VARCHAR, event VARCHAR,
+    occurred_at TIMESTAMPTZ, utc_offset_min INTEGER, has_time BOOLEAN, received_at TIMESTAMPTZ,
+    seconds_ahead DOUBLE, event_id VARCHAR, module VARCHAR, minutes DOUBLE, appointment_id VARCHAR,
+    modality VARCHAR, scheduled_for TIMESTAMPTZ, survey VARCHAR, battery_pct DOUBLE, signal_dbm DOUBLE,
+    firmware VARCHAR, uptime_s DOUBLE, status_fields INTEGER, extra VARCHAR, raw BLOB, patient_id VARCHAR
+);
+
+-- Ops record of every rpm_pipeline run (no PHI): what it absorbed, how long each task took, how fresh
+-- the data was. Failed runs are written by the tasks' failure callback.
+CREATE TABLE IF NOT EXISTS pipeline_runs (
+    run_id              VARCHAR PRIMARY KEY,
+    state               VARCHAR NOT NULL,      -- success | failed
+    started_at          TIMESTAMPTZ,
+    finished_at         TIMESTAMPTZ NOT NULL,
+    segments            INTEGER,
+    messages            INTEGER,
+    received            INTEGER,
+    loaded              INTEGER,
+    quarantined         INTEGER,
+    duplicates          INTEGER,
+    quarantined_by_rule JSON,
+    task_seconds        JSON,
+    measured_to_received_p50_s DOUBLE,
+    measured_to_received_p95_s DOUBLE,
+    received_to_loaded_p50_s   DOUBLE,
+    received_to_loaded_p95_s   DOUBLE,
+    measured_to_loaded_p50_s   DOUBLE,
+    measured_to_loaded_p95_s   DOUBLE,
+    failed_task         VARCHAR,
+    error               VARCHAR
+);

@@ -1,0 +1,82 @@
+"""Running a suite of named rules with Great Expectations on a pandas DataFrame (shared by both streams).
+
+GX cannot validate DuckDB over SQLAlchemy, so batches are pulled into pandas. ``result_format=COMPLETE``
+keyed by ``row_key`` returns every failing row of every rule; only those keys are read from the result —
+the values GX echoes back (PHI) are never stored or logged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no usage statistics leave the machine
+
+INDEX_COLUMN = "row_key"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    protects: str
+    expectation: str
+    kwargs: dict[str, Any]
+
+
+@cache
+def _context() -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    asset = ctx.data_sources.add_pandas("rpm").add_dataframe_asset("candidate_rows")
+    asset.add_batch_definition_whole_dataframe("batch")
+    return ctx
+
+
+_SUITES: dict[str, Any] = {}
+
+
+def build_suite(name: str, rules: list[Rule]) -> Any:
+    """The GX suite for ``rules`` (built once per process and name)."""
+    if name in _SUITES:
+        return _SUITES[name]
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    suite = gx.ExpectationSuite(name=name)
+    for rule in rules:
+        cls = getattr(gxe, rule.expectation)
+        suite.add_expectation(cls(**rule.kwargs, meta={"rule": rule.name, "protects": rule.protects}))
+    _SUITES[name] = _context().suites.add(suite)
+    return _SUITES[name]
+
+
+def run_suite(frame: Any, name: str, rules: list[Rule]) -> dict[str, list[str]]:
+    """Rules each failing row broke, by row key. Raises if GX could not evaluate a rule (never passes)."""
+    if frame.empty:
+        return {}
+    batch = (_context().data_sources.get("rpm").get_asset("candidate_rows")
+             .get_batch_definition("batch").get_batch(batch_parameters={"dataframe": frame}))
+    result = batch.validate(build_suite(name, rules), result_format={
+        "result_format": "COMPLETE", "unexpected_index_column_names": [INDEX_COLUMN],
+        "return_unexpected_index_query": False, "partial_unexpected_count": 0,
+    })
+    failures: dict[str, list[str]] = defaultdict(list)
+    for r in result.results:
+        rule = r.expectation_config.meta["rule"]
+        if r.exception_info and r.exception_info.get("raised_exception"):
+            raise RuntimeError(f"validation rule {rule} could not be evaluated: "
+                               f"{r.exception_info.get('exception_message')}")
+        if r.success:
+            continue
+        ids = r.result.get("unexpected_index_list")
+        if ids is None:
+            raise RuntimeError(f"validation rule {rule} failed without naming the failing rows")
+        for entry in ids:
+            failures[entry[INDEX_COLUMN]].append(rule)
+    return dict(failures)

@@ -1,0 +1,385 @@
+"""`rpm up --airflow`: the long-lived local Airflow (scheduler, DAG processor, API server, triggerer).
+
+What `airflow standalone` runs, started by a small supervisor of our own instead of standalone itself,
+because standalone (measured, Airflow 3.3):
+
+- always starts two task-log servers bound to 0.0.0.0/[::] on the fixed ports 8793 and 8794: reachable
+  off-host, and a second stack on the machine (the tests while `make up` runs) collides with them. With the
+  LocalExecutor the API server reads task logs from local files, so we start the components with
+  ``--skip-serve-logs`` and the only listener is the API on 127.0.0.1;
+- stops its components only on KeyboardInterrupt: launched with SIGINT ignored (a background job of a
+  non-interactive shell) it never does, and leaves zombies behind.
+
+The supervisor and every component share one process group (own session); `stop` signals the group and
+waits for every member and descendant (task runners put themselves in groups of their own), so nothing is
+orphaned. Metadata is SQLite under AIRFLOW_HOME; LocalExecutor with a parallelism of 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rpmctl import keys, procs
+from rpmctl.pipeline import airflow_env
+from rpmctl.settings import Settings
+
+NAME = "airflow"
+HOST = "127.0.0.1"
+DAG_IDS = ("rpm_pipeline", "rpm_daily")
+ADMIN = "admin"
+HEALTH = "/api/v2/monitor/health"
+COMPONENTS: dict[str, list[str]] = {
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "api-server": ["api-server"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+}
+# Both DAGs are linear with max_active_runs=1 and DuckDB takes one writer: two task slots are plenty,
+# and the LocalExecutor forks one worker process per slot up front.
+PARALLELISM = 2
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes via a proxy
+
+
+def url(s: Settings) -> str:
+    return f"http://{HOST}:{s.airflow_port}"
+
+
+def password_file(s: Settings) -> Path:
+    """Where Airflow's simple auth manager keeps its users' passwords (its default name)."""
+    return Path(s.airflow_home) / "simple_auth_manager_passwords.json.generated"  # type: ignore[arg-type]
+
+
+def stack_env(s: Settings) -> dict[str, str]:
+    """Environment of every component: loopback API, a small executor, the simple auth manager's admin."""
+    return {
+        **airflow_env(s),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
+        "AIRFLOW__API__HOST": HOST,
+        "AIRFLOW__API__PORT": str(s.airflow_port),
+        "AIRFLOW__API__WORKERS": "1",
+        # Task processes reach the API through this URL; its default assumes localhost:8080.
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url(s)}/execution/",
+        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",  # would listen on 0.0.0.0:8974
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__AUTH_MANAGER":
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file(s)),
+        # Signs UI/API logins and the tokens tasks use on the execution API; the generated default is 24 bytes.
+        "AIRFLOW__API_AUTH__JWT_SECRET": _jwt_secret(s),
+    }
+
+
+def _jwt_secret(s: Settings) -> str:
+    path = Path(s.secrets_dir) / "airflow-jwt.secret"  # type: ignore[arg-type]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys.write_private(path, secrets.token_urlsafe(64).encode())
+    return path.read_text().strip()
+
+
+def admin_login(s: Settings) -> dict[str, str]:
+    """The UI/API admin login, created on first use.
+
+    Written by us (0600) before the API server starts, rather than letting Airflow generate it: Airflow
+    writes the file world-readable and prints the password into the log.
+    """
+    path = password_file(s)
+    try:
+        passwords = json.loads(path.read_text().strip() or "{}")
+    except FileNotFoundError:
+        passwords = {}
+    if ADMIN not in passwords:
+        passwords[ADMIN] = keys.new_password()
+        keys.write_private(path, (json.dumps(passwords) + "\n").encode())
+    else:
+        os.chmod(path, 0o600)
+    return {"username": ADMIN, "password": passwords[ADMIN], "password_file": str(path)}
+
+
+# --- REST API -----------------------------------------------------------------------------------------
+
+def api(s: Settings, method: str, path: str, body: Any = None, token: str | None = None,
+        timeout: float = 10.0) -> Any:
+    """One call to the Airflow REST API on loopback; JSON in and out. Raises urllib's HTTPError."""
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url(s) + path, data=data, method=method, headers=headers)
+    with _NO_PROXY.open(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def token(s: Settings) -> str:
+    """A JWT for the REST API, from the simple auth manager's login endpoint."""
+    login = admin_login(s)
+    return api(s, "POST", "/auth/token", {"username": login["username"], "password": login["password"]}
+               )["access_token"]
+
+
+def health(s: Settings) -> dict | None:
+    try:
+        return api(s, "GET", HEALTH, timeout=2.0)
+    except (OSError, ValueError):
+        return None
+
+
+def _healthy_since(s: Settings, started: datetime) -> bool:
+    """Every component reports healthy with a heartbeat from this start (not one left over in the DB)."""
+    h = health(s)
+    if not h:
+        return False
+    for component, beat in (("scheduler", "latest_scheduler_heartbeat"),
+                            ("triggerer", "latest_triggerer_heartbeat"),
+                            ("dag_processor", "latest_dag_processor_heartbeat")):
+        info = h.get(component) or {}
+        if info.get("status") != "healthy" or not info.get(beat):
+            return False
+        if datetime.fromisoformat(info[beat]) < started:
+            return False
+    return h.get("metadatabase", {}).get("status") == "healthy"
+
+
+def _throttled(check, every: float = 0.5):
+    """procs.start polls ``ready`` every 50 ms; an HTTP health check needs far fewer."""
+    last = [0.0]
+
+    def ready() -> bool:
+        if time.monotonic() - last[0] < every:
+            return False
+        last[0] = time.monotonic()
+        return check()
+
+    return ready
+
+
+def _unpause(s: Settings, jwt: str, timeout: float) -> dict[str, str]:
+    """Unpause our DAGs once the DAG processor has registered them; report any that never appear."""
+    deadline = time.monotonic() + timeout
+    result: dict[str, str] = {}
+    pending = list(DAG_IDS)
+    while pending:
+        for dag_id in list(pending):
+            try:
+                api(s, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=jwt)
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:
+                    raise
+                continue
+            result[dag_id] = "unpaused"
+            pending.remove(dag_id)
+        if pending and time.monotonic() > deadline:
+            errors = api(s, "GET", "/api/v2/importErrors", token=jwt).get("import_errors", [])
+            for dag_id in pending:
+                result[dag_id] = "not registered: " + ("; ".join(
+                    f"{e.get('filename')}: {str(e.get('stack_trace', '')).strip().splitlines()[-1:]}"
+                    for e in errors) or "no import error reported")
+            break
+        if pending:
+            time.sleep(1.0)
+    return result
+
+
+# --- lifecycle ----------------------------------------------------------------------------------------
+
+def start(s: Settings, timeout: float = 180.0) -> dict:
+    """Start the stack in the background, wait until it is healthy and unpause rpm_pipeline and rpm_daily.
+
+    Returns the UI URL, the admin login, the pid, the log file and each DAG's state. Idempotent.
+    """
+    env = stack_env(s)
+    login = admin_login(s)
+    already = procs.read_pid(s, NAME)
+    if already is None:
+        # Migrating first also writes airflow.cfg once: components started together would each write one
+        # with its own generated secrets, and tasks would fail on JWTs signed with another key.
+        subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+                       env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL, timeout=timeout)
+        started = datetime.now(UTC)
+        procs.start(s, NAME, [sys.executable, "-m", "rpmctl.airflow_stack"], env=env,
+                    ready=_throttled(lambda: _healthy_since(s, started)), timeout=timeout)
+    pid = procs.read_pid(s, NAME)
+    if pid is None:
+        raise procs.StartError(f"airflow exited right after starting; see {procs.log_file(s, NAME)}:\n"
+                               + procs.tail(procs.log_file(s, NAME)))
+    try:
+        dags = _unpause(s, token(s), timeout=60.0)
+    except BaseException:
+        if already is None:
+            stop(s)
+        raise
+    return {"pid": pid, "already_running": already is not None, "url": url(s),
+            "username": login["username"], "password": login["password"],
+            "password_file": login["password_file"], "dags": dags, "log": str(procs.log_file(s, NAME))}
+
+
+def stop(s: Settings, timeout: float = 60.0) -> bool:
+    """Stop the whole stack: SIGINT (the supervisor stops each component), then SIGTERM and SIGKILL to
+    every process left in its group or below it. Returns False when nothing was running."""
+    leader = _recorded_pid(s)
+    if leader is None or not any(_ours(s, p) for p in {leader} | _tree(leader)):
+        procs.pid_file(s, NAME).unlink(missing_ok=True)  # stale: never signal a pid reused by someone else
+        return False
+    members = _tree(leader)
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        if sig == signal.SIGINT and _running(leader):
+            os.kill(leader, sig)
+        else:  # escalation, or the supervisor died and left its components behind
+            _signal_all(leader, members, sig)
+        deadline = time.monotonic() + wait
+        while True:
+            members = {p for p in members | _tree(leader) if _running(p)}
+            if not members or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if not members:
+            break
+    procs.read_pid(s, NAME)  # reaps the supervisor if it is our child, removes the pid file
+    procs.pid_file(s, NAME).unlink(missing_ok=True)
+    return True
+
+
+def status(s: Settings) -> dict:
+    """Running or not, the UI URL, component health and the latest rpm_pipeline runs."""
+    pid = procs.read_pid(s, NAME)
+    out: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": url(s), "health": None,
+                           "last_runs": None}
+    if pid is None:
+        return out
+    out["health"] = health(s)
+    try:
+        runs = api(s, "GET", "/api/v2/dags/rpm_pipeline/dagRuns?order_by=-run_after&limit=5", token=token(s))
+        out["last_runs"] = [{k: r.get(k) for k in ("dag_run_id", "run_type", "state", "start_date", "end_date")}
+                            for r in runs.get("dag_runs", [])]
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+# --- process tree -------------------------------------------------------------------------------------
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgrp, state) of every process, from /proc."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # the command name may contain spaces and parentheses
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def _tree(pgid: int) -> set[int]:
+    """Live members of process group ``pgid`` and all their descendants (whatever group they moved to)."""
+    table = _proc_table()
+    found = {pid for pid, (_, pgrp, state) in table.items() if pgrp == pgid and state != "Z"}
+    frontier = set(found)
+    while frontier:
+        frontier = {pid for pid, (ppid, _, state) in table.items()
+                    if ppid in frontier and pid not in found and state != "Z"}
+        found |= frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def _recorded_pid(s: Settings) -> int | None:
+    try:
+        return int(procs.pid_file(s, NAME).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _ours(s: Settings, pid: int) -> bool:
+    """Whether ``pid`` runs with this stack's AIRFLOW_HOME (every component inherits it)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"AIRFLOW_HOME={s.airflow_home}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    for pid in pids:  # descendants that left the group: task runners lead groups of their own
+        try:
+            group = os.getpgid(pid)
+            if group == pgid:
+                continue  # signalled above
+            if group == pid:
+                os.killpg(group, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# --- supervisor (runs as `python -m rpmctl.airflow_stack`, leader of the stack's process group) -------
+
+def supervise() -> int:
+    """Run every component until one exits or we are asked to stop; then stop the others and wait."""
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    stop_requested: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # Set explicitly: an inherited SIG_IGN would also be inherited by every component.
+        signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
+    children = {name: subprocess.Popen([airflow, *argv]) for name, argv in COMPONENTS.items()}
+    print(f"rpm airflow supervisor: started {', '.join(f'{n}={p.pid}' for n, p in children.items())}",
+          flush=True)
+    code = 0
+    while not stop_requested:
+        exited = {n: p.returncode for n, p in children.items() if p.poll() is not None}
+        if exited:
+            print(f"rpm airflow supervisor: {exited} exited; stopping the stack", flush=True)
+            code = 1
+            break
+        time.sleep(0.2)
+    for sig, wait in ((signal.SIGINT, 45.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        alive = [p for p in children.values() if p.poll() is None]
+        if not alive:
+            break
+        for p in alive:
+            p.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    print("rpm airflow supervisor: stopped", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(supervise())

@@ -1,0 +1,138 @@
+"""The long-lived local Airflow of `rpm up --airflow`: up on loopback only, DAGs unpaused, a real scheduled
+run of rpm_pipeline through scheduler + executor + API server, and nothing left behind after stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import shutil
+import socket
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from rpmctl import airflow_stack, procs
+from rpmctl.settings import Settings
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 240.0
+
+
+def stack_pids(home: Path) -> set[int]:
+    """Every process running with this AIRFLOW_HOME (each Airflow component and task inherits it)."""
+    needle = f"AIRFLOW_HOME={home}".encode()
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def listening_addresses(pids: set[int]) -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every TCP socket these processes listen on, from /proc/net/tcp{,6}."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                link = os.readlink(fd.path)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] != "0A" or fields[9] not in inodes:  # 0A = LISTEN
+                    continue
+                addr_hex, port_hex = fields[1].split(":")
+                raw = bytes.fromhex(addr_hex)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addr = ipaddress.ip_address(raw)
+                found.add((getattr(addr, "ipv4_mapped", None) or addr, int(port_hex, 16)))
+    return found
+
+
+def outward_address() -> str | None:
+    """This host's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.255", 9))
+        except OSError:
+            return None
+        addr = sock.getsockname()[0]
+    return None if ipaddress.ip_address(addr).is_loopback else addr
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(interval)
+    return value
+
+
+def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
+        settings: Settings, airflow_db_template: Path) -> None:
+    s = dataclasses.replace(settings, airflow_port=free_port(), pipeline_schedule_minutes=1)
+    home = Path(s.airflow_home)  # type: ignore[arg-type]
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(airflow_db_template, home / "airflow.db")
+    try:
+        t0 = time.monotonic()
+        up = airflow_stack.start(s, timeout=WAIT_S)  # returns once /api/v2/monitor/health is all healthy
+        started_s = time.monotonic() - t0
+        assert up["url"] == f"http://127.0.0.1:{s.airflow_port}"
+        assert up["dags"] == {"rpm_pipeline": "unpaused", "rpm_daily": "unpaused"}, up["dags"]
+        assert up["username"] == "admin" and up["password"]
+        assert oct(Path(up["password_file"]).stat().st_mode & 0o777) == "0o600"
+
+        # Loopback only: no component of the stack listens anywhere else (standalone's log servers would).
+        listeners = listening_addresses(stack_pids(home))
+        assert (ipaddress.ip_address("127.0.0.1"), s.airflow_port) in listeners
+        assert all(addr.is_loopback for addr, _ in listeners), listeners
+        if (outward := outward_address()) is not None:
+            assert not procs.port_open(outward, s.airflow_port)
+
+        jwt = airflow_stack.token(s)
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            airflow_stack.api(s, "GET", "/api/v2/dags/rpm_pipeline")
+        assert denied.value.code == 401
+        dag = airflow_stack.api(s, "GET", "/api/v2/dags/rpm_pipeline", token=jwt)
+        assert dag["is_paused"] is False
+
+        run = airflow_stack.api(s, "POST", "/api/v2/dags/rpm_pipeline/dagRuns", {"logical_date": None},
+                                token=jwt)
+        path = f"/api/v2/dags/rpm_pipeline/dagRuns/{run['dag_run_id']}"
+        state = wait_for(lambda: (st := airflow_stack.api(s, "GET", path, token=jwt)["state"])
+                         in ("success", "failed") and st, f"run {run['dag_run_id']} to finish")
+        if state != "success":
+            tis = airflow_stack.api(s, "GET", f"{path}/taskInstances", token=jwt)["task_instances"]
+            pytest.fail(f"rpm_pipeline ended {state}: "
+                        f"{ {ti['task_id']: ti['state'] for ti in tis} }\n"
+                        + procs.tail(procs.log_file(s, airflow_stack.NAME), 40))
+        status = airflow_stack.status(s)
+        assert status["running"] and status["last_runs"]
+        assert run["dag_run_id"] in {r["dag_run_id"] for r in status["last_runs"]}
+        print(f"airflow stack healthy after {started_s:.1f}s; manual run succeeded after "
+              f"{time.monotonic() - t0:.1f}s")
+    finally:
+        t1 = time.monotonic()
+        stopped = airflow_stack.stop(s, timeout=60)
+        print(f"stopped in {time.monotonic() - t1:.1f}s")
+    assert stopped
+    assert stack_pids(home) == set(), "processes of this AIRFLOW_HOME survived stop"
+    assert not procs.port_open("127.0.0.1", s.airflow_port)
+    assert airflow_stack.status(s)["running"] is False

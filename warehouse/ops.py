@@ -1,0 +1,82 @@
+"""Pipeline health for the ops team: one record per DAG run, failures included, and a verdict.
+
+A run record holds counts, each task's duration and freshness — how long readings took from measurement to
+the broker (device buffering), from receipt to load (our pipeline), and end to end — as p50/p95. No PHI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from rpmctl.settings import Settings
+from warehouse.db import clinical
+
+FRESHNESS = """
+SELECT quantile_cont(epoch(received_at - measured_at), 0.5), quantile_cont(epoch(received_at - measured_at), 0.95),
+       quantile_cont(epoch(loaded_at - received_at), 0.5),   quantile_cont(epoch(loaded_at - received_at), 0.95),
+       quantile_cont(epoch(loaded_at - measured_at), 0.5),   quantile_cont(epoch(loaded_at - measured_at), 0.95)
+FROM readings WHERE run_id = ?
+"""
+
+
+def record_run(s: Settings, run_id: str, started_at: datetime | None, results: dict[str, dict]) -> dict:
+    """Write the run's record (idempotent per run id): counts from the load, durations from every task."""
+    load = results.get("load", {})
+    failures = results.get("validate", {})
+    with clinical(s) as con:
+        seg = con.execute("""SELECT count(*), coalesce(sum(messages), 0), coalesce(sum(items), 0)
+                             FROM segments WHERE run_id = ?""", [run_id]).fetchone()
+        lag = con.execute(FRESHNESS, [run_id]).fetchone()
+        row = {
+            "run_id": run_id, "state": "success", "started_at": started_at, "finished_at": datetime.now(UTC),
+            "segments": seg[0], "messages": seg[1], "received": seg[2],  # type: ignore[index]
+            "loaded": load.get("loaded", 0), "quarantined": load.get("quarantined", 0),
+            "duplicates": load.get("duplicates", 0),
+            "quarantined_by_rule": json.dumps({k: v for k, v in failures.items() if k != "seconds"}),
+            "task_seconds": json.dumps({task: r.get("seconds") for task, r in results.items()}),
+            "measured_to_received_p50_s": lag[0], "measured_to_received_p95_s": lag[1],  # type: ignore[index]
+            "received_to_loaded_p50_s": lag[2], "received_to_loaded_p95_s": lag[3],  # type: ignore[index]
+            "measured_to_loaded_p50_s": lag[4], "measured_to_loaded_p95_s": lag[5],  # type: ignore[index]
+            "failed_task": None, "error": None,
+        }
+        _upsert(con, row)
+    return {k: v for k, v in row.items() if k not in ("started_at", "finished_at")}
+
+
+def record_failure(s: Settings, run_id: str, task_id: str, error: str) -> None:
+    with clinical(s) as con:
+        _upsert(con, {"run_id": run_id, "state": "failed", "started_at": None, "finished_at": datetime.now(UTC),
+                      "failed_task": task_id, "error": error[:500]})
+
+
+def _upsert(con, row: dict) -> None:
+    cols = list(row)
+    con.execute("DELETE FROM pipeline_runs WHERE run_id = ?", [row["run_id"]])
+    con.execute(f"INSERT INTO pipeline_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [row[c] for c in cols])
+
+
+def on_task_failure(context: Any) -> None:
+    """Airflow failure callback: a failed task (after its retries) leaves a failed run record."""
+    ti = context.get("task_instance") or context.get("ti")
+    record_failure(Settings.from_env(), str(context.get("run_id")), getattr(ti, "task_id", "?"),
+                   f"{type(context.get('exception')).__name__}: {context.get('exception')}")
+
+
+def timed(fn, *args: Any) -> dict:
+    """Call a task's library function and add its wall time (seconds) to its small result."""
+    start = time.monotonic()
+    out = fn(*args)
+    return {**(out if isinstance(out, dict) else {"result": out}), "seconds": round(time.monotonic() - start, 3)}
+
+
+def last_runs(s: Settings, n: int = 5) -> list[dict]:
+    from warehouse.serving import serving
+
+    with serving(s) as con:
+        cur = con.execute("SELECT * FROM pipeline_runs ORDER BY finished_at DESC LIMIT ?", [n])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]

@@ -1,0 +1,61 @@
+"""Landing retention: free the disk held by landing segments the warehouse has already absorbed.
+
+A sealed segment is the only raw copy of what devices sent, so it is deleted only when both hold:
+the segment ledger lists it (its readings, quarantine and duplicates are committed in the warehouse) and
+it was created more than ``landing_retention_days`` ago (long enough to re-read history with a fixed
+decoder). Open segments are never looked at: they belong to a running ingest service.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from ingest.landing import list_sealed, read_header, sealed_dir, utc_now
+from rpmctl.settings import Settings
+from warehouse.db import clinical
+
+
+def _ledger(s: Settings) -> set[str]:
+    if not s.clinical_db.exists():
+        return set()  # no warehouse yet: nothing has been absorbed
+    with clinical(s, read_only=True) as con:
+        return {row[0] for row in con.execute("SELECT segment FROM segments").fetchall()}
+
+
+def purge_landing(s: Settings, older_than_days: int | None = None) -> dict:
+    """Delete sealed segments that are in the ledger and older than the retention period.
+
+    ``older_than_days`` overrides ``landing_retention_days``. Returns counts of what was purged and kept.
+    """
+    days = s.landing_retention_days if older_than_days is None else older_than_days
+    cutoff = utc_now() - timedelta(days=days)
+    counts = {"purged": 0, "kept_not_in_ledger": 0, "kept_too_recent": 0, "bytes_freed": 0,
+              "cutoff": cutoff.isoformat()}
+    sealed = list_sealed(s.landing_dir)  # type: ignore[arg-type]
+    if not sealed:
+        return counts
+    absorbed = _ledger(s)
+    for path in sealed:
+        if path.stem not in absorbed:
+            counts["kept_not_in_ledger"] += 1
+            continue
+        # The header's created_at, not mtime: a key rotation rewrites old segments and refreshes mtime.
+        if datetime.fromisoformat(read_header(path)["created_at"]) > cutoff:
+            counts["kept_too_recent"] += 1
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue  # a concurrent purge got there first
+        counts["purged"] += 1
+        counts["bytes_freed"] += size
+    if counts["purged"]:
+        # Make the deletions durable before reporting them.
+        fd = os.open(sealed_dir(s.landing_dir), os.O_RDONLY | os.O_DIRECTORY)  # type: ignore[arg-type]
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return counts
