@@ -277,6 +277,17 @@ def status(s: Settings) -> dict:
 
 # --- process tree -------------------------------------------------------------------------------------
 
+def processes(s: Settings) -> set[int]:
+    """Pids of the running stack: the supervisor's group and every descendant, task runners included.
+
+    (Matching on AIRFLOW_HOME in /proc/<pid>/environ misses components: setproctitle overwrites it.)
+    """
+    leader = _recorded_pid(s)
+    if leader is None or not _ours(s, leader):
+        return set()
+    return _tree(leader)
+
+
 def _proc_table() -> dict[int, tuple[int, int, str]]:
     """pid -> (ppid, pgrp, state) of every process, from /proc."""
     table = {}

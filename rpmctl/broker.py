@@ -21,8 +21,9 @@ ACL = """\
 user {ingest_user}
 topic read rpm/v1/#
 
-# Every device may publish under its own prefix only; %u is the login name.
+# Every device or patient app may publish under its own prefix only; %u is the login name.
 pattern write rpm/v1/devices/%u/#
+pattern write rpm/v1/apps/%u/#
 """
 
 

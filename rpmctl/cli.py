@@ -121,7 +121,7 @@ def cmd_accounting(s: Settings, a: argparse.Namespace) -> int:
 def render_accounting(acc: dict) -> str:
     lines = [
         f"messages processed  {acc['messages_processed']:>8}",
-        f"received (readings) {acc['received']:>8}",
+        f"received (items)    {acc['received']:>8}",
         f"  loaded            {acc['loaded']:>8}",
         f"  quarantined       {acc['quarantined']:>8}",
         *(f"      {reason:<34} {n:>6}" for reason, n in acc["quarantined_by_reason"].items()),
@@ -335,6 +335,24 @@ def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reports(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse import reports
+
+    rows = reports.report(s, a.report, publish=a.publish)
+    if a.csv:
+        reports.write_csv(rows, a.csv)
+    _print_json(rows) if a.json else print(reports.render(a.report, rows))
+    return 0
+
+
+def cmd_ops_status(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.ops_status import ops_status, render_ops
+
+    status = ops_status(s)
+    _print_json(status) if a.json else print(render_ops(status))
+    return {"healthy": 0, "degraded": 1}.get(status["verdict"], 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpm", description="Remote patient monitoring pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -445,6 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
     v_fhir.add_argument("patient_id")
     v_fhir.add_argument("--days", type=int)
     v_fhir.add_argument("--out", help="file to write (default: <patient>-fhir.json)")
+
+    rep = add("reports", cmd_reports, "telehealth reports from the de-identified store (no PHI)")
+    rep.add_argument("report", choices=["education", "appointments", "connectivity", "firmware", "adherence",
+                                        "pipeline"])
+    rep.add_argument("--publish", action="store_true",
+                     help="for use outside the practice: counts below 11 suppressed, no pseudonymous keys")
+    rep.add_argument("--csv", help="also write the report to this CSV file")
+
+    ops = sub.add_parser("ops", help="pipeline health").add_subparsers(dest="ops_cmd", required=True)
+    add("status", cmd_ops_status, "last runs, ingest state, backlog: healthy / degraded / failing (exit 0/1/2)",
+        parent=ops)
 
     audit = sub.add_parser("audit", help="the PHI access audit log").add_subparsers(dest="audit_cmd",
                                                                                    required=True)

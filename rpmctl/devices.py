@@ -7,7 +7,7 @@ from datetime import datetime
 
 from rpmctl import broker, keys, procs
 from rpmctl.settings import Settings
-from transforms.topics import valid_device_id, vitals_topic
+from transforms.topics import events_topic, status_topic, valid_device_id, vitals_topic
 from warehouse.db import clinical
 from warehouse.registry import PATIENT_ID_RE, enroll
 
@@ -51,7 +51,8 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
         "ports": {"mqtts": s.broker_tls_port, "mqtt_loopback": s.broker_port},
         "username": device_id,
         "password": password,
-        "topic": vitals_topic(device_id),
+        "topic": events_topic(device_id) if kind == "app" else vitals_topic(device_id),
+        "status_topic": None if kind == "app" else status_topic(device_id),
         "qos": 1,
         "mqtt_version": "5",
     }

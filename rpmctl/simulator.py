@@ -38,8 +38,9 @@ class Device:
 class Message:
     device_id: str
     payload: bytes
-    readings: int
+    readings: int  # items: readings or events
     fate: str  # "valid" | "implausible" | "malformed" | "duplicate"
+    topic: str | None = None  # default: the device's vitals topic
 
 
 @dataclass
@@ -164,6 +165,8 @@ def build_fleet(patients: int = 24, days: int = 14, seed: int = 7, end: datetime
 
     fleet = Fleet(conditions, devices)
     _package(fleet, readings, rng)
+    _telehealth(fleet, end, days, rng)
+    rng.shuffle(fleet.messages)
     return fleet
 
 
@@ -211,7 +214,77 @@ def _package(fleet: Fleet, readings: list[tuple[Device, dict]], rng: random.Rand
     for k, payload in enumerate(malformed):
         d = fleet.devices[k % len(fleet.devices)]
         fleet.messages.append(Message(d.device_id, payload, 1, "malformed"))
-    rng.shuffle(fleet.messages)
+
+
+MODULES = {"hypertension": ("bp-basics", "salt-and-blood-pressure"), "diabetes": ("glucose-monitoring",
+           "carb-counting"), "copd": ("inhaler-technique", "breathing-exercises"),
+           "heart_failure": ("daily-weights", "fluid-and-salt")}
+FIRMWARE = {"bp": ("2.4.1", "2.5.0"), "glu": ("1.9.3",), "cgm": ("7.1.0", "7.2.2"), "ox": ("3.0.8",),
+            "scale": ("1.2.0", "1.3.1"), "thermo": ("0.9.5",)}
+
+
+def _telehealth(fleet: Fleet, end: datetime, days: int, rng: random.Random) -> None:
+    """The general stream: app events (education, appointments, surveys) and daily device status."""
+    from transforms.topics import events_topic, status_topic
+
+    start = end - timedelta(days=days)
+    by_patient: dict[str, list[Device]] = {}
+    for d in fleet.devices:
+        by_patient.setdefault(d.patient_id, []).append(d)
+    n = 0
+    for pid, conds in sorted(fleet.patients.items()):
+        zone = by_patient[pid][0].zone
+        app = Device(f"app-{pid[3:]}", "app", pid, zone)
+        fleet.devices.append(app)
+        events: list[dict] = []
+
+        def at(day: float, hour: float, zone: ZoneInfo = zone) -> str:
+            return _iso(start + timedelta(days=day, hours=hour), zone)
+
+        for day in range(days):
+            for module in MODULES[conds[0]]:
+                if rng.random() < 0.25:
+                    events.append({"event": "education_viewed", "module": module, "occurred_at": at(day, 18 + rng.random()),
+                                   "minutes": rng.randint(2, 9)})
+                    if rng.random() < 0.6:
+                        events.append({"event": "education_completed", "module": module,
+                                       "occurred_at": at(day, 19.5 + rng.random()), "minutes": rng.randint(8, 25)})
+        for k in range(rng.randint(1, 2)):
+            apt, modality = f"apt-{pid[3:]}-{k}", rng.choices(("video", "phone", "in_person"), (5, 3, 2))[0]
+            day = rng.uniform(1, days - 1)
+            events.append({"event": "appointment_scheduled", "appointment_id": apt, "modality": modality,
+                           "occurred_at": at(day - 1, 10), "scheduled_for": at(day, 14)})
+            outcome = rng.choices(("appointment_attended", "appointment_no_show", "appointment_cancelled"),
+                                  (75, 15, 10))[0]
+            events.append({"event": outcome, "appointment_id": apt, "modality": modality, "occurred_at": at(day, 14.5)})
+        for week in range(0, days, 7):
+            if rng.random() < 0.6:
+                events.append({"event": "survey_completed", "survey": "phq-2", "occurred_at": at(week + 2, 20)})
+        for e in events:
+            n += 1
+            e["msg_id"] = f"{app.device_id}-{n}"
+        for chunk in (events[i:i + 10] for i in range(0, len(events), 10)):
+            fleet.messages.append(Message(app.device_id, json.dumps({"events": chunk}).encode(), len(chunk),
+                                          "valid", events_topic(app.device_id)))
+        for d in by_patient[pid]:
+            battery = rng.uniform(60, 100) if rng.random() > 0.1 else rng.uniform(25, 35)
+            firmware = rng.choice(FIRMWARE[d.kind])
+            for day in range(days):
+                battery = max(3.0, battery - rng.uniform(0.5, 3))
+                n += 1
+                body = {"msg_id": f"{d.device_id}-st-{n}", "reported_at": at(day, 3 + rng.random()),
+                        "battery_pct": round(battery), "signal_dbm": rng.randint(-95, -50), "firmware": firmware,
+                        "uptime_s": 86400 * (day + 1)}
+                fleet.messages.append(Message(d.device_id, json.dumps(body).encode(), 1, "valid",
+                                              status_topic(d.device_id)))
+    # Broken app events: an event kind the contract does not know, an appointment without its modality.
+    apps = [d for d in fleet.devices if d.kind == "app"]
+    for k, bad in enumerate(({"event": "app_opened", "occurred_at": _iso(end - timedelta(hours=3), UTC)},
+                             {"event": "appointment_attended", "appointment_id": "apt-x",
+                              "occurred_at": _iso(end - timedelta(hours=2), UTC)})):
+        bad["msg_id"] = f"bad-event-{k}"
+        fleet.messages.append(Message(apps[k].device_id, json.dumps(bad).encode(), 1, "malformed",
+                                      events_topic(apps[k].device_id)))
 
 
 GIVEN = ("Maria", "James", "Aiko", "Olu", "Fatima", "Liam", "Grace", "Mateo", "Priya", "Henry", "Zoe", "Ravi")
@@ -262,6 +335,6 @@ def publish_fleet(s: Settings, fleet: Fleet, *, tls: bool = False, max_inflight:
             continue
         with DevicePublisher(s, d.device_id, d.password, tls=tls, max_inflight=max_inflight) as pub:
             for m in msgs:
-                pub.publish(m.payload)
+                pub.publish(m.payload, topic=m.topic)
             acked += pub.wait_all()
     return {"published": len(fleet.messages), "acked": acked}

@@ -2,7 +2,8 @@
 
     received = loaded + quarantined + duplicates
 
-``received`` counts readings: a batch message contributes one per reading, an unreadable message one.
+``received`` counts items: readings and telehealth events (a batch message contributes one per item; an
+unreadable message counts as one).
 Messages landed but not yet processed are reported as pending, so nothing in between goes unseen.
 """
 

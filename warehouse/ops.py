@@ -13,6 +13,7 @@ from typing import Any
 
 from rpmctl.settings import Settings
 from warehouse.db import clinical
+from warehouse.validation_report import write_report
 
 FRESHNESS = """
 SELECT quantile_cont(epoch(received_at - measured_at), 0.5), quantile_cont(epoch(received_at - measured_at), 0.95),
@@ -43,7 +44,10 @@ def record_run(s: Settings, run_id: str, started_at: datetime | None, results: d
             "failed_task": None, "error": None,
         }
         _upsert(con, row)
-    return {k: v for k, v in row.items() if k not in ("started_at", "finished_at")}
+        by_reason = dict(con.execute("""SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason
+                                        FROM quarantine WHERE run_id = ?) GROUP BY reason""", [run_id]).fetchall())
+    report = write_report(s, row, by_reason)
+    return {**{k: v for k, v in row.items() if k not in ("started_at", "finished_at")}, "report": str(report)}
 
 
 def record_failure(s: Settings, run_id: str, task_id: str, error: str) -> None:
