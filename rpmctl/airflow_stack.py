@@ -159,19 +159,6 @@ def _healthy_since(s: Settings, started: datetime) -> bool:
     return h.get("metadatabase", {}).get("status") == "healthy"
 
 
-def _throttled(check, every: float = 0.5):
-    """procs.start polls ``ready`` every 50 ms; an HTTP health check needs far fewer."""
-    last = [0.0]
-
-    def ready() -> bool:
-        if time.monotonic() - last[0] < every:
-            return False
-        last[0] = time.monotonic()
-        return check()
-
-    return ready
-
-
 def _unpause(s: Settings, jwt: str, timeout: float) -> dict[str, str]:
     """Unpause our DAGs once the DAG processor has registered them; report any that never appear."""
     deadline = time.monotonic() + timeout
@@ -210,26 +197,38 @@ def start(s: Settings, timeout: float = 180.0) -> dict:
     login = admin_login(s)
     already = procs.read_pid(s, NAME)
     if already is None:
+        if procs.port_open(HOST, s.airflow_port):
+            # Its health answers would pass for ours.
+            raise procs.StartError(f"{HOST}:{s.airflow_port} is already in use: set RPM_AIRFLOW_PORT")
         # Migrating first also writes airflow.cfg once: components started together would each write one
-        # with its own generated secrets, and tasks would fail on JWTs signed with another key.
+        # with its own generated secrets (fernet key, API secret key).
         subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
                        env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL, timeout=timeout)
         started = datetime.now(UTC)
-        procs.start(s, NAME, [sys.executable, "-m", "rpmctl.airflow_stack"], env=env,
-                    ready=_throttled(lambda: _healthy_since(s, started)), timeout=timeout)
-    pid = procs.read_pid(s, NAME)
-    if pid is None:
-        raise procs.StartError(f"airflow exited right after starting; see {procs.log_file(s, NAME)}:\n"
-                               + procs.tail(procs.log_file(s, NAME)))
+        procs.start(s, NAME, [sys.executable, "-m", "rpmctl.airflow_stack"], env=env)
+        _wait_healthy(s, started, timeout)
     try:
         dags = _unpause(s, token(s), timeout=60.0)
     except BaseException:
         if already is None:
             stop(s)
         raise
-    return {"pid": pid, "already_running": already is not None, "url": url(s),
+    return {"pid": procs.read_pid(s, NAME), "already_running": already is not None, "url": url(s),
             "username": login["username"], "password": login["password"],
             "password_file": login["password_file"], "dags": dags, "log": str(procs.log_file(s, NAME))}
+
+
+def _wait_healthy(s: Settings, started: datetime, timeout: float) -> None:
+    """Wait for the health endpoint; a component that exits makes the supervisor stop the rest and exit."""
+    log = procs.log_file(s, NAME)
+    deadline = time.monotonic() + timeout
+    while not _healthy_since(s, started):
+        if procs.read_pid(s, NAME) is None:
+            raise procs.StartError(f"airflow exited while starting; see {log}:\n{procs.tail(log)}")
+        if time.monotonic() > deadline:
+            stop(s)
+            raise procs.StartError(f"airflow not healthy after {timeout:.0f}s; see {log}:\n{procs.tail(log)}")
+        time.sleep(0.5)
 
 
 def stop(s: Settings, timeout: float = 60.0) -> bool:

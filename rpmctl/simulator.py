@@ -283,8 +283,9 @@ def _telehealth(fleet: Fleet, end: datetime, days: int, rng: random.Random) -> N
                              {"event": "appointment_attended", "appointment_id": "apt-x",
                               "occurred_at": _iso(end - timedelta(hours=2), UTC)})):
         bad["msg_id"] = f"bad-event-{k}"
-        fleet.messages.append(Message(apps[k].device_id, json.dumps(bad).encode(), 1, "malformed",
-                                      events_topic(apps[k].device_id)))
+        app = apps[k % len(apps)]
+        fleet.messages.append(Message(app.device_id, json.dumps(bad).encode(), 1, "malformed",
+                                      events_topic(app.device_id)))
 
 
 GIVEN = ("Maria", "James", "Aiko", "Olu", "Fatima", "Liam", "Grace", "Mateo", "Priya", "Henry", "Zoe", "Ravi")

@@ -51,9 +51,12 @@ def record_run(s: Settings, run_id: str, started_at: datetime | None, results: d
 
 
 def record_failure(s: Settings, run_id: str, task_id: str, error: str) -> None:
+    from warehouse.serving import publish_snapshot
+
     with clinical(s) as con:
         _upsert(con, {"run_id": run_id, "state": "failed", "started_at": None, "finished_at": datetime.now(UTC),
                       "failed_task": task_id, "error": error[:500]})
+        publish_snapshot(s, con)  # readers (`rpm ops status`) see the failure without touching the writer
 
 
 def _upsert(con, row: dict) -> None:

@@ -1,0 +1,151 @@
+"""Telehealth reports from the pseudonymised store: education, appointments, devices, adherence, pipeline.
+
+The questions are answered by the ``mart_…`` views in ``telehealth_sql/``; this module picks a view, orders
+it, and — for anything that leaves the practice (``publish=True``) — applies small-cell suppression and drops
+every pseudonymous key. Without ``publish`` the practice sees its own raw counts.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from rpmctl.settings import Settings
+from warehouse.telehealth import open_telehealth
+
+# CMS cell-size suppression policy: no cell counting fewer than 11 people (or events about them) is published,
+# nor any figure from which such a cell could be computed.
+SUPPRESS_BELOW = 11
+SUPPRESSED = "<11"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One report: its view, its order, and which columns suppression applies to."""
+
+    view: str
+    order_by: str
+    counts: tuple[str, ...] = ()  # people, devices or appointments: shown as "<11" when small
+    rates: dict[str, tuple[str, ...]] = field(default_factory=dict)  # rate -> the counts it is computed from
+    stats: dict[str, str] = field(default_factory=dict)  # minutes/hours statistic -> the people it summarises
+    limit: int | None = None
+
+
+_APPOINTMENT_COUNTS = ("appointments", "scheduled", "attended", "no_show", "cancelled")
+_APPOINTMENT_RATES = {"completion_rate": ("attended", "no_show"), "no_show_rate": ("attended", "no_show")}
+_MODALITY_ORDER = ("CASE modality WHEN 'video' THEN 0 WHEN 'phone' THEN 1 WHEN 'in_person' THEN 2 "
+                   "WHEN 'all' THEN 9 ELSE 5 END, modality")
+
+REPORTS: dict[str, Spec] = {
+    "education": Spec(
+        "mart_education_weekly", "week, module",
+        counts=("people_viewed", "people_completed", "people_engaged"),
+        rates={"completion_rate": ("people_completed", "people_engaged")},
+        stats={"total_minutes": "people_engaged", "median_minutes_per_person": "people_engaged"}),
+    "appointments": Spec("mart_appointments_by_modality", _MODALITY_ORDER, counts=_APPOINTMENT_COUNTS,
+                         rates=_APPOINTMENT_RATES),
+    "appointments_weekly": Spec("mart_appointments_weekly", f"week, {_MODALITY_ORDER}",
+                                counts=_APPOINTMENT_COUNTS, rates=_APPOINTMENT_RATES),
+    # One row per device; its gap counts are events of that device, not counts of people.
+    "connectivity": Spec("mart_device_connectivity",
+                         "last_seen_at NULLS FIRST, device_kind, device_key"),
+    "firmware": Spec("mart_firmware_spread", "device_kind, devices DESC, firmware NULLS LAST",
+                     counts=("devices",)),
+    "adherence": Spec(
+        "mart_adherence", "window_end",
+        counts=("enrolled_people", "adherent_people", "people_with_first_reading"),
+        rates={"adherence_share": ("adherent_people", "enrolled_people")},
+        stats={"median_hours_to_first_reading": "people_with_first_reading",
+               "p90_hours_to_first_reading": "people_with_first_reading"}),
+    "pipeline": Spec("mart_pipeline_health", "recency", limit=20),
+}
+
+
+def report(s: Settings, name: str, publish: bool = False) -> list[dict]:
+    """Rows of report ``name`` from the telehealth store.
+
+    publish: for release outside the practice — counts below ``SUPPRESS_BELOW`` become ``"<11"``, rates and
+    statistics computed from them become None, and no ``*_key`` column is returned.
+    """
+    spec = REPORTS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown report {name!r}; one of: {', '.join(REPORTS)}")
+    con = open_telehealth(s)
+    try:
+        con.execute("SET TimeZone = 'UTC'")  # instants come back in UTC; 30-day windows are 720 h
+        limit = f" LIMIT {int(spec.limit)}" if spec.limit else ""
+        cur = con.execute(f"SELECT * FROM {spec.view} ORDER BY {spec.order_by}{limit}")
+        columns = [d[0] for d in cur.description]
+        rows = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
+    return [suppress(spec, row) for row in rows] if publish else rows
+
+
+def suppress(spec: Spec, row: dict[str, Any]) -> dict[str, Any]:
+    """The published form of one row: small cells hidden, figures derived from them withheld, keys dropped."""
+    hidden = {c for c in spec.counts if row.get(c) is not None and row[c] < SUPPRESS_BELOW}
+    out = {}
+    for column, value in row.items():
+        if column.endswith("_key"):
+            continue
+        if column in hidden:
+            value = SUPPRESSED
+        elif hidden.intersection(spec.rates.get(column, ())) or spec.stats.get(column) in hidden:
+            value = None
+        out[column] = value
+    return out
+
+
+def _text(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1%}" if column.endswith(("_rate", "_share")) else f"{value:.1f}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def render(name: str, rows: list[dict]) -> str:
+    """An aligned terminal table: numbers right-aligned, rates as percentages, instants to the minute."""
+    if not rows:
+        return f"no {name} data"
+    columns = list(rows[0])
+    cells = [[_text(c, r.get(c)) for c in columns] for r in rows]
+    numeric = [all(isinstance(r.get(c), int | float) and not isinstance(r.get(c), bool)
+                   or r.get(c) in (None, SUPPRESSED) for r in rows) for c in columns]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric, strict=True))
+              .rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly through float()
+    return value
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write report rows as CSV (header from the rows' columns; empty cells for None)."""
+    path = Path(path)
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _csv_value(row.get(c)) for c in columns})
+    return path
