@@ -42,10 +42,10 @@ test-fast: install ## unit tests only (nothing started)
 lint: install ## ruff (with Airflow AIR rules)
 	$(BIN)/ruff check .
 
-up: install ## start broker + ingest in the background (logs in var/run/)
-	$(BIN)/rpm up
+up: install ## the long-lived stack: broker, ingest, Airflow (UI on 127.0.0.1:8080, login printed), scheduled DAGs
+	$(BIN)/rpm up --airflow
 
-down: ## stop what `make up` started
+down: ## stop what `make up` started (Airflow, ingest, broker)
 	@if [ -x $(BIN)/rpm ]; then $(BIN)/rpm down; fi
 
 status: ## pids and ingest counters

@@ -8,11 +8,12 @@ because standalone (measured, Airflow 3.3):
   LocalExecutor the API server reads task logs from local files, so we start the components with
   ``--skip-serve-logs`` and the only listener is the API on 127.0.0.1;
 - stops its components only on KeyboardInterrupt: launched with SIGINT ignored (a background job of a
-  non-interactive shell) it never does, and leaves zombies behind.
+  non-interactive shell inherits that) it ignores the stop and stays up over its dead components.
 
-The supervisor and every component share one process group (own session); `stop` signals the group and
-waits for every member and descendant (task runners put themselves in groups of their own), so nothing is
-orphaned. Metadata is SQLite under AIRFLOW_HOME; LocalExecutor with a parallelism of 2.
+The supervisor and every component share one process group (own session). `stop` asks the supervisor
+(SIGINT), which stops each component gracefully (the scheduler lets a running task finish), then escalates
+with SIGTERM and SIGKILL to the group and every descendant (task runners lead groups of their own), and
+waits until none is left, so nothing is orphaned. Metadata is SQLite under AIRFLOW_HOME; LocalExecutor.
 """
 
 from __future__ import annotations
@@ -176,14 +177,18 @@ def _unpause(s: Settings, jwt: str, timeout: float) -> dict[str, str]:
             pending.remove(dag_id)
         if pending and time.monotonic() > deadline:
             errors = api(s, "GET", "/api/v2/importErrors", token=jwt).get("import_errors", [])
+            reasons = "; ".join(f"{e.get('filename')}: {_last_line(e.get('stack_trace'))}" for e in errors)
             for dag_id in pending:
-                result[dag_id] = "not registered: " + ("; ".join(
-                    f"{e.get('filename')}: {str(e.get('stack_trace', '')).strip().splitlines()[-1:]}"
-                    for e in errors) or "no import error reported")
+                result[dag_id] = f"not registered ({reasons or 'no import error reported'})"
             break
         if pending:
             time.sleep(1.0)
     return result
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 # --- lifecycle ----------------------------------------------------------------------------------------
@@ -260,10 +265,11 @@ def stop(s: Settings, timeout: float = 60.0) -> bool:
 def status(s: Settings) -> dict:
     """Running or not, the UI URL, component health and the latest rpm_pipeline runs."""
     pid = procs.read_pid(s, NAME)
-    out: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": url(s), "health": None,
-                           "last_runs": None}
+    out: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": url(s), "processes": 0,
+                           "health": None, "last_runs": None}
     if pid is None:
         return out
+    out["processes"] = len(processes(s))
     out["health"] = health(s)
     try:
         runs = api(s, "GET", "/api/v2/dags/rpm_pipeline/dagRuns?order_by=-run_after&limit=5", token=token(s))

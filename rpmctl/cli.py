@@ -27,16 +27,28 @@ def cmd_up(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.services import up
 
     info = up(s)
-    _print_json(info) if a.json else print(
-        f"broker up (pid {info['broker_pid']}; mqtt {info['mqtt_loopback']}, mqtts {info['mqtts']}), "
-        f"ingest up (pid {info['ingest_pid']}); logs in {info['logs']}")
+    if a.airflow:
+        from rpmctl import airflow_stack
+
+        info["airflow"] = airflow_stack.start(s)
+    if a.json:
+        _print_json(info)
+        return 0
+    print(f"broker up (pid {info['broker_pid']}; mqtt {info['mqtt_loopback']}, mqtts {info['mqtts']}), "
+          f"ingest up (pid {info['ingest_pid']}); logs in {info['logs']}")
+    if a.airflow:
+        af = info["airflow"]
+        print(f"airflow up: {af['url']}  login {af['username']} / {af['password']}  (also in {af['password_file']})"
+              f"\n  rpm_pipeline runs every {s.pipeline_schedule_minutes} min; log {af['log']}")
     return 0
 
 
 def cmd_down(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl import airflow_stack
     from rpmctl.services import down
 
-    info = down(s)
+    airflow_stopped = airflow_stack.stop(s)  # first: its tasks may be writing the warehouse
+    info = {"airflow_stopped": airflow_stopped, **down(s)}
     _print_json(info) if a.json else print(
         ", ".join(f"{k.removesuffix('_stopped')}: {'stopped' if v else 'was not running'}"
                   for k, v in info.items()))
@@ -44,9 +56,10 @@ def cmd_down(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_status(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl import airflow_stack
     from rpmctl.services import status
 
-    _print_json(status(s))
+    _print_json({**status(s), "airflow": airflow_stack.status(s)})
     return 0
 
 
@@ -365,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("init", cmd_init, "create local state, secrets and the CA (idempotent)", json_flag=False)
-    add("up", cmd_up, "start the broker and the ingest service in the background")
+    up_p = add("up", cmd_up, "start the broker and the ingest service in the background")
+    up_p.add_argument("--airflow", action="store_true",
+                      help="also run Airflow (scheduler + UI on 127.0.0.1) with rpm_pipeline scheduled")
     add("down", cmd_down, "stop the ingest service (flushing and sealing) and the broker")
     add("status", cmd_status, "pids and ingest counters", json_flag=False)
     add("ingest", cmd_ingest, "run the ingest service in the foreground (what `rpm up` starts)", json_flag=False)

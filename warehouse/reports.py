@@ -123,7 +123,8 @@ def render(name: str, rows: list[dict]) -> str:
     numeric = [all(isinstance(r.get(c), int | float) and not isinstance(r.get(c), bool)
                    or r.get(c) in (None, SUPPRESSED) for r in rows) for c in columns]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(columns, widths, numeric, strict=True))
+             .rstrip()]
     lines += ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric, strict=True))
               .rstrip() for row in cells]
     return "\n".join(lines)

@@ -141,6 +141,8 @@ def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes) -> pd.DataFrame:
 
 def publish_telehealth(s: Settings) -> dict[str, int]:
     """Rebuild the telehealth store from the current serving snapshot; returns row counts per table."""
+    if not s.clinical_db.exists():
+        return {}  # nothing loaded yet (e.g. rpm_daily before the first rpm_pipeline run)
     target = telehealth_db(s)
     tmp = target.with_name(f".{target.name}.building")
     tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ CREATE OR REPLACE VIEW stg_device_gaps_30d AS
 SELECT device_key,
        count(*) FILTER (WHERE hours > 24) AS gaps_over_24h_30d,
        count(*) FILTER (WHERE hours > 72) AS gaps_over_72h_30d,
-       bool_or(ongoing) AS silent_now
+       bool_or(ongoing) AS ongoing_gap
 FROM device_gaps
 WHERE coalesce(gap_end, now()) >= now() - INTERVAL 30 DAY
 GROUP BY device_key;
@@ -27,7 +27,7 @@ GROUP BY device_key;
 CREATE OR REPLACE VIEW mart_device_connectivity AS
 SELECT device_key, device_kind, assigned, last_reading_at, last_status_at, last_seen_at,
        date_diff('second', last_seen_at, now()) / 3600.0 AS hours_since_last_seen,
-       gaps_over_24h_30d, gaps_over_72h_30d, silent_now,
+       gaps_over_24h_30d, gaps_over_72h_30d, ongoing_gap,
        battery_pct,
        -- below 20 % the patient should charge or replace batteries before the device goes silent
        battery_pct < 20 AS low_battery,
@@ -37,7 +37,7 @@ FROM (SELECT d.device_key, d.device_kind, d.person_key IS NOT NULL AS assigned,
              greatest(t.last_reading_at, s.last_status_at) AS last_seen_at,
              coalesce(g.gaps_over_24h_30d, 0) AS gaps_over_24h_30d,
              coalesce(g.gaps_over_72h_30d, 0) AS gaps_over_72h_30d,
-             coalesce(g.silent_now, false) AS silent_now,
+             coalesce(g.ongoing_gap, false) AS ongoing_gap,
              s.battery_pct, s.signal_dbm, s.firmware
       FROM devices d
       LEFT JOIN (SELECT device_key, max(last_at) AS last_reading_at FROM device_days GROUP BY device_key) t

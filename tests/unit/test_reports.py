@@ -1,0 +1,441 @@
+"""Telehealth reports: hand-computed figures for twelve enrolled people, and small-cell suppression.
+
+Twelve people is one more than the CMS cell-size floor, so some cells of the fixture are published and others
+are suppressed. Education and appointments sit on fixed dates; adherence and connectivity are about "the last
+30 days", so their readings are placed relative to now.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import statistics
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import duckdb
+import pytest
+
+from rpmctl.settings import Settings
+from warehouse.db import clinical
+from warehouse.registry import enroll, upsert_patient
+from warehouse.reports import REPORTS, SUPPRESS_BELOW, Spec, render, report, suppress, write_csv
+from warehouse.serving import publish_snapshot
+from warehouse.telehealth import open_telehealth, pseudonym, pseudonym_key, publish_telehealth
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+TODAY = NOW.date()
+PEOPLE = [f"p{i:02d}" for i in range(1, 13)]  # p01..p12: enrolled now
+W1, W2 = date(2026, 3, 2), date(2026, 3, 9)   # Mondays
+# Enrolment -> first transmitted reading, hours, for p01..p12 and p14 (enrolment since closed).
+ONBOARDING_HOURS = dict(zip([*PEOPLE, "p14"], [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377], strict=True))
+ONBOARDED_AT = NOW - timedelta(days=50)
+
+_n = itertools.count()
+
+
+def at(day: date, hour: int = 12, minute: int = 0) -> datetime:
+    return datetime.combine(day, time(hour, minute), tzinfo=UTC)
+
+
+def days_ago(k: int) -> datetime:
+    """00:30 UTC on the UTC date k days before today: always in the past, always on that date."""
+    return at(TODAY - timedelta(days=k), 0, 30)
+
+
+def add_reading(con: duckdb.DuckDBPyConnection, patient_id: str, device_id: str, measured_at: datetime,
+                manual: bool = False) -> None:
+    n = next(_n)
+    con.execute("""
+        INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, unit, unit_sent,
+                              measured_at, utc_offset_min, received_at, loaded_at, msg_id, segment, record_no,
+                              item_no, manual)
+        VALUES (?, ?, ?, 'heart_rate', '8867-4', 72, '/min', '/min', ?, 0, ?, ?, ?, 'seg-1', ?, 0, ?)""",
+        [f"r-{n:06d}", patient_id, device_id, measured_at, measured_at, measured_at, f"m-{n}", n, manual])
+
+
+def add_event(con: duckdb.DuckDBPyConnection, patient_id: str, event: str, occurred_at: datetime, *,
+              device_id: str | None = None, offset_min: int = 0, **fields: Any) -> None:
+    n = next(_n)
+    row = {"event_id": f"e-{n:06d}", "patient_id": patient_id, "device_id": device_id or f"app-{patient_id}",
+           "channel": "status" if event == "device_status" else "events", "event": event,
+           "occurred_at": occurred_at, "utc_offset_min": offset_min, "received_at": occurred_at,
+           "loaded_at": occurred_at, "msg_id": f"m-{n}", "segment": "seg-2", "record_no": n, "item_no": 0,
+           **fields}
+    con.execute(f"INSERT INTO telehealth_events ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()))
+
+
+def appointment(con: duckdb.DuckDBPyConnection, patient_id: str, appointment_id: str,
+                *events: tuple[str, datetime, str | None]) -> None:
+    for event, when, modality in events:
+        add_event(con, patient_id, f"appointment_{event}", when, appointment_id=appointment_id, modality=modality)
+
+
+# --- the fixture ----------------------------------------------------------------------------------------------
+
+
+def registry(con: duckdb.DuckDBPyConnection) -> None:
+    for pid in [*PEOPLE, "p14"]:
+        upsert_patient(con, pid, time_zone="UTC")
+        enroll(con, f"cuff-{pid}", pid, kind="bp_cuff",
+               valid_from=ONBOARDED_AT - timedelta(hours=ONBOARDING_HOURS[pid]))
+        add_reading(con, pid, f"cuff-{pid}", ONBOARDED_AT)  # the first transmitted reading
+    upsert_patient(con, "p13", time_zone="UTC")  # on the registry, never enrolled
+    con.execute("UPDATE enrollments SET valid_to = ? WHERE patient_id = 'p14'", [NOW - timedelta(days=1)])
+    for pid in ("p01", "p02", "p03", "p06"):
+        enroll(con, f"scale-{pid}", pid, kind="scale", valid_from=NOW - timedelta(days=45))
+    con.execute("INSERT INTO devices (device_id, kind) VALUES ('scale-stock', 'scale')")  # never issued
+
+
+def adherence_readings(con: duckdb.DuckDBPyConnection) -> None:
+    """Transmitted days in the last 30 (today = day 0, window = days 0..29)."""
+    def transmit(pid: str, ks, device: str | None = None, manual: bool = False) -> None:
+        for k in ks:
+            add_reading(con, pid, device or f"cuff-{pid}", days_ago(k), manual=manual)
+
+    transmit("p01", range(1, 21))                         # 20 days: adherent
+    for pid in ("p02", "p03", "p04", "p05"):
+        transmit(pid, range(1, 17))                       # exactly 16: adherent
+    transmit("p06", range(1, 9))                          # 8 days on the cuff ...
+    transmit("p06", range(1, 17), device="scale-p06")     # ... and 16 on the scale, 8 the same days: 16
+    transmit("p07", range(14, 30))                        # 16, the oldest on day 29: adherent
+    transmit("p08", range(1, 16))                         # 15 transmitted ...
+    transmit("p08", range(16, 21), manual=True)           # ... + 5 keyed in by hand: not adherent
+    transmit("p09", range(1, 16))                         # 15 in the window ...
+    transmit("p09", [30])                                 # ... + day 30, just outside it
+    transmit("p10", range(1, 11))
+    transmit("p12", range(1, 6))                          # p11: nothing in the window
+    transmit("p14", range(1, 21))                         # adherent but no longer enrolled
+
+
+def connectivity(con: duckdb.DuckDBPyConnection) -> None:
+    def hours_ago(h: float) -> datetime:
+        return NOW - timedelta(hours=h)
+
+    # scale-p01: silences 60 h (ended 740 h ago: before the window), 40 h (straddles the window start),
+    # 100 h, 20 h (no gap), 50 h, 528 h; seen 2 h ago by a reading and 30 min ago by a status report.
+    for h in (800, 740, 700, 600, 580, 530, 2):
+        add_reading(con, "p01", "scale-p01", hours_ago(h))
+    add_event(con, "p01", "device_status", hours_ago(100), device_id="scale-p01", battery_pct=80.0,
+              firmware="1.8.2", signal_dbm=-60.0)
+    add_event(con, "p01", "device_status", hours_ago(1), device_id="scale-p01", battery_pct=15.0,
+              firmware="1.9.0")
+    add_event(con, "p01", "device_status", hours_ago(0.5), device_id="scale-p01", signal_dbm=-80.0)
+    # scale-p02: two readings 100 h apart, silent for the last 100 h.
+    for h in (200, 100):
+        add_reading(con, "p02", "scale-p02", hours_ago(h))
+    # scale-p03: reports status, never a reading; 20 % is not low.
+    add_event(con, "p03", "device_status", hours_ago(30), device_id="scale-p03", battery_pct=20.0, firmware="1.9.0")
+    for i, pid in enumerate(PEOPLE):
+        add_event(con, pid, "device_status", hours_ago(5), device_id=f"cuff-{pid}", battery_pct=70.0,
+                  signal_dbm=-70.0, firmware="2.4.1" if i < 11 else "2.3.9")
+
+
+def education(con: duckdb.DuckDBPyConnection) -> None:
+    salt, meds = "salt-and-blood-pressure", "taking-your-medications"
+    for pid in PEOPLE[:11]:
+        add_event(con, pid, "education_viewed", at(W1 + timedelta(days=1)), module=salt, minutes=5.0)
+        add_event(con, pid, "education_completed", at(W1 + timedelta(days=2)), module=salt, minutes=10.0)
+    add_event(con, "p01", "education_viewed", at(W1 + timedelta(days=3)), module=salt, minutes=2.0)  # again
+    # Sunday 22:00 in New York is Monday 03:00 UTC: the patient's week W1, not W2.
+    add_event(con, "p12", "education_viewed", at(W2, 3), offset_min=-300, module=salt, minutes=5.0)
+    add_event(con, "p01", "education_viewed", at(W2 + timedelta(days=2)), module=salt, minutes=3.0)
+    for pid in PEOPLE[:5]:
+        add_event(con, pid, "education_viewed", at(W1), module=meds, minutes=4.0)
+    for pid in PEOPLE[:3]:
+        add_event(con, pid, "education_completed", at(W1 + timedelta(days=1)), module=meds, minutes=6.0)
+    add_event(con, "p12", "education_completed", at(W1 + timedelta(days=4)), module=meds)  # no view, no minutes
+
+
+def appointments(con: duckdb.DuckDBPyConnection) -> None:
+    t0, t1, t2 = at(W1), at(W1 + timedelta(days=2)), at(W2 + timedelta(days=1))
+    owner = itertools.cycle(PEOPLE)
+    # video: 13 attended, 11 no-show, 1 cancelled, 2 still booked = 27
+    # Marked no-show, then corrected to attended; inserted out of order: the last *occurred* event counts.
+    appointment(con, "p01", "apt-a", ("attended", t2, "video"), ("scheduled", t0, "video"), ("no_show", t1, "video"))
+    appointment(con, "p02", "apt-d", ("scheduled", t1, "video"), ("attended", t1, "video"))  # same instant
+    for i in range(11):
+        appointment(con, next(owner), f"apt-va{i}", ("scheduled", t0, "video"), ("attended", t1, "video"))
+    for i in range(11):
+        appointment(con, next(owner), f"apt-vn{i}", ("scheduled", t0, "video"), ("no_show", t1, "video"))
+    appointment(con, "p03", "apt-vc", ("scheduled", t0, "video"), ("cancelled", t1, "video"))
+    # Cancelled, then booked again: still booked.
+    appointment(con, "p04", "apt-b", ("scheduled", t0, "video"), ("cancelled", t0 + timedelta(hours=1), "video"),
+                ("scheduled", t1, "video"))
+    appointment(con, "p05", "apt-vs", ("scheduled", t0, "video"))
+    # phone: 2 attended (one booked as video, moved to phone), 1 no-show, 1 cancelled = 4
+    appointment(con, "p06", "apt-c", ("scheduled", t0, "video"), ("attended", t1, "phone"))
+    appointment(con, "p07", "apt-pa", ("scheduled", t0, "phone"), ("attended", t1, "phone"))
+    appointment(con, "p08", "apt-pn", ("scheduled", t0, "phone"), ("no_show", t1, "phone"))
+    appointment(con, "p09", "apt-pc", ("scheduled", t0, "phone"), ("cancelled", t1, "phone"))
+    # in person: 1 booked, 1 cancelled by an event that does not repeat the modality = 2
+    appointment(con, "p10", "apt-is", ("scheduled", t0, "in_person"))
+    appointment(con, "p11", "apt-e", ("scheduled", t0, "in_person"), ("cancelled", t1, None))
+
+
+def pipeline_runs(con: duckdb.DuckDBPyConnection) -> None:
+    start = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+    con.execute("""INSERT INTO pipeline_runs (run_id, state, started_at, finished_at, segments, messages, received,
+                                              loaded, quarantined, duplicates, task_seconds,
+                                              measured_to_received_p50_s, measured_to_received_p95_s,
+                                              received_to_loaded_p50_s, received_to_loaded_p95_s,
+                                              measured_to_loaded_p50_s, measured_to_loaded_p95_s)
+                   VALUES ('run-1', 'success', ?, ?, 4, 120, 130, 125, 3, 2, '{"load": 1.5}',
+                           2.0, 30.0, 40.0, 90.0, 42.0, 120.0)""", [start, start + timedelta(seconds=42.5)])
+    con.execute("""INSERT INTO pipeline_runs (run_id, state, started_at, finished_at, failed_task, error)
+                   VALUES ('run-2', 'failed', NULL, ?, 'load', 'ConstraintException: patient_id p01')""",
+                [start + timedelta(minutes=2)])
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    settings = Settings(home=tmp_path_factory.mktemp("reports") / "var")
+    with clinical(settings) as con:
+        for build in (registry, adherence_readings, connectivity, education, appointments, pipeline_runs):
+            build(con)
+    publish_snapshot(settings)
+    publish_telehealth(settings)
+    return settings
+
+
+def by(rows: list[dict], *keys: str) -> dict:
+    return {tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]]: r for r in rows}
+
+
+# --- education ------------------------------------------------------------------------------------------------
+
+
+def test_education_weekly_raw(s):
+    rows = by(report(s, "education"), "module", "week")
+    assert set(rows) == {("salt-and-blood-pressure", W1), ("salt-and-blood-pressure", W2),
+                         ("taking-your-medications", W1)}
+    salt = rows["salt-and-blood-pressure", W1]
+    # p01..p11 viewed and completed (p01 viewed twice), p12 viewed late on Sunday, local time.
+    assert (salt["people_viewed"], salt["people_completed"], salt["people_engaged"]) == (12, 11, 12)
+    assert salt["completion_rate"] == pytest.approx(11 / 12)
+    assert salt["total_minutes"] == 11 * 15 + 2 + 5
+    assert salt["median_minutes_per_person"] == 15.0  # [5, 15 x 10, 17]
+    meds = rows["taking-your-medications", W1]
+    # viewed p01..p05; completed p01..p03 and p12, who never logged a view
+    assert (meds["people_viewed"], meds["people_completed"], meds["people_engaged"]) == (5, 4, 6)
+    assert meds["completion_rate"] == pytest.approx(4 / 6)
+    assert meds["total_minutes"] == 3 * 10 + 2 * 4
+    assert meds["median_minutes_per_person"] == 10.0  # [4, 4, 10, 10, 10]; p12 reported no minutes
+    later = rows["salt-and-blood-pressure", W2]
+    assert (later["people_viewed"], later["people_completed"], later["completion_rate"]) == (1, 0, 0.0)
+
+
+def test_education_weekly_published(s):
+    rows = by(report(s, "education", publish=True), "module", "week")
+    salt = rows["salt-and-blood-pressure", W1]
+    assert (salt["people_viewed"], salt["people_completed"], salt["people_engaged"]) == (12, 11, 12)
+    assert salt["completion_rate"] == pytest.approx(11 / 12)
+    assert (salt["total_minutes"], salt["median_minutes_per_person"]) == (172.0, 15.0)
+    for cell in (rows["taking-your-medications", W1], rows["salt-and-blood-pressure", W2]):
+        assert (cell["people_viewed"], cell["people_completed"], cell["people_engaged"]) == ("<11",) * 3
+        assert (cell["completion_rate"], cell["total_minutes"], cell["median_minutes_per_person"]) == (None,) * 3
+
+
+# --- appointments ---------------------------------------------------------------------------------------------
+
+COUNTS = ("appointments", "scheduled", "attended", "no_show", "cancelled")
+
+
+def test_appointments_by_modality_raw(s):
+    rows = report(s, "appointments")
+    assert [r["modality"] for r in rows] == ["video", "phone", "in_person", "all"]
+    got = {r["modality"]: tuple(r[c] for c in COUNTS) for r in rows}
+    assert got == {"video": (27, 2, 13, 11, 1), "phone": (4, 0, 2, 1, 1), "in_person": (2, 1, 0, 0, 1),
+                   "all": (33, 3, 15, 12, 3)}
+    rates = {r["modality"]: (r["completion_rate"], r["no_show_rate"]) for r in rows}
+    assert rates["video"] == pytest.approx((13 / 24, 11 / 24))
+    assert rates["phone"] == pytest.approx((2 / 3, 1 / 3))
+    assert rates["in_person"] == (None, None)  # nothing was due yet
+    assert rates["all"] == pytest.approx((15 / 27, 12 / 27))
+
+
+def test_appointment_outcome_is_its_last_event(s):
+    key = pseudonym_key(s)
+    con = open_telehealth(s)
+    try:
+        outcomes = dict(con.execute("SELECT appointment_key, outcome || '/' || modality "
+                                    "FROM stg_appointment_outcomes").fetchall())
+    finally:
+        con.close()
+    assert len(outcomes) == 33
+
+    def outcome(pid: str, apt: str) -> str:
+        return outcomes[pseudonym(key, "appointment", f"app-{pid}|{apt}")]
+
+    assert outcome("p01", "apt-a") == "attended/video"    # no-show corrected later
+    assert outcome("p04", "apt-b") == "scheduled/video"   # cancelled, then booked again
+    assert outcome("p06", "apt-c") == "attended/phone"    # moved from video to phone
+    assert outcome("p02", "apt-d") == "attended/video"    # booked and attended at the same instant
+    assert outcome("p11", "apt-e") == "cancelled/in_person"
+
+
+def test_appointments_weekly_follow_the_outcome_week(s):
+    rows = [r for r in report(s, "appointments_weekly") if r["modality"] == "all"]
+    assert [(r["week"], r["appointments"], r["attended"]) for r in rows] == [(W1, 32, 14), (W2, 1, 1)]
+
+
+def test_appointments_published(s):
+    rows = by(report(s, "appointments", publish=True), "modality")
+    assert tuple(rows["video"][c] for c in COUNTS) == (27, "<11", 13, 11, "<11")
+    assert (rows["video"]["completion_rate"], rows["video"]["no_show_rate"]) == pytest.approx((13 / 24, 11 / 24))
+    assert tuple(rows["all"][c] for c in COUNTS) == (33, "<11", 15, 12, "<11")
+    for small in ("phone", "in_person"):
+        assert tuple(rows[small][c] for c in COUNTS) == ("<11",) * 5
+        assert (rows[small]["completion_rate"], rows[small]["no_show_rate"]) == (None, None)
+
+
+# --- devices ----------------------------------------------------------------------------------------------------
+
+
+def test_connectivity_internal_view(s):
+    key = pseudonym_key(s)
+    rows = report(s, "connectivity")
+    assert len(rows) == 13 + 4 + 1  # cuffs p01..p14 but p13, four scales, one in stock
+    dev = by(rows, "device_key")
+
+    def device(device_id: str) -> dict:
+        return dev[pseudonym(key, "device", device_id)]
+
+    one = device("scale-p01")
+    assert (one["device_kind"], one["assigned"]) == ("scale", True)
+    assert (one["gaps_over_24h_30d"], one["gaps_over_72h_30d"], one["ongoing_gap"]) == (4, 2, False)
+    assert one["last_reading_at"] == NOW - timedelta(hours=2)
+    assert one["last_seen_at"] == NOW - timedelta(minutes=30)  # a status report is a sign of life
+    assert one["hours_since_last_seen"] == pytest.approx(0.5, abs=0.05)
+    assert (one["battery_pct"], one["low_battery"], one["signal_dbm"], one["firmware"]) == (15.0, True, -80.0,
+                                                                                          "1.9.0")
+    two = device("scale-p02")
+    assert (two["gaps_over_24h_30d"], two["gaps_over_72h_30d"], two["ongoing_gap"]) == (2, 2, True)
+    assert two["hours_since_last_seen"] == pytest.approx(100, abs=0.05)
+    assert (two["battery_pct"], two["low_battery"], two["firmware"]) == (None, None, None)
+    three = device("scale-p03")
+    assert (three["last_reading_at"], three["last_seen_at"]) == (None, NOW - timedelta(hours=30))
+    assert (three["gaps_over_24h_30d"], three["battery_pct"], three["low_battery"]) == (0, 20.0, False)
+    stock = device("scale-stock")
+    assert (stock["assigned"], stock["last_seen_at"], stock["hours_since_last_seen"]) == (False, None, None)
+    assert rows[0]["last_seen_at"] is None  # never-seen devices first, then the longest silent
+    seen = [r["last_seen_at"] for r in rows if r["last_seen_at"] is not None]
+    assert seen == sorted(seen)
+
+
+def test_connectivity_published_has_no_keys(s):
+    rows = report(s, "connectivity", publish=True)
+    assert len(rows) == 18
+    assert all(not c.endswith("_key") for r in rows for c in r)
+    assert sorted(r["gaps_over_72h_30d"] for r in rows if r["device_kind"] == "scale")[-2:] == [2, 2]
+
+
+def test_firmware_spread(s):
+    raw = {(r["device_kind"], r["firmware"]): r["devices"] for r in report(s, "firmware")}
+    assert raw == {("bp_cuff", "2.4.1"): 11, ("bp_cuff", "2.3.9"): 1, ("bp_cuff", None): 1,
+                   ("scale", "1.9.0"): 2, ("scale", None): 3}
+    published = {(r["device_kind"], r["firmware"]): r["devices"] for r in report(s, "firmware", publish=True)}
+    assert published == {("bp_cuff", "2.4.1"): 11, ("bp_cuff", "2.3.9"): "<11", ("bp_cuff", None): "<11",
+                         ("scale", "1.9.0"): "<11", ("scale", None): "<11"}
+
+
+# --- adherence --------------------------------------------------------------------------------------------------
+
+
+def test_adherence_raw(s):
+    [row] = report(s, "adherence")
+    assert (row["window_start"], row["window_end"]) == (TODAY - timedelta(days=29), TODAY)
+    # p01..p07 of the twelve enrolled; p08 (manual days), p09 (day 30), p10-p12 fall short; p13 and p14 are
+    # not enrolled now.
+    assert (row["enrolled_people"], row["adherent_people"]) == (12, 7)
+    assert row["adherence_share"] == pytest.approx(7 / 12)
+    hours = sorted(ONBOARDING_HOURS.values())
+    assert row["people_with_first_reading"] == 13
+    assert row["median_hours_to_first_reading"] == statistics.median(hours) == 21
+    # p90, linear interpolation: rank 0.9 * 12 = 10.8 between 144 and 233
+    assert row["p90_hours_to_first_reading"] == pytest.approx(144 + 0.8 * (233 - 144))
+
+
+def test_adherence_published(s):
+    [row] = report(s, "adherence", publish=True)
+    assert (row["enrolled_people"], row["adherent_people"], row["adherence_share"]) == (12, "<11", None)
+    assert (row["people_with_first_reading"], row["median_hours_to_first_reading"]) == (13, 21)
+
+
+# --- pipeline ---------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_health(s):
+    rows = report(s, "pipeline", publish=True)
+    assert [(r["recency"], r["run_id"], r["state"], r["failed_task"]) for r in rows] == [
+        (1, "run-2", "failed", "load"), (2, "run-1", "success", None)]
+    ok = rows[1]
+    assert (ok["duration_s"], ok["loaded"], ok["quarantined"], ok["duplicates"]) == (42.5, 125, 3, 2)
+    assert (ok["measured_to_loaded_p50_s"], ok["measured_to_loaded_p95_s"]) == (42.0, 120.0)
+    assert ok["task_seconds"] == '{"load": 1.5}'
+    assert all("error" not in r for r in rows)  # exception text can quote patient ids
+
+
+# --- suppression, rendering, CSV --------------------------------------------------------------------------------
+
+
+def test_suppression_threshold_is_the_cms_cell_size():
+    assert SUPPRESS_BELOW == 11
+    spec = Spec("v", "x", counts=("n", "k"), rates={"rate": ("k", "n")}, stats={"median": "n"})
+    shown = suppress(spec, {"thing_key": "abc", "n": 11, "k": 11, "rate": 1.0, "median": 3.0})
+    assert shown == {"n": 11, "k": 11, "rate": 1.0, "median": 3.0}
+    assert suppress(spec, {"n": 40, "k": 10, "rate": 0.25, "median": 3.0}) == {
+        "n": 40, "k": "<11", "rate": None, "median": 3.0}
+    assert suppress(spec, {"n": 0, "k": 0, "rate": None, "median": None}) == {
+        "n": "<11", "k": "<11", "rate": None, "median": None}
+
+
+@pytest.mark.parametrize("name", sorted(REPORTS))
+def test_published_reports_carry_no_keys_and_no_small_counts(s, name):
+    spec = REPORTS[name]
+    for row in report(s, name, publish=True):
+        assert not [c for c in row if c.endswith("_key")]
+        for c in spec.counts:
+            assert row[c] == "<11" or row[c] >= SUPPRESS_BELOW
+
+
+def test_unknown_report():
+    with pytest.raises(ValueError, match="education"):
+        report(Settings(), "everything")
+
+
+def test_render_aligns_columns(s):
+    rows = report(s, "appointments", publish=True)
+    text = render("appointments", rows)
+    lines = text.splitlines()
+    assert len(lines) == 1 + len(rows)
+    header = lines[0]
+    assert header.split() == list(rows[0])
+    assert "54.2%" in text and "<11" in text  # rates as percentages
+    end = header.index("cancelled") + len("cancelled")  # right-aligned numbers end under their header
+    assert all(line[end - 1] != " " and line[end] == " " for line in lines[1:])
+    assert all(line.startswith(r["modality"] + " ") for line, r in zip(lines[1:], rows, strict=True))
+    assert render("firmware", []) == "no firmware data"
+
+
+def test_csv_round_trip(s, tmp_path):
+    rows = report(s, "appointments", publish=True)
+    path = write_csv(rows, tmp_path / "appointments.csv")
+    with path.open(newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [r["modality"] for r in back] == [r["modality"] for r in rows]
+    video = back[0]
+    assert (video["appointments"], video["scheduled"], video["cancelled"]) == ("27", "<11", "<11")
+    assert float(video["completion_rate"]) == rows[0]["completion_rate"]
+    assert back[1]["completion_rate"] == ""  # None
+
+    devices = report(s, "connectivity")
+    path = write_csv(devices, tmp_path / "devices.csv")
+    with path.open(newline="") as f:
+        back = list(csv.DictReader(f))
+    assert list(back[0]) == list(devices[0])
+    for got, want in zip(back, devices, strict=True):
+        assert got["device_key"] == want["device_key"]
+        seen = want["last_seen_at"]
+        assert (datetime.fromisoformat(got["last_seen_at"]) if got["last_seen_at"] else None) == seen
