@@ -86,3 +86,10 @@ def test_parsing_the_dags_loads_no_heavy_library_even_indirectly(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-2000:]
     [loaded] = [line for line in done.stdout.splitlines() if line.startswith("HEAVY:")]
     assert loaded == "HEAVY:", f"imported while parsing the DAGs: {loaded.removeprefix('HEAVY:')}"
+
+
+def test_rpm_daily_purges_before_rebuilding_reports_once_a_day(dagbag) -> None:
+    dag = dagbag.dags["rpm_daily"]
+    assert [t.task_id for t in dag.topological_sort()] == ["purge_landing", "rebuild_reports"]
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    assert all(t.retries >= 1 for t in dag.tasks)

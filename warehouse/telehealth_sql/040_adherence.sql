@@ -19,7 +19,8 @@ WITH enrolled AS (
     LEFT JOIN stg_transmitted_days_30d t ON t.person_key = p.person_key
     WHERE p.currently_enrolled AND p.person_key IN (SELECT person_key FROM devices)),
 onboarding AS (
-    -- Time to first transmitted reading: how long a new patient waits for a working setup.
+    -- Time to first transmitted reading: how long a new patient waits for a working setup. Quantiles are
+    -- interpolated (quantile_cont), so the median of an even count is the mean of the middle two.
     SELECT count(*) AS people_with_first_reading,
            quantile_cont(hours_enrolment_to_first_reading, 0.5) AS median_hours_to_first_reading,
            quantile_cont(hours_enrolment_to_first_reading, 0.9) AS p90_hours_to_first_reading
