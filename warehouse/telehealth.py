@@ -53,7 +53,8 @@ TABLES = {
                CAST(min(r.measured_at) FILTER (NOT r.manual) AS DATE) AS first_reading_on,
                date_diff('hour', min(e.valid_from), min(r.measured_at) FILTER (NOT r.manual))
                    AS hours_enrolment_to_first_reading,
-               bool_or(e.valid_to IS NULL) AS currently_enrolled
+               coalesce(bool_or(e.valid_to IS NULL) FILTER (WHERE e.device_id IS NOT NULL), false)
+                   AS currently_enrolled
         FROM clinical.patients p
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = p.patient_id
         LEFT JOIN clinical.enrollments e ON e.patient_id = p.patient_id
@@ -83,7 +84,7 @@ TABLES = {
         FROM clinical.telehealth_events t
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
         JOIN pseudo ek ON ek.kind = 'event' AND ek.id = t.event_id
-        JOIN pseudo ak ON ak.kind = 'appointment' AND ak.id = t.device_id || '|' || t.appointment_id
+        JOIN pseudo ak ON ak.kind = 'appointment' AND ak.id = t.patient_id || '|' || t.appointment_id
         WHERE t.event LIKE 'appointment_%'""",
     "survey_events": """
         SELECT ek.key AS event_key, pp.key AS person_key, t.survey,
@@ -118,10 +119,11 @@ TABLES = {
                g.gap_end IS NULL AS ongoing
         FROM (SELECT device_id, measured_at AS gap_start,
                      lead(measured_at) OVER (PARTITION BY device_id ORDER BY measured_at) AS gap_end
-              FROM clinical.readings) g
+              FROM clinical.readings WHERE NOT manual) g  -- a hand-typed value is no sign of a connected device
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = g.device_id
         WHERE coalesce(g.gap_end, now()) - g.gap_start > INTERVAL 24 HOUR""",
-    "pipeline_runs": "SELECT * FROM clinical.pipeline_runs",
+    # `error` is free text (exception messages can quote key values): it stays in the clinical store.
+    "pipeline_runs": "SELECT * EXCLUDE (error) FROM clinical.pipeline_runs",
     "quarantine_daily": """
         SELECT CAST(quarantined_at AS DATE) AS day, reason, count(*) AS items
         FROM (SELECT quarantined_at, unnest(reasons) AS reason FROM clinical.quarantine) GROUP BY ALL""",
@@ -133,7 +135,7 @@ def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes) -> pd.DataFrame:
         SELECT 'patient', patient_id FROM clinical.patients
         UNION SELECT 'device', device_id FROM clinical.devices
         UNION SELECT 'event', event_id FROM clinical.telehealth_events
-        UNION SELECT 'appointment', device_id || '|' || appointment_id FROM clinical.telehealth_events
+        UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM clinical.telehealth_events
               WHERE appointment_id IS NOT NULL""").fetchall()
     return pd.DataFrame({"kind": [k for k, _ in ids], "id": [i for _, i in ids],
                          "key": [pseudonym(key, k, i) for k, i in ids]})
@@ -168,4 +170,9 @@ def open_telehealth(s: Settings) -> duckdb.DuckDBPyConnection:
     path = telehealth_db(s)
     if not path.exists():
         raise FileNotFoundError(f"no telehealth store at {path}: run `rpm pipeline run` first")
-    return duckdb.connect(str(path), read_only=True)
+    # ATTACH on a fresh in-memory connection: duckdb.connect(path) would reuse a cached instance of the
+    # replaced file while any older connection to it is still open in this process.
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{path}' AS telehealth (READ_ONLY)")
+    con.execute("USE telehealth")
+    return con

@@ -266,7 +266,7 @@ def test_appointment_outcome_is_its_last_event(s):
     assert len(outcomes) == 33
 
     def outcome(pid: str, apt: str) -> str:
-        return outcomes[pseudonym(key, "appointment", f"app-{pid}|{apt}")]
+        return outcomes[pseudonym(key, "appointment", f"{pid}|{apt}")]
 
     assert outcome("p01", "apt-a") == "attended/video"    # no-show corrected later
     assert outcome("p04", "apt-b") == "scheduled/video"   # cancelled, then booked again
