@@ -203,14 +203,15 @@ def _package(fleet: Fleet, readings: list[tuple[Device, dict]], rng: random.Rand
                 "measured_at": _iso(ts, d.zone)}
         fleet.messages.append(Message(d.device_id, json.dumps(body).encode(), 1, "implausible"))
     # Malformed payloads: each is one unreadable or incomplete item.
+    recent = (datetime.now(UTC) - timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
     malformed = [b"\x00\x9f not json at all",
                  b'{"msg_id": "x", "metric": "heart_rate", "value": 72',  # truncated
                  json.dumps({"msg_id": "m1", "metric": "heart_rate", "unit": "/min", "value": 70,
-                             "measured_at": "2026-11-20T08:00:00"}).encode(),  # no UTC offset
+                             "measured_at": recent[:19]}).encode(),  # no UTC offset
                  json.dumps({"msg_id": "m2", "metric": "heart_rate", "unit": "bpm", "value": 70,
-                             "measured_at": "2026-11-20T08:00:00Z"}).encode(),  # unit not UCUM
+                             "measured_at": recent}).encode(),  # unit not UCUM
                  json.dumps({"msg_id": "m3", "metric": "blood_pressure", "unit": "mm[Hg]",
-                             "values": {"systolic": "high"}, "measured_at": "2026-11-20T08:00:00Z"}).encode()]
+                             "values": {"systolic": "high"}, "measured_at": recent}).encode()]
     for k, payload in enumerate(malformed):
         d = fleet.devices[k % len(fleet.devices)]
         fleet.messages.append(Message(d.device_id, payload, 1, "malformed"))
@@ -257,7 +258,7 @@ def _telehealth(fleet: Fleet, end: datetime, days: int, rng: random.Random) -> N
             outcome = rng.choices(("appointment_attended", "appointment_no_show", "appointment_cancelled"),
                                   (75, 15, 10))[0]
             events.append({"event": outcome, "appointment_id": apt, "modality": modality, "occurred_at": at(day, 14.5)})
-        for week in range(0, days, 7):
+        for week in range(0, days - 2, 7):
             if rng.random() < 0.6:
                 events.append({"event": "survey_completed", "survey": "phq-2", "occurred_at": at(week + 2, 20)})
         for e in events:

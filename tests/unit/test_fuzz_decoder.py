@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from ingest.landing import LandedRecord
 from ingest.service import quick_mark
 from transforms.decode import BATCH_KEYS, MAX_BATCH, decode_message
-from transforms.events import EVENT_COLUMNS
+from transforms.events import APP_EVENTS, EVENT_COLUMNS, EVENT_FIELDS, MODALITIES
 from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
 from transforms.topics import parse_topic
 from transforms.vocab import (
@@ -89,25 +89,45 @@ instants = st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12
 rfc3339 = st.builds(lambda ts, tz: ts.astimezone(tz).isoformat(), instants, offsets)
 field_values = st.one_of(scalars, json_docs, rfc3339)
 metric_names = st.one_of(st.sampled_from(sorted(METRICS)), nasty_text)
-units = st.one_of(st.sampled_from(sorted({u for m in METRICS.values() for u in m.units})), nasty_text)
+UNITS = sorted({u for m in METRICS.values() for u in m.units})
+units = st.one_of(st.sampled_from(UNITS), nasty_text)
 
-# Items shaped like the contract (so the candidate code paths run), every field free to be garbage.
-reading_like = st.fixed_dictionaries({}, optional={
-    "msg_id": field_values, "metric": metric_names, "measured_at": st.one_of(rfc3339, field_values),
-    "value": field_values, "values": st.one_of(
-        st.fixed_dictionaries({}, optional={"systolic": field_values, "diastolic": field_values}), field_values),
-    "unit": units, "source": st.one_of(st.sampled_from(["meter", "cgm"]), field_values),
-    "manual": field_values, "extra\x00": json_docs,
-})
-event_like = st.fixed_dictionaries({}, optional={
-    "msg_id": field_values, "event": st.one_of(st.sampled_from(["education_completed", "appointment_attended",
-                                                                "survey_completed", "device_status"]),
-                                               field_values),
-    "occurred_at": st.one_of(rfc3339, field_values), "reported_at": st.one_of(rfc3339, field_values),
-    "scheduled_for": st.one_of(rfc3339, field_values), "module": field_values, "minutes": field_values,
-    "appointment_id": field_values, "modality": field_values, "survey": field_values,
-    "battery_pct": field_values, "signal_dbm": field_values, "firmware": field_values, "uptime_s": field_values,
-})
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Usually a value the contract accepts, sometimes anything at all."""
+    return st.sampled_from((True, True, False)).flatmap(lambda ok: valid if ok else field_values)
+
+
+labels = st.text(string.ascii_letters + string.digits + "-", min_size=1, max_size=20)
+numbers = st.one_of(st.integers(min_value=-50, max_value=1200), st.floats(min_value=-50, max_value=1200))
+# Items shaped like the contract (so the candidate and event code paths run), any field free to be garbage;
+# and sparse ones, with any subset of the fields.
+reading_like = st.one_of(
+    st.fixed_dictionaries({
+        "msg_id": mostly(labels), "metric": mostly(st.sampled_from(sorted(METRICS))), "measured_at": mostly(rfc3339),
+        "value": mostly(numbers), "unit": mostly(st.sampled_from(UNITS)),
+    }, optional={
+        "values": mostly(st.fixed_dictionaries({"systolic": mostly(numbers), "diastolic": mostly(numbers)})),
+        "source": mostly(st.sampled_from(["meter", "cgm"])), "manual": mostly(st.booleans()), "extra\x00": json_docs,
+    }),
+    st.fixed_dictionaries({}, optional={
+        "msg_id": field_values, "metric": metric_names, "measured_at": field_values, "value": field_values,
+        "values": field_values, "unit": units, "source": field_values, "manual": field_values,
+    }),
+)
+event_like = st.one_of(
+    st.fixed_dictionaries({
+        "msg_id": mostly(labels), "event": mostly(st.sampled_from([*APP_EVENTS, "device_status"])),
+        "occurred_at": mostly(rfc3339), "reported_at": mostly(rfc3339),
+    }, optional={
+        "scheduled_for": mostly(rfc3339), "module": mostly(labels), "minutes": mostly(numbers),
+        "appointment_id": mostly(labels), "modality": mostly(st.sampled_from(MODALITIES)),
+        "survey": mostly(labels), "battery_pct": mostly(numbers), "signal_dbm": mostly(numbers),
+        "firmware": mostly(labels), "uptime_s": mostly(numbers), "extra\u202e": json_docs,
+    }),
+    st.fixed_dictionaries({}, optional={k: field_values for k in sorted(EVENT_FIELDS)}),
+)
 item_like = st.one_of(reading_like, event_like, json_docs)
 documents = st.one_of(
     json_docs, reading_like, event_like,
@@ -119,7 +139,7 @@ documents = st.one_of(
 @st.composite
 def messages(draw: st.DrawFn) -> tuple[str, Any]:
     """(topic, document): mostly items shaped for the topic's channel, single or batched, else anything."""
-    topic = draw(topics)
+    topic = draw(messy_topics if draw(st.sampled_from((False, False, False, True))) else contract_topics)
     parsed = parse_topic(topic)
     channel = parsed.channel if parsed else draw(st.sampled_from(sorted(BATCH_KEYS)))
     item = reading_like if channel == "vitals" else event_like
