@@ -26,6 +26,8 @@ def rules(future_skew_s: int) -> list[Rule]:
     r = [
         Rule("msg_id_present", "devices must label each message so retries can be traced",
              "ExpectColumnValuesToNotBeNull", {"column": "msg_id"}),
+        Rule("optional_fields_typed", "a mistyped optional field (\"manual\": \"true\") must not be dropped "
+             "silently: it would change billing or coding", "ExpectColumnValuesToBeNull", {"column": "mistyped"}),
         Rule("metric_present", "a reading must say what was measured",
              "ExpectColumnValuesToNotBeNull", {"column": "metric"}),
         Rule("metric_known", "only vitals of contract v1 reach the chart",

@@ -23,6 +23,8 @@ def rules(future_skew_s: int) -> list[Rule]:
     return [
         Rule("msg_id_present", "sources must label each message so retries can be traced",
              "ExpectColumnValuesToNotBeNull", {"column": "msg_id"}),
+        Rule("optional_fields_typed", "a mistyped field (\"minutes\": \"12\") must not be dropped silently",
+             "ExpectColumnValuesToBeNull", {"column": "mistyped"}),
         Rule("event_known_for_channel", "status topics carry device status; app topics carry app events",
              "ExpectColumnValuesToBeInSet", {"column": "channel_event", "value_set": CHANNEL_EVENTS}),
         Rule("occurred_at_rfc3339_with_offset", "an event without its UTC offset cannot be placed on a day",

@@ -159,10 +159,18 @@ def read_segment(path: Path, keyring: Keyring | None = None) -> Iterator[LandedR
             )
 
 
+def segment_owner(path: Path) -> str:
+    """The ingest client id that wrote a segment (names are ``<client id>-<UTC stamp>-<counter>``)."""
+    return path.stem.rsplit("-", 2)[0]
+
+
 def recover_open_segments(landing_dir: Path, prefix: str) -> list[Path]:
-    """Seal segments an earlier run of this ingest instance left open, dropping any torn tail."""
+    """Seal segments an earlier run of ingest instance ``prefix`` ("*": every instance) left open, dropping
+    any torn tail. Exact owner match: instance "rpm-ingest-1" never seals "rpm-ingest-1-b"'s live file."""
     sealed = []
-    for path in sorted(open_dir(landing_dir).glob(f"{prefix}-*{SEGMENT_SUFFIX}")):
+    for path in sorted(open_dir(landing_dir).glob(f"*{SEGMENT_SUFFIX}")):
+        if prefix != "*" and segment_owner(path) != prefix:
+            continue
         data = path.read_bytes()
         keep = data[: data.rfind(b"\n") + 1]
         if len(keep) != len(data):

@@ -3,7 +3,9 @@
 Delivery contract (at-least-once into landing):
 - MQTT 5, a stable client id, ``clean_start=False`` on *every* connect and a long session expiry, so the
   broker keeps queueing for us while we are down (paho's default clean start would discard that queue).
-- QoS 1 through a shared subscription (``$share/<group>/rpm/v1/#``): more instances can join the group.
+- QoS 1 through a plain subscription kept in the persistent session, or a shared subscription
+  (``$share/<group>/rpm/v1/#``) when ``ingest_group`` is set so more instances split the stream (Mosquitto
+  forgets shared subscriptions on restart: see the setting).
 - ``manual_ack``: a PUBACK is sent only after the record is in a landing segment and fsynced. A crash before
   that means the broker redelivers; the warehouse's idempotency key turns that into a counted duplicate.
 - The un-acked window (MQTT 5 Receive Maximum) bounds redelivery and stays below the broker's limits.
@@ -32,7 +34,7 @@ from ingest.landing import SegmentWriter, recover_open_segments
 from ingest.metrics import MetricsServer, Snapshot
 from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
-from transforms.decode import parse_json_object
+from transforms.decode import MAX_PAYLOAD_BYTES, parse_json_object
 from transforms.topics import parse_topic
 
 log = logging.getLogger("rpm.ingest")
@@ -52,10 +54,12 @@ def make_client(client_id: str, username: str, password: str, *, ca_file: str | 
     return client
 
 
-def quick_mark(topic: str, payload: bytes) -> str | None:
+def quick_mark(topic: str, payload: bytes, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> str | None:
     """Why a message is already known to be malformed at the door (it is landed anyway), or None."""
     if parse_topic(topic) is None:
         return "unknown_topic"
+    if len(payload) > max_payload_bytes:
+        return "payload_too_large"
     _, reason, _ = parse_json_object(payload)
     return reason
 
@@ -82,6 +86,7 @@ class IngestService:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.stats = IngestStats()
         # Landing is encrypted at rest; SIGHUP reloads the keyring after `rpm keys rotate`.
         self.keyring = Keyring.load(settings, "landing")
@@ -94,6 +99,7 @@ class IngestService:
         self._seal_requested = False
         self._write_failed = False
         self.connected = False
+        self.subscribed = False  # ready = connected and the subscription confirmed (SUBACK)
         self._status_written = 0.0
         self._marked_by_reason: dict[str, int] = {}
         self._last_message_at: float | None = None
@@ -105,7 +111,8 @@ class IngestService:
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.status_file.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected, "updated": time.time(),
+            tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected,
+                                       "subscribed": self.subscribed, "updated": time.time(),
                                        "landing_key": self.keyring.active, **asdict(self.stats)}))
             os.replace(tmp, self.status_file)
         except OSError as exc:  # status is advisory; never let it stop ingestion
@@ -121,11 +128,20 @@ class IngestService:
         log.info("connected (session present=%s)", flags.session_present)
         self.write_status()
         self.publish_metrics()
-        # Re-subscribing is harmless with a persistent session and needed after session expiry.
-        client.subscribe(f"$share/{self.s.ingest_group}/{SUBSCRIPTION}", options=SubscribeOptions(qos=1))
+        # Re-subscribing is harmless with a persistent session and needed after session expiry (and after a
+        # Mosquitto restart for a shared subscription, which it does not persist).
+        topic = f"$share/{self.s.ingest_group}/{SUBSCRIPTION}" if self.s.ingest_group else SUBSCRIPTION
+        client.subscribe(topic, options=SubscribeOptions(qos=1))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        self.subscribed = all(not rc.is_failure for rc in reason_codes)
+        if not self.subscribed:
+            log.error("broker refused the subscription: %s", reason_codes)
+        self.write_status()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected = False
+        self.subscribed = False
         # Anything received but not acked will be redelivered by the broker: forget it here.
         self._pending.clear()
         log.warning("disconnected: %s", reason_code)
@@ -137,7 +153,7 @@ class IngestService:
         self._last_message_at = time.time()
         if self._write_failed:
             return  # we are about to disconnect; leave it un-acked for redelivery
-        mark = quick_mark(msg.topic, msg.payload)
+        mark = quick_mark(msg.topic, msg.payload, self.s.max_payload_bytes)
         try:
             writer = self._writer_for_append()
             writer.append(msg.topic, msg.payload, datetime.now(UTC), mark)
@@ -309,7 +325,7 @@ class IngestService:
                 self._write_failed = not _landing_writable(self.s)
                 if self._write_failed:
                     time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, 1.0)
                     continue
                 # Space is back: seal what the failed writer had already acked, so the pipeline sees it.
                 recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
@@ -319,7 +335,7 @@ class IngestService:
             except OSError as exc:
                 log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)
                 continue
             deadline = time.monotonic() + 10
             while not self.connected and time.monotonic() < deadline and not self._stop:
@@ -327,7 +343,7 @@ class IngestService:
             if self.connected:
                 return
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 1.0)
 
 
 def main(s: Settings) -> int:

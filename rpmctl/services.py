@@ -31,7 +31,8 @@ def ingest_status(s: Settings) -> dict | None:
 def _ingest_connected(s: Settings) -> bool:
     st = ingest_status(s)
     pid = procs.read_pid(s, INGEST)
-    return bool(st and st.get("connected") and st.get("pid") == pid)
+    # Subscribed, not just connected: a message published before the SUBACK could find no subscriber.
+    return bool(st and st.get("connected") and st.get("subscribed") and st.get("pid") == pid)
 
 
 def up(s: Settings) -> dict:

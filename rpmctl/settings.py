@@ -37,13 +37,19 @@ class Settings:
         "Messages Mosquitto queues per session while the ingest service is away or behind. The default "
         "(1000) silently drops readings; sized here for an hours-long outage of a large fleet.",
         default=5_000_000)
-    broker_autosave_interval: int = _doc("Seconds between broker persistence snapshots.", default=30)
+    broker_autosave_interval: int = _doc(
+        "Seconds between broker persistence snapshots: a broker SIGKILL loses what devices had acked since "
+        "the last one and ingest had not yet landed (RELIABILITY.md).", default=5)
 
     # --- ingest -------------------------------------------------------------------------------------
     ingest_client_id: str = _doc("Stable MQTT client id: the broker keeps this session's queue across restarts.",
                                  default="rpm-ingest-1")
-    ingest_group: str = _doc("Shared-subscription group; more ingest instances join the same group.",
-                             default="ingest")
+    ingest_group: str = _doc(
+        "Shared-subscription group for running several ingest instances ($share/<group>/rpm/v1/#). Empty "
+        "(the default): one instance with a plain subscription. Mosquitto 2.0 does not persist shared "
+        "subscriptions across a broker restart, so until an instance re-subscribes the broker acks and drops "
+        "readings (measured, RELIABILITY.md); a plain subscription survives in the persistent session. Use a "
+        "group with a broker that persists shared subscriptions (e.g. EMQX, HiveMQ).", default="")
     ingest_username: str = _doc("Broker login of the ingest service (read-only ACL on rpm/v1/#).",
                                 default="rpm-ingest")
     ingest_session_expiry_s: int = _doc("How long the broker keeps the ingest session while it is offline.",
@@ -56,8 +62,10 @@ class Settings:
                                   default=16 * 1024 * 1024)
     segment_max_age_s: float = _doc("A landing segment is sealed once its first record is this old.",
                                     default=10.0)
-    max_payload_bytes: int = _doc("Largest publish the broker accepts; bigger ones are refused with MQTT 5 "
-                                  "'packet too large' before they can reach the landing disk.", default=256 * 1024)
+    max_payload_bytes: int = _doc("Largest payload accepted. A bigger one is quarantined as payload_too_large; "
+                                  "the broker refuses packets over this plus 1 KiB (topic, headers) outright "
+                                  "with MQTT 5 'packet too large', before they reach the landing disk.",
+                                  default=256 * 1024)
     ingest_metrics_port: int = _doc("Prometheus metrics port of the ingest service, on 127.0.0.1; 0 disables.",
                                     default=9464)
 

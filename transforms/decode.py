@@ -13,6 +13,7 @@ from typing import Any
 from transforms.topics import parse_topic
 
 MAX_BATCH = 10_000
+MAX_PAYLOAD_BYTES = 256 * 1024  # the default of RPM_MAX_PAYLOAD_BYTES
 
 
 class _NonFinite(str):
@@ -52,11 +53,13 @@ def parse_json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None
     return doc, None, ""
 
 
-def decode_message(topic: str, payload: bytes) -> DecodedMessage:
+def decode_message(topic: str, payload: bytes, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> DecodedMessage:
     parsed = parse_topic(topic)
     if parsed is None:
         return DecodedMessage(None, [], "unknown_topic", topic[:200])
     src, channel = parsed.device_id, parsed.channel
+    if len(payload) > max_payload_bytes:
+        return DecodedMessage(src, [], "payload_too_large", f"{len(payload)} > {max_payload_bytes} bytes", channel)
     doc, reason, detail = parse_json_object(payload)
     if doc is None:
         return DecodedMessage(src, [], reason, detail, channel)

@@ -24,7 +24,16 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from transforms.normalise import _text, number, parse_time
+from transforms.normalise import (
+    _is_number,
+    _is_text,
+    _text,
+    json_text,
+    mistyped,
+    number,
+    parse_time,
+    text_field,
+)
 
 EDUCATION_EVENTS = ("education_viewed", "education_completed")
 APPOINTMENT_EVENTS = ("appointment_scheduled", "appointment_attended", "appointment_no_show",
@@ -42,7 +51,7 @@ EVENT_COLUMNS = [
     "row_key", "segment", "record_no", "item_no", "device_id", "channel", "channel_event", "msg_id", "event",
     "occurred_at", "utc_offset_min", "has_time", "received_at", "seconds_ahead", "event_id", "module",
     "minutes", "appointment_id", "modality", "scheduled_for", "survey", "battery_pct", "signal_dbm",
-    "firmware", "uptime_s", "status_fields", "extra", "raw",
+    "firmware", "uptime_s", "status_fields", "extra", "raw", "mistyped",
 ]
 
 
@@ -54,8 +63,7 @@ def event_id(source_id: str, event: str, occurred_at: datetime, discriminator: s
 
 def event_candidate(item: dict[str, Any], *, channel: str, device_id: str, segment: str, record_no: int,
                     item_no: int, received_at: datetime) -> dict[str, Any]:
-    event = STATUS_EVENT if channel == "status" else (item.get("event") if isinstance(item.get("event"), str)
-                                                      else None)
+    event = STATUS_EVENT if channel == "status" else text_field(item, "event")
     when = parse_time(item.get("reported_at" if channel == "status" else "occurred_at"))
     offset = when.utcoffset() if when else None
     module, appointment, survey = _text(item.get("module")), _text(item.get("appointment_id")), _text(item.get("survey"))
@@ -77,6 +85,9 @@ def event_candidate(item: dict[str, Any], *, channel: str, device_id: str, segme
         "modality": _text(item.get("modality")), "scheduled_for": scheduled.astimezone(UTC) if scheduled else None,
         "survey": survey, "battery_pct": battery, "signal_dbm": signal, "firmware": firmware, "uptime_s": uptime,
         "status_fields": sum(v is not None for v in (battery, signal, firmware, uptime)),
-        "extra": json.dumps(extra, default=str, ensure_ascii=False) if extra else None,
-        "raw": json.dumps(item, default=str, ensure_ascii=False).encode(),
+        "extra": json_text(extra) if extra else None,
+        "raw": json.dumps(item, default=str).encode(),
+        "mistyped": mistyped(item, {"minutes": _is_number, "battery_pct": _is_number, "signal_dbm": _is_number,
+                                    "uptime_s": _is_number, "firmware": _is_text, "module": _is_text,
+                                    "survey": _is_text, "modality": _is_text, "scheduled_for": parse_time}),
     }

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingest.landing import LandedRecord
-from transforms.decode import _NonFinite, decode_message
+from transforms.decode import MAX_PAYLOAD_BYTES, _NonFinite, decode_message
 from transforms.vocab import METRICS, loinc_for, unit_key
 
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
@@ -29,6 +29,7 @@ CANDIDATE_COLUMNS = [
     "row_key", "segment", "record_no", "item_no", "device_id", "msg_id", "metric", "unit", "unit_key",
     "value_sent", "diastolic_sent", "value", "diastolic", "canonical_unit", "loinc", "source", "measured_at",
     "utc_offset_min", "has_time", "received_at", "seconds_ahead", "reading_id", "extra", "raw", "manual",
+    "mistyped",
 ]
 
 
@@ -68,24 +69,65 @@ def parse_time(v: Any) -> datetime | None:
         return None
     try:
         ts = datetime.fromisoformat(v.replace("z", "Z"))
-    except ValueError:
+        ts.astimezone(UTC)  # an instant outside years 1-9999 in UTC (e.g. 0001-01-01T00:00+01:00)
+    except (ValueError, OverflowError):
         return None
     return ts if ts.tzinfo is not None else None
+
+
+def clean(v: str) -> str:
+    """Text that is valid UTF-8: JSON may carry lone surrogates ("\\ud800"), which no store accepts.
+    They become U+FFFD, so the value is still judged (and fails whatever rule needs the real text)."""
+    try:
+        v.encode("utf-8")
+        return v
+    except UnicodeEncodeError:
+        return v.encode("utf-8", "replace").decode("utf-8")
+
+
+# A lone UTF-16 surrogate escape in JSON text (a high one not followed by a low one, or a low one alone).
+_LONE_SURROGATE = re.compile(r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})"
+                             r"|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}", re.IGNORECASE)
+
+
+def json_text(v: Any) -> str:
+    """JSON text for a JSON column: ASCII escapes, lone surrogates replaced by U+FFFD (DuckDB's JSON type
+    refuses them; ``raw`` keeps the original bytes). No recursion of ours: any depth json.dumps handles."""
+    return _LONE_SURROGATE.sub(r"\\ufffd", json.dumps(v, default=str))
+
+
+def text_field(item: dict[str, Any], key: str) -> str | None:
+    v = item.get(key)
+    return clean(v) if isinstance(v, str) else None
 
 
 def _text(v: Any) -> str | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, str | int):
-        s = str(v)
+        s = clean(str(v))
         return s if 0 < len(s) <= 128 else None
     return None
 
 
+def mistyped(item: dict[str, Any], checks: dict[str, Any]) -> str | None:
+    """Optional fields that are present but of the wrong type ("manual" must be a boolean, ...): named, so
+    the suite can quarantine the item instead of silently loading it without them."""
+    bad = [k for k, ok in checks.items() if k in item and item[k] is not None and not ok(item[k])]
+    return ",".join(bad) or None
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_number(v: Any) -> bool:
+    return number(v) is not None
+
+
 def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: int, item_no: int,
               received_at: datetime) -> dict[str, Any]:
-    metric = item.get("metric") if isinstance(item.get("metric"), str) else None
-    unit = item.get("unit") if isinstance(item.get("unit"), str) else None
+    metric, unit = text_field(item, "metric"), text_field(item, "unit")
     spec = METRICS.get(metric or "")
     if metric == "blood_pressure":
         values = item.get("values") if isinstance(item.get("values"), dict) else {}
@@ -95,7 +137,7 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
     convert = spec.units.get(unit or "") if spec else None
     value = convert(value_sent) if convert and value_sent is not None else None
     diastolic = convert(diastolic_sent) if convert and diastolic_sent is not None else None
-    source = item.get("source") if isinstance(item.get("source"), str) else None
+    source = text_field(item, "source")
     measured = parse_time(item.get("measured_at"))
     offset = measured.utcoffset() if measured else None
     extra = {k: v for k, v in item.items() if k not in CONTRACT_FIELDS}
@@ -115,9 +157,11 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
         "received_at": received_at,
         "seconds_ahead": (measured - received_at).total_seconds() if measured else None,
         "reading_id": reading_id(device_id, metric, measured) if metric and measured else None,
-        "extra": json.dumps(extra, default=str, ensure_ascii=False) if extra else None,
-        "raw": json.dumps(item, default=str, ensure_ascii=False).encode(),
+        # ASCII escapes: lossless for any JSON string, lone surrogates included.
+        "extra": json_text(extra) if extra else None,
+        "raw": json.dumps(item, default=str).encode(),
         "manual": item.get("manual") is True,
+        "mistyped": mistyped(item, {"manual": lambda v: isinstance(v, bool), "source": _is_text}),
     }
 
 
@@ -125,13 +169,13 @@ class EventRow(dict):
     """A telehealth event candidate (device status or app event), as opposed to a vitals reading."""
 
 
-def normalise_records(segment: str, records: Iterable[LandedRecord]
+def normalise_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
                       ) -> Iterator[dict[str, Any] | EventRow | StructuralReject]:
     """Every landed message of a segment as candidate rows, or structural rejects (one per unreadable item)."""
     from transforms.events import event_candidate
 
     for rec in records:
-        msg = decode_message(rec.topic, rec.payload)
+        msg = decode_message(rec.topic, rec.payload, max_payload_bytes)
         base = dict(segment=segment, record_no=rec.n, received_at=rec.received_at)
         if msg.reason is not None:
             yield StructuralReject(f"{segment}:{rec.n}:0", device_id=msg.device_id, item_no=0,
@@ -143,7 +187,7 @@ def normalise_records(segment: str, records: Iterable[LandedRecord]
                 yield StructuralReject(f"{segment}:{rec.n}:{i}", device_id=msg.device_id, item_no=i,
                                        reason=f"{'reading' if msg.channel == 'vitals' else 'event'}_not_an_object",
                                        detail=type(item).__name__,
-                                       raw=json.dumps(item, default=str).encode(), **base)
+                                       raw=json.dumps(item, default=str).encode(), **base)  # ASCII: lossless
             elif msg.channel == "vitals":
                 yield candidate(item, device_id=msg.device_id, item_no=i, **base)
             else:

@@ -28,7 +28,7 @@ def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame,
         path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
         records = list(read_segment(path, keyring))
         messages[name] = len(records)
-        for out in normalise_records(name, records):
+        for out in normalise_records(name, records, s.max_payload_bytes):
             if isinstance(out, StructuralReject):
                 rejects.append({c: getattr(out, c) for c in REJECT_COLUMNS})
             elif isinstance(out, EventRow):

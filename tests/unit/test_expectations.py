@@ -28,6 +28,7 @@ NOT_ENROLLED = object()  # marker: the row's device had no enrollment at the mea
 # rule -> (kind of valid reading, fields that break exactly that rule).
 FAILING: dict[str, tuple[str, dict[str, Any]]] = {
     "msg_id_present": ("heart_rate", {"msg_id": None}),
+    "optional_fields_typed": ("heart_rate", {"manual": "true"}),   # a string, not a boolean
     "metric_present": ("heart_rate", {"metric": None}),
     "metric_known": ("heart_rate", {"metric": "cholesterol"}),
     "unit_accepted_for_metric": ("heart_rate", {"unit": "bpm"}),

@@ -34,7 +34,7 @@ from transforms.vocab import (
 )
 
 FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+                suppress_health_check=[HealthCheck.too_slow])
 RECEIVED = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 SEGMENT = "rpm-ingest-1-20261127T120000000000-000001"
 
@@ -45,9 +45,9 @@ STRUCTURAL_REASONS = {
     "event_not_an_object",
 }
 # What the ingest service marks at the door: the message-level reasons it can know without the batch rules.
-DOOR_REASONS = {"unknown_topic", "not_utf8", "not_json", "not_a_json_object"}
+DOOR_REASONS = {"unknown_topic", "not_utf8", "not_json", "not_a_json_object", "payload_too_large"}
 
-# --- strategies ---------------------------------------------------------------------------------------------
+# --- strategies --------------------------------------------------------------------------------------------
 # Text with control characters, bidi overrides, BOMs, astral emoji and SQL; Hypothesis's own alphabet already
 # reaches every plane. Lone surrogates are not in it (they cannot be UTF-8): see the pinned bug tests below.
 nasty_text = st.one_of(
@@ -79,55 +79,78 @@ messy_topics = st.one_of(
     st.sampled_from(["", "rpm/v1/devices//vitals", "rpm/v1/apps/a1/status", "rpm/v2/devices/d1/vitals",
                      "rpm/v1/devices/d1/events", "rpm/v1/apps/a1/events/", "rpm/v1/devices/-d1/vitals"]),
 )
-topics = st.one_of(contract_topics, contract_topics, contract_topics, messy_topics)  # weighted to the contract
+topics = st.one_of(contract_topics, messy_topics)
 
 # Offsets a real device can carry: whole minutes strictly inside +-24 h (RFC 3339 has no seconds in it).
-offsets = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
+offsets = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(
+    lambda m: timezone(timedelta(minutes=m)))
 # Years 2..9998: the first and last day of the calendar are pinned separately (test_calendar_edge_...).
 instants = st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31),
                         timezones=st.just(UTC))
 rfc3339 = st.builds(lambda ts, tz: ts.astimezone(tz).isoformat(), instants, offsets)
 field_values = st.one_of(scalars, json_docs, rfc3339)
-metric_names = st.one_of(st.sampled_from(sorted(METRICS)), nasty_text)
-UNITS = sorted({u for m in METRICS.values() for u in m.units})
-units = st.one_of(st.sampled_from(UNITS), nasty_text)
-
-
-
-def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Usually a value the contract accepts, sometimes anything at all."""
-    return st.sampled_from((True, True, False)).flatmap(lambda ok: valid if ok else field_values)
-
-
 labels = st.text(string.ascii_letters + string.digits + "-", min_size=1, max_size=20)
-numbers = st.one_of(st.integers(min_value=-50, max_value=1200), st.floats(min_value=-50, max_value=1200))
-# Items shaped like the contract (so the candidate and event code paths run), any field free to be garbage;
-# and sparse ones, with any subset of the fields.
-reading_like = st.one_of(
-    st.fixed_dictionaries({
-        "msg_id": mostly(labels), "metric": mostly(st.sampled_from(sorted(METRICS))), "measured_at": mostly(rfc3339),
-        "value": mostly(numbers), "unit": mostly(st.sampled_from(UNITS)),
-    }, optional={
-        "values": mostly(st.fixed_dictionaries({"systolic": mostly(numbers), "diastolic": mostly(numbers)})),
-        "source": mostly(st.sampled_from(["meter", "cgm"])), "manual": mostly(st.booleans()), "extra\x00": json_docs,
-    }),
-    st.fixed_dictionaries({}, optional={
-        "msg_id": field_values, "metric": metric_names, "measured_at": field_values, "value": field_values,
-        "values": field_values, "unit": units, "source": field_values, "manual": field_values,
-    }),
-)
-event_like = st.one_of(
-    st.fixed_dictionaries({
-        "msg_id": mostly(labels), "event": mostly(st.sampled_from([*APP_EVENTS, "device_status"])),
-        "occurred_at": mostly(rfc3339), "reported_at": mostly(rfc3339),
-    }, optional={
-        "scheduled_for": mostly(rfc3339), "module": mostly(labels), "minutes": mostly(numbers),
-        "appointment_id": mostly(labels), "modality": mostly(st.sampled_from(MODALITIES)),
-        "survey": mostly(labels), "battery_pct": mostly(numbers), "signal_dbm": mostly(numbers),
-        "firmware": mostly(labels), "uptime_s": mostly(numbers), "extra\u202e": json_docs,
-    }),
-    st.fixed_dictionaries({}, optional={k: field_values for k in sorted(EVENT_FIELDS)}),
-)
+
+# Canonical -> unit as sent: the inverse of each accepted unit's conversion (independent of transforms.vocab).
+TO_UNIT: dict[str, Callable[[float], float]] = {
+    "mm[Hg]": lambda v: v, "/min": lambda v: v, "%": lambda v: v, "Cel": lambda v: v, "kg": lambda v: v,
+    "mg/dL": lambda v: v, "[degF]": lambda c: c * 9.0 / 5.0 + 32.0, "[lb_av]": lambda kg: kg / LB_AV_IN_KG,
+    "mmol/L": lambda mg: mg / GLUCOSE_MG_DL_PER_MMOL_L,
+}
+METRIC_UNITS = sorted((m.name, u) for m in METRICS.values() for u in m.units)
+
+
+@st.composite
+def valid_readings(draw: st.DrawFn) -> tuple[dict[str, Any], float, float | None]:
+    """(item, canonical value, canonical diastolic) for a reading inside the plausible range."""
+    name, unit = draw(st.sampled_from(METRIC_UNITS))
+    lo, hi = METRICS[name].plausible
+    canonical = draw(st.floats(min_value=lo, max_value=hi))
+    when = draw(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
+                             timezones=st.just(UTC))).astimezone(draw(offsets))
+    item: dict[str, Any] = {"msg_id": draw(labels), "metric": name, "unit": unit, "measured_at": when.isoformat()}
+    diastolic = None
+    if name == "blood_pressure":
+        lo_dia, hi_dia = DIASTOLIC_PLAUSIBLE
+        diastolic = draw(st.floats(min_value=lo_dia, max_value=min(hi_dia, canonical)))
+        item["values"] = {"systolic": TO_UNIT[unit](canonical), "diastolic": TO_UNIT[unit](diastolic)}
+    else:
+        item["value"] = TO_UNIT[unit](canonical)
+    if name == "blood_glucose":
+        item["source"] = draw(st.sampled_from(["meter", "cgm"]))
+    return item, canonical, diastolic
+
+
+@st.composite
+def valid_events(draw: st.DrawFn) -> dict[str, Any]:
+    """An app event or a device status a source would send (the channel decides which one is on contract)."""
+    when = draw(rfc3339)
+    return {"msg_id": draw(labels), "event": draw(st.sampled_from([*APP_EVENTS, "device_status"])),
+            "occurred_at": when, "reported_at": when, "module": draw(labels),
+            "minutes": draw(st.integers(min_value=0, max_value=600)), "appointment_id": draw(labels),
+            "modality": draw(st.sampled_from(MODALITIES)), "survey": draw(labels),
+            "battery_pct": draw(st.floats(min_value=0, max_value=100)), "firmware": draw(labels),
+            "signal_dbm": draw(st.integers(min_value=-150, max_value=0)),
+            "uptime_s": draw(st.integers(min_value=0, max_value=10**9))}
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: st.SearchStrategy[dict[str, Any]]) -> dict[str, Any]:
+    """A valid item with some fields dropped or replaced by garbage: fuzzing next to the contract's edges."""
+    item = dict(draw(valid))
+    for key in draw(st.lists(st.sampled_from(sorted({*item, "values", "extra\x00"})), max_size=4, unique=True)):
+        if draw(st.booleans()):
+            item.pop(key, None)
+        else:
+            item[key] = draw(field_values)
+    return item
+
+
+reading_like = st.one_of(valid_readings().map(lambda r: r[0]), mutated(valid_readings().map(lambda r: r[0])),
+                         st.dictionaries(st.sampled_from(["msg_id", "metric", "measured_at", "value", "values",
+                                                          "unit", "source", "manual"]), field_values))
+event_like = st.one_of(valid_events(), mutated(valid_events()),
+                       st.dictionaries(st.sampled_from(sorted(EVENT_FIELDS)), field_values))
 item_like = st.one_of(reading_like, event_like, json_docs)
 documents = st.one_of(
     json_docs, reading_like, event_like,
@@ -154,11 +177,11 @@ def messages(draw: st.DrawFn) -> tuple[str, Any]:
 
 
 def encode(doc: Any) -> bytes:
-    """As a device would send it: NaN/Infinity as JSON's non-standard literals, 1e999 as a plain number."""
+    """As a careless device library sends it: NaN and Infinity as JSON's non-standard literals."""
     return json.dumps(doc, allow_nan=True).encode()
 
 
-# --- the oracle and the invariants ----------------------------------------------------------------------------
+# --- the oracle and the invariants ------------------------------------------------------------------------
 def expected_outputs(topic: str, payload: bytes) -> int:
     """How many outputs contract v1 says a message has: one per batch item, else exactly one."""
     parsed = parse_topic(topic)
@@ -214,7 +237,7 @@ def assert_accounted(topic: str, payload: bytes, outputs: list[Any], n: int = 0)
         assert outputs[0].raw == payload
 
 
-# --- properties -----------------------------------------------------------------------------------------------
+# --- properties -------------------------------------------------------------------------------------------
 @FUZZ
 @given(topic=topics, payload=st.binary(max_size=300))
 def test_any_topic_and_bytes_are_accounted_and_never_raise(topic: str, payload: bytes) -> None:
@@ -233,7 +256,8 @@ def test_any_json_document_is_accounted_and_never_raises(message: tuple[str, Any
 @given(messages=st.lists(st.one_of(messages().map(lambda m: (m[0], encode(m[1]))),
                                   st.tuples(topics, st.binary(max_size=80))), min_size=1, max_size=6),
        first=st.integers(min_value=0, max_value=2**31 - 10))
-def test_a_segment_of_messages_is_accounted_record_by_record(messages: list[tuple[str, bytes]], first: int) -> None:
+def test_a_segment_of_messages_is_accounted_record_by_record(messages: list[tuple[str, bytes]],
+                                                             first: int) -> None:
     records = [LandedRecord(first + i, t, RECEIVED, p, None) for i, (t, p) in enumerate(messages)]
     outputs = list(normalise_records(SEGMENT, records))
     assert len(outputs) == sum(expected_outputs(t, p) for t, p in messages)
@@ -251,16 +275,17 @@ def test_a_segment_of_messages_is_accounted_record_by_record(messages: list[tupl
                          messages().map(lambda m: (m[0], encode(m[1])))))
 def test_quick_mark_never_raises_and_agrees_with_the_decoder(message: tuple[str, bytes]) -> None:
     topic, payload = message
-    mark = quick_mark(topic, payload)
+    mark = quick_mark(topic, payload)  # same default size limit as the decoder
     reason = decode_message(topic, payload).reason
     assert mark == (reason if reason in DOOR_REASONS else None)
 
 
-@pytest.mark.parametrize("payload", [
+@pytest.mark.parametrize("payload", [  # all under the 256 KiB payload limit, far past the parser's depth
     b"[" * 100_000,
-    b'{"a":' * 100_000,
+    b'{"a":' * 50_000,
     b'{"readings":' + b"[" * 100_000,
-    b'{"msg_id":"m","metric":"heart_rate","value":72,"unit":"/min","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"msg_id":"m","metric":"heart_rate","value":72,"unit":"/min","x":' + b"[" * 100_000 + b"]" * 100_000
+    + b"}",
 ], ids=["arrays", "objects", "batch", "inside-a-reading"])
 def test_deeply_nested_json_is_a_reason_not_a_crash(payload: bytes) -> None:
     topic = "rpm/v1/devices/d1/vitals"
@@ -271,7 +296,8 @@ def test_deeply_nested_json_is_a_reason_not_a_crash(payload: bytes) -> None:
 
 
 @pytest.mark.parametrize("depth", [1, 100, 500, 900, 990, 1000, 1010, 2000])
-@pytest.mark.parametrize("topic", ["rpm/v1/devices/d1/vitals", "rpm/v1/devices/d1/status", "rpm/v1/apps/a1/events"])
+@pytest.mark.parametrize("topic", ["rpm/v1/devices/d1/vitals", "rpm/v1/devices/d1/status",
+                                   "rpm/v1/apps/a1/events"])
 def test_nesting_around_the_interpreter_limit_is_read_or_refused_never_raised(topic: str, depth: int) -> None:
     """Decoding and re-encoding the item (raw, extra) must agree on what is too deep."""
     payload = b'{"msg_id":"m","extra":' + b"[" * depth + b"]" * depth + b"}"
@@ -284,37 +310,7 @@ def _at_stack_depth(frames: int, call: Callable[[], Any]) -> Any:
     return call() if frames == 0 else _at_stack_depth(frames - 1, call)
 
 
-# --- round trips of valid readings ----------------------------------------------------------------------------
-# Canonical -> unit as sent: the inverse of each accepted unit's conversion (independent of transforms.vocab).
-TO_UNIT: dict[str, Callable[[float], float]] = {
-    "mm[Hg]": lambda v: v, "/min": lambda v: v, "%": lambda v: v, "Cel": lambda v: v, "kg": lambda v: v,
-    "mg/dL": lambda v: v, "[degF]": lambda c: c * 9.0 / 5.0 + 32.0, "[lb_av]": lambda kg: kg / LB_AV_IN_KG,
-    "mmol/L": lambda mg: mg / GLUCOSE_MG_DL_PER_MMOL_L,
-}
-METRIC_UNITS = sorted((m.name, u) for m in METRICS.values() for u in m.units)
-
-
-@st.composite
-def valid_readings(draw: st.DrawFn) -> tuple[dict[str, Any], float, float | None]:
-    """(item, canonical value, canonical diastolic) for a reading inside the plausible range."""
-    name, unit = draw(st.sampled_from(METRIC_UNITS))
-    lo, hi = METRICS[name].plausible
-    canonical = draw(st.floats(min_value=lo, max_value=hi))
-    when = draw(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)))
-    item: dict[str, Any] = {"msg_id": draw(st.text(string.ascii_letters + string.digits + "-", min_size=1,
-                                                   max_size=20)),
-                            "metric": name, "unit": unit, "measured_at": when.astimezone(draw(offsets)).isoformat()}
-    diastolic = None
-    if name == "blood_pressure":
-        diastolic = draw(st.floats(min_value=DIASTOLIC_PLAUSIBLE[0], max_value=min(DIASTOLIC_PLAUSIBLE[1], canonical)))
-        item["values"] = {"systolic": TO_UNIT[unit](canonical), "diastolic": TO_UNIT[unit](diastolic)}
-    else:
-        item["value"] = TO_UNIT[unit](canonical)
-    if name == "blood_glucose":
-        item["source"] = draw(st.sampled_from(["meter", "cgm"]))
-    return item, canonical, diastolic
-
-
+# --- round trips of valid readings ------------------------------------------------------------------------
 @FUZZ
 @given(reading=valid_readings())
 def test_plausible_readings_normalise_to_the_same_canonical_value(reading) -> None:
@@ -356,22 +352,24 @@ def test_fahrenheit_to_celsius_and_back(fahrenheit: float) -> None:
     assert row["value"] * 9.0 / 5.0 + 32.0 == pytest.approx(fahrenheit, rel=1e-12)
 
 
-# --- pinned bugs: one landed message makes normalise_records raise -------------------------------------------
+# --- pinned bugs: one landed message makes normalise_records raise ----------------------------------------
 # Both are valid JSON the broker accepts and quick_mark passes (so they are landed and acked); the raise then
 # fails decode_normalise for the whole batch, on every retry and every later run.
 TOPICS = {"vitals": "rpm/v1/devices/d1/vitals", "status": "rpm/v1/devices/d1/status",
           "events": "rpm/v1/apps/a1/events"}
 
 
-@pytest.mark.parametrize("channel", sorted(TOPICS))
-@pytest.mark.parametrize("field", ["msg_id", "metric", "unit", "event", "module", "x"])
+@pytest.mark.parametrize(("channel", "field"), [
+    ("vitals", "msg_id"), ("vitals", "unit"), ("vitals", "cuff"), ("status", "firmware"), ("events", "module"),
+])
 def test_lone_surrogate_escape_is_a_reason_not_a_crash(channel: str, field: str) -> None:
     """BUG: '\\ud800' is a valid JSON escape but not encodable text; building ``raw`` with
     ``json.dumps(item, ensure_ascii=False).encode()`` raises UnicodeEncodeError (normalise.candidate,
     events.event_candidate)."""
     payload = b'{"msg_id":"m","metric":"heart_rate","value":72,"unit":"/min","event":"survey_completed",' \
               b'"measured_at":"2026-11-27T07:31:00-05:00","occurred_at":"2026-11-27T07:31:00-05:00",' \
-              b'"reported_at":"2026-11-27T07:31:00-05:00","firmware":"1",' + f'"{field}":"'.encode() + b'\\ud800"}'
+              b'"reported_at":"2026-11-27T07:31:00-05:00","firmware":"1",' \
+              + f'"{field}":"'.encode() + b'\\ud800"}'
     assert quick_mark(TOPICS[channel], payload) is None  # landed as readable JSON
     assert_accounted(TOPICS[channel], payload, normalise_one(TOPICS[channel], payload))
 

@@ -119,3 +119,7 @@ CREATE TABLE IF NOT EXISTS pipeline_runs (
     failed_task         VARCHAR,
     error               VARCHAR
 );
+
+-- Optional fields present with the wrong type, named for the optional_fields_typed rule.
+ALTER TABLE stg_candidates ADD COLUMN IF NOT EXISTS mistyped VARCHAR;
+ALTER TABLE stg_events ADD COLUMN IF NOT EXISTS mistyped VARCHAR;
