@@ -169,3 +169,28 @@ def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
     rpm(s, "pipeline", "run")
     after = rpm_json(s, "accounting")
     assert after["loaded"] == before["loaded"] + 1 and after["balanced"]
+
+
+def test_secrets_never_reach_logs_or_reports(fleet_loaded):
+    """Passwords and keys live in secrets/ only: scan every log, report and status file the stack wrote."""
+    s, passwords = fleet_loaded
+    rpm(s, "clinician", "--as", "dr-lee", "patients")
+    rpm(s, "keys", "rotate")  # rotation must not log the keys it handles either
+    secrets_dir = s.secrets_dir
+    secrets = set(passwords.values())
+    for path in secrets_dir.iterdir():  # type: ignore[union-attr]
+        if path.suffix in (".key", ".password") or path.name.endswith(".secret"):
+            secrets.add(path.read_text().strip())
+        elif path.name.endswith("keyring.json"):
+            secrets.update(json.loads(path.read_text())["keys"].values())
+    secrets = {x for x in secrets if len(x) >= 16}
+    assert len(secrets) > len(passwords)  # device passwords plus every key and service password
+    scanned = 0
+    for root in (s.run_dir, s.airflow_home, s.home / "reports", s.home / "audit"):
+        for path in root.rglob("*"):  # type: ignore[union-attr]
+            if path.is_file() and "simple_auth_manager_passwords" not in path.name:
+                data = path.read_bytes()
+                scanned += 1
+                leaked = [x[:6] + "…" for x in secrets if x.encode() in data]
+                assert not leaked, f"{path} contains secret(s) {leaked}"
+    assert scanned > 5
