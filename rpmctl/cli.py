@@ -336,6 +336,14 @@ def cmd_audit_show(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.serving import backup
+
+    path = backup(s)
+    _print_json({"backup": str(path)}) if a.json else print(f"encrypted backup written to {path}")
+    return 0
+
+
 def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.rotate import rotate_all
 
@@ -496,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
         parent=audit)
     a_show = add("show", cmd_audit_show, "the last audit records", parent=audit)
     a_show.add_argument("--last", type=int, default=20)
+
+    add("backup", cmd_backup, "an encrypted, consistent copy of the clinical warehouse in var/backups/")
 
     keys_p = sub.add_parser("keys", help="encryption keys").add_subparsers(dest="keys_cmd", required=True)
     add("rotate", cmd_keys_rotate, "re-encrypt landing, warehouse, snapshots and audit log under new keys",

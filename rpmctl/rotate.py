@@ -30,7 +30,7 @@ from rpmctl.services import INGEST, ingest_status
 from rpmctl.settings import Settings
 from warehouse.audit import AuditLog
 from warehouse.db import clinical, open_clinical
-from warehouse.serving import publish_snapshot, serving_dir
+from warehouse.serving import backups_dir, publish_snapshot, serving_dir
 
 
 def rotate_landing(s: Settings) -> dict:
@@ -81,6 +81,7 @@ def rotate_warehouse(s: Settings) -> dict:
             rows += before
         con.execute("CHECKPOINT rotated")
         con.execute("DETACH rotated")
+        backups = _reencrypt_backups(s, con, keys.warehouse_key(s), new_key)
         next_key = keys.warehouse_key_file_next(s)
         keys.write_private(next_key, new_key.encode())
         os.replace(tmp, db)
@@ -93,7 +94,30 @@ def rotate_warehouse(s: Settings) -> dict:
         path.unlink(missing_ok=True)
     # Prove the new file opens with the new key only.
     open_clinical(s, read_only=True).close()
-    return {"tables": len(tables), "rows": rows}
+    return {"tables": len(tables), "rows": rows, "backups": backups}
+
+
+def _reencrypt_backups(s: Settings, con, old_key: str, new_key: str) -> int:
+    """Every backup re-written under the new key (verified by row counts) before the old key is dropped."""
+    count = 0
+    for path in sorted(backups_dir(s).glob("clinical-*.duckdb")):
+        tmp = path.with_name(f".{path.name}.rotating")
+        tmp.unlink(missing_ok=True)
+        con.execute(f"ATTACH '{path}' AS old_backup (ENCRYPTION_KEY '{old_key}', READ_ONLY)")
+        con.execute(f"ATTACH '{tmp}' AS new_backup (ENCRYPTION_KEY '{new_key}')")
+        con.execute("COPY FROM DATABASE old_backup TO new_backup")
+        for (t,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = 'old_backup'"
+                                ).fetchall():
+            a = con.execute(f'SELECT count(*) FROM old_backup."{t}"').fetchone()
+            b = con.execute(f'SELECT count(*) FROM new_backup."{t}"').fetchone()
+            if a != b:
+                raise RuntimeError(f"backup {path.name}: {t} copied {b} rows of {a}: rotation aborted")
+        con.execute("CHECKPOINT new_backup")
+        con.execute("DETACH new_backup")
+        con.execute("DETACH old_backup")
+        os.replace(tmp, path)
+        count += 1
+    return count
 
 
 def rotate_audit(s: Settings) -> dict:

@@ -67,3 +67,22 @@ def serving(s: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
         yield con
     finally:
         con.close()
+
+
+def backups_dir(s: Settings) -> Path:
+    return Path(s.home) / "backups"  # type: ignore[arg-type]
+
+
+def backup(s: Settings) -> Path:
+    """An encrypted, consistent copy of the clinical warehouse (same key; `rpm keys rotate` re-encrypts it)."""
+    d = backups_dir(s)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with clinical(s) as con:
+        con.execute("CHECKPOINT")
+        target = d / f"clinical-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}.duckdb"
+        tmp = d / f".{target.name}.tmp"
+        shutil.copyfile(s.clinical_db, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    return target

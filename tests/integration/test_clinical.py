@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -18,6 +19,7 @@ from rpmctl.settings import Settings
 from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import rpm, rpm_json
 from warehouse.db import httpfs_extension
+from warehouse.serving import backups_dir, serving, serving_dir
 
 pytestmark = pytest.mark.integration
 
@@ -137,11 +139,29 @@ def test_tampering_with_the_audit_log_is_detected(fleet_loaded):
 
 def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
     s, passwords = fleet_loaded
+    backup = Path(rpm_json(s, "backup")["backup"])
     before = rpm_json(s, "accounting")
     old_landing = set(Keyring.load(s, "landing").keys)
     old_warehouse_key = s.warehouse_key_file.read_text().strip()
 
+    # At rest, before and after rotation: no MRN, name or patient id in any landing segment, the clinical
+    # file, a serving snapshot or a backup.
+    with serving(s) as con:
+        people = con.execute("SELECT patient_id, mrn, given_name, family_name FROM patients").fetchall()
+    needles = {v.encode() for row in people for v in row if v and len(v) >= 4}
+    assert needles
+
+    def plaintext_hits() -> list[str]:
+        files = [*list_sealed(s.landing_dir), s.clinical_db, *serving_dir(s).glob("*.duckdb"),
+                 *backups_dir(s).glob("*.duckdb")]
+        assert len(files) >= 4
+        return [f"{f.name}: {n!r}" for f in files for n in needles if n in f.read_bytes()]
+
+    assert plaintext_hits() == []
+
     result = rpm_json(s, "keys", "rotate")
+    assert result["warehouse"]["backups"] == 1
+    assert plaintext_hits() == []
     assert result["landing"]["segments_reencrypted"] == len(list_sealed(s.landing_dir))
     assert set(result["retired"]) == old_landing
     assert rpm_json(s, "accounting") == before
@@ -159,8 +179,12 @@ def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
     assert Keyring.key_id_of(base64.b64decode(segment.read_bytes().splitlines()[1])) == ring.active
     con = duckdb.connect()
     con.execute(f"LOAD '{httpfs_extension()}'")
-    with pytest.raises(duckdb.Error):
-        con.execute(f"ATTACH '{s.clinical_db}' AS c (ENCRYPTION_KEY '{old_warehouse_key}', READ_ONLY)")
+    for old_file in (s.clinical_db, backup, *serving_dir(s).glob("*.duckdb")):
+        with pytest.raises(duckdb.Error):
+            con.execute(f"ATTACH '{old_file}' AS c (ENCRYPTION_KEY '{old_warehouse_key}', READ_ONLY)")
+    new_key = s.warehouse_key_file.read_text().strip()
+    con.execute(f"ATTACH '{backup}' AS b (ENCRYPTION_KEY '{new_key}', READ_ONLY)")
+    assert con.execute("SELECT count(*) FROM b.readings").fetchone() == (before["loaded_by_stream"]["readings"],)
 
     # The running ingest service switched keys: new readings still flow end to end.
     base = landed(s)
