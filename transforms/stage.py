@@ -46,29 +46,22 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     with clinical(s) as con, transaction(con):
         for table in STAGING_TABLES:
             con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
-        if len(candidates):
-            con.register("c", candidates)
-            cols = ", ".join(CANDIDATE_COLUMNS)
-            con.execute(f"INSERT INTO stg_candidates ({cols}, batch_id) SELECT {cols}, ? FROM c", [batch.batch_id])
-            # The patient is whoever the device was enrolled to at the *measured* instant.
-            con.execute("""
-                UPDATE stg_candidates c SET patient_id = e.patient_id
-                FROM enrollments e
-                WHERE e.device_id = c.device_id AND c.measured_at >= e.valid_from
-                  AND (e.valid_to IS NULL OR c.measured_at < e.valid_to)""")
-        if len(events):
-            con.register("ev", events)
-            cols = ", ".join(EVENT_COLUMNS)
-            con.execute(f"INSERT INTO stg_events ({cols}, batch_id) SELECT {cols}, ? FROM ev", [batch.batch_id])
-            con.execute("""
-                UPDATE stg_events v SET patient_id = e.patient_id
-                FROM enrollments e
-                WHERE e.device_id = v.device_id AND v.occurred_at >= e.valid_from
-                  AND (e.valid_to IS NULL OR v.occurred_at < e.valid_to)""")
-        if len(rejects):
-            con.register("r", rejects)
-            cols = ", ".join(REJECT_COLUMNS)
-            con.execute(f"INSERT INTO stg_rejects ({cols}, batch_id) SELECT {cols}, ? FROM r", [batch.batch_id])
+        for frame, table, columns, measured in ((candidates, "stg_candidates", CANDIDATE_COLUMNS, "measured_at"),
+                                                 (events, "stg_events", EVENT_COLUMNS, "occurred_at"),
+                                                 (rejects, "stg_rejects", REJECT_COLUMNS, None)):
+            if not len(frame):
+                continue
+            con.register("frame", frame)
+            cols = ", ".join(columns)
+            con.execute(f"INSERT INTO {table} ({cols}, batch_id) SELECT {cols}, ? FROM frame", [batch.batch_id])
+            con.unregister("frame")
+            if measured:
+                # The patient is whoever the source was enrolled to at the *measured* instant.
+                con.execute(f"""
+                    UPDATE {table} c SET patient_id = e.patient_id
+                    FROM enrollments e
+                    WHERE e.device_id = c.device_id AND c.{measured} >= e.valid_from
+                      AND (e.valid_to IS NULL OR c.{measured} < e.valid_to)""")
         if len(seg):
             con.register("sg", seg)
             con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch.batch_id])
