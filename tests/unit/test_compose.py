@@ -230,7 +230,7 @@ def test_docker_conf_policy_matches_settings() -> None:
     g, defaults = conf_global(DOCKER_CONF), Settings.from_env(env={})
     assert g["allow_anonymous"] == "false"
     assert g["persistence"] == "true"
-    assert g["autosave_interval"] == str(defaults.broker_autosave_interval) == "30"
+    assert g["autosave_interval"] == str(defaults.broker_autosave_interval) == "5"
     assert g["max_queued_messages"] == str(defaults.broker_max_queued_messages) == "5000000"
     assert g["max_queued_bytes"] == "0"
     assert g["max_inflight_messages"] == "0"

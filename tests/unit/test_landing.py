@@ -41,8 +41,8 @@ def _write(landing: Path, name: str, messages=MESSAGES) -> SegmentWriter:
 
 
 def test_round_trip_preserves_bytes_topic_received_at_and_mark(tmp_path: Path) -> None:
-    sealed = _write(tmp_path, "ingest-1-000001").seal()
-    assert sealed == sealed_dir(tmp_path) / f"ingest-1-000001{SEGMENT_SUFFIX}"
+    sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
+    assert sealed == sealed_dir(tmp_path) / f"ingest-1-20261127T120000000000-000001{SEGMENT_SUFFIX}"
     records = list(read_segment(sealed))
     assert [r.n for r in records] == [0, 1, 2, 3]
     assert [r.topic for r in records] == [m[0] for m in MESSAGES]
@@ -53,7 +53,7 @@ def test_round_trip_preserves_bytes_topic_received_at_and_mark(tmp_path: Path) -
 
 
 def test_sealing_moves_the_segment_out_of_open(tmp_path: Path) -> None:
-    w = _write(tmp_path, "ingest-1-000001")
+    w = _write(tmp_path, "ingest-1-20261127T120000000000-000001")
     assert w.path.exists() and list_sealed(tmp_path) == []
     sealed = w.seal()
     assert not w.path.exists()
@@ -62,20 +62,20 @@ def test_sealing_moves_the_segment_out_of_open(tmp_path: Path) -> None:
 
 
 def test_header_names_format_and_encoding(tmp_path: Path) -> None:
-    sealed = _write(tmp_path, "ingest-1-000001").seal()
+    sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
     header = json.loads(sealed.read_bytes().split(b"\n", 1)[0])
-    assert header == {"rpm_landing": 1, "segment": "ingest-1-000001",
+    assert header == {"rpm_landing": 1, "segment": "ingest-1-20261127T120000000000-000001",
                       "created_at": "2026-11-27T12:00:00.123456Z", "encoding": "plain"}
 
 
 def test_writer_never_overwrites_an_existing_segment(tmp_path: Path) -> None:
-    _write(tmp_path, "ingest-1-000001").close_unsealed()
+    _write(tmp_path, "ingest-1-20261127T120000000000-000001").close_unsealed()
     with pytest.raises(FileExistsError):
-        SegmentWriter(tmp_path, "ingest-1-000001")
+        SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000001")
 
 
 def test_torn_final_line_is_skipped(tmp_path: Path) -> None:
-    sealed = _write(tmp_path, "ingest-1-000001").seal()
+    sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
     with open(sealed, "ab") as f:
         f.write(b'{"n": 4, "topic": "rpm/v1/devices/bp-001/vitals", "received_at": "2026-')
     records = list(read_segment(sealed))
@@ -83,7 +83,7 @@ def test_torn_final_line_is_skipped(tmp_path: Path) -> None:
 
 
 def test_recover_seals_an_open_segment_and_truncates_its_torn_tail(tmp_path: Path) -> None:
-    w = _write(tmp_path, "ingest-1-000001")
+    w = _write(tmp_path, "ingest-1-20261127T120000000000-000001")
     w.sync()
     w.close_unsealed()
     intact = w.path.read_bytes()
@@ -99,9 +99,9 @@ def test_recover_seals_an_open_segment_and_truncates_its_torn_tail(tmp_path: Pat
 
 
 def test_recover_deletes_a_header_only_segment(tmp_path: Path) -> None:
-    empty = SegmentWriter(tmp_path, "ingest-1-000002")
+    empty = SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000002")
     empty.close_unsealed()
-    torn = SegmentWriter(tmp_path, "ingest-1-000003")
+    torn = SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000003")
     torn.close_unsealed()
     with open(torn.path, "ab") as f:
         f.write(b'{"n": 0, "topic": ')  # the only record never completed: nothing was acked
@@ -112,7 +112,7 @@ def test_recover_deletes_a_header_only_segment(tmp_path: Path) -> None:
 
 
 def test_recover_only_touches_its_own_instance_segments(tmp_path: Path) -> None:
-    mine = _write(tmp_path, "ingest-1-000001")
+    mine = _write(tmp_path, "ingest-1-20261127T120000000000-000001")
     mine.close_unsealed()
     other = _write(tmp_path, "ingest-2-000001")
     other.close_unsealed()
@@ -122,7 +122,7 @@ def test_recover_only_touches_its_own_instance_segments(tmp_path: Path) -> None:
 
 
 def test_unknown_encoding_is_refused(tmp_path: Path) -> None:
-    sealed = _write(tmp_path, "ingest-1-000001").seal()
+    sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
     header, rest = sealed.read_bytes().split(b"\n", 1)
     doc = json.loads(header)
     doc["encoding"] = "aes-256-gcm-v9"
@@ -150,7 +150,7 @@ def _lines(path: Path) -> list[bytes]:
 
 
 def test_encrypted_round_trip_and_no_plaintext_on_disk(tmp_path: Path, keyring: Keyring) -> None:
-    w = SegmentWriter(tmp_path, "ingest-1-000001", now=T0, keyring=keyring)
+    w = SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000001", now=T0, keyring=keyring)
     for topic, payload, received_at, mark in MESSAGES:
         w.append(topic, payload, received_at, mark)
     sealed = w.seal()
@@ -167,14 +167,14 @@ def test_encrypted_round_trip_and_no_plaintext_on_disk(tmp_path: Path, keyring: 
 
 
 def test_encrypted_segment_is_refused_without_the_keyring(tmp_path: Path, keyring: Keyring) -> None:
-    w = SegmentWriter(tmp_path, "ingest-1-000001", keyring=keyring)
+    w = SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000001", keyring=keyring)
     w.append(*MESSAGES[0])
     sealed = w.seal()
     with pytest.raises(ValueError, match="keyring"):
         list(read_segment(sealed))
 
 
-def _encrypted(tmp_path: Path, keyring: Keyring, name: str = "ingest-1-000001") -> Path:
+def _encrypted(tmp_path: Path, keyring: Keyring, name: str = "ingest-1-20261127T120000000000-000001") -> Path:
     w = SegmentWriter(tmp_path, name, keyring=keyring)
     for m in MESSAGES:
         w.append(*m)
@@ -202,8 +202,8 @@ def test_reordered_records_fail_authentication(tmp_path: Path, keyring: Keyring)
 
 
 def test_record_moved_into_another_segment_fails_authentication(tmp_path: Path, keyring: Keyring) -> None:
-    a = _encrypted(tmp_path, keyring, "ingest-1-000001")
-    b = _encrypted(tmp_path, keyring, "ingest-1-000002")
+    a = _encrypted(tmp_path, keyring, "ingest-1-20261127T120000000000-000001")
+    b = _encrypted(tmp_path, keyring, "ingest-1-20261127T120000000000-000002")
     lines_a, lines_b = _lines(a), _lines(b)
     b.write_bytes(lines_b[0] + lines_a[1])  # same position, other segment
     with pytest.raises(DecryptError):
@@ -211,7 +211,7 @@ def test_record_moved_into_another_segment_fails_authentication(tmp_path: Path, 
 
 
 def test_encrypted_torn_tail_is_skipped_and_recovered(tmp_path: Path, keyring: Keyring) -> None:
-    w = SegmentWriter(tmp_path, "ingest-1-000001", keyring=keyring)
+    w = SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000001", keyring=keyring)
     for m in MESSAGES[:2]:
         w.append(*m)
     w.sync()
