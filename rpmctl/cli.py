@@ -92,11 +92,14 @@ def cmd_devices_add(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_devices_list(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.audit import AuditLog
     from warehouse.db import clinical
     from warehouse.registry import list_devices
 
     with clinical(s) as con:
         devices = list_devices(con)
+    AuditLog(s).append("admin:devices", "devices-list", sorted({d["patient_id"] for d in devices if d["patient_id"]}),
+                       {}, len(devices))  # device -> patient bindings are PHI
     if a.json:
         _print_json(devices)
     else:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from rpmctl.settings import Settings
-from warehouse.db import clinical
 
 COLUMNS = [("blood_pressure", "BP mm[Hg]"), ("heart_rate", "HR /min"), ("spo2", "SpO2 %"),
            ("respiratory_rate", "RR /min"), ("body_temperature", "Temp Cel"), ("body_weight", "Wt kg"),
            ("blood_glucose", "Glu mg/dL")]
 
 
-def latest_vitals(s: Settings) -> list[dict]:
-    with clinical(s, read_only=True) as con:
+def latest_vitals(s: Settings, actor: str = "admin:summary") -> list[dict]:
+    """Latest vitals of every patient — a PHI read, so it is audited like a clinician's."""
+    from warehouse.audit import AuditLog
+    from warehouse.serving import serving
+
+    with serving(s) as con:
         rows = con.execute("""
             SELECT patient_id, metric, value, diastolic, measured_local, readings_total
             FROM mart_latest_vitals ORDER BY patient_id, metric""").fetchall()
@@ -24,6 +27,7 @@ def latest_vitals(s: Settings) -> list[dict]:
         p["latest"][metric] = f"{value:.0f}/{dia:.0f}" if metric == "blood_pressure" else f"{value:.1f}"
         p["readings"] += total
         p["last_local"] = max(filter(None, [p["last_local"], local]))
+    AuditLog(s).append(actor, "summary", sorted(out), {"view": "latest vitals, all patients"}, len(rows))
     return list(out.values())
 
 
