@@ -12,6 +12,7 @@ from rpmctl.publish import wait_until
 from rpmctl.settings import Settings
 from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
 from rpmctl.summary import latest_vitals, render
+from warehouse import reports
 from warehouse.access import ClinicianSession
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
@@ -60,6 +61,17 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
 
         _section("RPM billing this month (rpm clinician --as rn-garcia billing)")
         print(view.render("billing", nurse.billing(None)))
+        for name, title, publish in (("appointments", "appointments by modality (practice view)", False),
+                                     ("appointments", "the same, published: counts < 11 suppressed", True),
+                                     ("education", "education engagement per module and week", False),
+                                     ("connectivity", "device connectivity", False),
+                                     ("adherence", "monitoring adherence", False)):
+            _section(f"telehealth report: {title}")
+            rows = reports.report(s, name, publish=publish)
+            print(reports.render(name, rows[:8]))
+            if len(rows) > 8:
+                print(f"... {len(rows) - 8} more rows (rpm reports {name})")
+
         verdict = AuditLog(s).verify()
         print(f"\naudit log: {verdict['records']} PHI reads recorded, chain "
               f"{'verified' if verdict['ok'] else 'BROKEN: ' + str(verdict['problem'])}")

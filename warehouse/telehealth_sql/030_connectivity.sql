@@ -43,7 +43,9 @@ FROM (SELECT d.device_key, d.device_kind, d.person_key IS NOT NULL AS assigned,
       LEFT JOIN (SELECT device_key, max(last_at) AS last_reading_at FROM device_days GROUP BY device_key) t
              ON t.device_key = d.device_key
       LEFT JOIN stg_device_latest_status s ON s.device_key = d.device_key
-      LEFT JOIN stg_device_gaps_30d g ON g.device_key = d.device_key);
+      LEFT JOIN stg_device_gaps_30d g ON g.device_key = d.device_key
+      -- Patient apps are registered sources too, but send events, not readings or status: not devices here.
+      WHERE d.device_kind IS DISTINCT FROM 'app');
 
 -- Firmware in the field by device kind (NULL: the device never reported its firmware).
 CREATE OR REPLACE VIEW mart_firmware_spread AS
