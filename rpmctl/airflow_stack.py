@@ -116,7 +116,22 @@ def admin_login(s: Settings) -> dict[str, str]:
 
 def api(s: Settings, method: str, path: str, body: Any = None, token: str | None = None,
         timeout: float = 10.0) -> Any:
-    """One call to the Airflow REST API on loopback; JSON in and out. Raises urllib's HTTPError."""
+    """One call to the Airflow REST API on loopback; JSON in and out. Raises urllib's HTTPError.
+
+    Idempotent calls (not POST) are retried for a few seconds on a 5xx: the API server answers 500 when its
+    SQLite metadata DB is momentarily locked by the scheduler (seen on 2-core machines under load).
+    """
+    deadline = time.monotonic() + (0 if method == "POST" else 15)
+    while True:
+        try:
+            return _api_once(s, method, path, body, token, timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _api_once(s: Settings, method: str, path: str, body: Any, token: str | None, timeout: float) -> Any:
     headers = {"Accept": "application/json"}
     data = None
     if body is not None:
@@ -170,7 +185,8 @@ def _unpause(s: Settings, jwt: str, timeout: float) -> dict[str, str]:
             try:
                 api(s, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=jwt)
             except urllib.error.HTTPError as exc:
-                if exc.code != 404:
+                # 404: not registered yet. 5xx: the API server's SQLite was busy (seen under load). Retry both.
+                if exc.code != 404 and exc.code < 500:
                     raise
                 continue
             result[dag_id] = "unpaused"

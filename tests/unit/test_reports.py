@@ -293,6 +293,12 @@ def test_appointments_published(s):
 # --- devices ----------------------------------------------------------------------------------------------------
 
 
+def hours_ago(ts: datetime) -> float:
+    """Hours from ``ts`` to the wall clock now: the view measures against now(), and NOW was fixed at
+    collection, possibly minutes ago in a long suite."""
+    return (datetime.now(UTC) - ts).total_seconds() / 3600
+
+
 def test_connectivity_internal_view(s):
     key = pseudonym_key(s)
     rows = report(s, "connectivity")
@@ -307,12 +313,12 @@ def test_connectivity_internal_view(s):
     assert (one["gaps_over_24h_30d"], one["gaps_over_72h_30d"], one["ongoing_gap"]) == (4, 2, False)
     assert one["last_reading_at"] == NOW - timedelta(hours=2)
     assert one["last_seen_at"] == NOW - timedelta(minutes=30)  # a status report is a sign of life
-    assert one["hours_since_last_seen"] == pytest.approx(0.5, abs=0.05)
+    assert one["hours_since_last_seen"] == pytest.approx(hours_ago(NOW - timedelta(minutes=30)), abs=0.05)
     assert (one["battery_pct"], one["low_battery"], one["signal_dbm"], one["firmware"]) == (15.0, True, -80.0,
                                                                                           "1.9.0")
     two = device("scale-p02")
     assert (two["gaps_over_24h_30d"], two["gaps_over_72h_30d"], two["ongoing_gap"]) == (2, 2, True)
-    assert two["hours_since_last_seen"] == pytest.approx(100, abs=0.05)
+    assert two["hours_since_last_seen"] == pytest.approx(hours_ago(NOW - timedelta(hours=100)), abs=0.05)
     assert (two["battery_pct"], two["low_battery"], two["firmware"]) == (None, None, None)
     three = device("scale-p03")
     assert (three["last_reading_at"], three["last_seen_at"]) == (None, NOW - timedelta(hours=30))
