@@ -261,13 +261,13 @@ def stop(s: Settings, timeout: float = 60.0) -> bool:
         return False
     members = _tree(leader)
     for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        if sig == signal.SIGINT and _running(leader):
+        if sig == signal.SIGINT and is_running(leader):
             os.kill(leader, sig)
         else:  # escalation, or the supervisor died and left its components behind
             _signal_all(leader, members, sig)
         deadline = time.monotonic() + wait
         while True:
-            members = {p for p in members | _tree(leader) if _running(p)}
+            members = {p for p in members | _tree(leader) if is_running(p)}
             if not members or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -337,7 +337,8 @@ def _tree(pgid: int) -> set[int]:
     return found
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child not yet reaped is gone for our purpose)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()

@@ -60,6 +60,13 @@ def running_broker(settings: Settings) -> Settings:
 
 
 @pytest.fixture
+def ingest_up(settings: Settings) -> Settings:
+    """Broker + ingest running in the background (no Airflow metadata needed)."""
+    services.up(settings)
+    return settings
+
+
+@pytest.fixture
 def stack(settings: Settings, airflow_db_template: Path) -> Settings:
     """Broker + ingest running in the background, Airflow metadata ready: what `rpm up` gives a user."""
     Path(settings.airflow_home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]

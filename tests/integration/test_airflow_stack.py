@@ -39,16 +39,6 @@ def env_pids(home: Path) -> set[int]:
     return found
 
 
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a dead process not yet reaped by its new parent is gone for our purpose)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
 def listening_addresses(pids: set[int]) -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
     """(address, port) of every TCP socket these processes listen on, from /proc/net/tcp{,6}."""
     inodes = set()
@@ -146,7 +136,7 @@ def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         stopped = airflow_stack.stop(s, timeout=60)
         print(f"stopped in {time.monotonic() - t1:.1f}s")
     assert stopped
-    survivors = {pid for pid in seen | env_pids(home) if running(pid)}
+    survivors = {pid for pid in seen | env_pids(home) if airflow_stack.is_running(pid)}
     assert survivors == set(), f"processes of this stack survived stop: {survivors}"
     assert not procs.port_open("127.0.0.1", s.airflow_port)
     assert airflow_stack.status(s)["running"] is False

@@ -36,12 +36,6 @@ def add_device(s: Settings, device_id: str) -> str:
     return password
 
 
-@pytest.fixture
-def ingest_up(settings: Settings) -> Settings:
-    services.up(settings)
-    return settings
-
-
 def test_every_message_lands_byte_exact_with_topic_and_receive_time(ingest_up: Settings):
     s = ingest_up
     password = add_device(s, "glu-1")

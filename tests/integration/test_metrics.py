@@ -43,12 +43,6 @@ def metric(s: Settings, name: str, **labels: str) -> float:
         return 0.0
 
 
-@pytest.fixture
-def ingest_up(settings: Settings) -> Settings:
-    services.up(settings)
-    return settings
-
-
 def test_counters_follow_a_device_and_expose_no_phi(ingest_up: Settings):
     s = ingest_up
     assert metric(s, "connected") == 1
