@@ -216,13 +216,12 @@ def cmd_patients_import(s: Settings, a: argparse.Namespace) -> int:
 
 def cmd_patients_list(s: Settings, a: argparse.Namespace) -> int:
     from warehouse.audit import AuditLog
+    from warehouse.db import rows as fetch_rows
     from warehouse.serving import serving
 
     with serving(s) as con:
-        cur = con.execute("""SELECT patient_id, mrn, given_name, family_name, birth_date, time_zone, conditions
-                             FROM patients ORDER BY patient_id""")
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        rows = fetch_rows(con.execute("""SELECT patient_id, mrn, given_name, family_name, birth_date, time_zone,
+                                                conditions FROM patients ORDER BY patient_id"""))
     AuditLog(s).append(f"admin:{a.actor}", "patients-list", [r["patient_id"] for r in rows], {}, len(rows))
     if a.json:
         _print_json(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ def seal_open_segments(s: Settings, timeout: float = 15.0) -> None:
     pid = procs.read_pid(s, INGEST)
     if pid is None:
         return
-    os.kill(pid, 10)  # SIGUSR1
+    os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not any(p.stat().st_size > 0 and _has_records(p)

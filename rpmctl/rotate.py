@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 
 from ingest.landing import (
@@ -39,7 +40,7 @@ def rotate_landing(s: Settings) -> dict:
     active = ring.add_active()
     pid = procs.read_pid(s, INGEST)
     if pid:
-        os.kill(pid, 1)  # SIGHUP: seal the open segment, reload the keyring
+        os.kill(pid, signal.SIGHUP)  # seal the open segment, reload the keyring
         deadline = time.monotonic() + 30
         while (ingest_status(s) or {}).get("landing_key") != active:
             if time.monotonic() > deadline:

@@ -16,17 +16,13 @@ from rpmctl.settings import Settings
 from warehouse import alerts as alerts_mod
 from warehouse.audit import AuditLog
 from warehouse.db import clinical
+from warehouse.db import rows as _rows
 from warehouse.registry import care_team_patients
 from warehouse.serving import publish_snapshot, serving
 
 
 class AccessDenied(PermissionError):
     pass
-
-
-def _rows(cur: duckdb.DuckDBPyConnection) -> list[dict]:
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 class ClinicianSession:

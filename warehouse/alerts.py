@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 import duckdb
 
+from warehouse.db import rows
+
 EPISODES = """
 CREATE OR REPLACE TEMP TABLE _episodes AS
 SELECT md5(e.patient_id || '|' || e.rule || '|' || e.opened_reading_id) AS alert_id, e.*, d.severity, d.description
@@ -59,8 +61,7 @@ def open_alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str]) -> list[
                breaches, acknowledged_by, acknowledged_at
         FROM alerts WHERE resolved_at IS NULL AND list_contains(?, patient_id)
         ORDER BY severity, opened_at, patient_id, rule""", [patient_ids])
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    return rows(cur)
 
 
 def acknowledge(con: duckdb.DuckDBPyConnection, alert_id: str, clinician_id: str, note: str | None) -> dict | None:

@@ -87,6 +87,12 @@ def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = N
     return con
 
 
+def rows(cur: duckdb.DuckDBPyConnection) -> list[dict]:
+    """The result of an executed query as a list of {column: value} dicts."""
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
 @contextmanager
 def clinical(s: Settings, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     con = open_clinical(s, read_only)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rpmctl.settings import Settings
-from warehouse.db import clinical
+from warehouse.db import clinical, rows
 from warehouse.validation_report import write_report
 
 FRESHNESS = """
@@ -84,6 +84,4 @@ def last_runs(s: Settings, n: int = 5) -> list[dict]:
     from warehouse.serving import serving
 
     with serving(s) as con:
-        cur = con.execute("SELECT * FROM pipeline_runs ORDER BY finished_at DESC LIMIT ?", [n])
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        return rows(con.execute("SELECT * FROM pipeline_runs ORDER BY finished_at DESC LIMIT ?", [n]))

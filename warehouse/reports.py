@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rpmctl.settings import Settings
+from warehouse.db import rows as fetch_rows
 from warehouse.telehealth import open_telehealth
 
 # CMS cell-size suppression policy: no cell counting fewer than 11 people (or events about them) is published,
@@ -77,9 +78,7 @@ def report(s: Settings, name: str, publish: bool = False) -> list[dict]:
     try:
         con.execute("SET TimeZone = 'UTC'")  # instants come back in UTC; 30-day windows are 720 h
         limit = f" LIMIT {int(spec.limit)}" if spec.limit else ""
-        cur = con.execute(f"SELECT * FROM {spec.view} ORDER BY {spec.order_by}{limit}")
-        columns = [d[0] for d in cur.description]
-        rows = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
+        rows = fetch_rows(con.execute(f"SELECT * FROM {spec.view} ORDER BY {spec.order_by}{limit}"))
     finally:
         con.close()
     return [suppress(spec, row) for row in rows] if publish else rows
