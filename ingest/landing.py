@@ -22,13 +22,13 @@ line in an open segment: that record was never acked, the broker redelivers it, 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from rpmctl.crypto import Keyring
@@ -39,8 +39,7 @@ PLAIN, AESGCM = "plain", "aesgcm-v1"
 ENCODINGS = (PLAIN, AESGCM)
 
 
-@dataclass(frozen=True)
-class LandedRecord:
+class LandedRecord(NamedTuple):  # a tuple: built once per landed message, so cheap construction matters
     n: int
     topic: str
     received_at: datetime
@@ -150,13 +149,10 @@ def read_segment(path: Path, keyring: Keyring | None = None) -> Iterator[LandedR
             if not line.endswith(b"\n"):
                 return  # torn tail: never fsynced, so never acked
             if encrypted:
-                line = keyring.open(base64.b64decode(line), _aad(header["segment"], n))  # type: ignore[union-attr]
+                line = keyring.open(binascii.a2b_base64(line), _aad(header["segment"], n))  # type: ignore[union-attr]
             rec = json.loads(line)
-            yield LandedRecord(
-                n=rec["n"], topic=rec["topic"],
-                received_at=datetime.fromisoformat(rec["received_at"]),
-                payload=base64.b64decode(rec["payload"]), mark=rec.get("mark"),
-            )
+            yield LandedRecord(rec["n"], rec["topic"], datetime.fromisoformat(rec["received_at"]),
+                               binascii.a2b_base64(rec["payload"]), rec.get("mark"))
 
 
 def segment_owner(path: Path) -> str:

@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,6 +38,14 @@ class Keyring:
     path: Path
     active: str
     keys: dict[str, bytes]
+    # One cipher object per key: building it costs about as much as sealing one landing record.
+    _ciphers: dict[str, AESGCM] = field(default_factory=dict, repr=False, compare=False)
+
+    def _cipher(self, kid: str) -> AESGCM:
+        cipher = self._ciphers.get(kid)
+        if cipher is None:
+            cipher = self._ciphers[kid] = AESGCM(self.keys[kid])
+        return cipher
 
     @classmethod
     def load(cls, s: Settings, purpose: str) -> Keyring:
@@ -70,21 +78,22 @@ class Keyring:
         with _locked(self.path):
             for kid in kids - {self.active}:
                 self.keys.pop(kid, None)
+                self._ciphers.pop(kid, None)
             self._save()
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         """key id | 0x00 | nonce | ciphertext+tag."""
         nonce = secrets.token_bytes(NONCE_BYTES)
-        ct = AESGCM(self.keys[self.active]).encrypt(nonce, plaintext, aad)
+        ct = self._cipher(self.active).encrypt(nonce, plaintext, aad)
         return self.active.encode() + b"\x00" + nonce + ct
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         kid, sep, rest = sealed.partition(b"\x00")
-        key = self.keys.get(kid.decode(errors="replace"))
-        if not sep or key is None:
+        name = kid.decode(errors="replace")
+        if not sep or name not in self.keys:
             raise DecryptError(f"unknown key id {kid[:40]!r}")
         try:
-            return AESGCM(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], aad)
+            return self._cipher(name).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], aad)
         except InvalidTag as exc:
             raise DecryptError("authentication failed: wrong key or altered data") from exc
 

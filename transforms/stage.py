@@ -1,34 +1,76 @@
-"""Stage a batch: decode and normalise its landing segments into the (encrypted) staging tables."""
+"""Stage a batch: decode and normalise its landing segments into the (encrypted) staging tables.
+
+Ordinary vitals messages are decoded and normalised in bulk inside DuckDB (transforms/fastpath.py); every
+other message — telehealth events, anything unusual or unreadable, and whatever the bulk path hands back —
+goes through the reference normaliser (transforms/normalise.py). Both produce the same candidate rows.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
 
-from ingest.landing import SEGMENT_SUFFIX, read_segment, sealed_dir
+from ingest.landing import SEGMENT_SUFFIX, LandedRecord, read_segment, sealed_dir
 from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
+from transforms import fastpath
 from transforms.events import EVENT_COLUMNS
 from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
+from transforms.topics import parse_topic
 from warehouse.db import clinical, transaction
 from warehouse.ledger import Batch
 
 STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
                   "detail", "raw"]
+FAST_COLUMNS = ["i", "segment", "record_no", "device_id", "received_at", "payload", "batch"]
 
 
-def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    """(reading candidates, event candidates, structural rejects, messages per segment) of a batch."""
-    rows: list[dict] = []
-    events: list[dict] = []
-    rejects: list[dict] = []
-    messages: dict[str, int] = {}
+@dataclass
+class Decoded:
+    """A batch's landed messages, split between the bulk (DuckDB) path and the reference path."""
+    messages: dict[str, int] = field(default_factory=dict)       # per segment
+    fast: dict[str, list] = field(default_factory=lambda: {c: [] for c in FAST_COLUMNS})
+    fast_records: list[LandedRecord] = field(default_factory=list)   # by msgs.i
+    slow: list[tuple[str, LandedRecord]] = field(default_factory=list)
+
+    def add(self, segment: str, rec: LandedRecord, max_payload_bytes: int) -> None:
+        topic = parse_topic(rec.topic)
+        text = (fastpath.precheck(rec.payload, max_payload_bytes)
+                if topic is not None and topic.channel == "vitals" else None)
+        if text is None:
+            self.slow.append((segment, rec))
+            return
+        values = (len(self.fast_records), segment, rec.n, topic.device_id, rec.received_at, text,  # type: ignore[union-attr]
+                  '"readings"' in text)
+        for column, value in zip(FAST_COLUMNS, values, strict=True):
+            self.fast[column].append(value)
+        self.fast_records.append(rec)
+
+
+def read_batch(s: Settings, batch: Batch) -> Decoded:
+    """Decrypt every landed message of a batch and route it to a decode path."""
+    out = Decoded()
     keyring = Keyring.load(s, "landing")
     for name in batch.segments:
         path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
-        records = list(read_segment(path, keyring))
-        messages[name] = len(records)
-        for out in normalise_records(name, records, s.max_payload_bytes):
+        count = 0
+        for rec in read_segment(path, keyring):
+            out.add(name, rec, s.max_payload_bytes)
+            count += 1
+        out.messages[name] = count
+    return out
+
+
+def reference_rows(records: list[tuple[str, LandedRecord]], max_payload_bytes: int,
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(reading candidates, event candidates, structural rejects) of messages, by the reference normaliser."""
+    rows: list[dict] = []
+    events: list[dict] = []
+    rejects: list[dict] = []
+    for segment, rec in records:
+        for out in normalise_records(segment, [rec], max_payload_bytes):
             if isinstance(out, StructuralReject):
                 rejects.append({c: getattr(out, c) for c in REJECT_COLUMNS})
             elif isinstance(out, EventRow):
@@ -36,34 +78,66 @@ def decode_batch(s: Settings, batch: Batch) -> tuple[pd.DataFrame, pd.DataFrame,
             else:
                 rows.append(out)
     return (pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), pd.DataFrame(events, columns=EVENT_COLUMNS),
-            pd.DataFrame(rejects, columns=REJECT_COLUMNS), messages)
+            pd.DataFrame(rejects, columns=REJECT_COLUMNS))
+
+
+def bulk_candidates(con, decoded: Decoded) -> list[tuple[str, LandedRecord]]:
+    """Normalise the fast messages (view ``msgs``, temp tables _fp_*); returns the messages handed back."""
+    frame = pd.DataFrame(decoded.fast, columns=FAST_COLUMNS)
+    frame["received_at"] = pd.to_datetime(frame["received_at"], utc=True)
+    con.register("msgs", frame)
+    for sql in (fastpath.ITEMS, fastpath.ROWS, fastpath.BACK):
+        con.execute(sql)
+    back = con.execute("SELECT i FROM _fp_back ORDER BY i").fetchall()
+    return [(decoded.fast["segment"][i], decoded.fast_records[i]) for (i,) in back]
+
+
+# The patient is whoever the source was enrolled to at the *measured* instant (enrollments of one device
+# never overlap: the registry refuses back-dating, so the lookup finds at most one).
+_MEASURED = {"stg_candidates": "measured_at", "stg_events": "occurred_at"}
+
+
+def _insert(con, table: str, columns: list[str], source: str, batch_id: str) -> None:
+    """INSERT rows of ``source`` into a staging table, with the batch id and (readings, events) the patient."""
+    names, cols = ", ".join(columns), ", ".join(f"c.{c}" for c in columns)
+    measured = _MEASURED.get(table)
+    if measured is None:
+        con.execute(f"INSERT INTO {table} ({names}, batch_id) SELECT {cols}, ? FROM {source} c", [batch_id])
+        return
+    con.execute(f"""
+        INSERT INTO {table} ({names}, batch_id, patient_id)
+        SELECT {cols}, ?, (SELECT any_value(e.patient_id) FROM enrollments e
+                           WHERE e.device_id = c.device_id AND c.{measured} >= e.valid_from
+                             AND (e.valid_to IS NULL OR c.{measured} < e.valid_to))
+        FROM {source} c""", [batch_id])
 
 
 def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows."""
-    candidates, events, rejects, messages = decode_batch(s, batch)
-    seg = pd.DataFrame({"segment": list(messages), "messages": list(messages.values())})
+    decoded = read_batch(s, batch)
+    seg = pd.DataFrame({"segment": list(decoded.messages), "messages": list(decoded.messages.values())})
     with clinical(s) as con, transaction(con):
         for table in STAGING_TABLES:
             con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
-        for frame, table, columns, measured in ((candidates, "stg_candidates", CANDIDATE_COLUMNS, "measured_at"),
-                                                 (events, "stg_events", EVENT_COLUMNS, "occurred_at"),
-                                                 (rejects, "stg_rejects", REJECT_COLUMNS, None)):
-            if not len(frame):
-                continue
-            con.register("frame", frame)
-            cols = ", ".join(columns)
-            con.execute(f"INSERT INTO {table} ({cols}, batch_id) SELECT {cols}, ? FROM frame", [batch.batch_id])
-            con.unregister("frame")
-            if measured:
-                # The patient is whoever the source was enrolled to at the *measured* instant.
-                con.execute(f"""
-                    UPDATE {table} c SET patient_id = e.patient_id
-                    FROM enrollments e
-                    WHERE e.device_id = c.device_id AND c.{measured} >= e.valid_from
-                      AND (e.valid_to IS NULL OR c.{measured} < e.valid_to)""")
+        handed_back = bulk_candidates(con, decoded) if decoded.fast_records else []
+        candidates, events, rejects = reference_rows(decoded.slow + handed_back, s.max_payload_bytes)
+        if decoded.fast_records:
+            _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({fastpath.CANDIDATES})", batch.batch_id)
+            con.unregister("msgs")
+        for frame, table, columns in ((candidates, "stg_candidates", CANDIDATE_COLUMNS),
+                                      (events, "stg_events", EVENT_COLUMNS),
+                                      (rejects, "stg_rejects", REJECT_COLUMNS)):
+            if len(frame):
+                con.register("frame", frame)
+                _insert(con, table, columns, "frame", batch.batch_id)
+                con.unregister("frame")
         if len(seg):
             con.register("sg", seg)
             con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch.batch_id])
-    return {"segments": len(messages), "messages": sum(messages.values()), "candidates": len(candidates),
-            "events": len(events), "unreadable": len(rejects)}
+        counts = con.execute("""SELECT (SELECT count(*) FROM stg_candidates WHERE batch_id = $b),
+                                       (SELECT count(*) FROM stg_events WHERE batch_id = $b),
+                                       (SELECT count(*) FROM stg_rejects WHERE batch_id = $b)""",
+                             {"b": batch.batch_id}).fetchone()
+    return {"segments": len(decoded.messages), "messages": sum(decoded.messages.values()),
+            "candidates": counts[0], "events": counts[1], "unreadable": counts[2],
+            "bulk_decoded": len(decoded.fast_records) - len(handed_back)}

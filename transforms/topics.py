@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 TOPIC_PREFIX = "rpm/v1"
 # Device ids are also broker usernames and appear in topics: keep them to a safe alphabet.
@@ -26,6 +27,7 @@ class Topic:
     channel: str    # "vitals" (clinical), "status" (device telemetry) or "events" (patient app)
 
 
+@lru_cache(maxsize=65536)  # a fleet publishes on a few topics each, millions of times
 def parse_topic(topic: str) -> Topic | None:
     """The device and channel a topic names, or None if it is not part of the contract."""
     # fullmatch, not match + "$": "$" also matches before a trailing newline.

@@ -6,7 +6,6 @@ a value outside them is a device or entry error and goes to quarantine, never to
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # 1 mmol/L glucose = 18.0156 mg/dL (molar mass of glucose 180.156 g/mol).
@@ -14,8 +13,19 @@ GLUCOSE_MG_DL_PER_MMOL_L = 18.0156
 LB_AV_IN_KG = 0.45359237  # avoirdupois pound, exact by definition
 
 
-def _identity(v: float) -> float:
-    return v
+@dataclass(frozen=True)
+class Linear:
+    """A unit conversion ``(v - subtract) * multiply / divide``, evaluated in that order in Python and in SQL
+    (transforms/fastpath.py), so both give bit-identical doubles."""
+    subtract: float = 0.0
+    multiply: float = 1.0
+    divide: float = 1.0
+
+    def __call__(self, v: float) -> float:
+        return (v - self.subtract) * self.multiply / self.divide
+
+
+_identity = Linear()
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class Metric:
     loinc_display: str
     plausible: tuple[float, float]
     # unit as sent -> conversion to the canonical unit
-    units: dict[str, Callable[[float], float]] = field(default_factory=dict)
+    units: dict[str, Linear] = field(default_factory=dict)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
@@ -38,13 +48,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            {"%": _identity}),
     Metric("respiratory_rate", "/min", "9279-1", "Respiratory rate", (4, 70), {"/min": _identity}),
     Metric("body_temperature", "Cel", "8310-5", "Body temperature", (25, 45),
-           {"Cel": _identity, "[degF]": lambda f: (f - 32.0) * 5.0 / 9.0}),
+           {"Cel": _identity, "[degF]": Linear(32.0, 5.0, 9.0)}),
     Metric("body_weight", "kg", "29463-7", "Body weight", (2, 400),
-           {"kg": _identity, "[lb_av]": lambda lb: lb * LB_AV_IN_KG}),
+           {"kg": _identity, "[lb_av]": Linear(multiply=LB_AV_IN_KG)}),
     # Meter readings are capillary blood (41653-7); CGM readings are interstitial fluid (2339-0 is the
     # blood-glucose code most EHRs accept for them; source keeps the distinction).
     Metric("blood_glucose", "mg/dL", "41653-7", "Glucose [Mass/volume] in Capillary blood by Glucometer",
-           (10, 1000), {"mg/dL": _identity, "mmol/L": lambda mmol: mmol * GLUCOSE_MG_DL_PER_MMOL_L}),
+           (10, 1000), {"mg/dL": _identity, "mmol/L": Linear(multiply=GLUCOSE_MG_DL_PER_MMOL_L)}),
 ]}
 
 # Diastolic plausibility (systolic uses the metric's range).

@@ -1,0 +1,185 @@
+"""Pipeline benchmark: N landed readings through one real ``rpm_pipeline`` run, per stage, against the floor.
+
+    python -m bench.pipeline                       # 200,000 readings (make bench)
+    python -m bench.pipeline --size 1000000 --size 5000000 --size 10000000
+
+For each size, in a fresh RPM_HOME: encrypted landing segments are generated (bench/landing.py: the device
+mix, ~2% invalid, ~1% re-sent), then
+
+- **floor** (baseline, same data, same run): decrypt every landed record (the at-rest encryption any reader
+  pays) and let DuckDB alone parse the payloads and insert one row per reading into an encrypted file, with no
+  validation, no deduplication and no accounting;
+- **pipeline**: ``rpm pipeline run`` — a real Airflow run of the DAG in a child process. Each stage's work
+  seconds are what the task's library call took (the run record, warehouse/ops.timed; Airflow's task instance
+  duration for the publish tasks, which the record does not time); their sum gives readings/s. The rest of
+  the wall time is Airflow's fixed cost (DAG parsing, task start-up, imports), reported separately. Peak
+  memory is the child's maxrss.
+
+The accounting identity is checked after every run (``rpm accounting --json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Timer, bench_home, machine, parser, print_table, write_json
+from bench.landing import READINGS_PER_SEGMENT, register, write_landing
+from rpmctl import services
+from rpmctl.settings import Settings
+
+RPM = str(Path(sys.executable).with_name("rpm"))
+DATA_TASKS = ("claim", "decode_normalise", "validate", "load", "evaluate_alerts", "record_run",
+              "publish_snapshot", "publish_telehealth")
+TARGET_READINGS_PER_S = 400_000
+TARGET_PEAK_MB = 2048
+
+
+def floor(s: Settings) -> dict[str, float]:
+    """Seconds to decrypt the landing data, then for DuckDB alone to parse and insert it (no validation)."""
+    import pandas as pd
+
+    from ingest.landing import list_sealed, read_segment
+    from rpmctl.crypto import Keyring
+    from warehouse.db import open_clinical
+
+    keyring = Keyring.load(s, "landing")
+    with Timer() as decrypt:
+        payloads = [rec.payload.decode("utf-8", "replace") for p in list_sealed(s.landing_dir)  # type: ignore[arg-type]
+                    for rec in read_segment(p, keyring)]
+    frame = pd.DataFrame({"payload": payloads})
+    con = open_clinical(s, db_path=Path(s.home) / "floor.duckdb")  # type: ignore[arg-type]
+    try:
+        with Timer() as insert:
+            con.register("msgs", frame)
+            con.execute("""
+                CREATE TABLE floor AS
+                WITH items AS (
+                    SELECT CASE WHEN json_exists(payload, '$.readings')
+                                THEN unnest(json_extract(payload, '$.readings[*]'))
+                                ELSE payload::JSON END AS item
+                    FROM msgs WHERE json_valid(payload))
+                SELECT item->>'$.metric' AS metric, item->>'$.unit' AS unit,
+                       TRY_CAST(item->>'$.value' AS DOUBLE) AS value,
+                       TRY_CAST(item->>'$.measured_at' AS TIMESTAMPTZ) AS measured_at, item->>'$.msg_id' AS msg_id
+                FROM items""")
+            rows = con.execute("SELECT count(*) FROM floor").fetchone()[0]  # type: ignore[index]
+    finally:
+        con.close()
+    return {"decrypt_s": decrypt.seconds, "duckdb_s": insert.seconds, "rows": rows}
+
+
+def task_seconds(s: Settings) -> dict[str, float]:
+    """Per-task work seconds of the latest run: the run record's library timings, else Airflow's duration."""
+    from warehouse.db import clinical
+
+    with clinical(s, read_only=True) as con:
+        (recorded,) = con.execute("SELECT task_seconds FROM pipeline_runs ORDER BY finished_at DESC LIMIT 1"
+                                  ).fetchone()  # type: ignore[misc]
+    return {**airflow_durations(s), **{k: float(v) for k, v in json.loads(recorded).items() if v is not None}}
+
+
+def airflow_durations(s: Settings) -> dict[str, float]:
+    """Per-task duration (s) of the latest rpm_pipeline run, from Airflow's metadata DB."""
+    db = Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
+    with sqlite3.connect(db) as con:
+        (run_id,) = con.execute("SELECT run_id FROM dag_run WHERE dag_id = 'rpm_pipeline' "
+                                "ORDER BY id DESC LIMIT 1").fetchone()
+        rows = con.execute("SELECT task_id, duration FROM task_instance WHERE dag_id = 'rpm_pipeline' "
+                           "AND run_id = ?", [run_id]).fetchall()
+    return {task: float(d or 0) for task, d in rows}
+
+
+def run_pipeline(s: Settings) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one `rpm pipeline run` child process."""
+    env = {**os.environ, **s.as_env()}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([RPM, "pipeline", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rpm pipeline run exited {proc.returncode}:\n{out[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def accounting(s: Settings) -> dict[str, Any]:
+    out = subprocess.run([RPM, "accounting", "--json"], env={**os.environ, **s.as_env()}, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout)
+
+
+def measure(size: int, patients: int) -> dict[str, Any]:
+    # Segments hold ~READINGS_PER_SEGMENT readings: one run must claim them all.
+    with bench_home("pipeline", pipeline_max_segments=100_000) as s:
+        services.init(s)
+        from warehouse.db import clinical
+
+        with clinical(s):
+            pass  # create and migrate the warehouse
+        register(s, patients)
+        with Timer() as gen:
+            landed = write_landing(s, size, patients)
+        print(f"  generated {landed['items']:,} readings in {landed['messages']:,} messages, "
+              f"{landed['segments']} segments, in {gen.seconds:.1f}s", flush=True)
+        base = floor(s)
+        wall, peak_mb = run_pipeline(s)
+        tasks = task_seconds(s)
+        acc = accounting(s)
+    data_s = sum(tasks.get(t, 0.0) for t in DATA_TASKS)
+    return {"size": landed["items"], "messages": landed["messages"], "segments": landed["segments"],
+            "tasks_s": tasks, "data_s": data_s, "wall_s": wall, "airflow_fixed_s": wall - data_s,
+            "readings_per_s": landed["items"] / data_s, "peak_mb": peak_mb,
+            "floor": base, "floor_readings_per_s": base["rows"] / (base["decrypt_s"] + base["duckdb_s"]),
+            "accounting": {k: acc.get(k) for k in ("received", "loaded", "quarantined", "duplicates", "balanced")}}
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    stages = [t for t in DATA_TASKS if any(t in r["tasks_s"] for r in results)]
+    print_table("rpm_pipeline: work seconds per stage (one Airflow run)",
+                ["readings", *stages, "data total", "Airflow fixed", "wall"],
+                [[r["size"], *(r["tasks_s"].get(t, 0.0) for t in stages), r["data_s"], r["airflow_fixed_s"],
+                  r["wall_s"]] for r in results])
+    print_table("Throughput and memory, against the floor measured in the same run",
+                ["readings", "pipeline readings/s", "target", "floor readings/s (decrypt + DuckDB insert)",
+                 "floor decrypt s", "floor DuckDB s", "pipeline / floor", "peak MiB", "≤ 2 GiB"],
+                [[r["size"], r["readings_per_s"], "≥ 400,000" if r["readings_per_s"] < TARGET_READINGS_PER_S
+                  else "met", r["floor_readings_per_s"], r["floor"]["decrypt_s"], r["floor"]["duckdb_s"],
+                  r["readings_per_s"] / r["floor_readings_per_s"], r["peak_mb"],
+                  "met" if r["peak_mb"] <= TARGET_PEAK_MB else "NOT met"] for r in results])
+    print_table("Accounting after each run: received = loaded + quarantined + duplicates",
+                ["readings", "received", "loaded", "quarantined", "duplicates", "balanced"],
+                [[r["size"], *(r["accounting"][k] for k in ("received", "loaded", "quarantined", "duplicates",
+                                                            "balanced"))] for r in results])
+    if len(results) > 1:
+        first = results[0]
+        print_table("Scaling (cost per reading relative to the smallest size; 1.00 = linear)",
+                    ["readings", "data s", "µs per reading", "relative"],
+                    [[r["size"], r["data_s"], r["data_s"] / r["size"] * 1e6,
+                      (r["data_s"] / r["size"]) / (first["data_s"] / first["size"])] for r in results])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.splitlines()[0], 200_000, repeat_size=True)
+    p.add_argument("--patients", type=int, default=0, help="patients (default: one per 1,000 readings)")
+    args = p.parse_args(argv)
+    sizes = args.size or [200_000]
+    results = []
+    print(f"machine: {machine()}", flush=True)
+    for size in sizes:
+        print(f"\n{size:,} readings (segments of ~{READINGS_PER_SEGMENT:,})", flush=True)
+        results.append(measure(size, args.patients or max(100, size // 1000)))
+    report(results)
+    write_json(args.json, "pipeline", {"results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
