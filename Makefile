@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help system install demo test test-fast lint up down status clean
+.PHONY: help system install demo test test-fast lint bench bench-deps up down status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,20 @@ test-fast: install ## unit tests only (nothing started)
 
 lint: install ## ruff (with Airflow AIR rules)
 	$(BIN)/ruff check .
+
+bench-deps: install
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		echo "installing postgresql with apt-get (the peer design of bench/peer_postgres.py)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+	@$(BIN)/python -c 'import psycopg' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+
+bench: bench-deps ## every benchmark at its small default size (~15 min); BENCHMARKS.md has the large runs
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.queries
+	$(BIN)/python -m bench.peer_postgres
+	$(BIN)/python -m bench.freshness
 
 up: install ## the long-lived stack: broker, ingest, Airflow (UI on 127.0.0.1:8080, login printed), scheduled DAGs
 	$(BIN)/rpm up --airflow

@@ -74,7 +74,10 @@ class Settings:
                               "rejected as 'measured in the future' (device clock ahead).", default=300)
     pipeline_max_segments: int = _doc("Most sealed segments one DAG run claims.", default=5000)
     airflow_port: int = _doc("Airflow UI/API of `make up`, bound to 127.0.0.1 only.", default=8080)
-    pipeline_schedule_minutes: int = _doc("How often the scheduled rpm_pipeline DAG runs.", default=2)
+    pipeline_schedule_minutes: int = _doc(
+        "How often the scheduled rpm_pipeline DAG runs. Freshness (publish -> visible to a clinician) is about "
+        "the seal age + up to one schedule + a ~20 s run: 1 minute keeps its p95 under 2 minutes "
+        "(BENCHMARKS.md: p95 82 s at 1 min, 147 s at 2 min).", default=1)
     landing_retention_days: int = _doc(
         "Sealed landing segments already absorbed by the warehouse are deleted once they are this old "
         "(rpm_daily); segments the ledger does not list are never deleted.", default=30)
