@@ -7,6 +7,7 @@ goes through the reference normaliser (transforms/normalise.py). Both produce th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -24,6 +25,7 @@ from warehouse.ledger import Batch
 STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
                   "detail", "raw"]
+CHUNK_MESSAGES = 200_000  # messages decoded per chunk: bounds the stage's memory (~1 GB at 50 readings each)
 FAST_COLUMNS = ["i", "segment", "record_no", "device_id", "received_at", "payload", "batch"]
 
 
@@ -49,10 +51,12 @@ class Decoded:
         self.fast_records.append(rec)
 
 
-def read_batch(s: Settings, batch: Batch) -> Decoded:
-    """Decrypt every landed message of a batch and route it to a decode path."""
-    out = Decoded()
+def read_batch(s: Settings, batch: Batch, max_messages: int | None = None) -> Iterator[Decoded]:
+    """Decrypt the landed messages of a batch and route each to a decode path, in chunks of whole segments
+    of about ``max_messages`` (so memory stays bounded however many segments a run claims)."""
+    budget = max_messages or CHUNK_MESSAGES
     keyring = Keyring.load(s, "landing")
+    out = Decoded()
     for name in batch.segments:
         path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
         count = 0
@@ -60,7 +64,11 @@ def read_batch(s: Settings, batch: Batch) -> Decoded:
             out.add(name, rec, s.max_payload_bytes)
             count += 1
         out.messages[name] = count
-    return out
+        if sum(out.messages.values()) >= budget:
+            yield out
+            out = Decoded()
+    if out.messages:
+        yield out
 
 
 def reference_rows(records: list[tuple[str, LandedRecord]], max_payload_bytes: int,
@@ -82,10 +90,13 @@ def reference_rows(records: list[tuple[str, LandedRecord]], max_payload_bytes: i
 
 
 def bulk_candidates(con, decoded: Decoded) -> list[tuple[str, LandedRecord]]:
-    """Normalise the fast messages (view ``msgs``, temp tables _fp_*); returns the messages handed back."""
+    """Normalise the fast messages (temp tables msgs, _fp_*); returns the messages handed back."""
     frame = pd.DataFrame(decoded.fast, columns=FAST_COLUMNS)
     frame["received_at"] = pd.to_datetime(frame["received_at"], utc=True)
-    con.register("msgs", frame)
+    # Copied into DuckDB once: scanning Python strings out of pandas holds the GIL (one thread, every scan).
+    con.register("msgs_frame", frame)
+    con.execute("CREATE OR REPLACE TEMP TABLE msgs AS SELECT * FROM msgs_frame")
+    con.unregister("msgs_frame")
     for sql in (fastpath.ITEMS, fastpath.ROWS, fastpath.BACK):
         con.execute(sql)
     back = con.execute("SELECT i FROM _fp_back ORDER BY i").fetchall()
@@ -112,32 +123,39 @@ def _insert(con, table: str, columns: list[str], source: str, batch_id: str) -> 
         FROM {source} c""", [batch_id])
 
 
+def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> int:
+    """Stage one chunk of decoded messages; returns how many messages took the bulk path."""
+    handed_back = bulk_candidates(con, decoded) if decoded.fast_records else []
+    candidates, events, rejects = reference_rows(decoded.slow + handed_back, s.max_payload_bytes)
+    if decoded.fast_records:
+        _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({fastpath.CANDIDATES})", batch_id)
+    for frame, table, columns in ((candidates, "stg_candidates", CANDIDATE_COLUMNS),
+                                  (events, "stg_events", EVENT_COLUMNS),
+                                  (rejects, "stg_rejects", REJECT_COLUMNS)):
+        if len(frame):
+            con.register("frame", frame)
+            _insert(con, table, columns, "frame", batch_id)
+            con.unregister("frame")
+    seg = pd.DataFrame({"segment": list(decoded.messages), "messages": list(decoded.messages.values())})
+    con.register("sg", seg)
+    con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch_id])
+    con.unregister("sg")
+    return len(decoded.fast_records) - len(handed_back)
+
+
 def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows."""
-    decoded = read_batch(s, batch)
-    seg = pd.DataFrame({"segment": list(decoded.messages), "messages": list(decoded.messages.values())})
+    segments = messages = bulk = 0
     with clinical(s) as con, transaction(con):
         for table in STAGING_TABLES:
             con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
-        handed_back = bulk_candidates(con, decoded) if decoded.fast_records else []
-        candidates, events, rejects = reference_rows(decoded.slow + handed_back, s.max_payload_bytes)
-        if decoded.fast_records:
-            _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({fastpath.CANDIDATES})", batch.batch_id)
-            con.unregister("msgs")
-        for frame, table, columns in ((candidates, "stg_candidates", CANDIDATE_COLUMNS),
-                                      (events, "stg_events", EVENT_COLUMNS),
-                                      (rejects, "stg_rejects", REJECT_COLUMNS)):
-            if len(frame):
-                con.register("frame", frame)
-                _insert(con, table, columns, "frame", batch.batch_id)
-                con.unregister("frame")
-        if len(seg):
-            con.register("sg", seg)
-            con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch.batch_id])
+        for decoded in read_batch(s, batch):
+            bulk += stage_chunk(con, s, batch.batch_id, decoded)
+            segments += len(decoded.messages)
+            messages += sum(decoded.messages.values())
         counts = con.execute("""SELECT (SELECT count(*) FROM stg_candidates WHERE batch_id = $b),
                                        (SELECT count(*) FROM stg_events WHERE batch_id = $b),
                                        (SELECT count(*) FROM stg_rejects WHERE batch_id = $b)""",
                              {"b": batch.batch_id}).fetchone()
-    return {"segments": len(decoded.messages), "messages": sum(decoded.messages.values()),
-            "candidates": counts[0], "events": counts[1], "unreadable": counts[2],
-            "bulk_decoded": len(decoded.fast_records) - len(handed_back)}
+    return {"segments": segments, "messages": messages, "candidates": counts[0], "events": counts[1],
+            "unreadable": counts[2], "bulk_decoded": bulk}

