@@ -72,6 +72,10 @@ class Settings:
     # --- pipeline -----------------------------------------------------------------------------------
     future_skew_s: int = _doc("A reading measured more than this many seconds after it was received is "
                               "rejected as 'measured in the future' (device clock ahead).", default=300)
+    warehouse_memory_limit: str = _doc(
+        "DuckDB memory limit of each warehouse connection; beyond it DuckDB spills to encrypted temp files. "
+        "Keeps a pipeline run under 2 GB however large the batch (its default, 80% of RAM, lets the buffer "
+        "pool grow with the data).", default="1GB")
     pipeline_max_segments: int = _doc("Most sealed segments one DAG run claims.", default=5000)
     airflow_port: int = _doc("Airflow UI/API of `make up`, bound to 127.0.0.1 only.", default=8080)
     pipeline_schedule_minutes: int = _doc(
