@@ -323,7 +323,7 @@ def provision_fleet(s: Settings, fleet: Fleet, days: int) -> None:
         d.password = provision(s, d.device_id, d.patient_id, kind=d.kind, since=since)["password"]
 
 
-def publish_fleet(s: Settings, fleet: Fleet, *, tls: bool = False, max_inflight: int = 500) -> dict:
+def publish_fleet(s: Settings, fleet: Fleet, *, tls: bool = False, max_inflight: int = 100) -> dict:
     """Publish every message through the broker, one MQTT 5 login per device; raise on any refusal."""
     from rpmctl.publish import DevicePublisher
 
