@@ -82,14 +82,16 @@ def _snapshot_connection(s: Settings, snap: Path) -> duckdb.DuckDBPyConnection:
 
 
 @contextmanager
-def serving(s: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+def serving(s: Settings, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-only connection to the newest snapshot (the clinical file itself before the first one).
 
     Snapshot connections are cursors on a cached instance; the live clinical file is never held open (a
-    read-only open would block the writer), so before the first snapshot each call opens and closes it."""
+    read-only open would block the writer), so before the first snapshot each call opens and closes it.
+    ``private``: an instance of the caller's own, closed afterwards — for work that ATTACHes databases or
+    builds large intermediates, which would otherwise stay with the shared instance."""
     snap = current_snapshot(s)
-    if snap is None:
-        con = open_clinical(s, read_only=True)
+    if snap is None or private:
+        con = open_clinical(s, read_only=True, db_path=snap)
         try:
             yield con
         finally:

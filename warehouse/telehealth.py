@@ -149,7 +149,7 @@ def publish_telehealth(s: Settings) -> dict[str, int]:
     tmp = target.with_name(f".{target.name}.building")
     tmp.unlink(missing_ok=True)
     counts: dict[str, int] = {}
-    with serving(s) as con:
+    with serving(s, private=True) as con:
         con.register("pseudo", _pseudonyms(con, pseudonym_key(s)))
         con.execute(f"ATTACH '{tmp}' AS th")
         for name, sql in TABLES.items():
