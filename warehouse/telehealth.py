@@ -68,8 +68,8 @@ TABLES = {
         LEFT JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = e.patient_id""",
     "education_events": """
         SELECT ek.key AS event_key, pp.key AS person_key, t.event, t.module, t.minutes,
-               CAST(t.occurred_at AT TIME ZONE 'UTC' + to_minutes(t.utc_offset_min) AS DATE) AS occurred_on,
-               CAST(date_trunc('week', t.occurred_at AT TIME ZONE 'UTC' + to_minutes(t.utc_offset_min)) AS DATE)
+               CAST(make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT) AS DATE) AS occurred_on,
+               CAST(date_trunc('week', make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT)) AS DATE)
                    AS week
         FROM clinical.telehealth_events t
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
@@ -77,8 +77,8 @@ TABLES = {
         WHERE t.event LIKE 'education_%'""",
     "appointment_events": """
         SELECT ek.key AS event_key, pp.key AS person_key, ak.key AS appointment_key, t.event, t.modality,
-               CAST(t.occurred_at AT TIME ZONE 'UTC' + to_minutes(t.utc_offset_min) AS DATE) AS occurred_on,
-               CAST(date_trunc('week', t.occurred_at AT TIME ZONE 'UTC' + to_minutes(t.utc_offset_min)) AS DATE)
+               CAST(make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT) AS DATE) AS occurred_on,
+               CAST(date_trunc('week', make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT)) AS DATE)
                    AS week,
                t.occurred_at
         FROM clinical.telehealth_events t
@@ -88,7 +88,7 @@ TABLES = {
         WHERE t.event LIKE 'appointment_%'""",
     "survey_events": """
         SELECT ek.key AS event_key, pp.key AS person_key, t.survey,
-               CAST(t.occurred_at AT TIME ZONE 'UTC' + to_minutes(t.utc_offset_min) AS DATE) AS occurred_on
+               CAST(make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT) AS DATE) AS occurred_on
         FROM clinical.telehealth_events t
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
         JOIN pseudo ek ON ek.kind = 'event' AND ek.id = t.event_id
@@ -104,7 +104,7 @@ TABLES = {
     # Transmissions per device and patient-local day: connectivity and adherence are built on this.
     "device_days": """
         SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind,
-               CAST(r.measured_at AT TIME ZONE 'UTC' + to_minutes(r.utc_offset_min) AS DATE) AS day,
+               CAST(make_timestamp(epoch_us(r.measured_at) + r.utc_offset_min * 60000000::BIGINT) AS DATE) AS day,
                count(*) AS readings, count(*) FILTER (r.manual) AS manual_readings,
                min(r.measured_at) AS first_at, max(r.measured_at) AS last_at, max(r.received_at) AS last_received_at
         FROM clinical.readings r
