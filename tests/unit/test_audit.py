@@ -229,3 +229,18 @@ def test_concurrent_appends_from_two_processes_form_one_chain(settings):
     for w in (0, 1):
         mine = [r["query"]["i"] for r in records if r["actor"] == f"worker-{w}"]
         assert mine == list(range(50))  # each writer's records in its own order
+
+
+def test_append_continues_the_chain_when_the_head_is_behind_or_gone(log):
+    """Appends read only the log's tail and trust the head for the position: a crash between the log and head
+    writes (head one record behind), or a lost head, must still continue the chain — verify proves it."""
+    for i in range(3):
+        log.append("dr-a", "read", ["p1"], {"i": i}, 1)
+    one_back = log.head_path.read_bytes()
+    log.append("dr-a", "read", ["p1"], {"i": 3}, 1)
+    log.head_path.write_bytes(one_back)          # the crash: record 3 written, head still at 2
+    assert log.append("dr-a", "read", ["p1"], {"i": 4}, 1)["seq"] == 4
+    log.head_path.unlink()                       # no head at all: counted from the log
+    assert log.append("dr-a", "read", ["p1"], {"i": 5}, 1)["seq"] == 5
+    assert log.verify()["ok"] is True
+    assert [r["seq"] for r in log.records()] == list(range(6))
