@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Timer, bench_home, machine, parser, print_table, write_json
-from bench.landing import READINGS_PER_SEGMENT, register, write_landing
+from bench.landing import MESSAGES_PER_SEGMENT, register, write_landing
 from rpmctl import services
 from rpmctl.settings import Settings
 
@@ -116,9 +116,9 @@ def accounting(s: Settings) -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
-def measure(size: int, patients: int) -> dict[str, Any]:
-    # Segments hold ~READINGS_PER_SEGMENT readings: one run must claim them all.
-    with bench_home("pipeline", pipeline_max_segments=100_000) as s:
+def measure(size: int, patients: int, memory_limit: str) -> dict[str, Any]:
+    # One run claims every segment (the default caps a run at 5,000 segments).
+    with bench_home("pipeline", pipeline_max_segments=100_000, warehouse_memory_limit=memory_limit) as s:
         services.init(s)
         from warehouse.db import clinical
 
@@ -169,16 +169,26 @@ def report(results: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0], 200_000, repeat_size=True)
     p.add_argument("--patients", type=int, default=0, help="patients (default: one per 1,000 readings)")
+    p.add_argument("--memory-limit", default=Settings().warehouse_memory_limit,
+                   help="RPM_WAREHOUSE_MEMORY_LIMIT of the run (default: the project's)")
     args = p.parse_args(argv)
     sizes = args.size or [200_000]
     results = []
     print(f"machine: {machine()}", flush=True)
+    failed = []
     for size in sizes:
-        print(f"\n{size:,} readings (segments of ~{READINGS_PER_SEGMENT:,})", flush=True)
-        results.append(measure(size, args.patients or max(100, size // 1000)))
-    report(results)
-    write_json(args.json, "pipeline", {"results": results})
-    return 0
+        print(f"\n{size:,} readings (segments of {MESSAGES_PER_SEGMENT:,} messages)", flush=True)
+        try:
+            results.append(measure(size, args.patients or max(100, size // 1000), args.memory_limit))
+        except RuntimeError as exc:  # a failed run is a result too: report it, keep the other sizes
+            failed.append({"size": size, "error": str(exc)[-1500:]})
+            print(f"  FAILED: {str(exc)[-1500:]}", flush=True)
+            continue
+        report(results)  # after every size, so a later failure loses nothing
+    for f in failed:
+        print(f"\n{f['size']:,} readings: the run FAILED (see above)")
+    write_json(args.json, "pipeline", {"results": results, "failed": failed})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
