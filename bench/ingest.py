@@ -150,36 +150,33 @@ class MosquittoSub:
             self.proc.wait()
 
 
-class BarePaho:
-    """A paho MQTT 5 subscriber that only counts, in its own process (as the ingest service runs in its own)."""
+class ChildConsumer:
+    """A consumer in its own process (as the ingest service runs in its own): it reports once subscribed,
+    then once with the first/last arrival and the count. Subclasses name the process target."""
 
-    name = "bare paho"
+    name = "consumer"
 
-    def __init__(self, s: Settings, creds: list[fleet.Credential]):
+    def __init__(self) -> None:
         import multiprocessing as mp
 
-        self.s = s
         self.ctx = mp.get_context("spawn")
         self.proc: Any = None
         self.out: Any = None
 
-    def prepare(self) -> None:
-        """Create the persistent session and its subscription, then leave."""
-        subscribe_session(self.s, PAHO_CLIENT)
-
-    def start(self, expected: int, live: bool) -> None:
+    def _spawn(self, target: Any, args: tuple, proc_name: str) -> None:
         self.out = self.ctx.Queue()
-        self.proc = self.ctx.Process(target=_paho_count, args=(self.s, expected, self.out), daemon=True,
-                                     name="bench-paho-counter")
+        self.proc = self.ctx.Process(target=target, args=(*args, self.out), daemon=True, name=proc_name)
         self.proc.start()
-        msg = self.out.get(timeout=60)
-        if "error" in msg:
-            raise RuntimeError(f"bare paho: {msg['error']}")
+        self._message(60)
 
-    def wait(self, timeout: float) -> Window:
+    def _message(self, timeout: float) -> dict:
         msg = self.out.get(timeout=timeout)
         if "error" in msg:
-            raise RuntimeError(f"bare paho: {msg['error']}")
+            raise RuntimeError(f"{self.name}: {msg['error']}")
+        return msg
+
+    def wait(self, timeout: float) -> Window:
+        msg = self._message(timeout)
         self.proc.join(timeout=30)
         return Window(msg["first"], msg["last"], msg["count"])
 
@@ -187,6 +184,23 @@ class BarePaho:
         if self.proc is not None and self.proc.is_alive():
             self.proc.terminate()  # our own child, by its pid
             self.proc.join(timeout=10)
+
+
+class BarePaho(ChildConsumer):
+    """A paho MQTT 5 subscriber that only counts."""
+
+    name = "bare paho"
+
+    def __init__(self, s: Settings, creds: list[fleet.Credential]):
+        super().__init__()
+        self.s = s
+
+    def prepare(self) -> None:
+        """Create the persistent session and its subscription, then leave."""
+        subscribe_session(self.s, PAHO_CLIENT)
+
+    def start(self, expected: int, live: bool) -> None:
+        self._spawn(_paho_count, (self.s, expected), "bench-paho-counter")
 
 
 def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from bench import fleet
 from bench.common import Timer, bench_home, free_port, machine, parser, print_table, summary_ms, write_json
-from bench.ingest import Ingest, Landing, Window, accounting, measure, pipeline_run, subscribe_session
+from bench.ingest import ChildConsumer, Ingest, Landing, accounting, measure, pipeline_run, subscribe_session
 from rpmctl.settings import Settings
 
 INSTALL_HINT = "apt-get install -y postgresql"
@@ -200,44 +200,22 @@ def reading_rows(topic: str, payload: bytes, patients: dict[str, str]) -> list[t
     return rows
 
 
-class PostgresSubscriber:
+class PostgresSubscriber(ChildConsumer):
     """The tutorial consumer, in its own process; per-row autocommit or batched transactions."""
 
     def __init__(self, s: Settings, dsn: str, creds: list[fleet.Credential], batched: bool):
-        import multiprocessing as mp
-
+        super().__init__()
         self.s, self.dsn, self.batched = s, dsn, batched
         self.patients = {c.device_id: c.patient_id for c in creds}
         self.name = "postgres batched" if batched else "postgres per-row"
         self.client_id = "bench-pg-batched" if batched else "bench-pg-row"
-        self.ctx = mp.get_context("spawn")
-        self.proc: Any = None
-        self.out: Any = None
 
     def prepare(self) -> None:
         subscribe_session(self.s, self.client_id)
 
     def start(self, expected: int, live: bool) -> None:
-        self.out = self.ctx.Queue()
-        self.proc = self.ctx.Process(target=_consume, name=f"bench-{self.client_id}", daemon=True,
-                                     args=(self.s, self.dsn, self.client_id, expected, self.batched,
-                                           self.patients, self.out))
-        self.proc.start()
-        msg = self.out.get(timeout=60)
-        if "error" in msg:
-            raise RuntimeError(f"{self.name}: {msg['error']}")
-
-    def wait(self, timeout: float) -> Window:
-        msg = self.out.get(timeout=timeout)
-        if "error" in msg:
-            raise RuntimeError(f"{self.name}: {msg['error']}")
-        self.proc.join(timeout=30)
-        return Window(msg["first"], msg["last"], msg["count"])
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.is_alive():
-            self.proc.terminate()  # our own child, by its pid
-            self.proc.join(timeout=10)
+        self._spawn(_consume, (self.s, self.dsn, self.client_id, expected, self.batched, self.patients),
+                    f"bench-{self.client_id}")
 
 
 def _consume(s: Settings, dsn: str, client_id: str, expected: int, batched: bool, patients: dict[str, str],
