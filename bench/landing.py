@@ -22,7 +22,7 @@ from rpmctl.settings import Settings
 
 KINDS = ("bp", "ox", "scale", "thermo", "glu")
 CGM_BATCH = 12
-READINGS_PER_SEGMENT = 50_000
+MESSAGES_PER_SEGMENT = 6_250  # ~2 MB encrypted, what a busy fleet lands in one 10-second segment
 
 
 def device_ids(patients: int) -> list[tuple[str, str, str]]:
@@ -93,7 +93,7 @@ def write_landing(s: Settings, readings: int, patients: int, seed: int = 7) -> d
 
     def land(topic: str, payload: bytes, items: int) -> None:
         nonlocal writer
-        if writer is None or writer.records * 8 >= READINGS_PER_SEGMENT:
+        if writer is None or writer.records >= MESSAGES_PER_SEGMENT:
             if writer is not None:
                 writer.seal()
             writer = SegmentWriter(s.landing_dir, f"bench-{stats['segments']:06d}", keyring=keyring)  # type: ignore[arg-type]

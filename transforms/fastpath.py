@@ -1,16 +1,17 @@
 """Vectorised decode + normalise of ordinary vitals messages, in DuckDB: the same candidate rows as
 ``transforms.normalise`` (the reference), without a Python loop per reading.
 
-A Python loop per reading tops out near 15k readings/s on one core (profiled: BENCHMARKS.md); this path
-parses and normalises whole batches inside DuckDB. It only *claims* messages on which DuckDB's JSON reader
-and Python's ``json`` provably agree; everything else — unreadable or unusual payloads, lone surrogates,
-NaN literals, duplicate keys, extra fields, batches holding non-objects, years outside 1000..8999 —
-goes through the reference path unchanged. ``tests/unit/test_fastpath.py`` checks both paths give identical
-rows on a corpus of ordinary and hostile messages.
+The reference spends ~35 µs of Python per reading (profiled: BENCHMARKS.md); this path parses and
+normalises whole chunks inside DuckDB. It only *claims* messages on which DuckDB's JSON reader and Python's
+``json`` provably agree; everything else — unreadable or unusual payloads, escapes (so lone surrogates),
+NaN literals, duplicate keys, extra fields, batches holding non-objects, years outside 1000..8999, times
+centuries from their receipt — goes through the reference path unchanged. ``tests/unit/test_fastpath.py``
+checks both paths give identical rows on ordinary, hostile and fuzzed messages.
 
 Claiming happens twice: ``precheck`` (Python, per message, a few C-level byte scans) and ``hand_back``
-(SQL, per item, the shape of the parsed document); a message with any item handed back goes whole. Rows differ from the reference only in ``raw``: JSON equal to
-the item (the message bytes exactly as sent for a single reading) rather than Python's re-serialisation.
+(SQL, per item, the shape of the parsed document); a message with any item handed back goes whole. Rows
+differ from the reference only in ``raw``: JSON equal to the item (the message bytes exactly as sent for a
+single reading) rather than Python's re-serialisation.
 """
 
 from __future__ import annotations
