@@ -49,7 +49,7 @@ bench-deps: install
 	fi
 	@$(BIN)/python -c 'import psycopg' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
 
-bench: bench-deps ## every benchmark at its small default size (~15 min); BENCHMARKS.md has the large runs
+bench: bench-deps ## every benchmark at its small default size (~30 min); BENCHMARKS.md has the large runs
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.queries
