@@ -25,7 +25,7 @@ class DevicePublisher:
     def __init__(self, s: Settings, device_id: str, password: str, *, tls: bool = False,
                  max_inflight: int = 100, topic: str | None = None, timeout: float = 30.0):
         # paho rescans its whole outgoing queue on every PUBACK: a window of 100 publishes 2x faster than 500
-        # and 8x faster than 10,000 (bench/README-ingest-notes.md).
+        # and 8x faster than 10,000 (BENCHMARKS.md, ingest).
         self.topic = topic or vitals_topic(device_id)
         self.timeout = timeout
         self.max_inflight = max_inflight
