@@ -203,6 +203,19 @@ class BarePaho(ChildConsumer):
         self._spawn(_paho_count, (self.s, expected), "bench-paho-counter")
 
 
+def resume_session(client: Any, s: Settings, out: Any) -> None:
+    """Connect to the persistent session holding our queued stream (reporting on ``out`` once connected),
+    with the ingest service's Receive Maximum so every consumer gets the same window."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    client.on_connect = lambda c, u, f, rc, p: out.put({"connected": not rc.is_failure})
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    props.ReceiveMaximum = s.ingest_receive_maximum
+    client.connect(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
+
+
 def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) -> None:
     """A persistent session subscribed to rpm/v1/# with the ingest login: the broker queues for it from now."""
     from paho.mqtt.packettypes import PacketTypes
@@ -230,8 +243,6 @@ def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) ->
 
 def _paho_count(s: Settings, expected: int, out: Any) -> None:
     """Child process: resume the session (expiry 0: removed afterwards), count ``expected`` messages."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
 
     from ingest.service import make_client
     from rpmctl import keys
@@ -249,11 +260,7 @@ def _paho_count(s: Settings, expected: int, out: Any) -> None:
                 c.disconnect()
 
         client.on_message = on_message
-        client.on_connect = lambda c, u, f, rc, p: out.put({"connected": not rc.is_failure})
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 0
-        props.ReceiveMaximum = s.ingest_receive_maximum
-        client.connect(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
+        resume_session(client, s, out)
         client.loop_forever()
         out.put(state)
     except BaseException as exc:

@@ -42,7 +42,16 @@ from typing import Any
 
 from bench import fleet
 from bench.common import Timer, bench_home, free_port, machine, parser, print_table, summary_ms, write_json
-from bench.ingest import ChildConsumer, Ingest, Landing, accounting, measure, pipeline_run, subscribe_session
+from bench.ingest import (
+    ChildConsumer,
+    Ingest,
+    Landing,
+    accounting,
+    measure,
+    pipeline_run,
+    resume_session,
+    subscribe_session,
+)
 from rpmctl.settings import Settings
 
 INSTALL_HINT = "apt-get install -y postgresql"
@@ -222,8 +231,6 @@ def _consume(s: Settings, dsn: str, client_id: str, expected: int, batched: bool
              out: Any) -> None:
     """Child process: resume the queued session (expiry 0: removed afterwards) and store ``expected`` messages."""
     import psycopg
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
 
     from ingest.service import make_client
     from rpmctl import keys
@@ -256,11 +263,7 @@ def _consume(s: Settings, dsn: str, client_id: str, expected: int, batched: bool
             state["rows"], state["acks"] = [], []
 
         client.on_message = on_message
-        client.on_connect = lambda c, u, f, rc, p: out.put({"connected": not rc.is_failure})
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 0
-        props.ReceiveMaximum = s.ingest_receive_maximum
-        client.connect(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
+        resume_session(client, s, out)
         while state["count"] < expected:
             client.loop(timeout=FLUSH_S / 2)
             if state["acks"] and (len(state["acks"]) >= FLUSH_MESSAGES
