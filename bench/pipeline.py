@@ -96,6 +96,22 @@ def airflow_durations(s: Settings) -> dict[str, float]:
     return {task: float(d or 0) for task, d in rows}
 
 
+def task_peaks(s: Settings) -> dict[str, float]:
+    """Each timed task's own peak RSS (MiB) in the latest run, from its XCom result (warehouse/ops.timed)."""
+    db = Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
+    with sqlite3.connect(db) as con:
+        (run_id,) = con.execute("SELECT run_id FROM dag_run WHERE dag_id = 'rpm_pipeline' "
+                                "ORDER BY id DESC LIMIT 1").fetchone()
+        rows = con.execute("SELECT task_id, value FROM xcom WHERE dag_id = 'rpm_pipeline' AND run_id = ? "
+                           "AND key = 'return_value'", [run_id]).fetchall()
+    peaks = {}
+    for task, value in rows:
+        doc = json.loads(value) if isinstance(value, str | bytes) else value
+        if isinstance(doc, dict) and doc.get("peak_rss_mb") is not None:
+            peaks[task] = float(doc["peak_rss_mb"])
+    return peaks
+
+
 def run_pipeline(s: Settings) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one `rpm pipeline run` child process."""
     env = {**os.environ, **s.as_env()}
@@ -132,10 +148,11 @@ def measure(size: int, patients: int, memory_limit: str) -> dict[str, Any]:
         base = floor(s)
         wall, peak_mb = run_pipeline(s)
         tasks = task_seconds(s)
+        peaks = task_peaks(s)
         acc = accounting(s)
     data_s = sum(tasks.get(t, 0.0) for t in DATA_TASKS)
     return {"size": landed["items"], "messages": landed["messages"], "segments": landed["segments"],
-            "tasks_s": tasks, "data_s": data_s, "wall_s": wall, "airflow_fixed_s": wall - data_s,
+            "tasks_s": tasks, "task_peak_mb": peaks, "data_s": data_s, "wall_s": wall, "airflow_fixed_s": wall - data_s,
             "readings_per_s": landed["items"] / data_s, "peak_mb": peak_mb,
             "floor": base, "floor_readings_per_s": base["rows"] / (base["decrypt_s"] + base["duckdb_s"]),
             "accounting": {k: acc.get(k) for k in ("received", "loaded", "quarantined", "duplicates", "balanced")}}
@@ -147,6 +164,11 @@ def report(results: list[dict[str, Any]]) -> None:
                 ["readings", *stages, "data total", "Airflow fixed", "wall"],
                 [[r["size"], *(r["tasks_s"].get(t, 0.0) for t in stages), r["data_s"], r["airflow_fixed_s"],
                   r["wall_s"]] for r in results])
+    peaked = [t for t in DATA_TASKS if any(t in r.get("task_peak_mb", {}) for r in results)]
+    if peaked:
+        print_table("Peak RSS of each timed task (MiB; the high-water mark is reset as each task starts)",
+                    ["readings", *peaked],
+                    [[r["size"], *(r["task_peak_mb"].get(t, float("nan")) for t in peaked)] for r in results])
     print_table("Throughput and memory, against the floor measured in the same run",
                 ["readings", "pipeline readings/s", "target", "floor readings/s (decrypt + DuckDB insert)",
                  "floor decrypt s", "floor DuckDB s", "pipeline / floor", "peak MiB", "≤ 2 GiB"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from rpmctl.settings import Settings
@@ -43,7 +44,7 @@ def record_run(s: Settings, run_id: str, started_at: datetime | None, results: d
             "segments": seg[0], "messages": seg[1], "received": seg[2],  # type: ignore[index]
             "loaded": load.get("loaded", 0), "quarantined": load.get("quarantined", 0),
             "duplicates": load.get("duplicates", 0),
-            "quarantined_by_rule": json.dumps({k: v for k, v in failures.items() if k != "seconds"}),
+            "quarantined_by_rule": json.dumps({k: v for k, v in failures.items() if k not in TIMING_KEYS}),
             "task_seconds": json.dumps({task: r.get("seconds") for task, r in results.items()}),
             "measured_to_received_p50_s": lag[0], "measured_to_received_p95_s": lag[1],  # type: ignore[index]
             "received_to_loaded_p50_s": lag[2], "received_to_loaded_p95_s": lag[3],  # type: ignore[index]
@@ -80,11 +81,35 @@ def on_task_failure(context: Any) -> None:
                    f"{type(context.get('exception')).__name__}: {context.get('exception')}")
 
 
+TIMING_KEYS = ("seconds", "peak_rss_mb")  # what timed() adds to a task's result (not the task's own data)
+
+
 def timed(fn, *args: Any) -> dict:
-    """Call a task's library function and add its wall time (seconds) to its small result."""
+    """Call a task's library function and add its wall time (seconds) and its own peak memory (MiB, the
+    process's high-water mark reset first: several tasks may share one process) to its small result."""
+    _reset_peak_rss()
     start = time.monotonic()
     out = fn(*args)
-    return {**(out if isinstance(out, dict) else {"result": out}), "seconds": round(time.monotonic() - start, 3)}
+    return {**(out if isinstance(out, dict) else {"result": out}), "seconds": round(time.monotonic() - start, 3),
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def last_runs(s: Settings, n: int = 5) -> list[dict]:
