@@ -85,12 +85,19 @@ def task_seconds(s: Settings) -> dict[str, float]:
     return {**airflow_durations(s), **{k: float(v) for k, v in json.loads(recorded).items() if v is not None}}
 
 
+def _airflow_db(s: Settings) -> sqlite3.Connection:
+    return sqlite3.connect(Path(s.airflow_home) / "airflow.db")  # type: ignore[arg-type]
+
+
+def _latest_run(con: sqlite3.Connection) -> str:
+    return con.execute("SELECT run_id FROM dag_run WHERE dag_id = 'rpm_pipeline' ORDER BY id DESC LIMIT 1"
+                       ).fetchone()[0]
+
+
 def airflow_durations(s: Settings) -> dict[str, float]:
     """Per-task duration (s) of the latest rpm_pipeline run, from Airflow's metadata DB."""
-    db = Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
-    with sqlite3.connect(db) as con:
-        (run_id,) = con.execute("SELECT run_id FROM dag_run WHERE dag_id = 'rpm_pipeline' "
-                                "ORDER BY id DESC LIMIT 1").fetchone()
+    with _airflow_db(s) as con:
+        run_id = _latest_run(con)
         rows = con.execute("SELECT task_id, duration FROM task_instance WHERE dag_id = 'rpm_pipeline' "
                            "AND run_id = ?", [run_id]).fetchall()
     return {task: float(d or 0) for task, d in rows}
@@ -98,10 +105,8 @@ def airflow_durations(s: Settings) -> dict[str, float]:
 
 def task_peaks(s: Settings) -> dict[str, float]:
     """Each timed task's own peak RSS (MiB) in the latest run, from its XCom result (warehouse/ops.timed)."""
-    db = Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
-    with sqlite3.connect(db) as con:
-        (run_id,) = con.execute("SELECT run_id FROM dag_run WHERE dag_id = 'rpm_pipeline' "
-                                "ORDER BY id DESC LIMIT 1").fetchone()
+    with _airflow_db(s) as con:
+        run_id = _latest_run(con)
         rows = con.execute("SELECT task_id, value FROM xcom WHERE dag_id = 'rpm_pipeline' AND run_id = ? "
                            "AND key = 'return_value'", [run_id]).fetchall()
     peaks = {}
