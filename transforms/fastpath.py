@@ -65,7 +65,6 @@ def _known() -> str:
 # JSON; NULL when absent) and t_<field> (its JSON type; 'NULL' for a JSON null).
 _FIELDS = ("msg_id", "metric", "unit", "value", "values", "measured_at", "source", "manual")
 _TS = r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,6})?(Z|([+-])(\d{2}):(\d{2}))$"
-_TS_GROUPS = "['y', 'mo', 'd', 'h', 'mi', 's', 'frac', 'zone', 'sign', 'oh', 'om']"
 _RFC3339_ANY = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
 
 

@@ -51,10 +51,9 @@ class Decoded:
         self.fast_records.append(rec)
 
 
-def read_batch(s: Settings, batch: Batch, max_messages: int | None = None) -> Iterator[Decoded]:
+def read_batch(s: Settings, batch: Batch) -> Iterator[Decoded]:
     """Decrypt the landed messages of a batch and route each to a decode path, in chunks of whole segments
-    of about ``max_messages`` (so memory stays bounded however many segments a run claims)."""
-    budget = max_messages or CHUNK_MESSAGES
+    of about CHUNK_MESSAGES (so memory stays bounded however many segments a run claims)."""
     keyring = Keyring.load(s, "landing")
     out = Decoded()
     for name in batch.segments:
@@ -64,7 +63,7 @@ def read_batch(s: Settings, batch: Batch, max_messages: int | None = None) -> It
             out.add(name, rec, s.max_payload_bytes)
             count += 1
         out.messages[name] = count
-        if sum(out.messages.values()) >= budget:
+        if sum(out.messages.values()) >= CHUNK_MESSAGES:
             yield out
             out = Decoded()
     if out.messages:
