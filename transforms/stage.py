@@ -143,13 +143,20 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> int:
 
 
 def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
-    """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows."""
+    """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows.
+
+    Each chunk commits on its own, with its segments' ledger rows: a transaction holding a whole large batch
+    keeps its uncommitted rows in memory, outside DuckDB's limit. A stage that dies half-way is redone from
+    the start (the staging is cleared first), and validate/load only ever run after a complete stage.
+    """
     segments = messages = bulk = 0
-    with clinical(s) as con, transaction(con):
-        for table in STAGING_TABLES:
-            con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
+    with clinical(s) as con:
+        with transaction(con):
+            for table in STAGING_TABLES:
+                con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
         for decoded in read_batch(s, batch):
-            bulk += stage_chunk(con, s, batch.batch_id, decoded)
+            with transaction(con):
+                bulk += stage_chunk(con, s, batch.batch_id, decoded)
             segments += len(decoded.messages)
             messages += sum(decoded.messages.values())
         counts = con.execute("""SELECT (SELECT count(*) FROM stg_candidates WHERE batch_id = $b),

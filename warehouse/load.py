@@ -1,9 +1,14 @@
-"""Load a validated batch in one transaction: readings, quarantine, duplicates and the segment ledger.
+"""Load a validated batch: readings, quarantine, duplicates and the segment ledger, committed together.
+
+A batch loads a group of whole segments at a time (about LOAD_CHUNK_ITEMS items, oldest segments first), each
+group in one transaction with its ledger rows: no statement holds a whole large batch, and a load that dies
+between groups resumes where it stopped (committed segments are in the ledger and skipped).
 
 Exactly-once effect: a reading whose ``reading_id`` is already loaded (or appears earlier in the batch) is a
 *duplicate* when its values agree, and a *conflicting duplicate* (quarantined) when they do not — a device
 must not silently rewrite a reading a clinician may already have seen. Segments already in the ledger are
-skipped, so re-running the load, or the whole DAG run, changes nothing.
+skipped, so re-running the load, or the whole DAG run, changes nothing. Groups go in segment order, so the
+first arrival of a reading is the one loaded whether its repeats fall in the same group or a later one.
 """
 
 from __future__ import annotations
@@ -20,9 +25,8 @@ WITH ok AS (
            row_number() OVER (PARTITION BY c.reading_id ORDER BY c.segment, c.record_no, c.item_no) AS rn,
            first_value(c.value) OVER w AS first_value, first_value(c.diastolic) OVER w AS first_diastolic
     FROM stg_candidates c
-    WHERE c.batch_id = $batch
+    WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
       AND c.row_key NOT IN (SELECT row_key FROM stg_verdicts WHERE batch_id = $batch)
-      AND c.segment NOT IN (SELECT segment FROM segments)
     WINDOW w AS (PARTITION BY c.reading_id ORDER BY c.segment, c.record_no, c.item_no)
 )
 SELECT ok.*,
@@ -47,9 +51,8 @@ CREATE OR REPLACE TEMP TABLE _events_classified AS
 WITH ok AS (
     SELECT e.*, row_number() OVER (PARTITION BY e.event_id ORDER BY e.segment, e.record_no, e.item_no) AS rn
     FROM stg_events e
-    WHERE e.batch_id = $batch
+    WHERE e.batch_id = $batch AND e.segment IN (SELECT segment FROM _group)
       AND e.row_key NOT IN (SELECT row_key FROM stg_verdicts WHERE batch_id = $batch)
-      AND e.segment NOT IN (SELECT segment FROM segments)
 )
 SELECT ok.*, CASE WHEN t.event_id IS NULL AND ok.rn = 1 THEN 'load' ELSE 'duplicate' END AS fate
 FROM ok LEFT JOIN telehealth_events t USING (event_id)
@@ -88,15 +91,15 @@ INSERT INTO quarantine
 SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL, c.raw,
        c.received_at, now(), $run
 FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
-WHERE c.batch_id = $batch AND c.segment NOT IN (SELECT segment FROM segments)
+WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
 UNION ALL
 SELECT e.row_key, e.segment, e.record_no, e.item_no, e.device_id, e.event_id, v.reasons, NULL, e.raw,
        e.received_at, now(), $run
 FROM stg_events e JOIN stg_verdicts v ON v.batch_id = e.batch_id AND v.row_key = e.row_key
-WHERE e.batch_id = $batch AND e.segment NOT IN (SELECT segment FROM segments)
+WHERE e.batch_id = $batch AND e.segment IN (SELECT segment FROM _group)
 UNION ALL
 SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, raw, received_at, now(), $run
-FROM stg_rejects WHERE batch_id = $batch AND segment NOT IN (SELECT segment FROM segments)
+FROM stg_rejects WHERE batch_id = $batch AND segment IN (SELECT segment FROM _group)
 UNION ALL
 SELECT row_key, segment, record_no, item_no, device_id, reading_id, ['conflicting_duplicate'],
        'same device, metric and time as a loaded reading, different value', raw, received_at, now(), $run
@@ -108,18 +111,22 @@ FROM _classified WHERE fate = 'conflict'
 INSERT_LEDGER = """
 INSERT INTO segments
 WITH items AS (
-    SELECT segment, 'item' AS kind FROM stg_candidates WHERE batch_id = $batch
-    UNION ALL SELECT segment, 'item' FROM stg_events WHERE batch_id = $batch
-    UNION ALL SELECT segment, 'item' FROM stg_rejects WHERE batch_id = $batch
+    SELECT segment FROM (SELECT segment FROM stg_candidates WHERE batch_id = $batch
+                         UNION ALL SELECT segment FROM stg_events WHERE batch_id = $batch
+                         UNION ALL SELECT segment FROM stg_rejects WHERE batch_id = $batch)
+    WHERE segment IN (SELECT segment FROM _group)
 ), outcomes AS (
     SELECT segment, fate FROM _classified WHERE fate IN ('load', 'duplicate')
     UNION ALL SELECT segment, fate FROM _events_classified
     UNION ALL SELECT e.segment, 'quarantine' FROM stg_events e
-              JOIN stg_verdicts v ON v.batch_id = e.batch_id AND v.row_key = e.row_key WHERE e.batch_id = $batch
+              JOIN stg_verdicts v ON v.batch_id = e.batch_id AND v.row_key = e.row_key
+              WHERE e.batch_id = $batch AND e.segment IN (SELECT segment FROM _group)
     UNION ALL SELECT segment, 'quarantine' FROM _classified WHERE fate = 'conflict'
     UNION ALL SELECT c.segment, 'quarantine' FROM stg_candidates c
-              JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key WHERE c.batch_id = $batch
+              JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
+              WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
     UNION ALL SELECT segment, 'quarantine' FROM stg_rejects WHERE batch_id = $batch
+        AND segment IN (SELECT segment FROM _group)
 )
 SELECT s.segment, s.messages,
        (SELECT count(*) FROM items i WHERE i.segment = s.segment),
@@ -128,40 +135,73 @@ SELECT s.segment, s.messages,
        (SELECT count(*) FROM outcomes o WHERE o.segment = s.segment AND o.fate = 'duplicate'),
        now(), $run
 FROM stg_segments s
-WHERE s.batch_id = $batch AND s.segment NOT IN (SELECT segment FROM segments)
+WHERE s.batch_id = $batch AND s.segment IN (SELECT segment FROM _group)
 """
+
+# Pending segments of the batch with their staged item counts, oldest first (the order groups load in).
+PENDING = """
+SELECT s.segment, (SELECT count(*) FROM stg_candidates c WHERE c.batch_id = s.batch_id AND c.segment = s.segment)
+                + (SELECT count(*) FROM stg_events e WHERE e.batch_id = s.batch_id AND e.segment = s.segment)
+                + (SELECT count(*) FROM stg_rejects r WHERE r.batch_id = s.batch_id AND r.segment = s.segment)
+FROM stg_segments s
+WHERE s.batch_id = ? AND s.segment NOT IN (SELECT segment FROM segments)
+ORDER BY s.segment
+"""
+LOAD_CHUNK_ITEMS = 1_000_000  # items loaded per transaction (whole segments): bounds every statement's size
 
 
 class UnbalancedLoad(RuntimeError):
     """A segment's items did not equal loaded + quarantined + duplicates: nothing was committed."""
 
 
+def _groups(pending: list[tuple[str, int]]) -> list[list[str]]:
+    """Consecutive runs of whole segments of about LOAD_CHUNK_ITEMS items (a segment is never split)."""
+    groups: list[list[str]] = []
+    size = 0
+    for segment, items in pending:
+        if not groups or (size and size + items > LOAD_CHUNK_ITEMS):
+            groups.append([])
+            size = 0
+        groups[-1].append(segment)
+        size += items
+    return groups
+
+
+def _load_group(con, segments: list[str], params: dict) -> None:
+    """One transaction: classify and commit these segments' items with their ledger rows, or nothing."""
+    with transaction(con):
+        con.execute("CREATE OR REPLACE TEMP TABLE _group AS SELECT unnest(?::VARCHAR[]) AS segment", [segments])
+        con.execute(CLASSIFY, {"batch": params["batch"]})
+        con.execute(CLASSIFY_EVENTS, {"batch": params["batch"]})
+        con.execute(INSERT_READINGS, {"run": params["run"]})
+        con.execute(INSERT_EVENTS, {"run": params["run"]})
+        con.execute(INSERT_DUPLICATES, {"run": params["run"]})
+        con.execute(INSERT_QUARANTINE, params)
+        con.execute(INSERT_LEDGER, params)
+        unbalanced = con.execute("""
+            SELECT segment, items, loaded, quarantined, duplicates FROM segments
+            WHERE segment IN (SELECT segment FROM _group) AND items <> loaded + quarantined + duplicates
+            """).fetchall()
+        if unbalanced:
+            raise UnbalancedLoad(f"segments do not balance, nothing committed: {unbalanced[:5]}")
+
+
 def load_batch(s: Settings, batch: Batch, run_id: str) -> dict[str, int]:
     """Commit a validated batch; returns counts of what this call added (zeros when re-run)."""
     params = {"batch": batch.batch_id, "run": run_id}
-    with clinical(s) as con, transaction(con):
+    with clinical(s) as con:
         staged = con.execute("SELECT count(*) FROM stg_segments WHERE batch_id = ?", [batch.batch_id]).fetchone()
         validated = con.execute("SELECT count(*) FROM stg_validated WHERE batch_id = ?",
                                 [batch.batch_id]).fetchone()
         if batch.segments and staged and staged[0] and not (validated and validated[0]):
             raise RuntimeError(f"batch {batch.batch_id} was staged but not validated: refusing to load")
-        con.execute(CLASSIFY, {"batch": batch.batch_id})
-        con.execute(CLASSIFY_EVENTS, {"batch": batch.batch_id})
         before = _totals(con)
-        con.execute(INSERT_READINGS, {"run": run_id})
-        con.execute(INSERT_EVENTS, {"run": run_id})
-        con.execute(INSERT_DUPLICATES, {"run": run_id})
-        con.execute(INSERT_QUARANTINE, params)
-        con.execute(INSERT_LEDGER, params)
-        unbalanced = con.execute("""
-            SELECT segment, items, loaded, quarantined, duplicates FROM segments
-            WHERE segment IN (SELECT segment FROM stg_segments WHERE batch_id = ?)
-              AND items <> loaded + quarantined + duplicates""", [batch.batch_id]).fetchall()
-        if unbalanced:
-            raise UnbalancedLoad(f"segments do not balance, nothing committed: {unbalanced[:5]}")
+        for segments in _groups(con.execute(PENDING, [batch.batch_id]).fetchall()):
+            _load_group(con, segments, params)
         after = _totals(con)
-        for table in STAGING_TABLES:
-            con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch.batch_id])
+        with transaction(con):
+            for table in STAGING_TABLES:
+                con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch.batch_id])
     return {k: after[k] - before[k] for k in after}
 
 

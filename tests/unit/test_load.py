@@ -272,23 +272,105 @@ def test_claim_names_the_same_batch_when_retried(settings: Settings, write_segme
     assert capped.segments == ["ingest-1-000001"]
 
 
-def test_decoding_and_validating_in_small_chunks_changes_no_outcome(
+def test_decoding_validating_and_loading_in_small_chunks_changes_no_outcome(
         settings: Settings, first_segment, write_segment, make_reading, now: datetime, monkeypatch) -> None:
-    """Large batches are decoded a few segments and validated a slice of rows at a time (bounded memory):
-    chunk boundaries, even inside a duplicate pair across segments, must not change what lands where."""
+    """Large batches are decoded a few segments, validated a slice of rows and loaded a group of segments at
+    a time (bounded memory): chunk boundaries, even between a reading and its repeats in a later segment, must
+    not change what lands where."""
     import expectations.gate
     import transforms.stage
+    import warehouse.load
 
     at = now - timedelta(minutes=5)
+    repeat = make_reading("heart_rate", measured_at=first_segment["at"], msg_id="hr")  # first segment's hr
     write_segment("ingest-1-000002", [(TOPIC, make_reading("heart_rate", measured_at=at, msg_id="hr2")),
                                       (TOPIC, make_reading("heart_rate", measured_at=at, msg_id="hr2")),
-                                      (TOPIC, make_reading("spo2", measured_at=at, value=20, msg_id="low"))])
+                                      (TOPIC, make_reading("spo2", measured_at=at, value=20, msg_id="low")),
+                                      (TOPIC, repeat), (TOPIC, dict(repeat, value=95))])
     monkeypatch.setattr(transforms.stage, "CHUNK_MESSAGES", 1)  # every segment its own chunk
     monkeypatch.setattr(expectations.gate, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(warehouse.load, "LOAD_CHUNK_ITEMS", 1)  # every segment its own transaction
 
     out = run_pipeline(settings, "t1")
 
-    assert out["staged"]["segments"] == 2 and out["staged"]["messages"] == 11
-    assert out["loaded"] == {"loaded": 6, "quarantined": 4, "duplicates": 2, "segments": 2}
+    assert out["staged"]["segments"] == 2 and out["staged"]["messages"] == 13
+    assert out["loaded"] == {"loaded": 6, "quarantined": 5, "duplicates": 3, "segments": 2}
     assert quarantine(settings)["ingest-1-000002:2:0"] == ["plausible_spo2"]
+    assert quarantine(settings)["ingest-1-000002:4:0"] == ["conflicting_duplicate"]  # against segment 1's load
+    with clinical(settings) as con:
+        assert con.execute("SELECT value FROM readings WHERE msg_id = 'hr'").fetchall() == [(72.0,)]
     assert accounting(settings)["balanced"] is True
+
+
+def two_segment_batch(settings: Settings, make_reading, write_segment, now: datetime) -> None:
+    write_segment("ingest-1-000002", [(TOPIC, make_reading("spo2", measured_at=now - timedelta(minutes=4),
+                                                           msg_id="spo2-later")),
+                                      (TOPIC, make_reading("spo2", measured_at=now - timedelta(minutes=4),
+                                                           value=80, msg_id="spo2-changed")),
+                                      (TOPIC, b"[")])
+
+
+def test_a_stage_that_dies_between_chunks_is_redone_whole(
+        settings: Settings, first_segment, make_reading, write_segment, now: datetime, monkeypatch) -> None:
+    """Staging commits chunk by chunk; a stage killed half-way must neither lose nor double anything when the
+    task is retried, and the half-staged batch cannot be loaded in between."""
+    import transforms.stage
+
+    two_segment_batch(settings, make_reading, write_segment, now)
+    monkeypatch.setattr(transforms.stage, "CHUNK_MESSAGES", 1)
+    real, calls = transforms.stage.stage_chunk, []
+
+    def dies_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("killed while staging")
+        return real(*args, **kwargs)
+
+    batch = claim_segments(settings)
+    monkeypatch.setattr(transforms.stage, "stage_chunk", dies_on_second_chunk)
+    with pytest.raises(MemoryError):
+        stage_batch(settings, batch)
+    with pytest.raises(RuntimeError, match="not validated"):
+        load_batch(settings, batch, "t1")
+
+    staged = stage_batch(settings, batch)  # the retry
+    validate_batch(settings, batch)
+    loaded = load_batch(settings, batch, "t1")
+
+    assert staged["segments"] == 2 and staged["messages"] == 11
+    assert loaded == {"loaded": 6, "quarantined": 5, "duplicates": 1, "segments": 2}
+    assert accounting(settings)["balanced"] is True
+
+
+def test_a_load_that_dies_between_groups_resumes_where_it_stopped(
+        settings: Settings, first_segment, make_reading, write_segment, now: datetime, monkeypatch) -> None:
+    """The first group commits with its ledger rows; the retried load skips it and loads the rest — the
+    same outcome as one uninterrupted load, and the accounting balances at every point."""
+    import warehouse.load
+
+    two_segment_batch(settings, make_reading, write_segment, now)
+    monkeypatch.setattr(warehouse.load, "LOAD_CHUNK_ITEMS", 1)
+    real, calls = warehouse.load._load_group, []
+
+    def dies_on_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("killed while loading")
+        return real(*args, **kwargs)
+
+    batch = claim_segments(settings)
+    stage_batch(settings, batch)
+    validate_batch(settings, batch)
+    monkeypatch.setattr(warehouse.load, "_load_group", dies_on_second_group)
+    with pytest.raises(MemoryError):
+        load_batch(settings, batch, "t1")
+    assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
+    assert accounting(settings)["balanced"] is True
+
+    resumed = load_batch(settings, batch, "t1")
+
+    assert resumed == {"loaded": 1, "quarantined": 2, "duplicates": 0, "segments": 1}
+    assert counts(settings) == {"readings": 6, "quarantine": 5, "duplicates": 1, "segments": 2}
+    assert accounting(settings)["balanced"] is True
+    with clinical(settings) as con:
+        assert con.execute("SELECT count(*) FROM stg_candidates").fetchone() == (0,)  # staging cleared at the end
