@@ -1,9 +1,9 @@
 """rpm_pipeline: landed MQTT segments -> decoded, validated readings in the clinical warehouse.
 
 claim sealed segments -> decode + normalise (transforms/) -> validate (expectations/, Great Expectations)
--> load readings, quarantine, duplicates and the segment ledger in one transaction (warehouse/)
--> evaluate alert episodes -> record the run (counts, task durations, freshness) -> publish the read-only
-serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) reporting store.
+-> load readings, quarantine, duplicates and the segment ledger together, one transaction per group of
+segments (warehouse/) -> evaluate alert episodes -> record the run (counts, task durations, freshness)
+-> publish the read-only serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) store.
 
 Wiring only: every task calls one library function and passes ids and counts, never data. Each task is
 safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Iterator
 
@@ -43,6 +44,7 @@ def validate_batch(s: Settings, batch: Batch) -> dict[str, int]:
             for chunk in _staged(con, table, rules, batch.batch_id):
                 failures.update(judge(chunk, s.future_skew_s))
                 checked += len(chunk)
+                gc.collect()  # GX and pandas leave each chunk's frames in reference cycles: free them now
     verdicts = pd.DataFrame({"row_key": list(failures), "reasons": list(failures.values())})
     with clinical(s) as con, transaction(con):
         con.execute("DELETE FROM stg_verdicts WHERE batch_id = ?", [batch.batch_id])

@@ -7,6 +7,7 @@ goes through the reference normaliser (transforms/normalise.py). Both produce th
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -157,6 +158,7 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
         for decoded in read_batch(s, batch):
             with transaction(con):
                 bulk += stage_chunk(con, s, batch.batch_id, decoded)
+            gc.collect()  # the chunk's frames may sit in reference cycles: free them before the next chunk
             segments += len(decoded.messages)
             messages += sum(decoded.messages.values())
         counts = con.execute("""SELECT (SELECT count(*) FROM stg_candidates WHERE batch_id = $b),
