@@ -1,17 +1,41 @@
-"""Alert episodes: evaluate the rules over the readings and upsert episodes, keeping acknowledgements."""
+"""Alert episodes: evaluate the rules over the readings and upsert episodes, keeping acknowledgements.
+
+A pipeline run evaluates incrementally: the full history of the patients whose inputs changed (new or late
+readings, registry entry, threshold — the ``alert_dirty`` set), plus, for everyone else, only the no-data
+rules' current gap, the one thing that changes with time alone. The cost then follows the batch, not the
+warehouse's history. A full evaluation (every patient) is the reference; it also runs by itself when the rules
+changed since the last full one.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 
 from warehouse.db import rows
 
-EPISODES = """
+RULES_SQL = Path(__file__).parent / "sql" / "030_alerts.sql"
+
+# Outside the scope nothing changed but time: a patient's current silence, measured from the last reading
+# (the same episode alert_episodes gives for the gap after the last reading).
+CURRENT_GAPS = """
+SELECT l.patient_id, prm.rule, l.last.id AS opened_reading_id,
+       l.last.at + to_hours(CAST(prm.value AS BIGINT)) AS opened_at, l.last.at AS last_breach_at,
+       printf('last reading %s', strftime(l.last.at, '%Y-%m-%d %H:%M UTC')) AS last_observed, 1 AS breaches,
+       NULL::TIMESTAMPTZ AS resolved_at, NULL::VARCHAR AS resolved_reading_id
+FROM (SELECT patient_id, max({'at': measured_at, 'id': reading_id}) AS last FROM readings
+      WHERE patient_id NOT IN (SELECT patient_id FROM alert_scope) GROUP BY patient_id) l
+JOIN patient_alert_params prm ON prm.patient_id = l.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
+WHERE now() - l.last.at > to_hours(CAST(prm.value AS BIGINT))
+"""
+
+EPISODES = f"""
 CREATE OR REPLACE TEMP TABLE _episodes AS
 SELECT md5(e.patient_id || '|' || e.rule || '|' || e.opened_reading_id) AS alert_id, e.*, d.severity, d.description
-FROM alert_episodes e
+FROM (SELECT * FROM alert_episodes UNION ALL {CURRENT_GAPS}) e
 JOIN (SELECT rule, min(severity) AS severity, max(description) AS description
       FROM alert_rule_params GROUP BY rule) d USING (rule)
 """
@@ -33,19 +57,40 @@ ON CONFLICT (alert_id) DO UPDATE SET
 
 # Late data (a device uploading its offline buffer) can split or erase an episode that was evaluated before
 # it arrived: an open alert whose episode no longer exists is closed, saying why, never left open forever.
+# Only where this evaluation looked: the scope's patients, and everyone's current no-data gap.
 CLOSE_DISPROVED = """
 UPDATE alerts SET resolved_at = now(), resolution = 'disproved by late readings', evaluated_at = now()
 WHERE resolved_at IS NULL AND alert_id NOT IN (SELECT alert_id FROM _episodes)
+  AND (patient_id IN (SELECT patient_id FROM alert_scope) OR rule IN ('no_data_24h', 'no_data_72h'))
 """
 
 
-def refresh_alerts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    """Re-evaluate every rule (idempotent); returns open alerts by rule."""
+def rules_digest() -> str:
+    return hashlib.sha256(RULES_SQL.read_bytes()).hexdigest()[:16]
+
+
+def mark_dirty(con: duckdb.DuckDBPyConnection, patient_ids: list[str] | str) -> None:
+    """The next incremental evaluation re-evaluates these patients' whole history."""
+    con.execute("INSERT INTO alert_dirty (patient_id) SELECT unnest(?::VARCHAR[]) ON CONFLICT DO NOTHING",
+                [[patient_ids] if isinstance(patient_ids, str) else patient_ids])
+
+
+def refresh_alerts(con: duckdb.DuckDBPyConnection, full: bool = True) -> dict[str, int]:
+    """Evaluate the rules (idempotent): every patient, or (``full=False``) the patients marked dirty since the
+    last evaluation plus everyone's current no-data gap. Returns open alerts by rule."""
     con.execute("BEGIN TRANSACTION")
     try:
+        applied = con.execute("SELECT value FROM alert_state WHERE key = 'rules'").fetchone()
+        full = full or applied is None or applied[0] != rules_digest()
+        con.execute("DELETE FROM alert_scope")
+        con.execute("INSERT INTO alert_scope SELECT patient_id FROM patients" if full else
+                    "INSERT INTO alert_scope SELECT patient_id FROM alert_dirty")
         con.execute(EPISODES)
         con.execute(UPSERT)
         con.execute(CLOSE_DISPROVED)
+        con.execute("DELETE FROM alert_dirty WHERE patient_id IN (SELECT patient_id FROM alert_scope)")
+        if full:
+            con.execute("INSERT OR REPLACE INTO alert_state VALUES ('rules', ?)", [rules_digest()])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -80,8 +125,8 @@ def alert_patient(con: duckdb.DuckDBPyConnection, alert_id: str) -> str | None:
 
 
 def evaluate(s) -> dict[str, int]:
-    """DAG entry: re-evaluate alerts in the clinical warehouse."""
+    """DAG entry: evaluate alerts incrementally (what this run's load and registry changes touched)."""
     from warehouse.db import clinical
 
     with clinical(s) as con:
-        return refresh_alerts(con)
+        return refresh_alerts(con, full=False)

@@ -178,6 +178,8 @@ def _load_group(con, segments: list[str], params: dict) -> None:
         con.execute(INSERT_DUPLICATES, {"run": params["run"]})
         con.execute(INSERT_QUARANTINE, params)
         con.execute(INSERT_LEDGER, params)
+        con.execute("""INSERT INTO alert_dirty (patient_id) SELECT DISTINCT patient_id FROM _classified
+                       WHERE fate = 'load' AND patient_id IS NOT NULL ON CONFLICT DO NOTHING""")
         unbalanced = con.execute("""
             SELECT segment, items, loaded, quarantined, duplicates FROM segments
             WHERE segment IN (SELECT segment FROM _group) AND items <> loaded + quarantined + duplicates

@@ -9,6 +9,8 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 
+from warehouse.alerts import mark_dirty
+
 PATIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -81,6 +83,7 @@ def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str 
             time_zone = coalesce(excluded.time_zone, patients.time_zone),
             conditions = coalesce(excluded.conditions, patients.conditions)""",
                 [patient_id, mrn, given_name, family_name, birth_date, time_zone, conditions])
+    mark_dirty(con, patient_id)  # conditions decide which rules apply
 
 
 def add_clinician(con: duckdb.DuckDBPyConnection, clinician_id: str, name: str | None = None,
@@ -126,6 +129,7 @@ def set_threshold(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, th
     con.execute("""INSERT INTO alert_thresholds (patient_id, rule, threshold, set_by) VALUES (?, ?, ?, ?)
                    ON CONFLICT (patient_id, rule) DO UPDATE SET threshold = excluded.threshold,
                    set_by = excluded.set_by, set_at = now()""", [patient_id, rule, threshold, set_by])
+    mark_dirty(con, patient_id)
 
 
 CSV_COLUMNS = ("patient_id", "mrn", "given_name", "family_name", "birth_date", "time_zone", "conditions")

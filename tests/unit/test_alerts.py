@@ -17,7 +17,7 @@ import pytest
 
 from rpmctl.settings import Settings
 from warehouse import registry
-from warehouse.alerts import acknowledge, open_alerts, refresh_alerts
+from warehouse.alerts import acknowledge, mark_dirty, open_alerts, refresh_alerts
 from warehouse.db import clinical
 
 H = timedelta(hours=1)
@@ -438,6 +438,86 @@ def test_raised_override_closes_the_alert_it_no_longer_supports(con, add, now):
     registry.set_threshold(con, "p1", "bp_stage2.systolic", 150, "dr")
     refresh_alerts(con)
     assert open_rules(con, "p1") == []
+
+
+# --- incremental evaluation (what each pipeline run does) -----------------------------------------------------
+
+ALERT_FIELDS = ("alert_id", "patient_id", "rule", "opened_at", "last_breach_at", "last_observed", "breaches",
+                "resolved_reading_id", "resolution", "acknowledged_by")
+
+
+def all_alerts(con) -> list[tuple]:
+    """Every alert, as an evaluation decides it (not when it ran)."""
+    return con.execute(f"SELECT {', '.join(ALERT_FIELDS)}, resolved_at IS NULL FROM alerts ORDER BY alert_id"
+                       ).fetchall()
+
+
+def test_incremental_evaluation_decides_exactly_what_a_full_one_does(con, add, now):
+    """Runs of the pipeline evaluate only the patients with changes; a late upload that splits an episode, a
+    new episode, a resolution and a silence must come out as a full re-evaluation would have them."""
+    add("p1", "blood_pressure", 150, now - 5 * H, 95)
+    add("p1", "blood_pressure", 152, now - 4 * H, 96)
+    add("p2", "blood_glucose", 60, now - 3 * H)
+    add("p3", "heart_rate", 72, now - 30 * H)
+    add("p4", "spo2", 90, now - 2 * H)
+    mark_dirty(con, ["p1", "p2", "p3", "p4"])  # as the load marks the patients of what it loaded
+    refresh_alerts(con, full=False)
+    first = all_alerts(con)
+    assert {a[2] for a in first} >= {"bp_stage2", "glucose_level1_low", "no_data_24h", "spo2_low"}
+
+    add("p1", "blood_pressure", 120, now - 4.5 * H, 80)  # late: splits p1's episode in two
+    add("p2", "blood_glucose", 110, now - H)             # resolves p2's low
+    add("p3", "heart_rate", 71, now - 29 * H)            # still silent for 29 h: the no-data episode moves
+    mark_dirty(con, ["p1", "p2", "p3"])
+    refresh_alerts(con, full=False)
+    incremental = all_alerts(con)
+    refresh_alerts(con, full=True)
+
+    assert incremental == all_alerts(con)
+    assert incremental != first
+
+
+def test_patients_without_changes_are_left_alone_but_their_silence_is_seen(con, add, now):
+    add("p1", "blood_pressure", 150, now - 2 * H, 95)
+    add("p2", "heart_rate", 72, now - 20 * H)
+    refresh_alerts(con, full=True)
+    [p1_before] = alerts_of(con, "p1")
+    assert open_rules(con, "p2") == []
+
+    # Time passes for p2 (its last reading is now 30 h old), nothing new arrives for anyone.
+    con.execute("UPDATE readings SET measured_at = measured_at - INTERVAL 10 HOUR WHERE patient_id = 'p2'")
+    refresh_alerts(con, full=False)
+
+    assert open_rules(con, "p2") == ["no_data_24h"]
+    assert alerts_of(con, "p1") == [p1_before]  # not even re-evaluated: its evaluated_at is unchanged
+
+
+def test_registry_changes_are_re_evaluated_by_the_next_run(con, add, now):
+    add("p1", "blood_pressure", 145, now - H, 85)
+    add("p2", "body_weight", 80.0, now - 25 * H)
+    add("p2", "body_weight", 81.5, now - H)
+    refresh_alerts(con, full=True)
+    assert open_rules(con, "p1") == ["bp_stage2"] and "weight_gain_day" not in open_rules(con, "p2")
+
+    registry.set_threshold(con, "p1", "bp_stage2.systolic", 150, "dr")
+    registry.upsert_patient(con, "p2", conditions=["heart_failure"])
+    refresh_alerts(con, full=False)
+
+    assert open_rules(con, "p1") == []
+    assert "weight_gain_day" in open_rules(con, "p2")
+
+
+def test_changed_rules_re_evaluate_every_patient(con, add, now):
+    add("p1", "heart_rate", 140, now - H)
+    refresh_alerts(con, full=False)  # a new warehouse has never had a full evaluation: this is one
+    assert open_rules(con, "p1") == ["hr_high"]
+    add("p2", "heart_rate", 35, now - H)  # not marked: an incremental run would not look at p2...
+
+    refresh_alerts(con, full=False)
+    assert open_rules(con, "p2") == []
+    con.execute("UPDATE alert_state SET value = 'rules of an older release' WHERE key = 'rules'")
+    refresh_alerts(con, full=False)  # ...unless the rules changed since the last full evaluation
+    assert open_rules(con, "p2") == ["hr_low"]
 
 
 # --- open_alerts --------------------------------------------------------------------------------------------

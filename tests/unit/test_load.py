@@ -116,6 +116,15 @@ def test_first_run_sorts_every_reading_into_exactly_one_outcome(settings: Settin
     assert bytes(raw) == b"\x00garbage{"  # unreadable bytes kept for replay
 
 
+def test_load_marks_the_patients_it_loaded_for_alert_evaluation(settings: Settings, first_segment) -> None:
+    """The next alert evaluation looks at exactly the patients with new readings (warehouse/alerts.py)."""
+    with clinical(settings) as con:
+        con.execute("INSERT INTO patients (patient_id) VALUES ('pat-2')")
+    run_pipeline(settings, "t1")
+    with clinical(settings) as con:
+        assert con.execute("SELECT patient_id FROM alert_dirty").fetchall() == [("pat-1",)]
+
+
 def test_accounting_balances(settings: Settings, first_segment) -> None:
     run_pipeline(settings, "t1")
     acc = accounting(settings)

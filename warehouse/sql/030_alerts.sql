@@ -3,6 +3,21 @@
 -- and resolves at the first reading back in range. Acknowledgement state lives in `alerts` and survives
 -- re-evaluation because episodes are keyed by the reading that opened them.
 
+-- Incremental evaluation: a pipeline run re-evaluates only the patients whose inputs changed — new readings
+-- (marked by the load, in its transaction), a registry entry or a threshold (marked by warehouse/registry.py).
+CREATE TABLE IF NOT EXISTS alert_dirty (
+    patient_id  VARCHAR PRIMARY KEY,
+    marked_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- The patients the evaluation views below look at: filled by warehouse.alerts.refresh_alerts inside its
+-- transaction (every patient for a full evaluation), so the views are only meaningful there.
+CREATE TABLE IF NOT EXISTS alert_scope (patient_id VARCHAR NOT NULL);
+-- The rules a full evaluation last applied (digest of this file): changed rules re-evaluate everyone.
+CREATE TABLE IF NOT EXISTS alert_state (
+    key         VARCHAR PRIMARY KEY,
+    value       VARCHAR NOT NULL
+);
+
 -- Default thresholds (canonical units). Per-patient overrides: alert_thresholds.rule = '<rule>.<param>'.
 CREATE OR REPLACE VIEW alert_rule_params AS
 SELECT * FROM (VALUES
@@ -60,6 +75,7 @@ WITH prm AS (
     FROM patient_alert_params GROUP BY patient_id
 ), r AS (
     SELECT r.*, prm.* EXCLUDE (patient_id) FROM readings r JOIN prm USING (patient_id)
+    WHERE r.patient_id IN (SELECT patient_id FROM alert_scope)
 ), weights AS (
     -- Each weight against the one taken about a day before (12-36 h: same morning routine, give or take)
     -- and about a week before (6-8 days). A weight with no such predecessor gains nothing: a slow trend
@@ -175,6 +191,7 @@ FROM (
            lead(r.measured_at) OVER w AS next_at, lead(r.reading_id) OVER w AS next_reading_id
     FROM readings r
     JOIN patient_alert_params prm ON prm.patient_id = r.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
+    WHERE r.patient_id IN (SELECT patient_id FROM alert_scope)
     WINDOW w AS (PARTITION BY r.patient_id, prm.rule ORDER BY r.measured_at, r.reading_id)
 ) g
 WHERE coalesce(g.next_at, now()) - g.last_at > to_hours(CAST(g.hours AS BIGINT));
