@@ -81,8 +81,10 @@ def _spoil(rng: random.Random, item: dict) -> dict:
     return bad
 
 
-def write_landing(s: Settings, readings: int, patients: int, seed: int = 7) -> dict[str, int]:
-    """Sealed, encrypted segments holding ``readings`` reading items (and their messages); returns counts."""
+def write_landing(s: Settings, readings: int, patients: int, seed: int = 7, prefix: str = "bench",
+                  days: int = 90) -> dict[str, int]:
+    """Sealed, encrypted segments holding ``readings`` reading items (and their messages) from the devices
+    of the first ``patients`` patients, measured over the last ``days``; returns counts."""
     rng = random.Random(seed)
     keyring = Keyring.load(s, "landing")
     devices = device_ids(patients)
@@ -96,7 +98,7 @@ def write_landing(s: Settings, readings: int, patients: int, seed: int = 7) -> d
         if writer is None or writer.records >= MESSAGES_PER_SEGMENT:
             if writer is not None:
                 writer.seal()
-            writer = SegmentWriter(s.landing_dir, f"bench-{stats['segments']:06d}", keyring=keyring)  # type: ignore[arg-type]
+            writer = SegmentWriter(s.landing_dir, f"{prefix}-{stats['segments']:06d}", keyring=keyring)  # type: ignore[arg-type]
             stats["segments"] += 1
         writer.append(topic, payload, end)
         stats["messages"] += 1
@@ -105,7 +107,7 @@ def write_landing(s: Settings, readings: int, patients: int, seed: int = 7) -> d
     while stats["items"] < readings:
         dev, _pid, kind = devices[rng.randrange(len(devices))]
         topic = f"rpm/v1/devices/{dev}/vitals"
-        ts = end - timedelta(seconds=rng.randrange(90 * 86400), milliseconds=n % 1000)
+        ts = end - timedelta(seconds=rng.randrange(days * 86400), milliseconds=n % 1000)
         n += 1
         if kind == "glu" and rng.random() < 0.8:  # CGM upload: an hour of five-minute readings
             items = [{"msg_id": f"m{n}-{i}", "metric": "blood_glucose", "unit": "mg/dL", "source": "cgm",

@@ -16,6 +16,11 @@ mix, ~2% invalid, ~1% re-sent), then
   memory is the child's maxrss.
 
 The accounting identity is checked after every run (``rpm accounting --json``).
+
+**Steady state** (``--then N``, default 5,000): the schedule runs the DAG every minute, so what a large
+warehouse pays per run matters as much as one big batch. After the sized run, N more readings arrive from
+the devices of 1 % of the patients (measured over the last day, new segments) and a second run takes them;
+its per-stage seconds show which stages follow the batch and which follow the history.
 """
 
 from __future__ import annotations
@@ -137,7 +142,7 @@ def accounting(s: Settings) -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
-def measure(size: int, patients: int, memory_limit: str) -> dict[str, Any]:
+def measure(size: int, patients: int, memory_limit: str, then: int) -> dict[str, Any]:
     # One run claims every segment (the default caps a run at 5,000 segments).
     with bench_home("pipeline", pipeline_max_segments=100_000, warehouse_memory_limit=memory_limit) as s:
         services.init(s)
@@ -155,12 +160,21 @@ def measure(size: int, patients: int, memory_limit: str) -> dict[str, Any]:
         tasks = task_seconds(s)
         peaks = task_peaks(s)
         acc = accounting(s)
+        if then:
+            next_landed = write_landing(s, then, max(1, patients // 100), seed=8, prefix="bench-next", days=1)
+            next_wall, _ = run_pipeline(s)
+            next_tasks = task_seconds(s)
+            next_acc = accounting(s)
     data_s = sum(tasks.get(t, 0.0) for t in DATA_TASKS)
+    steady = {} if not then else {
+        "size": next_landed["items"], "patients": max(1, patients // 100), "tasks_s": next_tasks,
+        "data_s": sum(next_tasks.get(t, 0.0) for t in DATA_TASKS), "wall_s": next_wall,
+        "balanced": next_acc.get("balanced")}
     return {"size": landed["items"], "messages": landed["messages"], "segments": landed["segments"],
             "tasks_s": tasks, "task_peak_mb": peaks, "data_s": data_s, "wall_s": wall, "airflow_fixed_s": wall - data_s,
             "readings_per_s": landed["items"] / data_s, "peak_mb": peak_mb,
             "floor": base, "floor_readings_per_s": base["rows"] / (base["decrypt_s"] + base["duckdb_s"]),
-            "accounting": {k: acc.get(k) for k in ("received", "loaded", "quarantined", "duplicates", "balanced")}}
+            "steady": steady, "accounting": {k: acc.get(k) for k in ("received", "loaded", "quarantined", "duplicates", "balanced")}}
 
 
 def report(results: list[dict[str, Any]]) -> None:
@@ -185,6 +199,13 @@ def report(results: list[dict[str, Any]]) -> None:
                 ["readings", "received", "loaded", "quarantined", "duplicates", "balanced"],
                 [[r["size"], *(r["accounting"][k] for k in ("received", "loaded", "quarantined", "duplicates",
                                                             "balanced"))] for r in results])
+    steady = [r for r in results if r.get("steady")]
+    if steady:
+        print_table("Steady state: the next run, a small batch on top of that history (seconds)",
+                    ["history", "new readings", "patients", *stages, "data total", "wall", "balanced"],
+                    [[r["size"], r["steady"]["size"], r["steady"]["patients"],
+                      *(r["steady"]["tasks_s"].get(t, 0.0) for t in stages), r["steady"]["data_s"],
+                      r["steady"]["wall_s"], r["steady"]["balanced"]] for r in steady])
     if len(results) > 1:
         first = results[0]
         print_table("Scaling (cost per reading relative to the smallest size; 1.00 = linear)",
@@ -196,6 +217,8 @@ def report(results: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0], 200_000, repeat_size=True)
     p.add_argument("--patients", type=int, default=0, help="patients (default: one per 1,000 readings)")
+    p.add_argument("--then", type=int, default=5_000,
+                   help="readings of the steady-state run after each size (0: none; default 5,000)")
     p.add_argument("--memory-limit", default=Settings().warehouse_memory_limit,
                    help="RPM_WAREHOUSE_MEMORY_LIMIT of the run (default: the project's)")
     args = p.parse_args(argv)
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         print(f"\n{size:,} readings (segments of {MESSAGES_PER_SEGMENT:,} messages)", flush=True)
         try:
-            results.append(measure(size, args.patients or max(100, size // 1000), args.memory_limit))
+            results.append(measure(size, args.patients or max(100, size // 1000), args.memory_limit, args.then))
         except RuntimeError as exc:  # a failed run is a result too: report it, keep the other sizes
             failed.append({"size": size, "error": str(exc)[-1500:]})
             print(f"  FAILED: {str(exc)[-1500:]}", flush=True)
