@@ -319,6 +319,18 @@ def two_segment_batch(settings: Settings, make_reading, write_segment, now: date
                                       (TOPIC, b"[")])
 
 
+def dies_on_second_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, except that its second call dies (a task killed half-way: out of memory, SIGKILL)."""
+    calls: list[int] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("killed half-way")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def test_a_stage_that_dies_between_chunks_is_redone_whole(
         settings: Settings, first_segment, make_reading, write_segment, now: datetime, monkeypatch) -> None:
     """Staging commits chunk by chunk; a stage killed half-way must neither lose nor double anything when the
@@ -327,16 +339,8 @@ def test_a_stage_that_dies_between_chunks_is_redone_whole(
 
     two_segment_batch(settings, make_reading, write_segment, now)
     monkeypatch.setattr(transforms.stage, "CHUNK_MESSAGES", 1)
-    real, calls = transforms.stage.stage_chunk, []
-
-    def dies_on_second_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise MemoryError("killed while staging")
-        return real(*args, **kwargs)
-
     batch = claim_segments(settings)
-    monkeypatch.setattr(transforms.stage, "stage_chunk", dies_on_second_chunk)
+    monkeypatch.setattr(transforms.stage, "stage_chunk", dies_on_second_call(transforms.stage.stage_chunk))
     with pytest.raises(MemoryError):
         stage_batch(settings, batch)
     with pytest.raises(RuntimeError, match="not validated"):
@@ -359,18 +363,10 @@ def test_a_load_that_dies_between_groups_resumes_where_it_stopped(
 
     two_segment_batch(settings, make_reading, write_segment, now)
     monkeypatch.setattr(warehouse.load, "LOAD_CHUNK_ITEMS", 1)
-    real, calls = warehouse.load._load_group, []
-
-    def dies_on_second_group(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise MemoryError("killed while loading")
-        return real(*args, **kwargs)
-
     batch = claim_segments(settings)
     stage_batch(settings, batch)
     validate_batch(settings, batch)
-    monkeypatch.setattr(warehouse.load, "_load_group", dies_on_second_group)
+    monkeypatch.setattr(warehouse.load, "_load_group", dies_on_second_call(warehouse.load._load_group))
     with pytest.raises(MemoryError):
         load_batch(settings, batch, "t1")
     assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
