@@ -26,8 +26,8 @@ SELECT l.patient_id, prm.rule, l.last.id AS opened_reading_id,
        l.last.at + to_hours(CAST(prm.value AS BIGINT)) AS opened_at, l.last.at AS last_breach_at,
        printf('last reading %s', strftime(l.last.at, '%Y-%m-%d %H:%M UTC')) AS last_observed, 1 AS breaches,
        NULL::TIMESTAMPTZ AS resolved_at, NULL::VARCHAR AS resolved_reading_id
-FROM (SELECT patient_id, max({'at': measured_at, 'id': reading_id}) AS last FROM readings
-      WHERE patient_id NOT IN (SELECT patient_id FROM alert_scope) GROUP BY patient_id) l
+FROM (SELECT patient_id, {'at': measured_at, 'id': reading_id} AS last FROM patient_last_reading
+      WHERE patient_id NOT IN (SELECT patient_id FROM alert_scope)) l
 JOIN patient_alert_params prm ON prm.patient_id = l.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
 WHERE now() - l.last.at > to_hours(CAST(prm.value AS BIGINT))
 """
@@ -65,6 +65,26 @@ WHERE resolved_at IS NULL AND alert_id NOT IN (SELECT alert_id FROM _episodes)
 """
 
 
+# The latest reading of each patient among ``source``'s rows, merged into patient_last_reading.
+MERGE_LAST_READING = """
+INSERT INTO patient_last_reading
+SELECT patient_id, last.at, last.id
+FROM (SELECT patient_id, max({{'at': measured_at, 'id': reading_id}}) AS last FROM {source}
+      WHERE patient_id IS NOT NULL GROUP BY patient_id)
+ON CONFLICT (patient_id) DO UPDATE SET measured_at = excluded.measured_at, reading_id = excluded.reading_id
+WHERE {{'at': excluded.measured_at, 'id': excluded.reading_id}}
+      > {{'at': patient_last_reading.measured_at, 'id': patient_last_reading.reading_id}}
+"""
+
+
+def note_loaded(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    """The load's part (in its transaction): these newly loaded readings' patients are re-evaluated next
+    time, and their latest reading is kept. ``source``: a table or subquery of loaded readings."""
+    con.execute(f"INSERT INTO alert_dirty (patient_id) SELECT DISTINCT patient_id FROM {source} "
+                "WHERE patient_id IS NOT NULL ON CONFLICT DO NOTHING")
+    con.execute(MERGE_LAST_READING.format(source=source))
+
+
 def rules_digest() -> str:
     return hashlib.sha256(RULES_SQL.read_bytes()).hexdigest()[:16]
 
@@ -82,6 +102,9 @@ def refresh_alerts(con: duckdb.DuckDBPyConnection, full: bool = True) -> dict[st
     try:
         applied = con.execute("SELECT value FROM alert_state WHERE key = 'rules'").fetchone()
         full = full or applied is None or applied[0] != rules_digest()
+        if full:
+            con.execute("DELETE FROM patient_last_reading")
+            con.execute(MERGE_LAST_READING.format(source="readings"))
         con.execute("DELETE FROM alert_scope")
         con.execute("INSERT INTO alert_scope SELECT patient_id FROM patients" if full else
                     "INSERT INTO alert_scope SELECT patient_id FROM alert_dirty")

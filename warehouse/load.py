@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from rpmctl.settings import Settings
 from transforms.stage import STAGING_TABLES
+from warehouse.alerts import note_loaded
 from warehouse.db import clinical, transaction
 from warehouse.ledger import Batch
 
@@ -178,8 +179,7 @@ def _load_group(con, segments: list[str], params: dict) -> None:
         con.execute(INSERT_DUPLICATES, {"run": params["run"]})
         con.execute(INSERT_QUARANTINE, params)
         con.execute(INSERT_LEDGER, params)
-        con.execute("""INSERT INTO alert_dirty (patient_id) SELECT DISTINCT patient_id FROM _classified
-                       WHERE fate = 'load' AND patient_id IS NOT NULL ON CONFLICT DO NOTHING""")
+        note_loaded(con, "(SELECT * FROM _classified WHERE fate = 'load')")
         unbalanced = con.execute("""
             SELECT segment, items, loaded, quarantined, duplicates FROM segments
             WHERE segment IN (SELECT segment FROM _group) AND items <> loaded + quarantined + duplicates

@@ -460,7 +460,8 @@ def test_incremental_evaluation_decides_exactly_what_a_full_one_does(con, add, n
     add("p2", "blood_glucose", 60, now - 3 * H)
     add("p3", "heart_rate", 72, now - 30 * H)
     add("p4", "spo2", 90, now - 2 * H)
-    mark_dirty(con, ["p1", "p2", "p3", "p4"])  # as the load marks the patients of what it loaded
+    add("p5", "heart_rate", 70, now - 40 * H)  # silent, and nothing new for p5 below: an open no-data alert
+    mark_dirty(con, ["p1", "p2", "p3", "p4", "p5"])  # as the load marks the patients of what it loaded
     refresh_alerts(con, full=False)
     first = all_alerts(con)
     assert {a[2] for a in first} >= {"bp_stage2", "glucose_level1_low", "no_data_24h", "spo2_low"}
@@ -475,6 +476,7 @@ def test_incremental_evaluation_decides_exactly_what_a_full_one_does(con, add, n
 
     assert incremental == all_alerts(con)
     assert incremental != first
+    assert open_rules(con, "p5") == ["no_data_24h"]
 
 
 def test_patients_without_changes_are_left_alone_but_their_silence_is_seen(con, add, now):
@@ -484,8 +486,10 @@ def test_patients_without_changes_are_left_alone_but_their_silence_is_seen(con, 
     [p1_before] = alerts_of(con, "p1")
     assert open_rules(con, "p2") == []
 
-    # Time passes for p2 (its last reading is now 30 h old), nothing new arrives for anyone.
-    con.execute("UPDATE readings SET measured_at = measured_at - INTERVAL 10 HOUR WHERE patient_id = 'p2'")
+    # Time passes for p2 (its last reading is now 30 h old), nothing new arrives for anyone. (now() cannot
+    # move: the readings, and the latest reading the evaluation keeps per patient, move back instead.)
+    for table in ("readings", "patient_last_reading"):
+        con.execute(f"UPDATE {table} SET measured_at = measured_at - INTERVAL 10 HOUR WHERE patient_id = 'p2'")
     refresh_alerts(con, full=False)
 
     assert open_rules(con, "p2") == ["no_data_24h"]

@@ -123,6 +123,9 @@ def test_load_marks_the_patients_it_loaded_for_alert_evaluation(settings: Settin
     run_pipeline(settings, "t1")
     with clinical(settings) as con:
         assert con.execute("SELECT patient_id FROM alert_dirty").fetchall() == [("pat-1",)]
+        latest = con.execute("""SELECT patient_id, measured_at, reading_id FROM readings
+                                ORDER BY measured_at DESC, reading_id DESC LIMIT 1""").fetchall()
+        assert con.execute("SELECT * FROM patient_last_reading").fetchall() == latest  # the no-data rules' input
 
 
 def test_accounting_balances(settings: Settings, first_segment) -> None:

@@ -12,6 +12,13 @@ CREATE TABLE IF NOT EXISTS alert_dirty (
 -- The patients the evaluation views below look at: filled by warehouse.alerts.refresh_alerts inside its
 -- transaction (every patient for a full evaluation), so the views are only meaningful there.
 CREATE TABLE IF NOT EXISTS alert_scope (patient_id VARCHAR NOT NULL);
+-- Each patient's latest reading (by measured time, then id), kept by the load and rebuilt by a full evaluation:
+-- the no-data rules' current gap of patients outside the scope, without scanning their history.
+CREATE TABLE IF NOT EXISTS patient_last_reading (
+    patient_id  VARCHAR PRIMARY KEY,
+    measured_at TIMESTAMPTZ NOT NULL,
+    reading_id  VARCHAR NOT NULL
+);
 -- The rules a full evaluation last applied (digest of this file): changed rules re-evaluate everyone.
 CREATE TABLE IF NOT EXISTS alert_state (
     key         VARCHAR PRIMARY KEY,
