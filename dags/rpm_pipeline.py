@@ -87,16 +87,18 @@ def rpm_pipeline():
         return record_run(Settings.from_env(), ctx["run_id"], ctx["dag_run"].start_date, results)
 
     @task
-    def publish_snapshot(run: dict) -> str:
+    def publish_snapshot(run: dict) -> dict:
+        from warehouse.ops import timed
         from warehouse.serving import publish_snapshot
 
-        return publish_snapshot(Settings.from_env()).name
+        return timed(lambda s: publish_snapshot(s).name, Settings.from_env())
 
     @task
-    def publish_telehealth(snapshot: str) -> dict:
+    def publish_telehealth(snapshot: dict) -> dict:
+        from warehouse.ops import timed
         from warehouse.telehealth import publish_telehealth
 
-        return publish_telehealth(Settings.from_env())
+        return timed(publish_telehealth, Settings.from_env())
 
     batch = claim()
     staged = decode_normalise(batch)
