@@ -148,8 +148,9 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
 
     Each chunk commits on its own, with its segments' ``stg_segments`` rows: one transaction holding a whole
     large batch kept its uncommitted rows in memory (this task's peak at 5M readings: 2.7 GB, 1.8 GB per
-    chunk). A stage that dies half-way is redone from the start (the staging is cleared first), and the load
-    refuses a batch that was not validated after a complete stage.
+    chunk). A stage that dies half-way is redone from the start (the staging is cleared first, validation
+    record included, so the load refuses the batch until validate has run again; in the DAG it runs only
+    after a complete stage).
     """
     segments = messages = bulk = 0
     with clinical(s) as con:
