@@ -79,12 +79,12 @@ def rpm_pipeline():
 
     @task
     def record_run(claimed: dict, staged: dict, failures: dict, loaded: dict, alerts: dict) -> dict:
-        from warehouse.ops import record_run
+        from warehouse.ops import record_run, timed
 
         ctx = get_current_context()
         results = {"claim": claimed, "decode_normalise": staged, "validate": failures, "load": loaded,
                    "evaluate_alerts": alerts}
-        return record_run(Settings.from_env(), ctx["run_id"], ctx["dag_run"].start_date, results)
+        return timed(record_run, Settings.from_env(), ctx["run_id"], ctx["dag_run"].start_date, results)
 
     @task
     def publish_snapshot(run: dict) -> dict:
