@@ -100,8 +100,9 @@ def refresh_alerts(con: duckdb.DuckDBPyConnection, full: bool = True) -> dict[st
     last evaluation plus everyone's current no-data gap. Returns open alerts by rule."""
     con.execute("BEGIN TRANSACTION")
     try:
+        digest = rules_digest()
         applied = con.execute("SELECT value FROM alert_state WHERE key = 'rules'").fetchone()
-        full = full or applied is None or applied[0] != rules_digest()
+        full = full or applied is None or applied[0] != digest
         if full:
             con.execute("DELETE FROM patient_last_reading")
             con.execute(MERGE_LAST_READING.format(source="readings"))
@@ -113,7 +114,7 @@ def refresh_alerts(con: duckdb.DuckDBPyConnection, full: bool = True) -> dict[st
         con.execute(CLOSE_DISPROVED)
         con.execute("DELETE FROM alert_dirty WHERE patient_id IN (SELECT patient_id FROM alert_scope)")
         if full:
-            con.execute("INSERT OR REPLACE INTO alert_state VALUES ('rules', ?)", [rules_digest()])
+            con.execute("INSERT OR REPLACE INTO alert_state VALUES ('rules', ?)", [digest])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
