@@ -38,7 +38,7 @@ def bench_home(prefix: str, keep: bool = False, **overrides: Any) -> Iterator[Se
 
     base = Path(tempfile.mkdtemp(prefix=f"rpm-bench-{prefix}-"))
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
-    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
+    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(), broker_ingest_port=free_port(),
                  broker_tls_bind="127.0.0.1", ingest_metrics_port=free_port(), **overrides)
     try:
         yield s

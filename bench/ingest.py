@@ -96,7 +96,7 @@ class MosquittoSub:
         self._reader: threading.Thread | None = None
 
     def _argv(self, *extra: str) -> list[str]:
-        return ["mosquitto_sub", "-V", "mqttv5", "-q", "1", "-h", self.s.broker_host, "-p", str(self.s.broker_port),
+        return ["mosquitto_sub", "-V", "mqttv5", "-q", "1", "-h", self.s.broker_host, "-p", str(self.s.broker_ingest_port),
                 "-t", "rpm/v1/#", "-i", SUB_CLIENT, "-c", "-D", "connect", "receive-maximum",
                 str(self.s.ingest_receive_maximum), *extra]
 
@@ -213,7 +213,7 @@ def resume_session(client: Any, s: Settings, out: Any) -> None:
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 0
     props.ReceiveMaximum = s.ingest_receive_maximum
-    client.connect(s.broker_host, s.broker_port, keepalive=30, clean_start=False, properties=props)
+    client.connect(s.broker_host, s.broker_ingest_port, keepalive=30, clean_start=False, properties=props)
 
 
 def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) -> None:
@@ -231,7 +231,7 @@ def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) ->
     client.on_subscribe = lambda c, u, mid, rcs, p: done.set()
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = expiry_s
-    client.connect(s.broker_host, s.broker_port, keepalive=30, clean_start=True, properties=props)
+    client.connect(s.broker_host, s.broker_ingest_port, keepalive=30, clean_start=True, properties=props)
     client.loop_start()
     try:
         if not done.wait(30):

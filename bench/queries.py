@@ -352,6 +352,7 @@ def synthesize_audit_log(s: Settings, records: int) -> Any:
         for start in range(0, records - 1, 10_000):
             f.write(line * min(10_000, records - 1 - start))
         f.write(sealed)
+    log._write_head(records - 1, last["mac"])  # append continues only from the authenticated head
     return log
 
 

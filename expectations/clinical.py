@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from expectations.suite import Rule, run_suite
-from transforms.vocab import ACCEPTED_UNIT_KEYS, DIASTOLIC_PLAUSIBLE, GLUCOSE_SOURCES, METRICS
+from transforms.vocab import (
+    ACCEPTED_UNIT_KEYS,
+    DIASTOLIC_PLAUSIBLE,
+    GLUCOSE_SOURCES,
+    MEASURABLE_KIND_METRICS,
+    METRICS,
+    kind_metric,
+)
 
 SUITE_NAME = "clinical_readings"
 
@@ -49,6 +56,12 @@ def rules(future_skew_s: int) -> list[Rule]:
              "a reading belongs to the patient the device was enrolled to when it was measured",
              "ExpectColumnValuesToNotBeNull",
              {"column": "patient_id", "row_condition": "has_time==True", "condition_parser": "pandas"}),
+        Rule("metric_measurable_by_device_kind",
+             "a device reports only what its kind measures (transforms/vocab.py SOURCE_KINDS): a cuff's glucose "
+             "or a scale's SpO2 must not reach a chart, count for billing or raise an alert",
+             "ExpectColumnValuesToBeInSet",
+             {"column": "kind_metric", "value_set": MEASURABLE_KIND_METRICS,  # unknown devices: enrollment rule
+              "row_condition": "metric_is_known==True and device_known==True", "condition_parser": "pandas"}),
         Rule("glucose_source_known", "meter and CGM glucose are coded differently",
              "ExpectColumnValuesToBeInSet",
              {"column": "source", "value_set": list(GLUCOSE_SOURCES),
@@ -72,8 +85,13 @@ def rules(future_skew_s: int) -> list[Rule]:
 
 
 def validate(df: Any, future_skew_s: int) -> dict[str, list[str]]:
-    """Rules each failing row broke, by row key. Raises if GX could not evaluate a rule (never passes)."""
+    """Rules each failing row broke, by row key. Raises if GX could not evaluate a rule (never passes).
+
+    ``df`` holds the staged columns the rules read plus ``device_kind``: the registry's kind of the sending
+    device, "" for a registered device without one, null for a device the registry does not know (whose
+    readings fail device_enrolled_at_measured_time instead)."""
     if df.empty:
         return {}
-    frame = df.assign(metric_is_known=df["metric"].isin(list(METRICS)))
+    frame = df.assign(metric_is_known=df["metric"].isin(list(METRICS)), device_known=df["device_kind"].notna(),
+                      kind_metric=[kind_metric(k, m) for k, m in zip(df["device_kind"], df["metric"], strict=True)])
     return run_suite(frame, f"{SUITE_NAME}_{future_skew_s}", rules(future_skew_s))

@@ -24,8 +24,15 @@ def _staged(con, table: str, rules: list[Rule], batch_id: str) -> Iterator[pd.Da
     """The staged rows of a batch in chunks, only the columns the suite reads (a million rows: every column
     costs, and GX copies the frame per conditional rule)."""
     present = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
-    cols = [INDEX_COLUMN, *(c for c in columns_of(rules) if c in present and c != INDEX_COLUMN)]
-    cur = con.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE batch_id = ?", [batch_id])
+    # metric / channel: what the suites' derived columns (kind_metric, kind_channel) are built from.
+    wanted = [INDEX_COLUMN, *columns_of(rules), "metric", "channel"]
+    cols = [c for c in dict.fromkeys(wanted) if c in present]
+    # The kind of the sending device as the registry knows it (a device's kind does not change over time):
+    # "" for a registered device without a kind, null for a device the registry does not know.
+    cur = con.execute(f"""SELECT {', '.join(f't.{c}' for c in cols)},
+                                 (SELECT coalesce(d.kind, '') FROM devices d WHERE d.device_id = t.device_id)
+                                     AS device_kind
+                          FROM {table} t WHERE t.batch_id = ?""", [batch_id])
     while True:
         fetched = cur.fetch_df_chunk(max(1, CHUNK_ROWS // 2048))  # DuckDB hands out vectors of 2,048 rows
         if fetched.empty:

@@ -10,6 +10,11 @@ from typing import Any
 
 from expectations.suite import Rule, run_suite
 from transforms.events import APPOINTMENT_EVENTS, CHANNEL_EVENTS, EDUCATION_EVENTS, MODALITIES
+from transforms.vocab import SOURCE_KINDS, kind_metric
+
+# App events come from app logins; device status from device logins (the broker's ACL already keeps each kind
+# to its topics; this is the same rule stated where the data is judged).
+KIND_CHANNELS = sorted(kind_metric(k.name, "events" if k.app else "status") for k in SOURCE_KINDS.values())
 
 SUITE_NAME = "telehealth_events"
 
@@ -27,6 +32,9 @@ def rules(future_skew_s: int) -> list[Rule]:
              "ExpectColumnValuesToBeNull", {"column": "mistyped"}),
         Rule("event_known_for_channel", "status topics carry device status; app topics carry app events",
              "ExpectColumnValuesToBeInSet", {"column": "channel_event", "value_set": CHANNEL_EVENTS}),
+        Rule("source_kind_matches_channel", "only a registered app reports app events, only a device its status",
+             "ExpectColumnValuesToBeInSet", {"column": "kind_channel", "value_set": KIND_CHANNELS,
+                                             "row_condition": "device_known==True", "condition_parser": "pandas"}),
         Rule("occurred_at_rfc3339_with_offset", "an event without its UTC offset cannot be placed on a day",
              "ExpectColumnValuesToNotBeNull", {"column": "occurred_at"}),
         Rule("occurred_not_in_future", "a source clock running ahead must not report tomorrow's events",
@@ -60,5 +68,9 @@ def rules(future_skew_s: int) -> list[Rule]:
 
 
 def validate(df: Any, future_skew_s: int) -> dict[str, list[str]]:
-    """Rules each failing event broke, by row key."""
-    return run_suite(df, f"{SUITE_NAME}_{future_skew_s}", rules(future_skew_s))
+    """Rules each failing event broke, by row key (``df`` carries ``device_kind`` like the clinical suite's)."""
+    if df.empty:
+        return {}
+    frame = df.assign(device_known=df["device_kind"].notna(),
+                      kind_channel=[kind_metric(k, c) for k, c in zip(df["device_kind"], df["channel"], strict=True)])
+    return run_suite(frame, f"{SUITE_NAME}_{future_skew_s}", rules(future_skew_s))

@@ -25,6 +25,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -213,3 +214,143 @@ def reencrypt_segment(path: Path, keyring: Keyring) -> None:
     writer.close_unsealed()
     os.replace(writer.path, path)
     _fsync_dir(path.parent)
+
+
+# --- the rejected area -------------------------------------------------------------------------------------
+# A sealed segment that cannot be read as a whole (bad header, a record that is not JSON or base64, missing
+# fields, a key id the keyring does not hold, a record that fails authentication) is *poison*: staging any of
+# it would stop every run. It is moved, untouched, to ``rejected/`` with a sidecar saying why, so the other
+# segments flow; an operator fixes the cause (restores a key, ...) and moves it back (``rpm landing replay``).
+# The sidecar is written before the move: a crash in between leaves the segment in ``sealed/`` (rejected
+# again next run), never a rejected segment without its reason.
+
+REASON_SUFFIX = ".reason.json"
+HEADER_MAX_BYTES = 64 * 1024
+BAD_HEADER, UNKNOWN_KEY, DECRYPT_FAILED, BAD_RECORD = "bad_header", "unknown_key", "decrypt_failed", "bad_record"
+
+
+class UnreadableSegment(ValueError):
+    """A sealed segment that cannot be read as a whole: its reason class and a message without payload values."""
+
+    def __init__(self, path: Path, reason: str, detail: str):
+        super().__init__(f"{path.name}: {reason}: {detail}")
+        self.path, self.reason, self.detail = path, reason, detail
+
+
+class RejectedSegment(NamedTuple):
+    segment: str
+    reason: str
+    detail: str
+    records: int       # newline-terminated lines after the header: the messages it holds, as far as known
+    bytes: int
+    rejected_at: datetime
+    origin: str        # what rejected it: a pipeline batch, a key rotation
+
+
+def rejected_dir(landing_dir: Path) -> Path:
+    return landing_dir / "rejected"
+
+
+def _reason_path(path: Path) -> Path:
+    return path.with_name(path.stem + REASON_SUFFIX)
+
+
+def read_whole_segment(path: Path, keyring: Keyring | None = None) -> list[LandedRecord]:
+    """Every record of a sealed segment, or UnreadableSegment naming why it cannot be read (OSError passes:
+    an unreadable disk or a permission is the environment's fault, not the segment's)."""
+    from rpmctl.crypto import DecryptError
+
+    with open(path, "rb") as f:
+        first = f.readline(HEADER_MAX_BYTES)  # a header is ~150 bytes: a stray file is not read whole for it
+    try:
+        header = json.loads(first)
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableSegment(path, BAD_HEADER, _describe(exc)) from exc
+    if (not isinstance(header, dict) or header.get("rpm_landing") != FORMAT_VERSION
+            or header.get("encoding") not in ENCODINGS or not isinstance(header.get("segment"), str)):
+        # Named by shape only: a stray file's first line may be a payload (PHI), never copied into a reason.
+        shape = (f"an object without rpm_landing {FORMAT_VERSION}, a known encoding and a segment name"
+                 if isinstance(header, dict) else f"a JSON {type(header).__name__}")
+        raise UnreadableSegment(path, BAD_HEADER, f"first line is {shape}, not a landing header")
+    records: list[LandedRecord] = []
+    try:
+        records.extend(read_segment(path, keyring))
+    except DecryptError as exc:
+        reason = UNKNOWN_KEY if str(exc).startswith("unknown key id") else DECRYPT_FAILED
+        raise UnreadableSegment(path, reason, f"record {len(records)}: {_describe(exc)}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        # what json, base64, datetime and field access raise on a malformed line (never an OSError)
+        raise UnreadableSegment(path, BAD_RECORD, f"record {len(records)}: {_describe(exc)}") from exc
+    return records
+
+
+_LONG_QUOTE = re.compile(r"'[^']{24,}'|\"[^\"]{24,}\"")
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's class and message, short, with long quoted literals cut (a parser may quote the text
+    it choked on, e.g. a received_at value): positions and field names, no payload values."""
+    text = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+    return _LONG_QUOTE.sub("'…'", text)[:200]
+
+
+def reject_segment(landing_dir: Path, path: Path, reason: str, detail: str = "", origin: str = "") -> RejectedSegment:
+    """Move an unreadable sealed segment into ``rejected/`` with a ``<name>.reason.json`` sidecar (atomic)."""
+    target_dir = rejected_dir(landing_dir)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / path.name
+    info = RejectedSegment(path.stem, reason, detail, _count_lines(path), path.stat().st_size, utc_now(), origin)
+    sidecar = {"segment": info.segment, "reason": reason, "detail": detail, "records": info.records,
+               "bytes": info.bytes, "rejected_at": _iso(info.rejected_at), "origin": origin}
+    tmp = target_dir / f".{path.stem}{REASON_SUFFIX}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(sidecar).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, _reason_path(target))
+    os.rename(path, target)
+    _fsync_dir(target_dir)
+    _fsync_dir(path.parent)
+    return info
+
+
+def _count_lines(path: Path) -> int:
+    """Newline-terminated lines after the header (in chunks: a garbage file may have no newline at all)."""
+    lines = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            lines += chunk.count(b"\n")
+    return max(lines - 1, 0)
+
+
+def list_rejected(landing_dir: Path) -> list[Path]:
+    return sorted(rejected_dir(landing_dir).glob(f"*{SEGMENT_SUFFIX}"))
+
+
+def rejection_of(path: Path) -> RejectedSegment:
+    """What the sidecar of a rejected segment says (a segment moved there by hand has none: reason unknown)."""
+    try:
+        doc = json.loads(_reason_path(path).read_bytes())
+        return RejectedSegment(path.stem, str(doc["reason"]), str(doc.get("detail", "")), int(doc["records"]),
+                               int(doc["bytes"]), datetime.fromisoformat(doc["rejected_at"]),
+                               str(doc.get("origin", "")))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        stat = path.stat()
+        return RejectedSegment(path.stem, "unknown", "no readable reason file beside it", _count_lines(path),
+                               stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC), "")
+
+
+def restore_rejected(landing_dir: Path, name: str) -> Path:
+    """Move a rejected segment back into ``sealed/`` (the next run absorbs it, or rejects it again)."""
+    source = rejected_dir(landing_dir) / f"{name}{SEGMENT_SUFFIX}"
+    target = sealed_dir(landing_dir) / source.name
+    if not source.exists():
+        raise FileNotFoundError(f"no rejected segment {name} in {rejected_dir(landing_dir)}")
+    if target.exists():
+        raise FileExistsError(f"{target} already exists: not overwriting it")
+    sealed_dir(landing_dir).mkdir(parents=True, exist_ok=True)
+    os.rename(source, target)
+    _fsync_dir(sealed_dir(landing_dir))
+    _reason_path(source).unlink(missing_ok=True)
+    _fsync_dir(rejected_dir(landing_dir))
+    return target

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ log = logging.getLogger("rpm.ingest")
 SUBSCRIPTION = "rpm/v1/#"
 STATUS_INTERVAL_S = 1.0
 HOUSEKEEPING_S = 0.02
+KEYRING_POLL_S = 0.25  # how often the landing keyring file is checked for a rotation
 
 
 def make_client(client_id: str, username: str, password: str, *, ca_file: str | None = None,
@@ -91,6 +93,8 @@ class IngestService:
         self.stats = IngestStats()
         # Landing is encrypted at rest; SIGHUP reloads the keyring after `rpm keys rotate`.
         self.keyring = Keyring.load(settings, "landing")
+        self._keyring_seen = _file_identity(self.keyring.path)
+        self._keyring_checked = 0.0
         self._reload_keys = False
         self._pending: list[tuple[int, int]] = []  # (mid, qos) appended but not yet fsynced/acked
         self._oldest_pending = 0.0
@@ -112,7 +116,10 @@ class IngestService:
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.status_file.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"pid": os.getpid(), "connected": self.connected,
+            # landing_key: the key this instance seals with now; `rpm keys rotate` waits for every live
+            # instance (fresh `updated`) to report the new one before it retires anything.
+            tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                       "client_id": self.s.ingest_client_id, "connected": self.connected,
                                        "subscribed": self.subscribed, "updated": time.time(),
                                        "landing_key": self.keyring.active, **asdict(self.stats)}))
             os.replace(tmp, self.status_file)
@@ -252,7 +259,8 @@ class IngestService:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.s.ingest_session_expiry_s
         props.ReceiveMaximum = self.s.ingest_receive_maximum
-        self.client.connect(self.s.broker_host, self.s.broker_port, keepalive=30, clean_start=False,
+        # Its own listener, where only the ingest login is accepted: device logins cannot take this session.
+        self.client.connect(self.s.broker_host, self.s.broker_ingest_port, keepalive=30, clean_start=False,
                             properties=props)
 
     def run(self, install_signals: bool = True) -> IngestStats:
@@ -300,10 +308,16 @@ class IngestService:
                                                                 or self._seal_requested or not self.connected):
                 continue
             housekeeping_at = now
+            if now - self._keyring_checked >= KEYRING_POLL_S:
+                # Rotation writes a new keyring file; every instance notices it here, with or without the
+                # SIGHUP a pid file allows (compose, systemd and extra instances have none).
+                self._keyring_checked = now
+                self._reload_keys |= _file_identity(self.keyring.path) != self._keyring_seen
             if self._reload_keys:
                 # Seal first: a segment is written under one key, so rotation can re-encrypt it whole.
                 self.seal()
                 self.keyring = Keyring.load(self.s, "landing")
+                self._keyring_seen = _file_identity(self.keyring.path)
                 self._reload_keys = False
                 log.info("landing keyring reloaded (active key %s)", self.keyring.active)
                 self.write_status()
@@ -363,6 +377,15 @@ def main(s: Settings) -> int:
     service = IngestService(s, keys.service_password(s, "ingest"))
     service.run()
     return 0
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file: the keyring is replaced atomically, so a new key means a new inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _landing_writable(s: Settings) -> bool:

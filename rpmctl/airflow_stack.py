@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,6 +144,23 @@ def _api_once(s: Settings, method: str, path: str, body: Any, token: str | None,
     with _NO_PROXY.open(req, timeout=timeout) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else None
+
+
+def trigger(s: Settings, dag_id: str, jwt: str, timeout: float = 30.0) -> dict:
+    """Start a run of ``dag_id`` now. Safe to retry: the run id is chosen here, so a POST answered 500 (the
+    SQLite metadata DB locked under load) is sent again, and one that did commit is found by its id."""
+    run_id = f"manual__{datetime.now(UTC).isoformat()}"
+    path = f"/api/v2/dags/{dag_id}/dagRuns"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return api(s, "POST", path, {"dag_run_id": run_id, "logical_date": None}, token=jwt)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 409:  # an earlier attempt committed after all
+                return api(s, "GET", f"{path}/{urllib.parse.quote(run_id, safe='')}", token=jwt)
+            if exc.code < 500 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def token(s: Settings) -> str:

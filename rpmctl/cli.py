@@ -4,15 +4,86 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from datetime import datetime
+import traceback
+from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
+from core.ids import InvalidId, check_id
+from rpmctl.errors import DENIED, INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
 from rpmctl.settings import Settings
 
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+# --- argument types: a bad value is refused by the parser, with the rule, before anything runs -------------
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {n}")
+    return n
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _id(what: str):
+    """An id of the registry's one alphabet (core/ids.py): it names files, topics and audit records."""
+    def parse(text: str) -> str:
+        try:
+            return check_id(what, text)
+        except InvalidId as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = f"{what} id"
+    return parse
+
+
+def _text(text: str) -> str:
+    """Free text (names, notes): no control characters, which would let a stored value forge terminal lines."""
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{printable(text)!r} contains control characters")
+    return text
+
+
+def _iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: use YYYY-MM-DD") from None
+
+
+def _time_zone(text: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone {text!r}: use an IANA name such as "
+                                         "America/Chicago") from None
+    return text
+
+
+def _month(text: str) -> str:
+    try:
+        datetime.strptime(text, "%Y-%m")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month: use YYYY-MM") from None
+    return text
 
 
 def cmd_init(s: Settings, a: argparse.Namespace) -> int:
@@ -47,6 +118,12 @@ def cmd_down(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl import airflow_stack
     from rpmctl.services import down
 
+    if not _has_state(s):  # safe anywhere (`make clean` runs it), but says where it looked
+        if a.json:
+            _print_json({"airflow_stopped": False, "ingest_stopped": False, "broker_stopped": False})
+        else:
+            print(f"nothing to stop: RPM_HOME={s.home} holds no rpm state")
+        return 0
     airflow_stopped = airflow_stack.stop(s)  # first: its tasks may be writing the warehouse
     info = {"airflow_stopped": airflow_stopped, **down(s)}
     _print_json(info) if a.json else print(
@@ -71,16 +148,16 @@ def cmd_ingest(s: Settings, a: argparse.Namespace) -> int:
 
 def cmd_devices_add(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.devices import ProvisioningError, provision
+    from rpmctl.errors import UserError
 
-    since = datetime.fromisoformat(a.since) if a.since else None
-    if since is not None and since.tzinfo is None:
-        print("error: --since needs a UTC offset, e.g. 2026-11-01T00:00:00+00:00", file=sys.stderr)
-        return 2
+    try:
+        since = datetime.fromisoformat(a.since) if a.since else None
+    except ValueError:
+        raise UserError(f"--since {a.since!r} is not an RFC 3339 time: use e.g. 2026-11-01T00:00:00+00:00") from None
     try:
         creds = provision(s, a.device_id, a.patient, kind=a.kind, since=since)
     except ProvisioningError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
     if a.json:
         _print_json(creds)
     else:
@@ -116,10 +193,16 @@ def cmd_pipeline_run(s: Settings, a: argparse.Namespace) -> int:
     try:
         result = run_once(s)
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    _print_json(result) if a.json else print(f"rpm_pipeline {result['run_id']}: {result['state']} "
-                                             f"({', '.join(f'{k} {v}' for k, v in result['tasks'].items())})")
+        raise UserError(str(exc), INTERNAL) from None
+    if a.json:
+        _print_json(result)
+        return 0
+    print(f"rpm_pipeline {result['run_id']}: {result['state']} "
+          f"({', '.join(f'{k} {v}' for k, v in result['tasks'].items())})")
+    if result["rejected"]:
+        print(f"warning: set aside {len(result['rejected'])} unreadable landing segment(s) in landing/rejected/: "
+              + ", ".join(f"{r['segment']}.seg ({r['reason']})" for r in result["rejected"])
+              + "; fix the cause, then `rpm landing replay NAME` (README: Rejected segments)")
     return 0
 
 
@@ -135,6 +218,8 @@ def cmd_accounting(s: Settings, a: argparse.Namespace) -> int:
 
 
 def render_accounting(acc: dict) -> str:
+    from warehouse.accounting import describe_rejected
+
     lines = [
         f"messages processed  {acc['messages_processed']:>8}",
         f"received (items)    {acc['received']:>8}",
@@ -147,6 +232,7 @@ def render_accounting(acc: dict) -> str:
         f"-> {'HOLDS' if acc['balanced'] else 'BROKEN'}",
         f"pending: {acc['pending']['sealed_messages']} message(s) in {acc['pending']['sealed_segments']} sealed "
         f"segment(s), {acc['pending']['open_messages']} in open segment(s)",
+        *describe_rejected(acc),
     ]
     return "\n".join(lines)
 
@@ -191,16 +277,13 @@ def _publish(s: Settings, con) -> None:
 
 
 def cmd_patients_add(s: Settings, a: argparse.Namespace) -> int:
-    from datetime import date
-
     from warehouse.db import clinical
     from warehouse.registry import upsert_patient
 
     conditions = [c.strip() for c in a.conditions.split(",") if c.strip()] if a.conditions else None
     with clinical(s) as con:
         upsert_patient(con, a.patient_id, mrn=a.mrn, given_name=a.given, family_name=a.family,
-                       birth_date=date.fromisoformat(a.birth_date) if a.birth_date else None,
-                       time_zone=a.tz, conditions=conditions)
+                       birth_date=a.birth_date, time_zone=a.tz, conditions=conditions)
         _publish(s, con)
     print(f"patient {a.patient_id} saved")
     return 0
@@ -227,8 +310,10 @@ def cmd_patients_list(s: Settings, a: argparse.Namespace) -> int:
         _print_json(rows)
     else:
         for r in rows:
-            print(f"{r['patient_id']:<10} {r['mrn'] or '-':<11} {(r['family_name'] or '-') + ', ' + (r['given_name'] or '-'):<22} "
-                  f"{r['birth_date'] or '-'!s:<11} {r['time_zone'] or '-':<20} {','.join(r['conditions'] or [])}")
+            print(printable(f"{r['patient_id']:<10} {r['mrn'] or '-':<11} "
+                            f"{(r['family_name'] or '-') + ', ' + (r['given_name'] or '-'):<22} "
+                            f"{r['birth_date'] or '-'!s:<11} {r['time_zone'] or '-':<20} "
+                            f"{','.join(r['conditions'] or [])}"))
     return 0
 
 
@@ -240,24 +325,23 @@ def cmd_patients_threshold(s: Settings, a: argparse.Namespace) -> int:
         try:
             set_threshold(con, a.patient_id, a.rule, a.value, a.set_by)
         except KeyError as exc:
-            print(f"error: {exc.args[0]}", file=sys.stderr)
-            return 2
+            raise UserError(exc.args[0]) from None
         _publish(s, con)
     print(f"{a.patient_id}: {a.rule} = {a.value}")
     return 0
 
 
 def cmd_careteam_add(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.db import clinical
+    from warehouse.db import clinical, transaction
     from warehouse.registry import add_clinician, assign
 
     with clinical(s) as con:
-        add_clinician(con, a.clinician_id, a.name, a.role)
         try:
-            added = assign(con, a.clinician_id, a.patient) if a.patient else False
+            with transaction(con):  # an unknown patient leaves no new clinician behind either
+                add_clinician(con, a.clinician_id, a.name, a.role)
+                added = assign(con, a.clinician_id, a.patient) if a.patient else False
         except KeyError as exc:
-            print(f"error: {exc.args[0]}", file=sys.stderr)
-            return 2
+            raise UserError(exc.args[0]) from None
         _publish(s, con)
     print(f"{a.clinician_id}" + (f" {'added to' if added else 'already on'} the care team of {a.patient}"
                                  if a.patient else " saved"))
@@ -269,7 +353,10 @@ def cmd_careteam_remove(s: Settings, a: argparse.Namespace) -> int:
     from warehouse.registry import unassign
 
     with clinical(s) as con:
-        removed = unassign(con, a.clinician_id, a.patient)
+        try:
+            removed = unassign(con, a.clinician_id, a.patient)
+        except KeyError as exc:
+            raise UserError(exc.args[0]) from None
         _publish(s, con)
     print(f"{a.clinician_id} {'removed from' if removed else 'was not on'} the care team of {a.patient}")
     return 0
@@ -289,8 +376,8 @@ def cmd_careteam_list(s: Settings, a: argparse.Namespace) -> int:
         _print_json(out)
     else:
         for r in out:
-            print(f"{r['clinician_id']:<12} {r['name'] or '-':<20} {r['role'] or '-':<10} "
-                  f"{len(r['patients'])} patients: {' '.join(r['patients'])}")
+            print(printable(f"{r['clinician_id']:<12} {r['name'] or '-':<20} {r['role'] or '-':<10} "
+                            f"{len(r['patients'])} patients: {' '.join(r['patients'])}"))
     return 0
 
 
@@ -303,11 +390,9 @@ def cmd_clinician(s: Settings, a: argparse.Namespace) -> int:
     try:
         result = view.run(session, a)
     except AccessDenied as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
+        raise UserError(str(exc), DENIED) from None
     except (KeyError, ValueError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc.args[0] if exc.args else exc)) from None
     if a.json:
         _print_json(result)
     else:
@@ -322,19 +407,26 @@ def cmd_audit_verify(s: Settings, a: argparse.Namespace) -> int:
     _print_json(result) if a.json else print(
         f"audit log intact: {result['records']} records, chain verified" if result["ok"]
         else f"AUDIT LOG TAMPERED: {result['problem']} ({result['records']} records verified before it)")
-    return 0 if result["ok"] else 5
+    return 0 if result["ok"] else TAMPERED
 
 
 def cmd_audit_show(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.crypto import DecryptError
     from warehouse.audit import AuditLog
 
-    records = AuditLog(s).records()[-a.last:]
+    try:
+        records = AuditLog(s).records()[-a.last:]
+    except DecryptError as exc:
+        raise UserError(f"audit log tampered: a record cannot be authenticated ({exc}): see rpm audit verify",
+                        TAMPERED) from None
     if a.json:
         _print_json(records)
     else:
         for r in records:
-            print(f"{r['seq']:>6} {r['ts'][:19]} {r['actor']:<14} {r['action']:<12} {r['outcome']:<28} "
-                  f"rows={r['rows']:<5} patients={','.join(r['patients'][:5])}{'...' if len(r['patients']) > 5 else ''}")
+            # Stored strings are shown escaped: a hostile value cannot forge a line of this listing.
+            print(f"{r['seq']:>6} {printable(r['ts'][:19])} {printable(r['actor']):<14} "
+                  f"{printable(r['action']):<12} {printable(r['outcome']):<28} rows={r['rows']:<5} "
+                  f"patients={printable(','.join(r['patients'][:5]))}{'...' if len(r['patients']) > 5 else ''}")
     return 0
 
 
@@ -347,9 +439,13 @@ def cmd_backup(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.rotate import rotate_all
+    from rpmctl.errors import UserError
+    from rpmctl.rotate import RotationRefused, rotate_all
 
-    result = rotate_all(s)
+    try:
+        result = rotate_all(s)
+    except RotationRefused as exc:
+        raise UserError(f"key rotation refused: {exc}") from None
     _print_json(result) if a.json else print(
         f"landing: {result['landing']['segments_reencrypted']} segments re-encrypted under "
         f"{result['landing']['active']}; warehouse: re-encrypted ({result['warehouse']['tables']} tables, "
@@ -376,8 +472,93 @@ def cmd_ops_status(s: Settings, a: argparse.Namespace) -> int:
     return {"healthy": 0, "degraded": 1}.get(status["verdict"], 2)
 
 
+# --- poison segments and quarantine replay ------------------------------------------------------------------
+def cmd_landing_rejected(s: Settings, a: argparse.Namespace) -> int:
+    from warehouse.db import clinical
+    from warehouse.ledger import reconcile_rejected, waiting_rejected
+
+    with clinical(s) as con:
+        reconcile_rejected(con, s.landing_dir)  # type: ignore[arg-type]
+        waiting = [w.to_json() for w in waiting_rejected(con, s.landing_dir)]  # type: ignore[arg-type]
+    if a.json:
+        _print_json(waiting)
+        return 0
+    if not waiting:
+        print("no rejected segments: every sealed segment was absorbed or is pending")
+    for w in waiting:
+        where = "" if w["in_rejected_dir"] else "  (FILE MISSING from landing/rejected/)"
+        print(f"{w['segment']}  {w['reason']}  {w['records']} message(s), {w['bytes']} bytes, rejected "
+              f"{w['rejected_at'][:19]}{where}\n    {w['detail']}")
+    return 0
+
+
+def cmd_landing_replay(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.errors import UserError
+    from warehouse.db import clinical
+    from warehouse.ledger import replay_rejected
+
+    if bool(a.name) == bool(a.all):
+        raise UserError("name one rejected segment or pass --all (see rpm landing rejected)")
+    with clinical(s) as con:
+        try:
+            moved = replay_rejected(con, s.landing_dir, None if a.all else [a.name])  # type: ignore[arg-type]
+        except (FileNotFoundError, FileExistsError) as exc:
+            raise UserError(f"{exc} (see rpm landing rejected)") from None
+    if a.json:
+        _print_json({"replayed": moved})
+    else:
+        print(f"moved back to landing/sealed/: {', '.join(moved) or 'nothing'}; the next rpm pipeline run "
+              "absorbs each, or sets it aside again with its new reason")
+    return 0
+
+
+def cmd_quarantine_list(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.errors import UserError
+    from warehouse.replay import list_quarantine
+    from warehouse.serving import serving
+
+    if a.limit < 1:
+        raise UserError(f"--limit must be a positive whole number, got {a.limit}")
+    try:
+        with serving(s) as con:
+            listing = list_quarantine(con, a.reason, a.limit)
+    except FileNotFoundError:
+        raise UserError("no clinical warehouse yet: run rpm pipeline run first") from None
+    if a.json:
+        _print_json(listing.to_json())
+        return 0
+    print(f"quarantine: {listing.total} item(s)")
+    for reason, n in listing.by_reason.items():
+        print(f"  {reason:<36} {n:>7}  {'replayable' if listing.replayable[reason] else 'structural: not replayable'}")
+    scope = f" with {a.reason}" if a.reason else ""
+    print(f"items{scope}, newest first: {len(listing.items)} of {listing.matching}")
+    for i in listing.items:
+        print(f"  {i['row_key']}  {i['device_id'] or '-'}  {i['kind'] or '?'}  {','.join(i['reasons'])}  "
+              f"received {str(i['received_at'])[:19]}")
+    return 0
+
+
+def cmd_quarantine_replay(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.errors import UserError
+    from warehouse.replay import NotReplayable, replay_quarantine
+
+    try:
+        result = replay_quarantine(s, a.reason)
+    except NotReplayable as exc:
+        raise UserError(str(exc)) from None
+    if a.json:
+        _print_json(result.to_json())
+        return 0
+    still = ", ".join(f"{k} {v}" for k, v in result.still_by_reason.items())
+    print(f"replayed {result.examined} item(s) quarantined as {result.reason}: {result.loaded} loaded, "
+          f"{result.duplicates} duplicate(s), {result.still_quarantined} still quarantined"
+          + (f" ({still})" if still else "")
+          + (f"; {result.not_rebuilt} could not be rebuilt and were left as they were" if result.not_rebuilt else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rpm", description="Remote patient monitoring pipeline.")
+    p = _Parser(prog="rpm", description="Remote patient monitoring pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help: str, parent=sub, json_flag: bool = True) -> argparse.ArgumentParser:
@@ -401,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                 parent=devices)
     d_add.add_argument("device_id")
     d_add.add_argument("--patient", required=True, help="patient the device's readings belong to")
-    d_add.add_argument("--kind", help="bp, glu, cgm, ox, scale, thermo, ...")
+    d_add.add_argument("--kind", help="what the device is (required for a new device; it decides what it may "
+                       "publish): bp, ox, scale, thermo, glu, cgm, hub, app")
     d_add.add_argument("--since", help="enrollment start (RFC 3339 with offset); default now")
     add("list", cmd_devices_list, "devices and their current patient", parent=devices)
 
@@ -416,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help in (("simulate", cmd_simulate, "enrol a simulated fleet and publish its readings"),
                            ("demo", cmd_demo, "up, simulate, run the pipeline, print reports, down")):
         sp = add(name, fn, help, json_flag=name == "simulate")
-        sp.add_argument("--patients", type=int, default=24)
-        sp.add_argument("--days", type=int, default=14)
+        sp.add_argument("--patients", type=_positive_int, default=24)
+        sp.add_argument("--days", type=_positive_int, default=14)
         sp.add_argument("--seed", type=int, default=7)
         if name == "simulate":
             sp.add_argument("--tls", action="store_true", help="publish over the TLS listener")
@@ -426,67 +608,69 @@ def build_parser() -> argparse.ArgumentParser:
     patients = sub.add_parser("patients", help="patient registry").add_subparsers(dest="patients_cmd",
                                                                                   required=True)
     p_add = add("add", cmd_patients_add, "create or update a patient", parent=patients, json_flag=False)
-    p_add.add_argument("patient_id")
-    p_add.add_argument("--mrn")
-    p_add.add_argument("--given")
-    p_add.add_argument("--family")
-    p_add.add_argument("--birth-date", help="YYYY-MM-DD")
-    p_add.add_argument("--tz", help="IANA time zone of the patient's home, e.g. America/Chicago")
-    p_add.add_argument("--conditions", help="comma-separated: hypertension,diabetes,copd,heart_failure")
+    p_add.add_argument("patient_id", type=_id("patient"))
+    p_add.add_argument("--mrn", type=_text)
+    p_add.add_argument("--given", type=_text)
+    p_add.add_argument("--family", type=_text)
+    p_add.add_argument("--birth-date", type=_iso_date, help="YYYY-MM-DD")
+    p_add.add_argument("--tz", type=_time_zone, help="IANA time zone of the patient's home, e.g. America/Chicago")
+    p_add.add_argument("--conditions", type=_text,
+                       help="comma-separated: hypertension,diabetes,copd,heart_failure")
     p_imp = add("import", cmd_patients_import, "import a practice's patient list (CSV)", parent=patients)
     p_imp.add_argument("csv", help="columns: patient_id,mrn,given_name,family_name,birth_date,time_zone,"
                                    "conditions (';'-separated)")
     p_list = add("list", cmd_patients_list, "all patients (an audited PHI read)", parent=patients)
-    p_list.add_argument("--actor", default="registry", help="who is asking (recorded in the audit log)")
+    p_list.add_argument("--actor", type=_id("actor"), default="registry",
+                        help="who is asking (recorded in the audit log)")
     p_thr = add("threshold", cmd_patients_threshold, "override an alert threshold for one patient",
                 parent=patients, json_flag=False)
-    p_thr.add_argument("patient_id")
+    p_thr.add_argument("patient_id", type=_id("patient"))
     p_thr.add_argument("rule", help="e.g. bp_stage2.systolic, glucose_level1_low.mg_dl")
-    p_thr.add_argument("value", type=float)
-    p_thr.add_argument("--set-by")
+    p_thr.add_argument("value", type=_finite_float)
+    p_thr.add_argument("--set-by", type=_text)
 
     careteam = sub.add_parser("careteam", help="clinicians and care-team assignments").add_subparsers(
         dest="careteam_cmd", required=True)
     c_add = add("add", cmd_careteam_add, "create a clinician and/or put them on a patient's care team",
                 parent=careteam, json_flag=False)
-    c_add.add_argument("clinician_id")
-    c_add.add_argument("--patient")
-    c_add.add_argument("--name")
-    c_add.add_argument("--role")
+    c_add.add_argument("clinician_id", type=_id("clinician"))
+    c_add.add_argument("--patient", type=_id("patient"))
+    c_add.add_argument("--name", type=_text)
+    c_add.add_argument("--role", type=_text)
     c_rm = add("remove", cmd_careteam_remove, "take a clinician off a patient's care team", parent=careteam,
                json_flag=False)
-    c_rm.add_argument("clinician_id")
-    c_rm.add_argument("--patient", required=True)
+    c_rm.add_argument("clinician_id", type=_id("clinician"))
+    c_rm.add_argument("--patient", type=_id("patient"), required=True)
     add("list", cmd_careteam_list, "clinicians and their current patients", parent=careteam)
 
     clin = sub.add_parser("clinician", help="a clinician's view: only their care team's patients, audited",
                           description="Queries as one clinician; every read of PHI is audited.")
-    clin.add_argument("--as", dest="as_clinician", required=True, metavar="CLINICIAN_ID")
+    clin.add_argument("--as", dest="as_clinician", type=_id("clinician"), required=True, metavar="CLINICIAN_ID")
     views = clin.add_subparsers(dest="view", required=True)
     add("patients", cmd_clinician, "your patients with last reading and open alerts", parent=views)
     v_pat = add("patient", cmd_clinician, "one patient: latest vitals, daily summaries, trends, alerts, glucose",
                 parent=views)
-    v_pat.add_argument("patient_id")
-    v_pat.add_argument("--days", type=int, default=30)
+    v_pat.add_argument("patient_id", type=_id("patient"))
+    v_pat.add_argument("--days", type=_positive_int, default=30)
     add("alerts", cmd_clinician, "open alerts, most severe first", parent=views)
     v_ack = add("ack", cmd_clinician, "acknowledge an alert (it resolves when readings return to range)",
                 parent=views)
-    v_ack.add_argument("alert_id")
-    v_ack.add_argument("--note")
+    v_ack.add_argument("alert_id", type=_id("alert"))
+    v_ack.add_argument("--note", type=_text)
     v_bill = add("billing", cmd_clinician, "RPM billing eligibility (99445/99454, 99470/99457/99458)",
                  parent=views)
-    v_bill.add_argument("--month", help="YYYY-MM (default: this month)")
+    v_bill.add_argument("--month", type=_month, help="YYYY-MM (default: this month)")
     v_bill.add_argument("--csv", help="also write the report to this CSV file")
     v_time = add("log-time", cmd_clinician, "log treatment-management minutes for a patient", parent=views)
-    v_time.add_argument("minutes", type=int)
-    v_time.add_argument("--patient", required=True)
+    v_time.add_argument("minutes", type=_positive_int)
+    v_time.add_argument("--patient", type=_id("patient"), required=True)
     v_time.add_argument("--interactive", action="store_true",
                         help="the time included a real-time interactive communication with the patient")
-    v_time.add_argument("--note")
+    v_time.add_argument("--note", type=_text)
     v_fhir = add("export-fhir", cmd_clinician, "write a FHIR R4 Bundle of vital-signs Observations",
                  parent=views)
-    v_fhir.add_argument("patient_id")
-    v_fhir.add_argument("--days", type=int)
+    v_fhir.add_argument("patient_id", type=_id("patient"))
+    v_fhir.add_argument("--days", type=_positive_int)
     v_fhir.add_argument("--out", help="file to write (default: <patient>-fhir.json)")
 
     rep = add("reports", cmd_reports, "telehealth reports from the de-identified store (no PHI)")
@@ -505,25 +689,151 @@ def build_parser() -> argparse.ArgumentParser:
     add("verify", cmd_audit_verify, "check the hash chain; exit 5 if a record was edited or removed",
         parent=audit)
     a_show = add("show", cmd_audit_show, "the last audit records", parent=audit)
-    a_show.add_argument("--last", type=int, default=20)
+    a_show.add_argument("--last", type=_positive_int, default=20)
 
     add("backup", cmd_backup, "an encrypted, consistent copy of the clinical warehouse in var/backups/")
 
     keys_p = sub.add_parser("keys", help="encryption keys").add_subparsers(dest="keys_cmd", required=True)
     add("rotate", cmd_keys_rotate, "re-encrypt landing, warehouse, snapshots and audit log under new keys",
         parent=keys_p)
+
+    landing = sub.add_parser("landing", help="landing segments set aside as unreadable").add_subparsers(
+        dest="landing_cmd", required=True)
+    add("rejected", cmd_landing_rejected, "unreadable segments waiting in landing/rejected/, with why",
+        parent=landing)
+    l_replay = add("replay", cmd_landing_replay, "move rejected segments back to landing/sealed/ after a fix "
+                   "(the next run absorbs them or sets them aside again)", parent=landing)
+    l_replay.add_argument("name", nargs="?", help="the segment (as rpm landing rejected names it)")
+    l_replay.add_argument("--all", action="store_true", help="every rejected segment")
+
+    quarantine = sub.add_parser("quarantine", help="items that did not load, and replaying them").add_subparsers(
+        dest="quarantine_cmd", required=True)
+    q_list = add("list", cmd_quarantine_list, "quarantined items by reason (no payload values)", parent=quarantine)
+    q_list.add_argument("--reason", help="only items with this reason")
+    q_list.add_argument("--limit", type=int, default=100, help="items shown (default 100)")
+    q_replay = add("replay", cmd_quarantine_replay, "re-judge items with today's registry and rules; those "
+                   "that pass are loaded (item-level reasons only)", parent=quarantine)
+    q_replay.add_argument("--reason", required=True, help="e.g. device_enrolled_at_measured_time")
     add("config", cmd_config, "every RPM_* setting with its documentation", json_flag=False)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+# Commands that may create the state folder (or, like `config` and `down`, touch none); every other one refuses
+# a folder that holds no rpm state, so a mistyped RPM_HOME is reported instead of silently becoming a new,
+# empty installation.
+SETUP_COMMANDS = frozenset({"init", "up", "demo", "ingest", "config", "down"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are reported like every other error: one line (or JSON), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)", USAGE)
+
+
+def _has_state(s: Settings) -> bool:
+    return Path(s.home).is_dir() and Path(s.secrets_dir).is_dir()  # type: ignore[arg-type]
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
+    if args.command not in SETUP_COMMANDS and not _has_state(settings):
+        raise UserError(f"RPM_HOME={settings.home} holds no rpm state: run rpm init (or fix RPM_HOME)")
     return int(args.fn(settings, args) or 0)
+
+
+def _describe(exc: BaseException) -> tuple[int, str]:
+    """(exit code, the one line) for a failure; unexpected ones also leave their traceback in a private file."""
+    from rpmctl.procs import StartError
+    from warehouse.audit import AuditTampered
+
+    if isinstance(exc, UserError):
+        return exc.code, str(exc)
+    if isinstance(exc, StartError):  # a service did not come up: its message names its log
+        return INTERNAL, str(exc)
+    if isinstance(exc, AuditTampered):
+        return TAMPERED, (f"audit log tampered: {exc}; reads of PHI are refused until it is investigated "
+                          "(rpm audit verify)")
+    if isinstance(exc, InvalidId):
+        return USAGE, str(exc)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return USAGE, f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
+    if isinstance(exc, ConnectionError):
+        return INTERNAL, f"{exc.strerror or exc}: is the broker running? (rpm up, rpm status)"
+    if isinstance(exc, ValueError):
+        return USAGE, str(exc)
+    if type(exc).__module__.partition(".")[0] == "duckdb":
+        return INTERNAL, f"warehouse: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return INTERNAL, f"internal error: {type(exc).__name__}: {exc} ({_save_traceback(exc)})"
+
+
+def _save_traceback(exc: BaseException) -> str:
+    """Write the traceback where its owner can read it (it may name patients): the state's run folder, else a
+    private temporary file. Returns where it went."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        settings = Settings.from_env()
+        if _has_state(settings):
+            from rpmctl.procs import open_log, private_run_dir, rotate_log
+
+            path = private_run_dir(settings) / "cli-errors.log"
+            rotate_log(path)
+            fd = open_log(path)
+        else:
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix="rpm-error-", suffix=".log")
+            path = Path(name)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"--- {datetime.now().isoformat(timespec='seconds')} rpm {' '.join(sys.argv[1:])}\n{text}")
+        return f"traceback in {path}"
+    except Exception:  # noqa: BLE001 - reporting must not fail in turn
+        return "traceback not saved"
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (`rpm … | head`): stop quietly. Python would otherwise print a
+    traceback, and another one when it flushes stdout at exit — so stdout now points at /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return PIPE_CLOSED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends as one line on stderr (``{"error": …}`` on stdout under --json) and
+    an exit code: 2 bad input, 3 accounting broken, 4 access denied, 5 audit tampered, 1 anything else; a
+    closed output pipe exits 141 silently, like any Unix tool killed by SIGPIPE."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.umask(0o077)  # everything a command writes under the state folder (warehouse, exports, logs) is private
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the handler, rather than at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit:
+        raise  # --help, and the ingest service's own exit
+    except Exception as exc:  # noqa: BLE001 - the one place every failure becomes one line
+        try:
+            code, message = _describe(exc)
+        except Exception:  # noqa: BLE001 - reporting must not fail in turn
+            code, message = INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    try:
+        if "--json" in argv:
+            print(json.dumps({"error": one_line(message)}))
+            sys.stdout.flush()
+        else:
+            print(f"error: {one_line(message)}", file=sys.stderr)
+    except BrokenPipeError:
+        return _stdout_gone()
+    return code
 
 
 if __name__ == "__main__":

@@ -7,12 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.ids import check_id
+from rpmctl.errors import printable
 from warehouse.access import ClinicianSession
+from warehouse.audit import AuditTampered
 
 SEVERITY = {1: "CRITICAL", 2: "HIGH", 3: "MODERATE"}
 
 
 def run(session: ClinicianSession, a: argparse.Namespace) -> Any:
+    # Fail closed before touching PHI: a read or a change that cannot be audited must not happen (the session
+    # appends after its query, so without this a write would be committed before the refusal).
+    problem = session.audit.check_tail()
+    if problem:
+        raise AuditTampered(problem)
     if a.view == "patients":
         return session.patients()
     if a.view == "patient":
@@ -33,14 +41,16 @@ def run(session: ClinicianSession, a: argparse.Namespace) -> Any:
     if a.view == "export-fhir":
         from warehouse.fhir import write_bundle
 
+        # The default name is built from a validated id: it cannot leave the working directory.
+        default = f"{check_id('patient', a.patient_id)}-fhir.json"
         bundle = session.export_fhir(a.patient_id, a.days)
-        out = write_bundle(bundle, Path(a.out or f"{a.patient_id}-fhir.json"))  # 0600: PHI leaves the store
+        out = write_bundle(bundle, Path(a.out or default))  # 0600: PHI leaves the store
         return {"file": str(out), "observations": len(bundle.get("entry", [])), "resourceType": "Bundle"}
     raise ValueError(f"unknown view {a.view}")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [["-" if v is None else str(v) for v in r] for r in rows]
+    cells = [header] + [["-" if v is None else printable(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
@@ -62,9 +72,10 @@ def render(view: str, result: Any) -> str:
                         r["readings_30d"], r["open_alerts"]] for r in result]) or "no patients on your care team"
     if view == "patient":
         p = result["patient"]
-        lines = [f"{p.get('patient_id')}  {p.get('family_name') or ''}, {p.get('given_name') or ''}  "
-                 f"MRN {p.get('mrn') or '-'}  born {p.get('birth_date') or '-'}  {p.get('time_zone') or ''}  "
-                 f"{','.join(p.get('conditions') or [])}", "", "Latest vitals"]
+        lines = [printable(f"{p.get('patient_id')}  {p.get('family_name') or ''}, {p.get('given_name') or ''}  "
+                           f"MRN {p.get('mrn') or '-'}  born {p.get('birth_date') or '-'}  "
+                           f"{p.get('time_zone') or ''}  {','.join(p.get('conditions') or [])}"),
+                 "", "Latest vitals"]
         lines.append(_table(["metric", "value", "unit", "measured (local)"],
                             [[r["metric"], f"{r['value']:.0f}/{r['diastolic']:.0f}" if r["diastolic"] is not None
                               else _fmt(r["value"]), r["unit"], r["measured_local"]] for r in result["latest"]]))

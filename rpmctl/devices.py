@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
+from core.ids import InvalidId, check_id
 from rpmctl import broker, keys, procs
 from rpmctl.settings import Settings
-from transforms.topics import events_topic, status_topic, valid_device_id, vitals_topic
+from transforms.topics import events_topic, status_topic, vitals_topic
+from transforms.vocab import SOURCE_KINDS
 from warehouse.db import clinical
-from warehouse.registry import PATIENT_ID_RE, enroll
+from warehouse.registry import enroll
+
+KIND_HELP = ", ".join(f"{k.name} ({k.description})" for k in SOURCE_KINDS.values())
 
 
 class ProvisioningError(ValueError):
@@ -20,29 +24,47 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
               since: datetime | None = None) -> dict:
     """Enrol ``device_id`` to ``patient_id`` and (re)issue its broker password.
 
-    Returns what the device needs to publish. The password is shown once: only its hash is stored.
+    The patient must be in the registry. ``kind`` (SOURCE_KINDS) is required for a new device and decides
+    what it may publish: a device's vitals and status topics, or an app's events topic. Returns what the
+    device needs to publish; the password is shown once (only its hash is stored).
     """
-    if not valid_device_id(device_id):
-        raise ProvisioningError(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ - "
-                                "(it becomes the device's broker login and topic segment)")
-    if device_id == s.ingest_username:
+    try:
+        check_id("device", device_id)
+        check_id("patient", patient_id)
+    except InvalidId as exc:
+        raise ProvisioningError(str(exc)) from exc
+    if device_id == s.ingest_username or device_id.startswith("rpm-ingest"):
         raise ProvisioningError(f"{device_id!r} is reserved for the ingest service")
-    if not PATIENT_ID_RE.fullmatch(patient_id):
-        raise ProvisioningError(f"invalid patient id {patient_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    if kind is not None and kind not in SOURCE_KINDS:
+        raise ProvisioningError(f"unknown device kind {kind!r}: one of {KIND_HELP}")
+    if since is not None and since.tzinfo is None:
+        raise ProvisioningError("the enrollment start needs a UTC offset, e.g. 2026-11-01T00:00:00+00:00")
     with clinical(s) as con:
+        if con.execute("SELECT 1 FROM patients WHERE patient_id = ?", [patient_id]).fetchone() is None:
+            raise ProvisioningError(f"unknown patient {patient_id!r}: add it first (rpm patients add "
+                                    f"{patient_id}, or rpm patients import)")
+        known = con.execute("SELECT kind FROM devices WHERE device_id = ?", [device_id]).fetchone()
+        kind = kind or (known[0] if known else None)
+        if kind not in SOURCE_KINDS:
+            raise ProvisioningError(f"device {device_id} needs a kind (--kind): one of {KIND_HELP}")
+        if known and known[0] in SOURCE_KINDS and known[0] != kind:
+            raise ProvisioningError(f"device {device_id} is registered as {known[0]!r}, not {kind!r}: "
+                                    "a device's kind does not change (register the new hardware under a new id)")
         try:
             enrollment = enroll(con, device_id, patient_id, kind=kind, valid_from=since)
         except ValueError as exc:
             raise ProvisioningError(str(exc)) from exc
+    app = SOURCE_KINDS[kind].app
     password = keys.new_password()
     if not broker.passwd_path(s).exists():
         broker.prepare(s)
-    broker.set_login(s, device_id, password)
+    broker.set_login(s, device_id, password, role="app" if app else "device")
     if procs.read_pid(s, broker.NAME):
         wait_for_login(s, device_id, password)
     return {
         "device_id": device_id,
         "patient_id": patient_id,
+        "kind": kind,
         "enrolled_since": enrollment.valid_from.isoformat(),
         "host": s.broker_host,
         "port": s.broker_tls_port,
@@ -51,8 +73,9 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
         "ports": {"mqtts": s.broker_tls_port, "mqtt_loopback": s.broker_port},
         "username": device_id,
         "password": password,
-        "topic": events_topic(device_id) if kind == "app" else vitals_topic(device_id),
-        "status_topic": None if kind == "app" else status_topic(device_id),
+        "client_id": device_id,  # the broker replaces any other client id with the login
+        "topic": events_topic(device_id) if app else vitals_topic(device_id),
+        "status_topic": None if app else status_topic(device_id),
         "qos": 1,
         "mqtt_version": "5",
     }
@@ -64,7 +87,7 @@ def wait_for_login(s: Settings, username: str, password: str, timeout: float = 1
 
     deadline = time.monotonic() + timeout
     while True:
-        client = make_client(f"provision-check-{username}", username, password)
+        client = make_client(username, username, password)
         accepted: list[bool] = []
         client.on_connect = lambda c, u, f, rc, p, out=accepted: out.append(not rc.is_failure)
         try:

@@ -1,9 +1,11 @@
 """`rpm ops status`: is the pipeline healthy? Last runs, ingest state and backlog, with a verdict.
 
-- failing: the last pipeline run failed, or no run has succeeded while data waits;
+- failing: the last pipeline run failed, no run has succeeded while data waits, or the audit log's tail does
+  not match its authenticated head (records removed: every PHI read is refused until it is resolved);
 - degraded: the broker or ingest service is down (devices' readings queue in the broker or on the device),
   ingest is not connected, the newest landed data waits longer than three schedule intervals, or the last
-  successful run is older than that;
+  successful run is older than that, or an unreadable landing segment waits in landing/rejected/ (its
+  messages reach nobody until the cause is fixed and it is replayed: ``rpm landing replay``);
 - healthy otherwise.
 """
 
@@ -16,6 +18,7 @@ from rpmctl import broker, procs
 from rpmctl.services import INGEST, ingest_status
 from rpmctl.settings import Settings
 from warehouse.accounting import accounting
+from warehouse.audit import AuditLog
 
 
 def ops_status(s: Settings) -> dict:
@@ -47,18 +50,27 @@ def ops_status(s: Settings) -> dict:
     elif last_ok and pending["sealed_messages"] and (now - last_ok["finished_at"]).total_seconds() > budget_s:
         reasons.append(f"last successful run {(now - last_ok['finished_at']).total_seconds() / 60:.0f} min ago "
                        f"with {pending['sealed_messages']} message(s) waiting")
+    rejected = (acc or {}).get("rejected") or {"segments": 0, "messages": 0, "by_reason": {}, "waiting": []}
+    for w in rejected["waiting"]:
+        where = "in landing/rejected/" if w["in_rejected_dir"] else "MISSING from landing/rejected/"
+        reasons.append(f"unreadable landing segment {w['segment']} ({w['records']} message(s)) waits {where}: "
+                       f"{w['reason']}: {w['detail']} — fix the cause, then `rpm landing replay {w['segment']}`")
     if ingest.get("updated") and ingest_pid and time.time() - ingest["updated"] > 30:
         reasons.append("ingest status has not been updated for 30 s (stuck?)")
+    audit_problem = AuditLog(s).check_tail()
+    if audit_problem:
+        failing.append(f"audit log: {audit_problem} (PHI reads are refused until it is resolved; rpm audit verify)")
     verdict = "failing" if failing else "degraded" if reasons else "healthy"
     return {"verdict": verdict, "reasons": failing + reasons,
             "broker": {"running": broker_pid is not None, "pid": broker_pid},
             "ingest": {"running": ingest_pid is not None, "pid": ingest_pid,
                        **{k: ingest.get(k) for k in ("connected", "received", "landed", "acked", "marked",
                                                      "write_errors", "segments_sealed")}},
-            "backlog": pending, "accounting_balanced": (acc or {}).get("balanced"),
+            "backlog": pending, "accounting_balanced": (acc or {}).get("balanced"), "rejected": rejected,
             "runs": [{k: r[k] for k in ("run_id", "state", "finished_at", "segments", "received", "loaded",
                                         "quarantined", "duplicates", "received_to_loaded_p95_s",
-                                        "measured_to_loaded_p95_s", "task_seconds", "failed_task")} for r in runs]}
+                                        "measured_to_loaded_p95_s", "task_seconds", "failed_task")}
+                     | {"rejected_segments": r.get("rejected_segments")} for r in runs]}
 
 
 def render_ops(st: dict) -> str:
@@ -72,11 +84,15 @@ def render_ops(st: dict) -> str:
     b = st["backlog"]
     lines.append(f"backlog: {b['sealed_messages']} message(s) in {b.get('sealed_segments', 0)} sealed segment(s), "
                  f"{b['open_messages']} in open segment(s); accounting balanced: {st['accounting_balanced']}")
+    if st["rejected"]["segments"]:
+        lines.append(f"rejected: {st['rejected']['messages']} message(s) in {st['rejected']['segments']} unreadable "
+                     "segment(s) in landing/rejected/ (`rpm landing rejected`)")
     lines.append("last runs:")
     for r in st["runs"]:
         lines.append(f"  {r['finished_at']:%Y-%m-%d %H:%M:%S}  {r['state']:<8} {r['run_id'][:40]:<40} "
                      f"loaded {r['loaded'] or 0:>6}  quarantined {r['quarantined'] or 0:>4}  dup {r['duplicates'] or 0:>4}"
                      f"  p95 received->loaded {r['received_to_loaded_p95_s'] or 0:.0f}s"
+                     + (f"  rejected {r['rejected_segments']}" if r.get("rejected_segments") else "")
                      + (f"  FAILED in {r['failed_task']}" if r["state"] == "failed" else ""))
     if not st["runs"]:
         lines.append("  (none yet)")

@@ -72,8 +72,36 @@ def run_once(s: Settings) -> dict:
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     dag = bag.get_dag("rpm_pipeline")
-    run = dag.test()
+    # dag.test() prints every task's log (a failed task's traceback included) on stdout and stderr, which
+    # belong to the command (`--json`, one-line errors): the run's log goes to run/pipeline-run.log instead,
+    # at the file-descriptor level (Airflow's handlers hold the descriptors).
+    log = procs.private_run_dir(s) / "pipeline-run.log"
+    procs.rotate_log(log)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = procs.open_log(log)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        run = dag.test()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     if str(run.state) != "success":
-        raise RuntimeError(f"rpm_pipeline run {run.run_id} ended {run.state}: {states}")
-    return {"run_id": run.run_id, "state": str(run.state), "tasks": states}
+        failed = [t for t, st in states.items() if st == "failed"]
+        raise RuntimeError(f"rpm_pipeline run {run.run_id} ended {run.state} (failed: {', '.join(failed) or '-'}; "
+                           f"tasks {states}); its log: {log}")
+    from warehouse.serving import serving
+
+    with serving(s) as con:  # what this run set aside: named in its result, not only in the task log
+        rejected = [{"segment": r[0], "reason": r[1]} for r in con.execute(
+            "SELECT segment, reason FROM rejected_segments WHERE run_id = ? ORDER BY segment", [run.run_id]
+        ).fetchall()]
+    return {"run_id": run.run_id, "state": str(run.state), "tasks": states, "rejected": rejected}

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from rpmctl.settings import Settings
 
+# A service log is rotated when its service starts and the log is over this size; LOG_KEEP older ones stay.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_KEEP = 3
+
 
 class StartError(RuntimeError):
     pass
@@ -53,16 +57,52 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def private_run_dir(s: Settings) -> Path:
+    """run_dir, owner only (0700): service logs name devices, clients' addresses and errors about patients."""
+    run_dir = Path(s.run_dir)  # type: ignore[arg-type]
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if run_dir.stat().st_mode & 0o077:  # made wider by an older version
+        os.chmod(run_dir, 0o700)
+    return run_dir
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> bool:
+    """Move a log over ``max_bytes`` aside (name.log -> name.log.1 -> ... -> name.log.<keep>, the oldest
+    dropped). Only for a log no running process writes. True if it rotated."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+    return True
+
+
+def open_log(path: Path) -> int:
+    """A file descriptor appending to ``path``, created (or narrowed to) 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def start(s: Settings, name: str, argv: list[str], env: dict[str, str] | None = None,
-          ready: Callable[[], bool] | None = None, timeout: float = 20.0) -> int:
-    """Start ``argv`` detached in its own session, logging to run/<name>.log; wait until ``ready()``."""
+          ready: Callable[[], bool] | None = None, timeout: float = 20.0,
+          log_max_bytes: int = LOG_MAX_BYTES) -> int:
+    """Start ``argv`` detached in its own session, logging to run/<name>.log (0600, rotated first when over
+    ``log_max_bytes``); wait until ``ready()``."""
     existing = read_pid(s, name)
     if existing:
         return existing
-    Path(s.run_dir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    log = open(log_file(s, name), "ab")  # noqa: SIM115 - handed to the child
+    private_run_dir(s)
+    rotate_log(log_file(s, name), log_max_bytes)
+    log = os.fdopen(open_log(log_file(s, name)), "ab")  # handed to the child
+    # umask 077: whatever the service creates (segments, logs, persistence, Airflow's files) is private.
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, **(env or {})}, start_new_session=True, umask=0o077)
     log.close()
     pid_file(s, name).write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + timeout

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+from ingest.landing import open_dir, sealed_dir
 from rpmctl import broker, keys, procs
 from rpmctl.settings import Settings
 
@@ -13,19 +15,39 @@ INGEST = "ingest"
 
 
 def init(s: Settings) -> None:
-    """Create state folders and secrets (idempotent): warehouse key, service logins, local CA, broker files."""
+    """Create state folders and secrets (idempotent): warehouse key, service logins, local CA, broker files.
+
+    Every folder that holds identifiers is private (0700): landing segment and status file names carry
+    client ids, logs carry device ids and addresses."""
     Path(s.home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
+    for d in (s.secrets_dir, s.landing_dir, open_dir(s.landing_dir), sealed_dir(s.landing_dir),  # type: ignore[arg-type]
+              s.warehouse_dir, s.run_dir, s.airflow_home):
+        Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
+        os.chmod(d, 0o700)  # type: ignore[arg-type]
     keys.warehouse_key(s)
     broker.prepare(s)
 
 
-def ingest_status(s: Settings) -> dict | None:
-    path = Path(s.run_dir) / f"ingest-{s.ingest_client_id}.json"  # type: ignore[arg-type]
+def ingest_status(s: Settings, client_id: str | None = None) -> dict | None:
+    """The status an ingest instance last wrote (this settings' instance by default)."""
+    path = Path(s.run_dir) / f"ingest-{client_id or s.ingest_client_id}.json"  # type: ignore[arg-type]
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def ingest_statuses(s: Settings) -> dict[str, dict]:
+    """Every ingest instance that has written a status into this state folder, by client id — with or without
+    a pid file (compose, systemd, a second instance started by hand)."""
+    out = {}
+    for path in sorted(Path(s.run_dir).glob("ingest-*.json")):  # type: ignore[arg-type]
+        try:
+            st = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out[st.get("client_id") or path.stem.removeprefix("ingest-")] = st
+    return out
 
 
 def _ingest_connected(s: Settings) -> bool:
@@ -37,6 +59,7 @@ def _ingest_connected(s: Settings) -> bool:
 
 def up(s: Settings) -> dict:
     init(s)
+    broker.rotate_log(s)
     broker_pid = broker.start(s)
     ingest_pid = procs.start(s, INGEST, [sys.executable, "-m", "rpmctl.cli", "ingest"], env=s.as_env(),
                              ready=lambda: _ingest_connected(s))

@@ -27,7 +27,12 @@ class Settings:
 
     # --- broker -------------------------------------------------------------------------------------
     broker_host: str = _doc("Host the ingest service, the CLI and local devices connect to.", default="127.0.0.1")
-    broker_port: int = _doc("Plain MQTT listener, bound to loopback only (local tools and tests).", default=11883)
+    broker_port: int = _doc("Plain MQTT listener for devices on this host (simulator, tests), loopback only. Like "
+                            "the TLS listener, it ties each client id to its login.", default=11883)
+    broker_ingest_port: int = _doc(
+        "The ingest service's own listener, loopback only, where only the ingest login is accepted: devices "
+        "cannot reach it, so no device login can resume or discard the ingest session (whose client id is "
+        "stable and known).", default=11884)
     broker_tls_port: int = _doc("MQTT over TLS listener for devices (the only one reachable off-host).",
                                 default=18883)
     broker_tls_bind: str = _doc("Address of the TLS listener; 0.0.0.0 lets real devices on the LAN reach it.",

@@ -43,7 +43,7 @@ def settings() -> Iterator[Settings]:
     """Settings for one test: state in a fresh folder, both broker listeners on free loopback ports."""
     base = Path(tempfile.mkdtemp(prefix="rpm-test-"))
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
-    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
+    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(), broker_ingest_port=free_port(),
                  broker_tls_bind="127.0.0.1", segment_max_age_s=1.0, ingest_flush_interval_ms=10,
                  ingest_metrics_port=free_port())
     yield s
@@ -80,7 +80,9 @@ def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300) -> su
     proc = subprocess.run([RPM, *args], env={**os.environ, **s.as_env()}, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"rpm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        run_log = Path(s.run_dir) / "pipeline-run.log"  # type: ignore[arg-type]
+        tail = procs.tail(run_log, 80) if args[:2] == ("pipeline", "run") else ""
+        raise AssertionError(f"rpm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{tail}")
     return proc
 
 

@@ -26,12 +26,16 @@ from transforms.vocab import CGM_LOINC, METRICS
 # which two JSON parsers may differ (control characters, invalid UTF-8, a byte-order mark).
 _UNSAFE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
 _MAX_BRACKETS = 200  # Python's json raises RecursionError near 1,000 levels; DuckDB's reader does not
+# JSON's non-standard NaN/Infinity literals where a value starts (after ':', ',' or '['); the same word inside
+# a string ("msg_id": "Infinity") is preceded by a quote and stays on the fast path. A string that itself
+# holds ': NaN' only costs a trip through the reference path.
+_NON_FINITE = re.compile(rb"[:,\[]\s*-?(?:NaN|Infinity)")
 
 
 def precheck(payload: bytes, max_payload_bytes: int) -> str | None:
     """The payload as text if it may take the fast path, else None (the reference path decides)."""
     if (len(payload) > max_payload_bytes or payload[:1] != b"{" or _UNSAFE.search(payload)
-            or b"NaN" in payload or b"Infinity" in payload
+            or _NON_FINITE.search(payload)
             or payload.count(b"{") + payload.count(b"[") > _MAX_BRACKETS):
         return None
     return payload.decode("ascii")

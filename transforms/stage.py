@@ -3,17 +3,32 @@
 Ordinary vitals messages are decoded and normalised in bulk inside DuckDB (transforms/fastpath.py); every
 other message — telehealth events, anything unusual or unreadable, and whatever the bulk path hands back —
 goes through the reference normaliser (transforms/normalise.py). Both produce the same candidate rows.
+
+A segment is read whole before any of its records is staged: one that cannot be read (bad header, a record
+that is not JSON, a key the keyring lacks, failed authentication) is moved to ``landing/rejected/`` and
+recorded in ``rejected_segments``, and the batch goes on without it — one poison file must not stop every
+run. An OSError (permissions, I/O) is the environment's fault, not the segment's: the task fails.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ingest.landing import SEGMENT_SUFFIX, LandedRecord, read_segment, sealed_dir
+from ingest.landing import (
+    SEGMENT_SUFFIX,
+    LandedRecord,
+    RejectedSegment,
+    UnreadableSegment,
+    read_whole_segment,
+    reject_segment,
+    rejected_dir,
+    sealed_dir,
+)
 from rpmctl.crypto import Keyring
 from rpmctl.settings import Settings
 from transforms import fastpath
@@ -21,7 +36,9 @@ from transforms.events import EVENT_COLUMNS
 from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
 from transforms.topics import parse_topic
 from warehouse.db import clinical, transaction
-from warehouse.ledger import Batch
+from warehouse.ledger import Batch, reconcile_rejected, record_rejection
+
+log = logging.getLogger(__name__)
 
 STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
@@ -52,18 +69,33 @@ class Decoded:
         self.fast_records.append(rec)
 
 
-def read_batch(s: Settings, batch: Batch) -> Iterator[Decoded]:
+def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment], None] | None = None,
+               ) -> Iterator[Decoded]:
     """Decrypt the landed messages of a batch and route each to a decode path, in chunks of whole segments
-    of about CHUNK_MESSAGES (so memory stays bounded however many segments a run claims)."""
+    of about CHUNK_MESSAGES (so memory stays bounded however many segments a run claims).
+
+    A segment that cannot be read whole is moved to rejected/ (``on_reject`` records it) and skipped.
+    """
     keyring = Keyring.load(s, "landing")
     out = Decoded()
     for name in batch.segments:
         path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
-        count = 0
-        for rec in read_segment(path, keyring):
+        if not path.exists() and (rejected_dir(s.landing_dir) / path.name).exists():  # type: ignore[arg-type]
+            continue  # set aside by an earlier attempt of this task (its row was written or is reconciled)
+        try:
+            records = read_whole_segment(path, keyring)  # ≤ 16 MiB: whole, so nothing of a poison one is staged
+        except UnreadableSegment as exc:
+            info = reject_segment(s.landing_dir, path, exc.reason, exc.detail,  # type: ignore[arg-type]
+                                  origin=f"batch {batch.batch_id}")
+            log.warning("landing segment %s set aside in %s (%s: %s); the run goes on without it. Fix the cause, "
+                        "then `rpm landing replay %s`", path.name, rejected_dir(s.landing_dir),  # type: ignore[arg-type]
+                        exc.reason, exc.detail, name)
+            if on_reject is not None:
+                on_reject(info)
+            continue
+        for rec in records:
             out.add(name, rec, s.max_payload_bytes)
-            count += 1
-        out.messages[name] = count
+        out.messages[name] = len(records)
         if sum(out.messages.values()) >= CHUNK_MESSAGES:
             yield out
             out = Decoded()
@@ -108,6 +140,12 @@ def bulk_candidates(con, decoded: Decoded) -> list[tuple[str, LandedRecord]]:
 _MEASURED = {"stg_candidates": "measured_at", "stg_events": "occurred_at"}
 
 
+def patient_at(measured: str, alias: str = "c") -> str:
+    """SQL: the patient ``alias``'s device was enrolled to at its ``measured`` instant (NULL if none)."""
+    return (f"(SELECT any_value(e.patient_id) FROM enrollments e WHERE e.device_id = {alias}.device_id "
+            f"AND {alias}.{measured} >= e.valid_from AND (e.valid_to IS NULL OR {alias}.{measured} < e.valid_to))")
+
+
 def _insert(con, table: str, columns: list[str], source: str, batch_id: str) -> None:
     """INSERT rows of ``source`` into a staging table, with the batch id and (readings, events) the patient."""
     names, cols = ", ".join(columns), ", ".join(f"c.{c}" for c in columns)
@@ -117,9 +155,7 @@ def _insert(con, table: str, columns: list[str], source: str, batch_id: str) -> 
         return
     con.execute(f"""
         INSERT INTO {table} ({names}, batch_id, patient_id)
-        SELECT {cols}, ?, (SELECT any_value(e.patient_id) FROM enrollments e
-                           WHERE e.device_id = c.device_id AND c.{measured} >= e.valid_from
-                             AND (e.valid_to IS NULL OR c.{measured} < e.valid_to))
+        SELECT {cols}, ?, {patient_at(measured)}
         FROM {source} c""", [batch_id])
 
 
@@ -154,10 +190,11 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     """
     segments = messages = bulk = 0
     with clinical(s) as con:
+        reconcile_rejected(con, s.landing_dir)  # type: ignore[arg-type]  # a crash between a move and its row
         with transaction(con):
             for table in STAGING_TABLES:
                 con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
-        for decoded in read_batch(s, batch):
+        for decoded in read_batch(s, batch, lambda info: record_rejection(con, info, batch.batch_id)):
             with transaction(con):
                 bulk += stage_chunk(con, s, batch.batch_id, decoded)
             gc.collect()  # the chunk's frames may sit in reference cycles: free them before the next chunk

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from core.ids import is_valid_id
+
 TOPIC_PREFIX = "rpm/v1"
-# Device ids are also broker usernames and appear in topics: keep them to a safe alphabet.
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOPIC_RE = re.compile(r"rpm/v1/(?:devices/(?P<device>[^/]+)/(?P<channel>vitals|status)"
                        r"|apps/(?P<app>[^/]+)/(?P<app_channel>events))")
 
@@ -35,7 +35,7 @@ def parse_topic(topic: str) -> Topic | None:
     if not m:
         return None
     source, channel = (m["device"], m["channel"]) if m["device"] is not None else (m["app"], m["app_channel"])
-    if not DEVICE_ID_RE.fullmatch(source):
+    if not is_valid_id(source):  # device ids are broker logins and topic segments
         return None
     return Topic(source, channel)
 
@@ -53,4 +53,4 @@ def events_topic(app_id: str) -> str:
 
 
 def valid_device_id(device_id: str) -> bool:
-    return bool(DEVICE_ID_RE.fullmatch(device_id))
+    return is_valid_id(device_id)

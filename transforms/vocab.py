@@ -76,3 +76,38 @@ def loinc_for(metric: str, source: str | None) -> str:
     if metric == "blood_glucose" and source == "cgm":
         return CGM_LOINC
     return METRICS[metric].loinc
+
+
+# What each kind of registered source may report. The broker ties a login to its topics (a device writes only
+# rpm/v1/devices/<its id>/vitals|status, an app only rpm/v1/apps/<its id>/events); this table ties a device's
+# readings to what its hardware measures, so a compromised or misconfigured cuff cannot put a glucose value
+# in a chart, count toward billing or raise a hypoglycaemia alert. A reading outside its kind's metrics is
+# quarantined as `metric_measurable_by_device_kind`.
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    description: str
+    metrics: tuple[str, ...]   # vitals it may send; empty for a patient app
+    app: bool = False          # publishes telehealth events (apps/…/events), not vitals or device status
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in [
+    # Home BP monitors report the pulse measured during the inflation with every reading.
+    SourceKind("bp", "blood-pressure cuff", ("blood_pressure", "heart_rate")),
+    # Fingertip/wrist oximeters report pulse rate; some (e.g. Masimo MightySat) also a respiration rate.
+    SourceKind("ox", "pulse oximeter", ("spo2", "heart_rate", "respiratory_rate")),
+    SourceKind("scale", "weight scale", ("body_weight",)),
+    SourceKind("thermo", "thermometer", ("body_temperature",)),
+    SourceKind("glu", "blood-glucose meter", ("blood_glucose",)),
+    SourceKind("cgm", "continuous glucose monitor", ("blood_glucose",)),
+    # A cellular or Bluetooth gateway relaying several peripherals of one patient under one login.
+    SourceKind("hub", "multi-device hub (relays several peripherals)", tuple(METRICS)),
+    SourceKind("app", "patient app (telehealth events only)", (), app=True),
+]}
+
+
+def kind_metric(kind: object, metric: object) -> str:
+    return f"{kind}|{metric}"
+
+
+MEASURABLE_KIND_METRICS = sorted(kind_metric(k.name, m) for k in SOURCE_KINDS.values() for m in k.metrics)

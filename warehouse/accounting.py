@@ -5,6 +5,11 @@
 ``received`` counts items: readings and telehealth events (a batch message contributes one per item; an
 unreadable message counts as one).
 Messages landed but not yet processed are reported as pending, so nothing in between goes unseen.
+
+A sealed segment that could not be read at all is *rejected* (set aside in landing/rejected/): its items are
+unknown until the cause is fixed, so it stays outside the identity and is reported beside it — segments,
+messages (lines), bytes, by reason, and each one waiting. Every sealed segment is absorbed, rejected or
+pending; a rejected segment replayed after a fix is absorbed (or rejected again) by the next run.
 """
 
 from __future__ import annotations
@@ -12,11 +17,17 @@ from __future__ import annotations
 from ingest.landing import SEGMENT_SUFFIX, list_sealed, open_dir
 from rpmctl.settings import Settings
 from warehouse.db import clinical
+from warehouse.ledger import WaitingSegment, waiting_rejected
 
 
 def _count_records(path) -> int:
-    with open(path, "rb") as f:
-        return max(sum(1 for line in f if line.endswith(b"\n")) - 1, 0)  # minus the header line
+    """Messages in a landing file (its complete lines after the header); 0 for one that cannot be read at all
+    (the pipeline run that meets it fails and says why: the accounting must still answer)."""
+    try:
+        with open(path, "rb") as f:
+            return max(sum(1 for line in f if line.endswith(b"\n")) - 1, 0)  # minus the header line
+    except OSError:
+        return 0
 
 
 def accounting(s: Settings) -> dict:
@@ -35,6 +46,7 @@ def accounting(s: Settings) -> dict:
             SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM quarantine)
             GROUP BY reason ORDER BY count(*) DESC, reason""").fetchall())
         done = {r[0] for r in con.execute("SELECT segment FROM segments").fetchall()}
+        rejected = waiting_rejected(con, s.landing_dir)  # type: ignore[arg-type]
     pending = [p for p in list_sealed(s.landing_dir) if p.stem not in done]  # type: ignore[arg-type]
     open_segments = sorted(open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}"))  # type: ignore[arg-type]
     # The ledger's per-segment counts and the tables must tell the same story.
@@ -55,4 +67,25 @@ def accounting(s: Settings) -> dict:
             "open_segments": len(open_segments),
             "open_messages": sum(_count_records(p) for p in open_segments),
         },
+        "rejected": rejected_summary(rejected),
     }
+
+
+def rejected_summary(waiting: list[WaitingSegment]) -> dict:
+    """Segments set aside as unreadable and not yet replayed: totals, by reason, and each one."""
+    by_reason: dict[str, int] = {}
+    for w in waiting:
+        by_reason[w.reason] = by_reason.get(w.reason, 0) + 1
+    return {"segments": len(waiting), "messages": sum(w.records for w in waiting),
+            "bytes": sum(w.bytes for w in waiting), "by_reason": by_reason,
+            "waiting": [w.to_json() for w in waiting]}
+
+
+def describe_rejected(acc: dict) -> list[str]:
+    """Text lines for the rejected segments of an accounting (none when nothing waits)."""
+    r = acc.get("rejected") or {}
+    if not r.get("segments"):
+        return []
+    return [f"rejected: {r['messages']} message(s) in {r['segments']} unreadable segment(s) set aside in "
+            f"landing/rejected/ (outside the identity until replayed)",
+            *(f"    {w['segment']}  {w['reason']}: {w['detail']}" for w in r["waiting"])]

@@ -8,6 +8,8 @@ clinician may see (care-team scope is theirs to enforce): only those are queried
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -132,7 +134,10 @@ def _csv_value(key: str, value: Any) -> Any:
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """Write a billing report as CSV, one row per patient: codes joined with ';', flags with ' | '."""
     path = Path(path)
-    with path.open("w", newline="") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it names patients: owner only
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
+    with os.fdopen(fd, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:

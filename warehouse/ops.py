@@ -41,11 +41,12 @@ def record_run(s: Settings, run_id: str, started_at: datetime | None, results: d
         seg = con.execute("""SELECT count(*), coalesce(sum(messages), 0), coalesce(sum(items), 0)
                              FROM segments WHERE run_id = ?""", [run_id]).fetchone()
         lag = con.execute(FRESHNESS, [run_id]).fetchone()
+        rejected = _rejected_in_batch(con, run_id, results.get("claim", {}).get("batch_id"))
         row = {
             "run_id": run_id, "state": "success", "started_at": started_at, "finished_at": datetime.now(UTC),
             "segments": seg[0], "messages": seg[1], "received": seg[2],  # type: ignore[index]
             "loaded": load.get("loaded", 0), "quarantined": load.get("quarantined", 0),
-            "duplicates": load.get("duplicates", 0),
+            "duplicates": load.get("duplicates", 0), "rejected_segments": rejected,
             "quarantined_by_rule": json.dumps({k: v for k, v in failures.items() if k not in TIMING_KEYS}),
             "task_seconds": json.dumps({task: r.get("seconds") for task, r in results.items()}),
             "measured_to_received_p50_s": lag[0], "measured_to_received_p95_s": lag[1],  # type: ignore[index]
@@ -58,6 +59,15 @@ def record_run(s: Settings, run_id: str, started_at: datetime | None, results: d
                                         FROM quarantine WHERE run_id = ?) GROUP BY reason""", [run_id]).fetchall())
     report = write_report(s, row, by_reason)
     return {**{k: v for k, v in row.items() if k not in ("started_at", "finished_at")}, "report": str(report)}
+
+
+def _rejected_in_batch(con, run_id: str, batch_id: str | None) -> int:
+    """Segments this run's batch set aside as unreadable (rows carry the batch id; the run id is added here,
+    the stage task does not know it)."""
+    if batch_id:
+        con.execute("UPDATE rejected_segments SET run_id = ? WHERE batch_id = ? AND replayed_at IS NULL",
+                    [run_id, batch_id])
+    return con.execute("SELECT count(*) FROM rejected_segments WHERE run_id = ?", [run_id]).fetchone()[0]
 
 
 def record_failure(s: Settings, run_id: str, task_id: str, error: str) -> None:

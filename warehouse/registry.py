@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 import duckdb
 
+from core.ids import check_id
 from warehouse.alerts import mark_dirty
-
-PATIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,10 @@ def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str 
                    given_name: str | None = None, family_name: str | None = None, birth_date: date | None = None,
                    time_zone: str | None = None, conditions: list[str] | None = None) -> None:
     """Create or update a patient; fields given as None keep their current value."""
+    check_id("patient", patient_id)
+    for name, value in (("mrn", mrn), ("given_name", given_name), ("family_name", family_name),
+                        *(("conditions", c) for c in conditions or [])):
+        _check_text(name, value)
     if time_zone is not None:
         ZoneInfo(time_zone)  # raises for an unknown IANA zone: local days must be computable
     con.execute("""
@@ -88,6 +90,9 @@ def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str 
 
 def add_clinician(con: duckdb.DuckDBPyConnection, clinician_id: str, name: str | None = None,
                   role: str | None = None) -> None:
+    check_id("clinician", clinician_id)
+    _check_text("name", name)
+    _check_text("role", role)
     con.execute("""INSERT INTO clinicians (clinician_id, name, role) VALUES (?, ?, ?)
                    ON CONFLICT (clinician_id) DO UPDATE SET name = coalesce(excluded.name, clinicians.name),
                    role = coalesce(excluded.role, clinicians.role)""", [clinician_id, name, role])
@@ -95,10 +100,7 @@ def add_clinician(con: duckdb.DuckDBPyConnection, clinician_id: str, name: str |
 
 def assign(con: duckdb.DuckDBPyConnection, clinician_id: str, patient_id: str) -> bool:
     """Put a clinician on a patient's care team from now on; False if already on it."""
-    if con.execute("SELECT 1 FROM patients WHERE patient_id = ?", [patient_id]).fetchone() is None:
-        raise KeyError(f"unknown patient {patient_id}")
-    if con.execute("SELECT 1 FROM clinicians WHERE clinician_id = ?", [clinician_id]).fetchone() is None:
-        raise KeyError(f"unknown clinician {clinician_id}: add them with `rpm careteam add-clinician`")
+    _require_known(con, clinician_id=clinician_id, patient_id=patient_id)
     if con.execute("SELECT 1 FROM care_team WHERE clinician_id = ? AND patient_id = ? AND until IS NULL",
                    [clinician_id, patient_id]).fetchone():
         return False
@@ -107,6 +109,8 @@ def assign(con: duckdb.DuckDBPyConnection, clinician_id: str, patient_id: str) -
 
 
 def unassign(con: duckdb.DuckDBPyConnection, clinician_id: str, patient_id: str) -> bool:
+    """Take a clinician off a patient's care team from now on; False if they were not on it."""
+    _require_known(con, clinician_id=clinician_id, patient_id=patient_id)
     row = con.execute("""UPDATE care_team SET until = ? WHERE clinician_id = ? AND patient_id = ?
                          AND until IS NULL RETURNING 1""", [datetime.now(UTC), clinician_id, patient_id]).fetchone()
     return row is not None
@@ -123,6 +127,9 @@ def care_team_patients(con: duckdb.DuckDBPyConnection, clinician_id: str) -> lis
 
 def set_threshold(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, threshold: float,
                   set_by: str | None) -> None:
+    """Override one alert threshold for one existing patient (KeyError names an unknown patient or rule)."""
+    _require_known(con, patient_id=patient_id)
+    _check_text("set_by", set_by)
     known = {f"{r}.{p}" for r, p in con.execute("SELECT rule, param FROM alert_rule_params").fetchall()}
     if rule not in known:
         raise KeyError(f"unknown threshold {rule!r}; one of: {', '.join(sorted(known))}")
@@ -143,18 +150,20 @@ def import_patients_csv(s, path: str) -> dict:
     from warehouse.serving import publish_snapshot
 
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"patient_id"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected {', '.join(CSV_COLUMNS)}")
-        rows = list(reader)
+        try:
+            reader = csv.DictReader(f)
+            missing = {"patient_id"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
+                                 f"expected {', '.join(CSV_COLUMNS)}")
+            rows = list(reader)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ValueError(f"{path}: not a UTF-8 CSV file ({exc})") from None
     with clinical(s) as con:
         with transaction(con):
             for line, row in enumerate(rows, start=2):
                 try:
-                    patient_id = (row.get("patient_id") or "").strip()
-                    if not PATIENT_ID_RE.fullmatch(patient_id):
-                        raise ValueError(f"invalid patient_id {patient_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+                    patient_id = check_id("patient", (row.get("patient_id") or "").strip())
                     upsert_patient(
                         con, patient_id, mrn=row.get("mrn") or None,
                         given_name=row.get("given_name") or None, family_name=row.get("family_name") or None,
@@ -166,3 +175,23 @@ def import_patients_csv(s, path: str) -> dict:
                     raise ValueError(f"{path} line {line}: {exc}") from exc
         publish_snapshot(s, con)
     return {"patients": len(rows)}
+
+
+def _check_text(field: str, value: str | None) -> None:
+    """Free text is shown on terminals: a control character in it could forge a line of output."""
+    if value is not None and not (isinstance(value, str) and value.isprintable()):
+        raise ValueError(f"{field} {value!r} contains control characters")
+
+
+def _require_known(con: duckdb.DuckDBPyConnection, *, clinician_id: str | None = None,
+                   patient_id: str | None = None) -> None:
+    """InvalidId for a malformed id, KeyError for one the registry does not hold: no silent yes to someone
+    who does not exist."""
+    if patient_id is not None:
+        check_id("patient", patient_id)
+        if con.execute("SELECT 1 FROM patients WHERE patient_id = ?", [patient_id]).fetchone() is None:
+            raise KeyError(f"unknown patient {patient_id}: add them with `rpm patients add {patient_id}`")
+    if clinician_id is not None:
+        check_id("clinician", clinician_id)
+        if con.execute("SELECT 1 FROM clinicians WHERE clinician_id = ?", [clinician_id]).fetchone() is None:
+            raise KeyError(f"unknown clinician {clinician_id}: add them with `rpm careteam add {clinician_id}`")

@@ -8,6 +8,8 @@ every pseudonymous key. Without ``publish`` the practice sees its own raw counts
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -143,7 +145,11 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     """Write report rows as CSV (header from the rows' columns; empty cells for None)."""
     path = Path(path)
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    with path.open("w", newline="") as f:
+    # Owner only, like every export: a practice report carries pseudonymous keys and small counts.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
+    with os.fdopen(fd, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import time
 import urllib.error
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -115,9 +116,8 @@ def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         dag = airflow_stack.api(s, "GET", "/api/v2/dags/rpm_pipeline", token=jwt)
         assert dag["is_paused"] is False
 
-        run = airflow_stack.api(s, "POST", "/api/v2/dags/rpm_pipeline/dagRuns", {"logical_date": None},
-                                token=jwt)
-        path = f"/api/v2/dags/rpm_pipeline/dagRuns/{run['dag_run_id']}"
+        run = airflow_stack.trigger(s, "rpm_pipeline", jwt)
+        path = f"/api/v2/dags/rpm_pipeline/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
         state = wait_for(lambda: (st := airflow_stack.api(s, "GET", path, token=jwt)["state"])
                          in ("success", "failed") and st, f"run {run['dag_run_id']} to finish")
         if state != "success":

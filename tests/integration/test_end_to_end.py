@@ -39,10 +39,12 @@ def landed(s: Settings) -> int:
 def test_stock_client_to_clinical_store(stack: Settings):
     s = stack
     since = (datetime.now(UTC) - timedelta(days=3)).isoformat()
-    creds = rpm_json(s, "devices", "add", "bp-e2e-1", "--patient", "pt-e2e", "--kind", "bp", "--since", since)
+    rpm(s, "patients", "add", "pt-e2e")
+    rpm(s, "patients", "add", "pt-other")
+    creds = rpm_json(s, "devices", "add", "bp-e2e-1", "--patient", "pt-e2e", "--kind", "hub", "--since", since)
     assert {"host", "port", "ca_file", "username", "password", "topic"} <= creds.keys()
     assert creds["topic"] == "rpm/v1/devices/bp-e2e-1/vitals" and creds["username"] == "bp-e2e-1"
-    other = rpm_json(s, "devices", "add", "bp-e2e-2", "--patient", "pt-other", "--since", since)
+    other = rpm_json(s, "devices", "add", "bp-e2e-2", "--patient", "pt-other", "--kind", "bp", "--since", since)
 
     eastern = timezone(timedelta(hours=-5))  # the patient's clock: the offset is kept for local-day questions
     t1 = (datetime.now(UTC) - timedelta(hours=5)).astimezone(eastern).isoformat(timespec="seconds")

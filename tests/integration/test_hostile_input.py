@@ -2,8 +2,9 @@
 
 A device (and an app) publish a corpus of malicious or broken payloads: random bytes, truncated and deeply
 nested JSON, non-finite and overflowing numbers, wrong types, unknown metrics and units, control characters,
-SQL, impossible timestamps, bad batches, stray topics — and one publish over the broker's size limit. What a
-user relies on: the oversized publish is refused at the broker; every other message is acked, landed and
+SQL, impossible timestamps, bad batches, vitals a device's kind cannot measure — plus stray topics and one
+publish over the broker's size limit. What a user relies on: the stray topics (outside the login's own) and
+the oversized publish are refused at the broker; every other message is acked, landed and
 accounted for; each item is quarantined with the specific rule it broke; nothing hostile reaches `readings`
 or `telehealth_events`; no table was touched by the SQL; the ingest process never restarted and still lands
 the next normal reading; and no payload is readable in plaintext anywhere under RPM_HOME.
@@ -182,11 +183,12 @@ def hostile_corpus(now: datetime) -> list[Hostile]:
         Hostile("offset_24h", v, _json(reading(measured_at=f"{day}T07:31:00+24:00")),
                 one("measured_at_rfc3339_with_offset")),
         Hostile("missing_time", v, _json(reading(measured_at=...)), one("measured_at_rfc3339_with_offset")),
-        # --- a valid reading on a topic outside the contract (the ACL allows the device's whole prefix) -----
-        Hostile("topic_telemetry", "telemetry", _json(reading()), one("unknown_topic")),
-        Hostile("topic_extra_level", "vitals/extra", _json(reading()), one("unknown_topic")),
-        Hostile("topic_sql", SQL, _json(reading()), one("unknown_topic")),
-        Hostile("topic_emoji", "💉", _json(reading()), one("unknown_topic")),
+        # --- what a device's kind cannot measure: a scale sending a heart rate or SpO2 ----------------------
+        Hostile("scale_heart_rate", "scale", _json(reading()), one("metric_measurable_by_device_kind")),
+        Hostile("scale_spo2_batch", "scale", _json({"readings": [reading(metric="spo2", unit="%", value=97),
+                                                                 reading(metric="body_weight", unit="kg",
+                                                                         value=-1)]}),
+                {0: ["metric_measurable_by_device_kind"], 1: ["plausible_body_weight"]}),
         # --- device status ----------------------------------------------------------------------------------
         Hostile("status_not_json", st, b"{battery: 64, " + CANARY.encode(), one("not_json")),
         Hostile("status_empty_batch", st, _json({"statuses": [], "id": CANARY}), one("empty_batch")),
@@ -245,9 +247,16 @@ def landed(s: Settings) -> int:
     return (services.ingest_status(s) or {}).get("landed", 0)
 
 
-def topic_for(entry_channel: str, cuff: dict, app: dict) -> str:
+# A valid reading on a topic outside the contract: the broker's ACL refuses it (each login writes only its own
+# vitals/status or events topic), so it never reaches landing.
+STRAY_TOPICS = ("telemetry", "vitals/extra", SQL, "💉")
+
+
+def topic_for(entry_channel: str, cuff: dict, app: dict, scale: dict | None = None) -> str:
     if entry_channel == "vitals":
         return cuff["topic"]
+    if entry_channel == "scale":
+        return scale["topic"]  # type: ignore[index]
     if entry_channel == "status":
         return cuff["status_topic"]
     if entry_channel == "events":
@@ -297,8 +306,11 @@ def plaintext_hits(root: Path, needle: bytes) -> list[str]:
 
 
 def enrol(s: Settings) -> tuple[dict, dict]:
+    """A hub (it may relay every vital, so each corpus reading meets only the rule it was built to break) and
+    an app, for one patient."""
     since = (datetime.now(UTC) - timedelta(days=3)).isoformat()
-    cuff = rpm_json(s, "devices", "add", "hx-cuff", "--patient", "pt-hx", "--kind", "bp", "--since", since)
+    rpm(s, "patients", "add", "pt-hx")
+    cuff = rpm_json(s, "devices", "add", "hx-cuff", "--patient", "pt-hx", "--kind", "hub", "--since", since)
     app = rpm_json(s, "devices", "add", "hx-app", "--patient", "pt-hx", "--kind", "app", "--since", since)
     return cuff, app
 
@@ -319,11 +331,22 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_service_keeps_running(
     assert refused["puback"] is None, refused
     assert refused["disconnect"] is not None and "packet too large" in refused["disconnect"].lower(), refused
 
+    since = (datetime.now(UTC) - timedelta(days=3)).isoformat()
+    scale = rpm_json(s, "devices", "add", "hx-scale", "--patient", "pt-hx", "--kind", "scale", "--since", since)
+    with DevicePublisher(s, "hx-cuff", cuff["password"]) as dev:
+        for level in STRAY_TOPICS:
+            dev.publish(_json({"msg_id": f"{CANARY}-stray", "metric": "heart_rate", "value": 72}),
+                        topic=f"rpm/v1/devices/hx-cuff/{level}")
+        dev.wait_all(check=False)
+        assert (dev.acked, [r for _, r in dev.refused]) == (0, ["Not authorized"] * len(STRAY_TOPICS))
+
     with (DevicePublisher(s, "hx-cuff", cuff["password"]) as dev,
-          DevicePublisher(s, "hx-app", app["password"]) as ap):
+          DevicePublisher(s, "hx-app", app["password"]) as ap,
+          DevicePublisher(s, "hx-scale", scale["password"]) as sc):
         for e in corpus:
-            (ap if e.channel == "events" else dev).publish(e.payload, topic=topic_for(e.channel, cuff, app))
-        acked = dev.wait_all() + ap.wait_all()  # raises if the broker refused any of them
+            pub = {"events": ap, "scale": sc}.get(e.channel, dev)
+            pub.publish(e.payload, topic=topic_for(e.channel, cuff, app, scale))
+        acked = dev.wait_all() + ap.wait_all() + sc.wait_all()  # raises if the broker refused any of them
     assert acked == len(corpus)
     wait_until(lambda: landed(s) >= acked, 30, what="ingest to land the corpus")
 
@@ -359,8 +382,7 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_service_keeps_running(
     for seg, rec, item, device, reasons, raw, detail in rows:
         quarantined.setdefault((seg, rec), {})[item] = sorted(reasons)
         entry_topic = records[(seg, rec)].topic
-        source = None if reasons == ["unknown_topic"] else entry_topic.split("/")[3]
-        assert device == source, (entry_topic, reasons)
+        assert device == entry_topic.split("/")[3], (entry_topic, reasons)
         if reasons[0] in DOOR_REASONS:  # the whole message, byte for byte, for a decoder fixed later
             assert bytes(raw) == records[(seg, rec)].payload and detail
     got = {e.name: quarantined.get(where.get(e.payload, ("not landed", -1))) for e in corpus}

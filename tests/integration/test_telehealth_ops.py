@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import pytest
 
+from ingest.landing import SEGMENT_SUFFIX, sealed_dir
 from rpmctl import procs, services
 from rpmctl.publish import DevicePublisher, wait_until
 from rpmctl.settings import Settings
@@ -27,6 +28,7 @@ def landed(s: Settings) -> int:
 def test_app_events_and_device_status_reach_the_telehealth_store_without_identifiers(stack: Settings):
     s = stack
     since = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    rpm(s, "patients", "add", "pt-e2e")
     app = rpm_json(s, "devices", "add", "app-e2e", "--patient", "pt-e2e", "--kind", "app", "--since", since)
     cuff = rpm_json(s, "devices", "add", "bp-e2e", "--patient", "pt-e2e", "--kind", "bp", "--since", since)
     assert app["topic"] == "rpm/v1/apps/app-e2e/events"
@@ -106,17 +108,17 @@ def test_ops_status_is_healthy_then_degraded_when_ingest_stops_while_devices_pub
 
 
 def test_a_failed_task_leaves_a_failed_run_and_ops_says_failing(stack: Settings):
-    """Break the landing keyring (an operator error): the decode task fails, the failure callback records
-    the run, and `rpm ops status` says failing with the task's name."""
+    """An environment fault in landing (a directory where a segment should be: the read fails with an OSError,
+    which is not the segment's fault, so nothing is set aside): the decode task fails, the failure callback
+    records the run, and `rpm ops status` says failing with the task's name."""
     s = stack
     fleet = build_fleet(patients=1, days=1, seed=2)
     provision_fleet(s, fleet, days=1)
     sent = publish_fleet(s, fleet)
     wait_until(lambda: landed(s) >= sent["published"], 30, what="ingest to land the fleet")
     procs.stop(s, services.INGEST)  # seals what it has
-    ring = s.secrets_dir / "landing.keyring.json"
-    saved = ring.read_bytes()
-    ring.write_text(json.dumps({"active": "k0", "keys": {"k0": "00" * 32}}))
+    stray = sealed_dir(s.landing_dir) / f"aa-not-a-file-000001{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
+    stray.mkdir()
     try:
         failed = rpm(s, "pipeline", "run", check=False, timeout=400)
         assert failed.returncode == 1 and "failed" in failed.stderr
@@ -124,6 +126,6 @@ def test_a_failed_task_leaves_a_failed_run_and_ops_says_failing(stack: Settings)
         assert status["verdict"] == "failing"
         assert status["runs"][0]["state"] == "failed" and status["runs"][0]["failed_task"] == "decode_normalise"
     finally:
-        ring.write_bytes(saved)
+        stray.rmdir()
     with clinical(s) as con:  # nothing half-loaded: the ledger is empty, every segment still pending
         assert con.execute("SELECT count(*) FROM segments").fetchone() == (0,)

@@ -17,7 +17,7 @@ import pytest
 
 from rpmctl.crypto import DecryptError, Keyring
 from rpmctl.settings import Settings
-from warehouse.audit import GENESIS, AuditLog
+from warehouse.audit import GENESIS, AuditLog, AuditTampered
 
 PATIENTS = ["pat-7f3a91", "pat-0c22e4"]
 ACTOR = "dr-hildegard-vonbingen"
@@ -200,6 +200,20 @@ def test_reencrypt_under_a_new_key_keeps_the_chain(log, settings):
     assert fresh.verify()["ok"] is True
 
 
+def test_an_instance_loaded_before_a_rotation_keeps_appending_under_the_new_key(log, settings):
+    """A long-lived reader's AuditLog outlives `rpm keys rotate` in another process: its next append must
+    authenticate the re-sealed tail (not call it tampered) and seal under the new key."""
+    fill(log, 2)
+    rotating = AuditLog(settings)
+    old = set(rotating.keyring.keys)
+    new_kid = rotating.keyring.add_active()
+    rotating.reencrypt()
+    rotating.keyring.retire(old)
+    assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 2
+    assert Keyring.key_id_of(base64.b64decode(lines(log)[-1])) == new_kid
+    assert AuditLog(settings).verify()["ok"] is True
+
+
 # --- two writers --------------------------------------------------------------------------------------------
 
 
@@ -231,16 +245,130 @@ def test_concurrent_appends_from_two_processes_form_one_chain(settings):
         assert mine == list(range(50))  # each writer's records in its own order
 
 
-def test_append_continues_the_chain_when_the_head_is_behind_or_gone(log):
-    """Appends read only the log's tail and trust the head for the position: a crash between the log and head
-    writes (head one record behind), or a lost head, must still continue the chain — verify proves it."""
-    for i in range(3):
-        log.append("dr-a", "read", ["p1"], {"i": i}, 1)
-    one_back = log.head_path.read_bytes()
-    log.append("dr-a", "read", ["p1"], {"i": 3}, 1)
-    log.head_path.write_bytes(one_back)          # the crash: record 3 written, head still at 2
-    assert log.append("dr-a", "read", ["p1"], {"i": 4}, 1)["seq"] == 4
-    log.head_path.unlink()                       # no head at all: counted from the log
-    assert log.append("dr-a", "read", ["p1"], {"i": 5}, 1)["seq"] == 5
+# --- the tail is anchored at the head ------------------------------------------------------------------------
+
+
+def refused_every_time(log: AuditLog, attempts: int = 3) -> None:
+    """However many reads follow the tampering, none is recorded, none repairs the chain, verify keeps saying
+    so, and the ops check sees it too."""
+    before = log.path.read_bytes() if log.path.exists() else None
+    for i in range(attempts):
+        with pytest.raises(AuditTampered):
+            log.append(ACTOR, "patient", [PATIENTS[0]], {"after": i}, rows=1)
+        with pytest.raises(AuditTampered):  # another process, same state folder
+            AuditLog(Settings(home=log.dir.parent)).append(ACTOR, "patients", [], {}, rows=0)
+    assert (log.path.read_bytes() if log.path.exists() else None) == before
+    assert log.verify()["ok"] is False
+    assert log.check_tail() is not None
+
+
+def test_truncating_the_newest_records_is_reported_however_many_reads_follow(log):
+    fill(log, 5)
+    write_lines(log, lines(log)[:-2])
+    refused_every_time(log)
+    assert "removed from the end" in log.verify()["problem"]
+
+
+def test_emptying_the_log_is_reported_however_many_reads_follow(log):
+    fill(log, 3)
+    log.path.write_bytes(b"")
+    refused_every_time(log)
+    assert log.verify()["records"] == 0
+
+
+def test_deleting_the_log_file_is_reported(log):
+    fill(log, 3)
+    log.path.unlink()
+    refused_every_time(log)
+
+
+def test_deleting_the_head_is_reported_however_many_reads_follow(log):
+    fill(log, 3)
+    log.head_path.unlink()
+    refused_every_time(log)
+    assert "head" in log.verify()["problem"]
+
+
+def test_the_head_exists_from_the_moment_the_key_does(log):
+    """Otherwise deleting the head and emptying the log would look like a log nobody has read yet."""
+    assert log.head_path.exists() and log.check_tail() is None
+    log.head_path.unlink()
+    refused_every_time(log)
+
+
+def test_a_foreign_line_at_the_end_is_refused(log, tmp_path):
+    fill(log, 3)
+    other = AuditLog(Settings(home=tmp_path / "other"))
+    fill(other, 4)
+    write_lines(log, [*lines(log), lines(other)[3]])
+    refused_every_time(log)
+
+
+def test_a_crash_between_the_log_and_head_writes_is_completed_by_the_next_append(log):
+    records = fill(log, 3)
+    behind = log.head_path.read_bytes()
+    crashed = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 3}, rows=1)
+    log.head_path.write_bytes(behind)            # the crash: record 3 written, head still at record 2
+    assert log.check_tail() is None
+    assert log.verify()["ok"] is True and log.verify()["records"] == 4
+    nxt = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 4}, rows=1)
+    assert (nxt["seq"], nxt["prev"]) == (4, crashed["mac"])
+    v = log.verify()
+    assert (v["ok"], v["records"], v["head"]) == (True, 5, {"seq": 4, "mac": nxt["mac"]})
+    assert [r["seq"] for r in log.records()] == list(range(5))
+    assert records[2]["mac"] == crashed["prev"]
+
+
+def test_a_crash_before_the_first_head_write_is_completed_too(log):
+    genesis = log.head_path.read_bytes()
+    log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)
+    log.head_path.write_bytes(genesis)
+    assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 1
     assert log.verify()["ok"] is True
-    assert [r["seq"] for r in log.records()] == list(range(6))
+
+
+def test_a_torn_last_line_after_the_head_is_dropped(log):
+    """A write that never got its newline never returned: the read it recorded was not served."""
+    fill(log, 3)
+    intact = log.path.read_bytes()
+    torn = lines(log)[1][:40]                     # the start of a line, no newline
+    log.path.write_bytes(intact + torn)
+    assert log.check_tail() is None
+    assert log.verify()["ok"] is True and len(log.records()) == 3
+    assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 3
+    assert log.path.read_bytes().startswith(intact) and torn not in log.path.read_bytes()[len(intact):]
+    assert log.verify()["ok"] is True and log.verify()["records"] == 4
+
+
+def test_a_newline_removed_from_the_last_record_is_not_mistaken_for_a_torn_write(log):
+    fill(log, 3)
+    log.path.write_bytes(log.path.read_bytes()[:-1])  # record 2 now looks torn, but the head names it
+    refused_every_time(log)
+
+
+def test_os_user_comes_from_the_kernel_not_the_environment(log, monkeypatch):
+    import os
+    import pwd
+
+    monkeypatch.setenv("LOGNAME", "dr-impostor")
+    monkeypatch.setenv("USER", "dr-impostor")
+    r = log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)
+    assert r["os_user"] == pwd.getpwuid(os.getuid()).pw_name != "dr-impostor"
+
+
+def test_the_audit_folder_and_files_are_owner_only(settings):
+    import os
+    import stat
+
+    folder = settings.home / "audit"
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o755)  # as an older version left it
+    old_umask = os.umask(0o022)
+    try:
+        log = AuditLog(settings)
+        fill(log, 2)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in (log.path, log.head_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name

@@ -111,13 +111,21 @@ def conf_listeners(path: Path) -> dict[int, dict[str, str]]:
             port, _, bind = value.partition(" ")
             current = listeners.setdefault(int(port), {"bind": bind})
         elif current is not None and key in {"protocol", "cafile", "certfile", "keyfile", "tls_version",
-                                             "require_certificate", "bind_address"}:
+                                             "require_certificate", "bind_address", "allow_anonymous",
+                                             "password_file", "acl_file", "use_username_as_clientid"}:
             current[key] = value
     return listeners
 
 
 def conf_global(path: Path) -> dict[str, str]:
-    return {k: v for k, v in conf_directives(path) if k not in {"listener", "log_type"}}
+    """Directives before the first listener (with per_listener_settings, logins and ACLs are per listener)."""
+    out: dict[str, str] = {}
+    for k, v in conf_directives(path):
+        if k == "listener":
+            break
+        out[k] = v
+    out.update((k, v) for k, v in conf_directives(path) if k.startswith("log_") and k != "log_type")
+    return out
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -146,7 +154,18 @@ def dockerfile_env() -> dict[str, str]:
 
 
 def plain_port() -> int:
-    return next(p for p, opts in conf_listeners(DOCKER_CONF).items() if "certfile" not in opts)
+    """The plain listener for devices (client id = login); the ingest listener is plain too, but its own."""
+    return next(p for p, opts in conf_listeners(DOCKER_CONF).items()
+                if "certfile" not in opts and opts.get("use_username_as_clientid") == "true")
+
+
+def ingest_port() -> int:
+    return next(p for p, opts in conf_listeners(DOCKER_CONF).items() if opts.get("password_file", "").endswith(
+        "passwd.ingest"))
+
+
+def login_files(path: Path) -> list[str]:
+    return [f for opts in conf_listeners(path).values() for f in (opts["password_file"], opts["acl_file"])]
 
 
 def tls_port() -> int:
@@ -228,7 +247,8 @@ def test_broker_runs_the_repo_config(services: dict) -> None:
 
 def test_docker_conf_policy_matches_settings() -> None:
     g, defaults = conf_global(DOCKER_CONF), Settings.from_env(env={})
-    assert g["allow_anonymous"] == "false"
+    assert g["per_listener_settings"] == "true"
+    assert g["retain_available"] == "false"
     assert g["persistence"] == "true"
     assert g["autosave_interval"] == str(defaults.broker_autosave_interval) == "5"
     assert g["max_queued_messages"] == str(defaults.broker_max_queued_messages) == "5000000"
@@ -238,9 +258,16 @@ def test_docker_conf_policy_matches_settings() -> None:
     assert g["max_packet_size"] == str(defaults.max_payload_bytes + 1024) == "263168"
     assert g["log_dest"] == "stdout"
     listeners = conf_listeners(DOCKER_CONF)
-    assert set(listeners) == {1883, 8883}
+    assert set(listeners) == {1883, 1884, 8883}
+    assert all(opts["allow_anonymous"] == "false" for opts in listeners.values())
     assert not {"cafile", "certfile", "keyfile"} & set(listeners[1883])
     assert listeners[8883]["tls_version"] == "tlsv1.2"
+    # Devices: the client id is the login. Ingest: its own logins file, so no device login is valid there.
+    for port in (1883, 8883):
+        assert listeners[port]["use_username_as_clientid"] == "true"
+        assert listeners[port]["password_file"].endswith("/passwd")
+    assert ingest_port() == 1884 and listeners[1884]["password_file"].endswith("/passwd.ingest")
+    assert "use_username_as_clientid" not in listeners[1884], "ingest keeps its stable session id"
 
 
 def test_docker_conf_keeps_every_fixed_directive_of_the_local_template() -> None:
@@ -253,7 +280,7 @@ def test_docker_conf_keeps_every_fixed_directive_of_the_local_template() -> None
 def test_docker_conf_paths_are_the_broker_volumes(services: dict) -> None:
     g, tls = conf_global(DOCKER_CONF), conf_listeners(DOCKER_CONF)[tls_port()]
     cfg = broker_config_dir(services)
-    for path in (g["password_file"], g["acl_file"], tls["cafile"], tls["certfile"], tls["keyfile"]):
+    for path in (*login_files(DOCKER_CONF), tls["cafile"], tls["certfile"], tls["keyfile"]):
         assert path.startswith(cfg + "/"), f"{path} is not in the broker-config volume ({cfg})"
     data = next(m for m in mounts(services["mosquitto"]) if m["type"] == "volume"
                 and m["target"].rstrip("/") == g["persistence_location"].rstrip("/"))
@@ -266,9 +293,9 @@ def test_docker_conf_names_the_files_rpm_init_writes(services: dict, tmp_path: P
     s = Settings(home=tmp_path / "var", broker_dir=broker_dir)
     Path(s.home).mkdir(parents=True)
     broker.prepare(s)
-    g, tls = conf_global(DOCKER_CONF), conf_listeners(DOCKER_CONF)[tls_port()]
+    tls = conf_listeners(DOCKER_CONF)[tls_port()]
     cfg = broker_config_dir(services)
-    for path in (g["password_file"], g["acl_file"], tls["cafile"], tls["certfile"], tls["keyfile"]):
+    for path in (*login_files(DOCKER_CONF), tls["cafile"], tls["certfile"], tls["keyfile"]):
         assert (broker_dir / Path(path).relative_to(cfg)).is_file(), f"rpm init does not write {path}"
 
 
@@ -288,9 +315,9 @@ def test_startup_order(services: dict) -> None:
     assert test and test[0] in {"CMD", "CMD-SHELL"}
 
 
-def test_broker_healthcheck_watches_both_listeners(services: dict) -> None:
+def test_broker_healthcheck_watches_every_listener(services: dict) -> None:
     check = " ".join(argv(services["mosquitto"]["healthcheck"]["test"]))
-    for port in (plain_port(), tls_port()):
+    for port in (plain_port(), ingest_port(), tls_port()):
         assert f":{port:04X} " in check, f"healthcheck does not look at listener {port}"
 
 

@@ -24,6 +24,9 @@ SKEW_S = 300
 PATIENT = "pat-1"
 FAIL_KEY = "seg:99:0"
 NOT_ENROLLED = object()  # marker: the row's device had no enrollment at the measured time
+KIND_OF = {"blood_pressure": "bp", "heart_rate": "ox", "spo2": "ox", "respiratory_rate": "ox",
+           "body_temperature": "thermo", "body_weight": "scale", "blood_glucose": "glu"}
+NO_DEVICE = "<not in the registry>"  # marker: the sending device is unknown (its kind is null)
 
 # rule -> (kind of valid reading, fields that break exactly that rule).
 FAILING: dict[str, tuple[str, dict[str, Any]]] = {
@@ -38,6 +41,7 @@ FAILING: dict[str, tuple[str, dict[str, Any]]] = {
     "measured_not_in_future": ("heart_rate", {"measured_at": RECEIVED + timedelta(seconds=SKEW_S + 1)}),
     "device_enrolled_at_measured_time": ("heart_rate", {"patient": NOT_ENROLLED}),
     "glucose_source_known": ("blood_glucose", {"source": "strip"}),
+    "metric_measurable_by_device_kind": ("blood_glucose", {"device_kind": "bp"}),  # a cuff sending glucose
     "plausible_diastolic": ("blood_pressure", {"values": {"systolic": 120, "diastolic": 10}}),
     "systolic_above_diastolic": ("blood_pressure", {"values": {"systolic": 80, "diastolic": 95}}),
     "plausible_blood_pressure": ("blood_pressure", {"values": {"systolic": 320, "diastolic": 90}}),
@@ -54,13 +58,18 @@ VALID_KINDS = ["blood_pressure", "heart_rate", "spo2", "respiratory_rate", "body
 
 
 def build_frame(rows: list[tuple[str, dict[str, Any], object]]) -> pd.DataFrame:
-    """(row_key, item, patient_id) -> the DataFrame the gate validates."""
-    cands = []
+    """(row_key, item, patient_id) -> the DataFrame the gate validates; the sending device is of the kind that
+    measures the item's metric unless the item names another (``device_kind``, taken out of the payload)."""
+    cands, kinds = [], []
     for row_key, item, _ in rows:
         segment, record_no, item_no = row_key.split(":")
+        item = dict(item)
+        kind = item.pop("device_kind", KIND_OF.get(item.get("metric"), "hub"))
+        kinds.append(None if kind == NO_DEVICE else kind)
         cands.append(candidate(item, device_id="dev-1", segment=segment, record_no=int(record_no),
                                item_no=int(item_no), received_at=RECEIVED))
     df = pd.DataFrame(cands, columns=CANDIDATE_COLUMNS).drop(columns=["raw"])  # gate excludes raw
+    df["device_kind"] = kinds
     df["patient_id"] = [None if p is NOT_ENROLLED else p for _, _, p in rows]
     df["measured_at"] = pd.to_datetime(df["measured_at"], utc=True)
     df["received_at"] = pd.to_datetime(df["received_at"], utc=True)
@@ -148,6 +157,26 @@ def test_glucose_without_a_source_is_accepted_as_contract_v1_allows(valid_rows, 
     watch = make_reading("blood_glucose", source="watch", measured_at=MEASURED)
     assert validate(build_frame([*valid_rows, (FAIL_KEY, watch, PATIENT)]), SKEW_S) == {
         FAIL_KEY: ["glucose_source_known"]}
+
+
+@pytest.mark.parametrize(("metric", "kind"), [("blood_glucose", "bp"), ("spo2", "scale"), ("blood_pressure", "glu"),
+                                            ("heart_rate", "app"), ("body_weight", "")])
+def test_a_metric_its_device_kind_cannot_measure_is_quarantined(metric, kind, valid_rows, make_reading) -> None:
+    """A cuff sending glucose, a scale sending SpO2, an app, or a device registered without a kind."""
+    bad = make_reading(metric, measured_at=MEASURED, device_kind=kind)
+    assert validate(build_frame([*valid_rows, (FAIL_KEY, bad, PATIENT)]), SKEW_S) == {
+        FAIL_KEY: ["metric_measurable_by_device_kind"]}
+
+
+def test_an_unknown_device_is_reported_for_its_enrollment_only(make_reading) -> None:
+    bad = make_reading("heart_rate", measured_at=MEASURED, device_kind=NO_DEVICE)
+    assert validate(build_frame([(FAIL_KEY, bad, NOT_ENROLLED)]), SKEW_S) == {
+        FAIL_KEY: ["device_enrolled_at_measured_time"]}
+
+
+def test_a_hub_may_relay_every_vital(valid_rows, make_reading) -> None:
+    rows = [(f"seg:{i}:0", {**item, "device_kind": "hub"}, p) for i, (_, item, p) in enumerate(valid_rows)]
+    assert validate(build_frame(rows), SKEW_S) == {}
 
 
 def test_a_rule_that_cannot_be_evaluated_raises_instead_of_passing(valid_rows) -> None:

@@ -65,7 +65,7 @@ def enrolled(settings: Settings, now: datetime) -> datetime:
     """dev-1 enrolled to pat-1 since two days ago; returns valid_from."""
     since = now - timedelta(days=2)
     with clinical(settings) as con:
-        enroll(con, DEVICE, "pat-1", kind="multi", valid_from=since)
+        enroll(con, DEVICE, "pat-1", kind="hub", valid_from=since)
     return since
 
 

@@ -47,7 +47,7 @@ def owners_at(con: duckdb.DuckDBPyConnection, at: datetime, device_id: str = "de
 
 
 def test_enroll_then_reissue_closes_the_old_enrollment_at_valid_from(con):
-    assert registry.enroll(con, "dev-1", "p1", kind="bp_cuff", valid_from=T0) == Enrollment(
+    assert registry.enroll(con, "dev-1", "p1", kind="bp", valid_from=T0) == Enrollment(
         "dev-1", "p1", T0, changed=True)
 
     # the same patient again: nothing changes, the original start is kept
@@ -68,7 +68,7 @@ def test_enroll_then_reissue_closes_the_old_enrollment_at_valid_from(con):
     assert owners_at(con, T0 - timedelta(seconds=1)) == []
 
     assert registry.list_devices(con) == [
-        {"device_id": "dev-1", "kind": "bp_cuff", "patient_id": "p2", "enrolled_since": T2}]
+        {"device_id": "dev-1", "kind": "bp", "patient_id": "p2", "enrolled_since": T2}]
     assert {r[0] for r in con.execute("SELECT patient_id FROM patients").fetchall()} == {"p1", "p2"}
 
 

@@ -78,7 +78,7 @@ def appointment(con: duckdb.DuckDBPyConnection, patient_id: str, appointment_id:
 def registry(con: duckdb.DuckDBPyConnection) -> None:
     for pid in [*PEOPLE, "p14"]:
         upsert_patient(con, pid, time_zone="UTC")
-        enroll(con, f"cuff-{pid}", pid, kind="bp_cuff",
+        enroll(con, f"cuff-{pid}", pid, kind="bp",
                valid_from=ONBOARDED_AT - timedelta(hours=ONBOARDING_HOURS[pid]))
         add_reading(con, pid, f"cuff-{pid}", ONBOARDED_AT)  # the first transmitted reading
     upsert_patient(con, "p13", time_zone="UTC")  # on the registry, never enrolled
@@ -339,10 +339,10 @@ def test_connectivity_published_has_no_keys(s):
 
 def test_firmware_spread(s):
     raw = {(r["device_kind"], r["firmware"]): r["devices"] for r in report(s, "firmware")}
-    assert raw == {("bp_cuff", "2.4.1"): 11, ("bp_cuff", "2.3.9"): 1, ("bp_cuff", None): 1,
+    assert raw == {("bp", "2.4.1"): 11, ("bp", "2.3.9"): 1, ("bp", None): 1,
                    ("scale", "1.9.0"): 2, ("scale", None): 3}
     published = {(r["device_kind"], r["firmware"]): r["devices"] for r in report(s, "firmware", publish=True)}
-    assert published == {("bp_cuff", "2.4.1"): 11, ("bp_cuff", "2.3.9"): "<11", ("bp_cuff", None): "<11",
+    assert published == {("bp", "2.4.1"): 11, ("bp", "2.3.9"): "<11", ("bp", None): "<11",
                          ("scale", "1.9.0"): "<11", ("scale", None): "<11"}
 
 

@@ -45,7 +45,7 @@ PATIENTS = [
 ]
 # device id -> (owner, kind, serial); apps publish the patient's app events and are bound like devices.
 DEVICES = {
-    "cuff-zulu-0001": ("pt-7f3k-alpha", "bp_cuff", "SN-ZX81-00A7"),
+    "cuff-zulu-0001": ("pt-7f3k-alpha", "bp", "SN-ZX81-00A7"),
     "scale-yankee-0002": ("pt-9x2m-bravo", "scale", "SN-QQ42-77B1"),
     "app-xray-0003": ("pt-7f3k-alpha", "app", "SN-APPX-0003"),
     "app-whisky-0004": ("pt-9x2m-bravo", "app", "SN-APPW-0004"),
@@ -218,7 +218,7 @@ def test_failed_run_error_text_does_not_reach_the_store(tmp_path):
     s = Settings(home=tmp_path / "var")
     with clinical(s) as con:
         upsert_patient(con, "pt-7f3k-alpha")
-        enroll(con, "cuff-zulu-0001", "pt-7f3k-alpha", kind="bp_cuff")
+        enroll(con, "cuff-zulu-0001", "pt-7f3k-alpha", kind="bp")
     record_failure(s, "manual__1", "load",
                    "ConstraintException: Duplicate key \"patient_id: pt-7f3k-alpha, device_id: cuff-zulu-0001\"")
     publish_snapshot(s)
@@ -266,14 +266,14 @@ def test_rebuild_swaps_the_store_atomically(tmp_path):
     s = Settings(home=tmp_path / "var")
     with clinical(s) as con:
         upsert_patient(con, "pt-old")
-        enroll(con, "cuff-old", "pt-old", kind="bp_cuff")
+        enroll(con, "cuff-old", "pt-old", kind="bp")
     publish_snapshot(s)
     publish_telehealth(s)
     before = open_telehealth(s)
     try:
         with clinical(s) as con:
             upsert_patient(con, "pt-new")
-            enroll(con, "cuff-new", "pt-new", kind="bp_cuff")
+            enroll(con, "cuff-new", "pt-new", kind="bp")
         publish_snapshot(s)
         counts = publish_telehealth(s)
         assert counts["people"] == 2
