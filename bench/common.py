@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 
 def free_port() -> int:
@@ -34,7 +34,8 @@ def free_port() -> int:
 def bench_home(prefix: str, keep: bool = False, **overrides: Any) -> Iterator[Settings]:
     """Settings whose state lives in a fresh temporary folder, with every listener on a free loopback port.
     Whatever the block started (ingest, broker) is stopped afterwards and the folder removed."""
-    from rpmctl import broker, procs, services
+    from rpmctl import services
+    from rpmctl.services import broker, procs
 
     base = Path(tempfile.mkdtemp(prefix=f"rpm-bench-{prefix}-"))
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from transforms.vocab import GLUCOSE_MG_DL_PER_MMOL_L, LB_AV_IN_KG
 
 BATCH = 50  # readings per buffered upload in the batch scenario
@@ -99,7 +99,7 @@ def step_for(readings_per_device: int, window_days: int = 30) -> int:
 def provision(s: Settings, devices: int) -> list[Credential]:
     """Register patients (one home kit of five devices each) and give every device a broker login, through
     the project's own registry and provisioning functions."""
-    from rpmctl.simulator import Device, Fleet, provision_fleet
+    from rpmctl.tools.simulator import Device, Fleet, provision_fleet
 
     plan = [_device(i) for i in range(devices)]
     fleet = Fleet(patients={p: CONDITIONS[int(p[3:]) % len(CONDITIONS)] for _, _, p, _ in plan},
@@ -237,7 +237,7 @@ def _stop(procs: list) -> None:
 def _worker(s: Settings, creds: list[Credential], w: int, workers: int, stream: Stream, ready: Any, go: Any,
             results: Any) -> None:
     """One publisher process: its devices' payloads, one connection per device, paced if a rate is set."""
-    from rpmctl.publish import DevicePublisher
+    from rpmctl.tools.publish import DevicePublisher
 
     pubs: list[DevicePublisher] = []
     try:

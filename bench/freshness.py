@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import bench_home, free_port, parser, percentile, print_table, summary_ms, write_json
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 RPM = str(Path(sys.executable).with_name("rpm"))
 PATIENT = "pt-fresh-1"
@@ -172,7 +172,7 @@ def epoch(value: Any) -> float | None:
 
 
 def dag_runs(s: Settings, jwt: str, dag_id: str = DAG) -> list[dict]:
-    from rpmctl.airflow_stack import api
+    from rpmctl.services.airflow_stack import api
 
     return api(s, "GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=run_after&limit=100", token=jwt)["dag_runs"]
 
@@ -180,7 +180,7 @@ def dag_runs(s: Settings, jwt: str, dag_id: str = DAG) -> list[dict]:
 def task_instances(s: Settings, jwt: str, run_id: str) -> dict[str, dict]:
     from urllib.parse import quote
 
-    from rpmctl.airflow_stack import api
+    from rpmctl.services.airflow_stack import api
 
     tis = api(s, "GET", f"/api/v2/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances",
               token=jwt)["task_instances"]
@@ -190,7 +190,7 @@ def task_instances(s: Settings, jwt: str, run_id: str) -> dict[str, dict]:
 def wait_first_run(s: Settings, timeout: float) -> float:
     """Wait until the stack's first scheduled rpm_pipeline run has ended (cold imports, first snapshot), so
     the probes measure the steady state; returns the seconds waited. Polls with a deadline, no fixed sleep."""
-    from rpmctl.airflow_stack import token
+    from rpmctl.services.airflow_stack import token
 
     t0 = time.monotonic()
     jwt = token(s)
@@ -204,7 +204,7 @@ def wait_first_run(s: Settings, timeout: float) -> float:
 
 def wait_runs_idle(s: Settings, timeout: float) -> None:
     """Let the run in flight when the last probe became visible finish, so its task times are complete."""
-    from rpmctl.airflow_stack import token
+    from rpmctl.services.airflow_stack import token
 
     jwt = token(s)
     deadline = time.monotonic() + timeout
@@ -217,7 +217,7 @@ def wait_runs_idle(s: Settings, timeout: float) -> None:
 
 def collect_runs(s: Settings, since: float, until: float) -> list[dict]:
     """rpm_pipeline runs that overlap the probe window, each with its task instances (rpm_daily noted too)."""
-    from rpmctl.airflow_stack import token
+    from rpmctl.services.airflow_stack import token
 
     jwt = token(s)
     runs = []
@@ -246,7 +246,7 @@ def stack_cpu_seconds(s: Settings) -> float:
     Each live process's own time plus what it collected from the children it reaped (cutime, cstime): every
     task runner is reaped by a stack process, so each process is counted once.
     """
-    from rpmctl.airflow_stack import processes
+    from rpmctl.services.airflow_stack import processes
 
     ticks = 0
     for pid in processes(s):
@@ -277,7 +277,7 @@ class Devices:
     """The probe devices' MQTT sessions; publishes one probe at a time and waits for the broker's PUBACK."""
 
     def __init__(self, s: Settings, passwords: dict[str, str]):
-        from rpmctl.publish import DevicePublisher
+        from rpmctl.tools.publish import DevicePublisher
 
         self.publishers = {d: DevicePublisher(s, d, pw) for d, pw in passwords.items()}
 

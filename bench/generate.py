@@ -1,14 +1,14 @@
 """A synthetic clinical warehouse for the query benchmarks, generated straight into DuckDB.
 
 ``python -m bench.generate --patients 10000 --readings 50000000 --home DIR`` builds a fresh RPM_HOME: keys
-(``rpmctl.keys``), the encrypted clinical DuckDB migrated by ``warehouse.db.open_clinical``, the registry, the
+(``core.keys``), the encrypted clinical DuckDB migrated by ``warehouse.db.open_clinical``, the registry, the
 readings, telehealth events, logged management time, the segment ledger and pipeline runs, alerts, the serving
 snapshot (``warehouse.serving.publish_snapshot``) and the telehealth store (``warehouse.telehealth``).
 Every row is produced by DuckDB SQL over ``range()``; no Python loop runs per row. Synthetic people only.
 
 What the data looks like, and why:
 
-* **Patients** follow the simulator's mix (``rpmctl.simulator``): hypertension, diabetes, COPD and heart
+* **Patients** follow the simulator's mix (``rpmctl.tools.simulator``): hypertension, diabetes, COPD and heart
   failure in turn, half the others with hypertension too; six home time zones (US and London, where devices
   send SI units). Each has an adherence (70-98 % of days) and acute days (2 %) that push vitals out of range.
 * **Devices**: BP cuff (BP + heart rate, 07:30 and 20:00), scale (heart failure, 06:45), pulse oximeter
@@ -55,9 +55,9 @@ from typing import Any
 import duckdb
 
 from bench.common import Timer, print_table
-from rpmctl import keys
-from rpmctl.settings import Settings
-from rpmctl.simulator import CONDITIONS, FAMILY, FIRMWARE, GIVEN, MODULES, ZONES
+from core import keys
+from core.settings import Settings
+from rpmctl.tools.simulator import CONDITIONS, FAMILY, FIRMWARE, GIVEN, MODULES, ZONES
 from transforms.vocab import CGM_LOINC, GLUCOSE_MG_DL_PER_MMOL_L, LB_AV_IN_KG, METRICS
 
 PANEL_CLINICIAN = "dr-panel"

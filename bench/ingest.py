@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from bench import fleet
 from bench.common import bench_home, machine, parser, print_table, rss_mb, write_json
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 SHAPES = (("single", 1), ("batch", fleet.BATCH))
 MODES = ("live", "drain")
@@ -84,7 +84,7 @@ class MosquittoSub:
     name = "mosquitto_sub"
 
     def __init__(self, s: Settings, creds: list[fleet.Credential]):
-        from rpmctl import keys
+        from core import keys
 
         self.s, self.creds = s, creds
         self.config = Path(s.home) / "bench-mosquitto-sub"  # type: ignore[arg-type]
@@ -222,8 +222,8 @@ def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) ->
     from paho.mqtt.properties import Properties
     from paho.mqtt.subscribeoptions import SubscribeOptions
 
+    from core import keys
     from ingest.service import make_client
-    from rpmctl import keys
 
     client = make_client(client_id, s.ingest_username, keys.service_password(s, "ingest"))
     done = threading.Event()
@@ -244,8 +244,8 @@ def subscribe_session(s: Settings, client_id: str, expiry_s: int = SESSION_S) ->
 def _paho_count(s: Settings, expected: int, out: Any) -> None:
     """Child process: resume the session (expiry 0: removed afterwards), count ``expected`` messages."""
 
+    from core import keys
     from ingest.service import make_client
-    from rpmctl import keys
 
     try:
         client = make_client(PAHO_CLIENT, s.ingest_username, keys.service_password(s, "ingest"))
@@ -280,7 +280,8 @@ class Ingest:
 
     def prepare(self) -> None:
         """Make sure the ingest session and subscription exist, then stop it: the broker queues for it."""
-        from rpmctl import procs, services
+        from rpmctl import services
+        from rpmctl.services import procs
 
         services.up(self.s)
         procs.stop(self.s, services.INGEST)
@@ -350,7 +351,7 @@ def ingest_counters(s: Settings) -> dict[str, int]:
 
 def _probe(s: Settings, cred: fleet.Credential) -> None:
     """One message on a device's own topic (only the baselines see it: no ingest session exists yet)."""
-    from rpmctl.publish import DevicePublisher
+    from rpmctl.tools.publish import DevicePublisher
 
     with DevicePublisher(s, cred.device_id, cred.password) as pub:
         pub.publish(b'{"probe": true}')
@@ -358,7 +359,7 @@ def _probe(s: Settings, cred: fleet.Credential) -> None:
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.005) -> None:
-    from rpmctl.publish import wait_until
+    from rpmctl.tools.publish import wait_until
 
     wait_until(predicate, timeout, interval=interval, what=what)
 
@@ -411,9 +412,9 @@ class Landing:
         """Seal what ingest holds open, then count records, distinct payloads and readings in new segments."""
         import json
 
-        from ingest.landing import SEGMENT_SUFFIX, list_sealed, open_dir, read_segment
-        from rpmctl.crypto import Keyring
-        from rpmctl.pipeline import seal_open_segments
+        from core.keyring import Keyring
+        from core.landing import SEGMENT_SUFFIX, list_sealed, open_dir, read_segment
+        from rpmctl.services.airflow_run import seal_open_segments
 
         seal_open_segments(self.s, timeout=120)
         keyring = Keyring.load(self.s, "landing")
@@ -439,7 +440,8 @@ class Landing:
 def soak(s: Settings, creds: list[fleet.Credential], stream: fleet.Stream, seconds: float, workers: int,
          landing: Landing) -> dict[str, Any]:
     """Publish at a steady rate for ``seconds`` while sampling the ingest's RSS; then check nothing was lost."""
-    from rpmctl import procs, services
+    from rpmctl import services
+    from rpmctl.services import procs
 
     procs.stop(s, services.INGEST)
     services.up(s)  # a fresh process: its RSS starts from an idle service
@@ -494,7 +496,7 @@ def pipeline_run(s: Settings) -> dict[str, Any]:
     the tasks after it — snapshot, telehealth — are in the wall time only, with Airflow's start-up)."""
     import json
 
-    from rpmctl.pipeline import ensure_airflow_db
+    from rpmctl.services.airflow_run import ensure_airflow_db
     from warehouse.db import clinical
 
     ensure_airflow_db(s)  # one-off Airflow metadata migration, not part of a run
@@ -540,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(s: Settings, a: Any, per_device: int, soak_readings: int) -> dict[str, Any]:
-    from rpmctl import broker, services
+    from rpmctl import services
+    from rpmctl.services import broker
 
     services.init(s)
     t0 = time.monotonic()

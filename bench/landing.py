@@ -16,9 +16,9 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 
-from ingest.landing import SegmentWriter
-from rpmctl.crypto import Keyring
-from rpmctl.settings import Settings
+from core.keyring import Keyring
+from core.landing import SegmentWriter
+from core.settings import Settings
 
 KINDS = ("bp", "ox", "scale", "thermo", "glu")
 CGM_BATCH = 12

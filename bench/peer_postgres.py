@@ -52,7 +52,7 @@ from bench.ingest import (
     resume_session,
     subscribe_session,
 )
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 INSTALL_HINT = "apt-get install -y postgresql"
 PSYCOPG_HINT = '.venv/bin/pip install "psycopg[binary]==3.3.6"'
@@ -232,8 +232,8 @@ def _consume(s: Settings, dsn: str, client_id: str, expected: int, batched: bool
     """Child process: resume the queued session (expiry 0: removed afterwards) and store ``expected`` messages."""
     import psycopg
 
+    from core import keys
     from ingest.service import make_client
-    from rpmctl import keys
 
     try:
         con = psycopg.connect(dsn, autocommit=True)
@@ -406,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"psycopg 3 not installed. Install it with:\n  {PSYCOPG_HINT}")
         return 2
-    from rpmctl import broker, services
-    from rpmctl.simulator import CLINICIANS
+    from rpmctl import services
+    from rpmctl.services import broker
+    from rpmctl.tools.simulator import CLINICIANS
 
     with bench_home("peer-pg") as s, postgres_cluster(bin_dir) as dsn:
         services.init(s)

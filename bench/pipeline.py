@@ -36,8 +36,8 @@ from typing import Any
 
 from bench.common import Timer, bench_home, machine, parser, print_table, write_json
 from bench.landing import MESSAGES_PER_SEGMENT, register, write_landing
+from core.settings import Settings
 from rpmctl import services
-from rpmctl.settings import Settings
 
 RPM = str(Path(sys.executable).with_name("rpm"))
 DATA_TASKS = ("claim", "decode_normalise", "validate", "load", "evaluate_alerts", "record_run",
@@ -50,8 +50,8 @@ def floor(s: Settings) -> dict[str, float]:
     """Seconds to decrypt the landing data, then for DuckDB alone to parse and insert it (no validation)."""
     import pandas as pd
 
-    from ingest.landing import list_sealed, read_segment
-    from rpmctl.crypto import Keyring
+    from core.keyring import Keyring
+    from core.landing import list_sealed, read_segment
     from warehouse.db import open_clinical
 
     keyring = Keyring.load(s, "landing")

@@ -42,7 +42,7 @@ import duckdb
 from bench.common import Timer, bench_home, parser, print_table, summary_ms, write_json
 from bench.generate import ALL_CLINICIAN, PANEL_CLINICIAN, Plan, generate
 from bench.generate import report as generation_report
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 PATIENT_VIEW_TARGET_MS = 50.0
 PANEL_TARGET_MS = 100.0

@@ -1,10 +1,10 @@
 """rpm_daily: once a day, housekeeping and the published telehealth reports.
 
-purge landing segments the warehouse has absorbed and that are past retention (warehouse.retention)
--> rebuild the pseudonymous telehealth reports (warehouse.telehealth).
+purge landing segments the warehouse has absorbed and that are past retention -> rebuild the pseudonymous
+telehealth reports.
 
-Wiring only: every task calls one library function and returns its small summary. Both tasks are safe to
-retry: a purge deletes only ledger-listed segments, so a second run finds nothing more to delete.
+Wiring only: every task calls one function of `pipeline.tasks` and returns its small summary. Both tasks are
+safe to retry: a purge deletes only ledger-listed segments, so a second run finds nothing more to delete.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import dag, task
+
+from pipeline import tasks  # light at parse time: settings only
 
 
 @dag(
@@ -27,17 +29,14 @@ from airflow.sdk import dag, task
 def rpm_daily():
     @task
     def purge_landing() -> dict:
-        from rpmctl.settings import Settings
-        from warehouse.retention import purge_landing
-
-        return purge_landing(Settings.from_env())
+        """Delete sealed landing segments the ledger lists as absorbed and older than
+        RPM_LANDING_RETENTION_DAYS (never one the warehouse has not absorbed)."""
+        return tasks.purge_landing()
 
     @task
-    def rebuild_reports():
-        from rpmctl.settings import Settings
-        from warehouse.telehealth import publish_telehealth
-
-        return publish_telehealth(Settings.from_env())
+    def rebuild_reports() -> dict:
+        """Rebuild the de-identified telehealth store the reports read."""
+        return tasks.rebuild_reports()
 
     # Purge first: the reports never read landing, and a slow report must not hold back freeing disk.
     purge_landing() >> rebuild_reports()

@@ -5,8 +5,8 @@ claim sealed segments -> decode + normalise (transforms/) -> validate (expectati
 segments (warehouse/) -> evaluate alert episodes -> record the run (counts, task durations, freshness)
 -> publish the read-only serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) store.
 
-Wiring only: every task calls one library function and passes ids and counts, never data. Each task is
-safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).
+Wiring only: every task calls one function of `pipeline.tasks` and passes ids and counts, never data. Each
+task is safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).
 """
 
 from __future__ import annotations
@@ -15,97 +15,74 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import dag, get_current_context, task
 
-from rpmctl.settings import Settings  # stdlib only: safe to read the schedule at parse time
-
-
-def _on_failure(context) -> None:
-    """Failed task (after its retries): leave a failed run record for `rpm ops status`."""
-    from warehouse.ops import on_task_failure
-
-    on_task_failure(context)
+from pipeline import tasks  # light at parse time: settings only; each task imports its step when it runs
 
 
 @dag(
     dag_id="rpm_pipeline",
-    schedule=timedelta(minutes=Settings.from_env().pipeline_schedule_minutes),  # RPM_PIPELINE_SCHEDULE_MINUTES
+    schedule=tasks.schedule(),  # RPM_PIPELINE_SCHEDULE_MINUTES
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # one writer: DuckDB allows a single writing process
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "on_failure_callback": _on_failure},
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "on_failure_callback": tasks.on_failure},
     tags=["rpm", "clinical"],
     doc_md=__doc__,
 )
 def rpm_pipeline():
     @task
     def claim() -> dict:
-        from warehouse.ledger import claim_segments
-        from warehouse.ops import timed
-
-        return timed(lambda s: claim_segments(s).to_xcom(), Settings.from_env())
+        """Claim the sealed landing segments no run has absorbed yet (up to RPM_PIPELINE_MAX_SEGMENTS): the
+        batch is their names and a batch id derived from them, so a retried claim names the same batch."""
+        return tasks.claim()
 
     @task
     def decode_normalise(batch: dict) -> dict:
-        from transforms.stage import stage_batch
-        from warehouse.ledger import Batch
-        from warehouse.ops import timed
-
-        return timed(stage_batch, Settings.from_env(), Batch.from_xcom(batch))
-
-    @task
-    def validate(batch: dict, staged: dict) -> dict:
-        from expectations.gate import validate_batch
-        from expectations.suite import warm
-        from warehouse.ledger import Batch
-        from warehouse.ops import timed
-
-        warm()  # GX's import is start-up, not work: the recorded seconds are the validation's own
-        return timed(validate_batch, Settings.from_env(), Batch.from_xcom(batch))
+        """Decode each landed message (one reading or a batch; vitals, device status, app events) and
+        normalise it (canonical UCUM unit, LOINC, UTC time, reading id) into the encrypted staging tables. A
+        segment that cannot be read is set aside in landing/rejected/; the rest of the batch goes on."""
+        return tasks.decode_normalise(batch)
 
     @task
-    def load(batch: dict, failures_by_rule: dict) -> dict:
-        from warehouse.ledger import Batch
-        from warehouse.load import load_batch
-        from warehouse.ops import timed
-
-        run_id = get_current_context()["run_id"]
-        return timed(load_batch, Settings.from_env(), Batch.from_xcom(batch), run_id)
+    def validate(batch: dict) -> dict:
+        """Run the Great Expectations suites on the staged rows; each failing row is recorded with every rule
+        it broke (names and counts only leave the warehouse)."""
+        return tasks.validate(batch)
 
     @task
-    def evaluate_alerts(loaded: dict) -> dict:
-        from warehouse.alerts import evaluate
-        from warehouse.ops import timed
-
-        return timed(evaluate, Settings.from_env())
+    def load(batch: dict) -> dict:
+        """Commit readings, events, quarantine, duplicates and the segment ledger together, a group of whole
+        segments per transaction; refuses a segment whose items do not balance."""
+        return tasks.load(batch, get_current_context()["run_id"])
 
     @task
-    def record_run(claimed: dict, staged: dict, failures: dict, loaded: dict, alerts: dict) -> dict:
-        from warehouse.ops import record_run, timed
+    def evaluate_alerts() -> dict:
+        """Open, escalate and resolve alert episodes for the patients this load (or a registry change)
+        touched, and everyone's current no-data gap."""
+        return tasks.evaluate_alerts()
 
+    @task
+    def record_run() -> dict:
+        """Record the run for ops: counts by outcome and rule, each task's seconds, freshness p50/p95, and its
+        validation report (no values, no identifiers)."""
         ctx = get_current_context()
-        results = {"claim": claimed, "decode_normalise": staged, "validate": failures, "load": loaded,
-                   "evaluate_alerts": alerts}
-        return timed(record_run, Settings.from_env(), ctx["run_id"], ctx["dag_run"].start_date, results)
+        results = {t: ctx["ti"].xcom_pull(task_ids=t) or {} for t in tasks.RECORDED_TASKS}
+        return tasks.record_run(ctx["run_id"], ctx["dag_run"].start_date, results)
 
     @task
-    def publish_snapshot(run: dict) -> dict:
-        from warehouse.ops import timed
-        from warehouse.serving import publish_snapshot
-
-        return timed(lambda s: publish_snapshot(s).name, Settings.from_env())
+    def publish_snapshot() -> dict:
+        """Publish a checkpointed, encrypted read-only copy of the warehouse for clinicians' queries."""
+        return tasks.publish_snapshot()
 
     @task
-    def publish_telehealth(snapshot: dict) -> dict:
-        from warehouse.ops import timed
-        from warehouse.telehealth import publish_telehealth
-
-        return timed(publish_telehealth, Settings.from_env())
+    def publish_telehealth() -> dict:
+        """Rebuild the de-identified telehealth store from the new snapshot."""
+        return tasks.publish_telehealth()
 
     batch = claim()
     staged = decode_normalise(batch)
-    failures = validate(batch, staged)
-    loaded = load(batch, failures)
-    run = record_run(batch, staged, failures, loaded, evaluate_alerts(loaded))
-    publish_telehealth(publish_snapshot(run))
+    checked = validate(batch)
+    loaded = load(batch)
+    staged >> checked >> loaded >> evaluate_alerts() >> record_run() >> publish_snapshot() >> publish_telehealth()
 
 
 rpm_pipeline()

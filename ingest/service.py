@@ -31,12 +31,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ingest.landing import SegmentWriter, recover_open_segments
+from core.keyring import Keyring
+from core.landing import SegmentWriter, recover_open_segments
+from core.payload import MAX_PAYLOAD_BYTES, parse_json_object
+from core.settings import Settings
+from core.topics import parse_topic
 from ingest.metrics import MetricsServer, Snapshot
-from rpmctl.crypto import Keyring
-from rpmctl.settings import Settings
-from transforms.decode import MAX_PAYLOAD_BYTES, parse_json_object
-from transforms.topics import parse_topic
 
 log = logging.getLogger("rpm.ingest")
 
@@ -371,7 +371,7 @@ class IngestService:
 
 def main(s: Settings) -> int:
     """`rpm ingest`: run the service in the foreground until SIGTERM."""
-    from rpmctl import keys
+    from core import keys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = IngestService(s, keys.service_password(s, "ingest"))

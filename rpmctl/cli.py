@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from core.ids import InvalidId, check_id
+from core.settings import Settings
 from rpmctl.errors import DENIED, INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
-from rpmctl.settings import Settings
 
 
 def _print_json(obj: Any) -> None:
@@ -99,7 +99,7 @@ def cmd_up(s: Settings, a: argparse.Namespace) -> int:
 
     info = up(s)
     if a.airflow:
-        from rpmctl import airflow_stack
+        from rpmctl.services import airflow_stack
 
         info["airflow"] = airflow_stack.start(s)
     if a.json:
@@ -115,8 +115,7 @@ def cmd_up(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_down(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl import airflow_stack
-    from rpmctl.services import down
+    from rpmctl.services import airflow_stack, down
 
     if not _has_state(s):  # safe anywhere (`make clean` runs it), but says where it looked
         if a.json:
@@ -133,8 +132,7 @@ def cmd_down(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_status(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl import airflow_stack
-    from rpmctl.services import status
+    from rpmctl.services import airflow_stack, status
 
     _print_json({**status(s), "airflow": airflow_stack.status(s)})
     return 0
@@ -147,7 +145,7 @@ def cmd_ingest(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_devices_add(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.devices import ProvisioningError, provision
+    from rpmctl.admin.devices import ProvisioningError, provision
     from rpmctl.errors import UserError
 
     try:
@@ -187,7 +185,7 @@ def cmd_devices_list(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_run(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.pipeline import run_once, seal_open_segments
+    from rpmctl.services.airflow_run import run_once, seal_open_segments
 
     seal_open_segments(s)
     try:
@@ -238,7 +236,7 @@ def render_accounting(acc: dict) -> str:
 
 
 def cmd_simulate(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
+    from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 
     fleet = build_fleet(patients=a.patients, days=a.days, seed=a.seed)
     provision_fleet(s, fleet, a.days)
@@ -250,7 +248,7 @@ def cmd_simulate(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_summary(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.summary import latest_vitals, render
+    from rpmctl.views.summary import latest_vitals, render
 
     patients = latest_vitals(s)
     _print_json(patients) if a.json else print(render(patients))
@@ -258,7 +256,7 @@ def cmd_summary(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_demo(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.demo import run_demo
+    from rpmctl.tools.demo import run_demo
 
     return run_demo(s, patients=a.patients, days=a.days, seed=a.seed)
 
@@ -383,7 +381,7 @@ def cmd_careteam_list(s: Settings, a: argparse.Namespace) -> int:
 
 # --- clinicians -------------------------------------------------------------------------------------------
 def cmd_clinician(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl import clinician_view as view
+    from rpmctl.views import clinician as view
     from warehouse.access import AccessDenied, ClinicianSession
 
     session = ClinicianSession(s, a.as_clinician)
@@ -411,7 +409,7 @@ def cmd_audit_verify(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.crypto import DecryptError
+    from core.keyring import DecryptError
     from warehouse.audit import AuditLog
 
     try:
@@ -439,8 +437,8 @@ def cmd_backup(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.admin.rotate import RotationRefused, rotate_all
     from rpmctl.errors import UserError
-    from rpmctl.rotate import RotationRefused, rotate_all
 
     try:
         result = rotate_all(s)
@@ -465,7 +463,7 @@ def cmd_reports(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_ops_status(s: Settings, a: argparse.Namespace) -> int:
-    from rpmctl.ops_status import ops_status, render_ops
+    from rpmctl.views.ops import ops_status, render_ops
 
     status = ops_status(s)
     _print_json(status) if a.json else print(render_ops(status))
@@ -513,8 +511,8 @@ def cmd_landing_replay(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_list(s: Settings, a: argparse.Namespace) -> int:
+    from pipeline.replay import list_quarantine
     from rpmctl.errors import UserError
-    from warehouse.replay import list_quarantine
     from warehouse.serving import serving
 
     if a.limit < 1:
@@ -539,8 +537,8 @@ def cmd_quarantine_list(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_replay(s: Settings, a: argparse.Namespace) -> int:
+    from pipeline.replay import NotReplayable, replay_quarantine
     from rpmctl.errors import UserError
-    from warehouse.replay import NotReplayable, replay_quarantine
 
     try:
         result = replay_quarantine(s, a.reason)
@@ -748,7 +746,7 @@ def _run(argv: list[str]) -> int:
 
 def _describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, the one line) for a failure; unexpected ones also leave their traceback in a private file."""
-    from rpmctl.procs import StartError
+    from rpmctl.services.procs import StartError
     from warehouse.audit import AuditTampered
 
     if isinstance(exc, UserError):
@@ -778,7 +776,7 @@ def _save_traceback(exc: BaseException) -> str:
     try:
         settings = Settings.from_env()
         if _has_state(settings):
-            from rpmctl.procs import open_log, private_run_dir, rotate_log
+            from rpmctl.services.procs import open_log, private_run_dir, rotate_log
 
             path = private_run_dir(settings) / "cli-errors.log"
             rotate_log(path)

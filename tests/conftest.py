@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from rpmctl import broker, procs, services
-from rpmctl.pipeline import airflow_env
-from rpmctl.settings import Settings
+from core.settings import Settings
+from rpmctl import services
+from rpmctl.services import broker, procs
+from rpmctl.services.airflow_run import airflow_env
 
 RPM = str(Path(sys.executable).with_name("rpm"))
 

@@ -6,22 +6,13 @@ structure is judged here; whether an item's fields are complete and plausible is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from transforms.topics import parse_topic
+from core.payload import MAX_PAYLOAD_BYTES, parse_json_object
+from core.topics import parse_topic
 
 MAX_BATCH = 10_000
-MAX_PAYLOAD_BYTES = 256 * 1024  # the default of RPM_MAX_PAYLOAD_BYTES
-
-
-class _NonFinite(str):
-    """JSON's NaN/Infinity literals: kept as a marker so the value fails the 'is a number' rule."""
-
-
-def _reject_constant(token: str) -> _NonFinite:
-    return _NonFinite(token)
 
 
 @dataclass(frozen=True)
@@ -34,23 +25,6 @@ class DecodedMessage:
 
 # The batch key of each channel: devices buffer readings, apps buffer events.
 BATCH_KEYS = {"vitals": "readings", "status": "statuses", "events": "events"}
-
-
-def parse_json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None, str]:
-    """(document, reason, detail): the payload as a JSON object, or why it is not one."""
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, "not_utf8", f"invalid UTF-8 at byte {exc.start}"
-    try:
-        doc = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        return None, "not_json", "nested too deeply"
-    except ValueError as exc:
-        return None, "not_json", str(exc)[:200]
-    if not isinstance(doc, dict):
-        return None, "not_a_json_object", f"top level is {type(doc).__name__}"
-    return doc, None, ""
 
 
 def decode_message(topic: str, payload: bytes, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> DecodedMessage:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.landing import LandedRecord
-from transforms.decode import MAX_PAYLOAD_BYTES, _NonFinite, decode_message
+from core.landing import LandedRecord
+from core.payload import MAX_PAYLOAD_BYTES, NonFinite
+from transforms.decode import decode_message
 from transforms.vocab import METRICS, loinc_for, unit_key
 
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
@@ -55,7 +56,7 @@ def reading_id(device_id: str, metric: str, measured_at: datetime) -> str:
 
 def number(v: Any) -> float | None:
     """A finite JSON number as float; strings, booleans, NaN/Infinity and overflowing values are not."""
-    if isinstance(v, bool) or isinstance(v, _NonFinite) or not isinstance(v, int | float):
+    if isinstance(v, bool) or isinstance(v, NonFinite) or not isinstance(v, int | float):
         return None
     try:
         f = float(v)

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse import alerts as alerts_mod
 from warehouse.audit import AuditLog
 from warehouse.db import clinical

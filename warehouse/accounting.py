@@ -14,8 +14,8 @@ pending; a rejected segment replayed after a fix is absorbed (or rejected again)
 
 from __future__ import annotations
 
-from ingest.landing import SEGMENT_SUFFIX, list_sealed, open_dir
-from rpmctl.settings import Settings
+from core.landing import SEGMENT_SUFFIX, list_sealed, open_dir
+from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.ledger import WaitingSegment, waiting_rejected
 

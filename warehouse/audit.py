@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rpmctl.crypto import DecryptError, Keyring
-from rpmctl.keys import write_private
-from rpmctl.settings import Settings
+from core.keyring import DecryptError, Keyring
+from core.keys import write_private
+from core.settings import Settings
 
 GENESIS = "0" * 64
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import duckdb
 
-from rpmctl import keys
-from rpmctl.settings import Settings
+from core import keys
+from core.settings import Settings
 
 LOCK_WAIT_S = 60.0
 

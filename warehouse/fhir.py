@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 
-from rpmctl.keys import write_private
+from core.keys import write_private
 from transforms.vocab import BP_COMPONENT_LOINC, CGM_LOINC, METRICS
 
 LOINC = "http://loinc.org"

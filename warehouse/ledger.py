@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ingest.landing import (
+from core.landing import (
     SEGMENT_SUFFIX,
     RejectedSegment,
     list_rejected,
@@ -17,8 +17,6 @@ from ingest.landing import (
     restore_rejected,
     sealed_dir,
 )
-from rpmctl.settings import Settings
-from warehouse.db import clinical
 
 
 @dataclass(frozen=True)
@@ -34,22 +32,21 @@ class Batch:
         return cls(d["batch_id"], list(d["segments"]))
 
 
-def pending_segments(s: Settings) -> list[str]:
+def pending_segments(con, landing_dir: Path) -> list[str]:
     """Sealed segment names not yet in the ledger, oldest first."""
-    sealed = [p.stem for p in list_sealed(s.landing_dir)]  # type: ignore[arg-type]
+    sealed = [p.stem for p in list_sealed(landing_dir)]
     if not sealed:
         return []
-    with clinical(s) as con:
-        done = {r[0] for r in con.execute("SELECT segment FROM segments").fetchall()}
+    done = {r[0] for r in con.execute("SELECT segment FROM segments").fetchall()}
     return [name for name in sealed if name not in done]
 
 
-def claim_segments(s: Settings) -> Batch:
-    """The next batch: up to ``pipeline_max_segments`` unprocessed sealed segments.
+def claim_segments(con, landing_dir: Path, max_segments: int) -> Batch:
+    """The next batch: up to ``max_segments`` unprocessed sealed segments.
 
     The batch id is a hash of its segment names, so a retried claim names the same batch.
     """
-    names = pending_segments(s)[: s.pipeline_max_segments]
+    names = pending_segments(con, landing_dir)[:max_segments]
     batch_id = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return Batch(batch_id, names)
 

@@ -1,6 +1,6 @@
 """Load a validated batch: readings, quarantine, duplicates and the segment ledger, committed together.
 
-A batch loads a group of whole segments at a time (about LOAD_CHUNK_ITEMS items, oldest segments first), each
+A batch loads a group of whole segments at a time (about ``chunk_items`` items, oldest segments first), each
 group in one transaction with its ledger rows: no statement holds a whole large batch, and a load that dies
 between groups resumes where it stopped (committed segments are in the ledger and skipped).
 
@@ -13,11 +13,14 @@ first arrival of a reading is the one loaded whether its repeats fall in the sam
 
 from __future__ import annotations
 
-from rpmctl.settings import Settings
-from transforms.stage import STAGING_TABLES
+from dataclasses import asdict, dataclass
+
 from warehouse.alerts import note_loaded
-from warehouse.db import clinical, transaction
+from warehouse.db import transaction
 from warehouse.ledger import Batch
+
+# Staging of the batch in flight (warehouse/sql/001_schema.sql), filled by the stage and validate steps.
+STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 
 CLASSIFY = """
 CREATE OR REPLACE TEMP TABLE _classified AS
@@ -148,19 +151,33 @@ FROM stg_segments s
 WHERE s.batch_id = ? AND s.segment NOT IN (SELECT segment FROM segments)
 ORDER BY s.segment
 """
-LOAD_CHUNK_ITEMS = 1_000_000  # items loaded per transaction (whole segments): bounds every statement's size
+
+class LoadError(RuntimeError):
+    """The load refused a batch; nothing of the group it was loading was committed."""
 
 
-class UnbalancedLoad(RuntimeError):
+class UnbalancedLoad(LoadError):
     """A segment's items did not equal loaded + quarantined + duplicates: nothing of its group was committed."""
 
 
-def _groups(pending: list[tuple[str, int]]) -> list[list[str]]:
-    """Consecutive runs of whole segments of about LOAD_CHUNK_ITEMS items (a segment is never split)."""
+@dataclass(frozen=True)
+class Loaded:
+    """What one load call added (zeros when the batch was already loaded)."""
+    loaded: int
+    quarantined: int
+    duplicates: int
+    segments: int
+
+    def to_xcom(self) -> dict:
+        return asdict(self)
+
+
+def _groups(pending: list[tuple[str, int]], chunk_items: int) -> list[list[str]]:
+    """Consecutive runs of whole segments of about ``chunk_items`` items (a segment is never split)."""
     groups: list[list[str]] = []
     size = 0
     for segment, items in pending:
-        if not groups or (size and size + items > LOAD_CHUNK_ITEMS):
+        if not groups or (size and size + items > chunk_items):
             groups.append([])
             size = 0
         groups[-1].append(segment)
@@ -188,27 +205,27 @@ def _load_group(con, segments: list[str], params: dict) -> None:
             raise UnbalancedLoad(f"segments do not balance, none of this group committed: {unbalanced[:5]}")
 
 
-def load_batch(s: Settings, batch: Batch, run_id: str) -> dict[str, int]:
-    """Commit a validated batch; returns counts of what this call added (zeros when re-run)."""
+def load_batch(con, batch: Batch, run_id: str, chunk_items: int) -> Loaded:
+    """Commit a validated batch, a group of whole segments of about ``chunk_items`` items per transaction;
+    returns what this call added (zeros when re-run). ``con`` is a writable warehouse connection."""
     params = {"batch": batch.batch_id, "run": run_id}
-    with clinical(s) as con:
-        staged = con.execute("SELECT count(*) FROM stg_segments WHERE batch_id = ?", [batch.batch_id]).fetchone()
-        validated = con.execute("SELECT count(*) FROM stg_validated WHERE batch_id = ?",
-                                [batch.batch_id]).fetchone()
-        if batch.segments and staged and staged[0] and not (validated and validated[0]):
-            raise RuntimeError(f"batch {batch.batch_id} was staged but not validated: refusing to load")
-        before = _totals(con)
-        for segments in _groups(con.execute(PENDING, [batch.batch_id]).fetchall()):
-            _load_group(con, segments, params)
-        after = _totals(con)
-        with transaction(con):
-            for table in STAGING_TABLES:
-                con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch.batch_id])
-    return {k: after[k] - before[k] for k in after}
+    staged = con.execute("SELECT count(*) FROM stg_segments WHERE batch_id = ?", [batch.batch_id]).fetchone()
+    validated = con.execute("SELECT count(*) FROM stg_validated WHERE batch_id = ?", [batch.batch_id]).fetchone()
+    if batch.segments and staged and staged[0] and not (validated and validated[0]):
+        raise LoadError(f"batch {batch.batch_id} was staged but not validated: refusing to load")
+    before = _totals(con)
+    for segments in _groups(con.execute(PENDING, [batch.batch_id]).fetchall(), chunk_items):
+        _load_group(con, segments, params)
+    after = _totals(con)
+    with transaction(con):
+        for table in STAGING_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch.batch_id])
+    return Loaded(*(a - b for a, b in zip(after, before, strict=True)))
 
 
-def _totals(con) -> dict[str, int]:
+def _totals(con) -> tuple[int, int, int, int]:
+    """(loaded, quarantined, duplicates, segments) in the warehouse now."""
     row = con.execute("""SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM telehealth_events),
                                 (SELECT count(*) FROM quarantine),
                                 (SELECT count(*) FROM duplicates), (SELECT count(*) FROM segments)""").fetchone()
-    return dict(zip(("loaded", "quarantined", "duplicates", "segments"), row, strict=True))
+    return row

@@ -15,7 +15,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse.db import rows as fetch_rows
 from warehouse.telehealth import open_telehealth
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from ingest.landing import list_sealed, read_header, sealed_dir, utc_now
-from rpmctl.settings import Settings
+from core.landing import list_sealed, read_header, sealed_dir, utc_now
+from core.settings import Settings
 from warehouse.db import clinical
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import duckdb
 
-from rpmctl import keys
-from rpmctl.settings import Settings
+from core import keys
+from core.settings import Settings
 from warehouse.db import clinical, open_clinical
 
 KEEP = 3  # older snapshots are removed; a reader still holding one keeps its open file on Linux

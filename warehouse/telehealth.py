@@ -22,8 +22,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from rpmctl.keys import write_private
-from rpmctl.settings import Settings
+from core.keys import write_private
+from core.settings import Settings
 from warehouse.serving import serving
 
 SQL_DIR = Path(__file__).parent / "telehealth_sql"

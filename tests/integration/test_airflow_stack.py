@@ -3,7 +3,6 @@ run of rpm_pipeline through scheduler + executor + API server, and nothing left 
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import shutil
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rpmctl import airflow_stack, procs
-from rpmctl.settings import Settings
+from core.settings import Settings
+from rpmctl.services import airflow_stack, procs
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -87,7 +86,7 @@ def wait_for(predicate, what: str, timeout: float = WAIT_S, interval: float = 1.
 
 def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         settings: Settings, airflow_db_template: Path) -> None:
-    s = dataclasses.replace(settings, airflow_port=free_port(), pipeline_schedule_minutes=1)
+    s = settings.replace(airflow_port=free_port(), pipeline_schedule_minutes=1)
     seen: set[int] = set()
     home = Path(s.airflow_home)  # type: ignore[arg-type]
     home.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from core import keys
+from core.settings import Settings
 from ingest.service import make_client
-from rpmctl import broker, keys
-from rpmctl.publish import DevicePublisher, PublishError
-from rpmctl.settings import Settings
+from rpmctl.services import broker
+from rpmctl.tools.publish import DevicePublisher, PublishError
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def connack(s: Settings, username: str | None, password: str | None, *, port: in
 def device(running_broker: Settings) -> tuple[Settings, str]:
     password = keys.new_password()
     broker.set_login(running_broker, "bp-100", password)
-    from rpmctl.devices import wait_for_login
+    from rpmctl.admin.devices import wait_for_login
 
     wait_for_login(running_broker, "bp-100", password)
     return running_broker, password
@@ -99,7 +100,7 @@ def test_device_cannot_read_other_devices_readings(device):
     s, password = device
     other = keys.new_password()
     broker.set_login(s, "bp-999", other)
-    from rpmctl.devices import wait_for_login
+    from rpmctl.admin.devices import wait_for_login
 
     wait_for_login(s, "bp-999", other)
     sniffer, sniffed = _subscriber(s, "sniffer", "bp-100", password)
@@ -109,7 +110,7 @@ def test_device_cannot_read_other_devices_readings(device):
         with DevicePublisher(s, "bp-999", other) as pub:
             pub.publish(b'{"secret": true}')
             pub.wait_all()
-        from rpmctl.publish import wait_until
+        from rpmctl.tools.publish import wait_until
 
         wait_until(lambda: ingested, timeout=5, what="the authorised subscriber to receive the reading")
         assert sniffed == []
@@ -160,7 +161,7 @@ def test_device_logins_are_refused_on_the_ingest_listener_and_ingest_on_the_devi
 
 def test_a_device_cannot_write_another_kinds_topics(running_broker: Settings):
     """A device writes only its vitals and status topics; an app only its events topic; nothing else."""
-    from rpmctl.devices import wait_for_login
+    from rpmctl.admin.devices import wait_for_login
 
     s = running_broker
     cuff, app = keys.new_password(), keys.new_password()
@@ -200,7 +201,7 @@ def test_retained_publishes_are_refused_and_never_delivered(device):
         with DevicePublisher(s, "bp-100", password) as ok:
             ok.publish(b'{"plain": true}')
             ok.wait_all()
-        from rpmctl.publish import wait_until
+        from rpmctl.tools.publish import wait_until
 
         wait_until(lambda: late_received and ingested, timeout=5, what="the plain message to arrive")
         assert late_received == ["rpm/v1/devices/bp-100/vitals"] and ingested == late_received
@@ -216,13 +217,14 @@ def test_the_broker_keeps_payloads_only_while_ingest_is_away(ingest_up: Settings
     """Mosquitto's persistence file holds queued payloads in plaintext (hence the encrypted-volume requirement
     in RELIABILITY.md); by design it holds them only until ingest has landed them: devices keep no session and
     subscribe to nothing, retained messages are refused, and ingest drains its queue as soon as it is back."""
-    from rpmctl import procs, services
-    from rpmctl.publish import wait_until
+    from rpmctl import services
+    from rpmctl.services import procs
+    from rpmctl.tools.publish import wait_until
 
     s = ingest_up
     password = keys.new_password()
     broker.set_login(s, "bp-100", password)
-    from rpmctl.devices import wait_for_login
+    from rpmctl.admin.devices import wait_for_login
 
     wait_for_login(s, "bp-100", password)
     db = Path(s.broker_dir) / "data" / "mosquitto.db"  # type: ignore[arg-type]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from rpmctl.cli import build_parser
-from rpmctl.settings import Settings
 from tests.conftest import RPM
 from warehouse.audit import AuditLog
 

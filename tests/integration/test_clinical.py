@@ -11,12 +11,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from ingest.landing import list_sealed, read_segment
-from rpmctl.crypto import DecryptError, Keyring
-from rpmctl.publish import DevicePublisher, wait_until
+from core.keyring import DecryptError, Keyring
+from core.landing import list_sealed, read_segment
+from core.settings import Settings
 from rpmctl.services import ingest_status
-from rpmctl.settings import Settings
-from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
+from rpmctl.tools.publish import DevicePublisher, wait_until
+from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import rpm, rpm_json
 from warehouse.db import httpfs_extension
 from warehouse.serving import backups_dir, serving, serving_dir

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import duckdb
 import pytest
 
-from rpmctl.publish import wait_until
+from core.settings import Settings
 from rpmctl.services import ingest_status
-from rpmctl.settings import Settings
-from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
+from rpmctl.tools.publish import wait_until
+from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import rpm, rpm_json
 from warehouse.db import clinical
 

@@ -9,7 +9,6 @@ message the broker PUBACKed, loaded once, and nothing that was never sent. Obser
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -26,12 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from ingest.landing import SEGMENT_SUFFIX, open_dir, read_segment, sealed_dir
-from rpmctl import broker, procs, services
-from rpmctl.crypto import Keyring
-from rpmctl.devices import provision
-from rpmctl.publish import DevicePublisher, PublishError, wait_until
-from rpmctl.settings import Settings
+from core.keyring import Keyring
+from core.landing import SEGMENT_SUFFIX, open_dir, read_segment, sealed_dir
+from core.settings import Settings
+from rpmctl import services
+from rpmctl.admin.devices import provision
+from rpmctl.services import broker, procs
+from rpmctl.tools.publish import DevicePublisher, PublishError, wait_until
 from tests.conftest import RPM, free_port, rpm, rpm_json
 from warehouse.db import clinical
 from warehouse.registry import upsert_patient
@@ -605,9 +605,9 @@ def test_second_ingest_instance_carries_on_when_the_first_is_killed(stack: Setti
     """
     # Shared-subscription mode (RPM_INGEST_GROUP): both instances join one group under their own client ids.
     procs.stop(stack, services.INGEST)
-    s = dataclasses.replace(stack, ingest_group="ingest", ingest_client_id="rpm-ingest-a")
+    s = stack.replace(ingest_group="ingest", ingest_client_id="rpm-ingest-a")
     services.up(s)
-    s2 = dataclasses.replace(s, ingest_client_id="rpm-ingest-b", ingest_metrics_port=free_port())
+    s2 = s.replace(ingest_client_id="rpm-ingest-b", ingest_metrics_port=free_port())
     name2 = "ingest-2"
 
     def second_up() -> bool:
@@ -666,7 +666,7 @@ def records_in(path: Path) -> int:
 def test_restarted_instance_leaves_a_live_instances_open_segment_alone(stack: Settings):
     """A restarting ingest instance seals the segments *it* left open, and only those.
 
-    FAILS: recovery (ingest.landing.recover_open_segments) selects segments with the glob
+    FAILS: recovery (core.landing.recover_open_segments) selects segments with the glob
     ``<client id>-*.seg``. Segment names are ``<client id>-<UTC stamp>-<counter>``, so instance ``rpm-ingest-1``
     also matches ``rpm-ingest-1-b-<stamp>-<n>.seg``, the open segment of a live instance whose id extends its own
     (likewise ``ingest`` vs ``ingest-2``). That file is renamed into sealed/ while its writer keeps appending,
@@ -674,7 +674,7 @@ def test_restarted_instance_leaves_a_live_instances_open_segment_alone(stack: Se
     records acked after that are never loaded — and the owner's own seal later fails (its path is gone).
     """
     s = stack
-    s2 = dataclasses.replace(s, ingest_client_id="rpm-ingest-1-b", ingest_metrics_port=free_port(),
+    s2 = s.replace(ingest_client_id="rpm-ingest-1-b", ingest_metrics_port=free_port(),
                              segment_max_age_s=120.0)
     name2 = "ingest-1-b"
 
@@ -802,7 +802,7 @@ def stop_unsupervised(proc: subprocess.Popen) -> None:
 
 
 def sealed_key_ids(s: Settings) -> set[str]:
-    from ingest.landing import list_sealed, segment_key_ids
+    from core.landing import list_sealed, segment_key_ids
 
     return set().union(*(segment_key_ids(p) for p in list_sealed(s.landing_dir)))  # type: ignore[arg-type]
 
@@ -861,7 +861,7 @@ def test_key_rotation_under_load_with_and_without_a_pid_file_and_two_instances(s
         results.append(result)
         stop_unsupervised(proc)
         # 3. Two instances in one shared subscription, no pid file for either.
-        pair = [dataclasses.replace(s, ingest_group="ingest", ingest_client_id=f"rpm-ingest-{x}",
+        pair = [s.replace(ingest_group="ingest", ingest_client_id=f"rpm-ingest-{x}",
                                     ingest_metrics_port=free_port()) for x in "ab"]
         procs_started = [start_unsupervised_ingest(p) for p in pair]
         barrier(s, device, password, "g")

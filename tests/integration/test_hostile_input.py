@@ -25,20 +25,18 @@ from typing import Any
 
 import pytest
 
-from expectations.gate import validate_batch
-from ingest.landing import list_sealed, read_segment
+from core.keyring import Keyring
+from core.landing import list_sealed, read_segment
+from core.settings import Settings
 from ingest.service import make_client
-from rpmctl import procs, services
-from rpmctl.crypto import Keyring
-from rpmctl.pipeline import seal_open_segments
-from rpmctl.publish import DevicePublisher, wait_until
-from rpmctl.settings import Settings
+from rpmctl import services
+from rpmctl.services import procs
+from rpmctl.services.airflow_run import seal_open_segments
+from rpmctl.tools.publish import DevicePublisher, wait_until
 from tests.conftest import rpm, rpm_json
+from tests.steps import claim_segments, load_batch, stage_batch, validate_batch
 from transforms.decode import MAX_BATCH
-from transforms.stage import stage_batch
 from warehouse.db import clinical
-from warehouse.ledger import claim_segments
-from warehouse.load import load_batch
 
 pytestmark = pytest.mark.integration
 

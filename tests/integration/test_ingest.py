@@ -9,13 +9,15 @@ import signal
 
 import pytest
 
-from ingest.landing import list_sealed, open_dir, read_segment
-from rpmctl import broker, keys, procs, services
-from rpmctl.crypto import DecryptError, Keyring
-from rpmctl.devices import wait_for_login
-from rpmctl.pipeline import seal_open_segments
-from rpmctl.publish import DevicePublisher, wait_until
-from rpmctl.settings import Settings
+from core import keys
+from core.keyring import DecryptError, Keyring
+from core.landing import list_sealed, open_dir, read_segment
+from core.settings import Settings
+from rpmctl import services
+from rpmctl.admin.devices import wait_for_login
+from rpmctl.services import broker, procs
+from rpmctl.services.airflow_run import seal_open_segments
+from rpmctl.tools.publish import DevicePublisher, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,12 @@ import urllib.request
 
 import pytest
 
+from core.keyring import Keyring
+from core.settings import Settings
 from ingest.metrics import CONTENT_TYPE
-from rpmctl import procs, services
-from rpmctl.crypto import Keyring
-from rpmctl.publish import DevicePublisher, wait_until
-from rpmctl.settings import Settings
+from rpmctl import services
+from rpmctl.services import procs
+from rpmctl.tools.publish import DevicePublisher, wait_until
 from tests.integration.test_ingest import add_device
 from tests.promtext import Family, parse
 

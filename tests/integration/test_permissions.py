@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from rpmctl import procs
-from rpmctl.publish import wait_until
-from rpmctl.services import ingest_status
-from rpmctl.settings import Settings
-from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
+from core.settings import Settings
+from rpmctl.services import ingest_status, procs
+from rpmctl.tools.publish import wait_until
+from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import rpm
 
 pytestmark = pytest.mark.integration

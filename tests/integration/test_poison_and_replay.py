@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from ingest.landing import SegmentWriter, list_rejected, rejected_dir, sealed_dir
-from rpmctl import broker
-from rpmctl.crypto import Keyring
-from rpmctl.devices import wait_for_login
-from rpmctl.keys import new_password
-from rpmctl.publish import DevicePublisher, wait_until
-from rpmctl.services import ingest_status
-from rpmctl.settings import Settings
+from core.keyring import Keyring
+from core.keys import new_password
+from core.landing import SegmentWriter, list_rejected, rejected_dir, sealed_dir
+from core.settings import Settings
+from rpmctl.admin.devices import wait_for_login
+from rpmctl.services import broker, ingest_status
+from rpmctl.tools.publish import DevicePublisher, wait_until
 from tests.conftest import rpm, rpm_json
 from warehouse.db import clinical
 

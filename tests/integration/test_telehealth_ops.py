@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import pytest
 
-from ingest.landing import SEGMENT_SUFFIX, sealed_dir
-from rpmctl import procs, services
-from rpmctl.publish import DevicePublisher, wait_until
-from rpmctl.settings import Settings
-from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
+from core.landing import SEGMENT_SUFFIX, sealed_dir
+from core.settings import Settings
+from rpmctl import services
+from rpmctl.services import procs
+from rpmctl.tools.publish import DevicePublisher, wait_until
+from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import rpm, rpm_json
 from tests.integration.test_end_to_end import mosquitto_pub
 from warehouse.db import clinical

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from ingest.landing import SegmentWriter
-from rpmctl.crypto import Keyring
-from rpmctl.settings import Settings
+from core.keyring import Keyring
+from core.landing import SegmentWriter
+from core.settings import Settings
 
 # One valid reading per stream of contract v1 (values in the unit a real device sends).
 VALID_READINGS: dict[str, dict[str, Any]] = {

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse import registry
 from warehouse.access import AccessDenied, ClinicianSession
 from warehouse.alerts import refresh_alerts

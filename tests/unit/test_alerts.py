@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse import registry
 from warehouse.alerts import acknowledge, mark_dirty, open_alerts, refresh_alerts
 from warehouse.db import clinical

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rpmctl.crypto import DecryptError, Keyring
-from rpmctl.settings import Settings
+from core.keyring import DecryptError, Keyring
+from core.settings import Settings
 from warehouse.audit import GENESIS, AuditLog, AuditTampered
 
 PATIENTS = ["pat-7f3a91", "pat-0c22e4"]

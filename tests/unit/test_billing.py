@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse.billing import billing_evidence, billing_report, write_csv
 from warehouse.db import clinical
 

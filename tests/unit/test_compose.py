@@ -1,7 +1,7 @@
 """The Docker deployment, checked without a Docker engine.
 
 docker-compose.yml, deploy/Dockerfile and deploy/mosquitto/docker.conf are parsed and cross-checked against
-each other and against the code (rpmctl.settings defaults, the broker files `rpm init` writes, the local
+each other and against the code (core.settings defaults, the broker files `rpm init` writes, the local
 broker template), so a regression fails here instead of on a user's host.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rpmctl import broker
-from rpmctl.settings import Settings
+from core.settings import Settings
+from rpmctl.services import broker
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKER_CONF = ROOT / "deploy" / "mosquitto" / "docker.conf"
-TEMPLATE = ROOT / "deploy" / "mosquitto" / "mosquitto.conf.template"
+TEMPLATE = broker.TEMPLATE
 
 STATE_VOLUME = "rpm-state"
 BROKER_CONFIG_VOLUME = "broker-config"
@@ -254,7 +254,7 @@ def test_docker_conf_policy_matches_settings() -> None:
     assert g["max_queued_messages"] == str(defaults.broker_max_queued_messages) == "5000000"
     assert g["max_queued_bytes"] == "0"
     assert g["max_inflight_messages"] == "0"
-    # rpmctl.broker renders max_payload_bytes + 1024 into the local config.
+    # rpmctl.services.broker renders max_payload_bytes + 1024 into the local config.
     assert g["max_packet_size"] == str(defaults.max_payload_bytes + 1024) == "263168"
     assert g["log_dest"] == "stdout"
     listeners = conf_listeners(DOCKER_CONF)
@@ -342,7 +342,7 @@ def test_airflow_runs_the_repo_dags(services: dict) -> None:
     assert m is not None and m["type"] == "bind", "the DAGS_FOLDER must be the mounted dags folder"
     src = (ROOT / m["source"]).resolve()
     assert 'dag_id="rpm_pipeline"' in (src / "rpm_pipeline.py").read_text()
-    # rpmctl.pipeline finds the DAGs at REPO_ROOT/dags: inside the image that is PYTHONPATH/dags.
+    # rpmctl.services.airflow_run finds the DAGs at REPO_ROOT/dags: inside the image that is PYTHONPATH/dags.
     assert dags == dockerfile_env()["PYTHONPATH"].rstrip("/") + "/dags"
     state = mount_of_volume(svc, STATE_VOLUME)["target"].rstrip("/")
     assert env["AIRFLOW_HOME"].startswith(state + "/"), "Airflow's home (logs, metadata) belongs in rpm-state"
@@ -426,8 +426,9 @@ def test_dockerfile_installs_the_repo_and_runs_unprivileged() -> None:
 
 
 def test_dockerfile_ships_what_the_code_expects_next_to_it() -> None:
-    """Every package pyproject installs, plus dags/ and deploy/ (found relative to rpmctl's source)."""
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    """Every package pyproject installs (the DAGs among them)."""
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [pattern.rstrip("*") for pattern in found["include"]]
     workdir = next(args for instr, args in dockerfile_instructions() if instr == "WORKDIR").rstrip("/")
     copied = set()
     for instr, args in dockerfile_instructions():
@@ -435,7 +436,7 @@ def test_dockerfile_ships_what_the_code_expects_next_to_it() -> None:
             *sources, _dest = shlex.split(args)
             copied |= {s.rstrip("/") or "." for s in sources if not s.startswith("--")}
     if "." not in copied:  # `COPY . …` would ship everything
-        missing = (set(packages) | {"dags", "deploy", "pyproject.toml"}) - copied
+        missing = (set(packages) | {"pyproject.toml"}) - copied
         assert not missing, f"not copied into the image: {sorted(missing)}"
     assert dockerfile_env()["PYTHONPATH"].rstrip("/") == workdir, "code must run from the copied tree"
     for src in copied - {"."}:

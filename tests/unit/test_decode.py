@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from transforms.decode import MAX_BATCH, decode_message, parse_json_object
+from core.payload import parse_json_object
+from transforms.decode import MAX_BATCH, decode_message
 
 VITALS = "rpm/v1/devices/bp-001/vitals"
 READING = {"msg_id": "m-1", "metric": "heart_rate", "value": 72, "unit": "/min",

@@ -17,11 +17,11 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.landing import LandedRecord
+from core.landing import LandedRecord
+from pipeline.stage import Decoded, bulk_candidates
 from tests.unit.test_fuzz_decoder import FUZZ, RECEIVED, SEGMENT, encode, reading_like, valid_readings
 from transforms import fastpath
 from transforms.normalise import CANDIDATE_COLUMNS, normalise_records
-from transforms.stage import Decoded, bulk_candidates
 
 FAST_FUZZ = settings(FUZZ, max_examples=120)  # each example opens a DuckDB connection
 TOPIC = "rpm/v1/devices/bp-7/vitals"

@@ -19,7 +19,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.fhir import export_bundle, write_bundle
 

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.landing import LandedRecord
+from core.landing import LandedRecord
+from core.topics import parse_topic
 from ingest.service import quick_mark
 from transforms.decode import BATCH_KEYS, MAX_BATCH, decode_message
 from transforms.events import APP_EVENTS, EVENT_COLUMNS, EVENT_FIELDS, MODALITIES
 from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
-from transforms.topics import parse_topic
 from transforms.vocab import (
     ACCEPTED_UNIT_KEYS,
     DIASTOLIC_PLAUSIBLE,

@@ -15,7 +15,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.glucose import glucose_summary, render_glucose
 

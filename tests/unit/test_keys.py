@@ -11,8 +11,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from rpmctl.keys import ensure_pki, mosquitto_hash, service_password, warehouse_key, write_private
-from rpmctl.settings import Settings
+from core.keys import ensure_pki, mosquitto_hash, service_password, warehouse_key, write_private
+from core.settings import Settings
 
 
 def _mode(path: Path) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest.landing import (
+from core.keyring import DecryptError, Keyring
+from core.landing import (
     SEGMENT_SUFFIX,
     SegmentWriter,
     list_sealed,
@@ -20,8 +21,7 @@ from ingest.landing import (
     sealed_dir,
     segment_key_ids,
 )
-from rpmctl.crypto import DecryptError, Keyring
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC)
 MESSAGES = [

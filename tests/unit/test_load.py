@@ -14,13 +14,13 @@ from typing import Any
 import duckdb
 import pytest
 
-from expectations.gate import validate_batch
-from rpmctl.settings import Settings
-from transforms.stage import stage_batch
+from core.settings import Settings
+from pipeline import Sizes
+from tests.steps import SIZES, claim_segments, load_batch, stage_batch, validate_batch
 from warehouse.accounting import accounting
 from warehouse.db import clinical
-from warehouse.ledger import Batch, claim_segments
-from warehouse.load import load_batch
+from warehouse.ledger import Batch
+from warehouse.load import LoadError
 from warehouse.registry import enroll
 
 DEVICE = "dev-1"
@@ -28,13 +28,13 @@ TOPIC = f"rpm/v1/devices/{DEVICE}/vitals"
 SEG = "ingest-1-000001"
 
 
-def run_pipeline(s: Settings, run_id: str) -> dict[str, Any]:
+def run_pipeline(s: Settings, run_id: str, sizes: Sizes = SIZES) -> dict[str, Any]:
     """The four DAG tasks in order, each with its own connection as in separate task processes."""
     batch = claim_segments(s)
     batch = Batch.from_xcom(batch.to_xcom())  # through XCom: ids only
-    staged = stage_batch(s, batch)
-    failures = validate_batch(s, batch)
-    loaded = load_batch(s, batch, run_id)
+    staged = stage_batch(s, batch, sizes)
+    failures = validate_batch(s, batch, sizes)["failures_by_rule"]
+    loaded = load_batch(s, batch, run_id, sizes)
     return {"batch": batch, "staged": staged, "failures": failures, "loaded": loaded}
 
 
@@ -95,7 +95,7 @@ def test_first_run_sorts_every_reading_into_exactly_one_outcome(settings: Settin
 
     assert out["batch"].segments == [SEG]
     assert out["staged"] == {"segments": 1, "messages": 8, "candidates": 8, "events": 0, "unreadable": 1,
-                             "bulk_decoded": 7}  # every readable vitals message took the bulk path
+                             "bulk_decoded": 7, "rejected": 0}  # every readable vitals message took the bulk path
     assert out["failures"] == {"plausible_heart_rate": 1}
     assert out["loaded"] == {"loaded": 5, "quarantined": 3, "duplicates": 1, "segments": 1}
     assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
@@ -169,7 +169,7 @@ def test_rerunning_the_whole_sequence_changes_nothing(settings: Settings, first_
 def test_load_refuses_a_staged_but_unvalidated_batch(settings: Settings, first_segment) -> None:
     batch = claim_segments(settings)
     stage_batch(settings, batch)
-    with pytest.raises(RuntimeError, match="not validated"):
+    with pytest.raises(LoadError, match="not validated"):
         load_batch(settings, batch, "t1")
     assert counts(settings) == {"readings": 0, "quarantine": 0, "duplicates": 0, "segments": 0}
 
@@ -285,25 +285,18 @@ def test_claim_names_the_same_batch_when_retried(settings: Settings, write_segme
 
 
 def test_decoding_validating_and_loading_in_small_chunks_changes_no_outcome(
-        settings: Settings, first_segment, write_segment, make_reading, now: datetime, monkeypatch) -> None:
+        settings: Settings, first_segment, write_segment, make_reading, now: datetime) -> None:
     """Large batches are decoded a few segments, validated a slice of rows and loaded a group of segments at
     a time (bounded memory): chunk boundaries, even between a reading and its repeats in a later segment, must
     not change what lands where."""
-    import expectations.gate
-    import transforms.stage
-    import warehouse.load
-
     at = now - timedelta(minutes=5)
     repeat = make_reading("heart_rate", measured_at=first_segment["at"], msg_id="hr")  # first segment's hr
     write_segment("ingest-1-000002", [(TOPIC, make_reading("heart_rate", measured_at=at, msg_id="hr2")),
                                       (TOPIC, make_reading("heart_rate", measured_at=at, msg_id="hr2")),
                                       (TOPIC, make_reading("spo2", measured_at=at, value=20, msg_id="low")),
                                       (TOPIC, repeat), (TOPIC, dict(repeat, value=95))])
-    monkeypatch.setattr(transforms.stage, "CHUNK_MESSAGES", 1)  # every segment its own chunk
-    monkeypatch.setattr(expectations.gate, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(warehouse.load, "LOAD_CHUNK_ITEMS", 1)  # every segment its own transaction
-
-    out = run_pipeline(settings, "t1")
+    # Every segment its own chunk and its own load transaction; three rows per validation.
+    out = run_pipeline(settings, "t1", Sizes(stage_messages=1, validate_rows=3, load_items=1))
 
     assert out["staged"]["segments"] == 2 and out["staged"]["messages"] == 13
     assert out["loaded"] == {"loaded": 6, "quarantined": 5, "duplicates": 3, "segments": 2}
@@ -338,15 +331,14 @@ def test_a_stage_that_dies_between_chunks_is_redone_whole(
         settings: Settings, first_segment, make_reading, write_segment, now: datetime, monkeypatch) -> None:
     """Staging commits chunk by chunk; a stage killed half-way must neither lose nor double anything when the
     task is retried, and the half-staged batch cannot be loaded in between."""
-    import transforms.stage
+    import pipeline.stage
 
     two_segment_batch(settings, make_reading, write_segment, now)
-    monkeypatch.setattr(transforms.stage, "CHUNK_MESSAGES", 1)
     batch = claim_segments(settings)
-    monkeypatch.setattr(transforms.stage, "stage_chunk", dies_on_second_call(transforms.stage.stage_chunk))
+    monkeypatch.setattr(pipeline.stage, "stage_chunk", dies_on_second_call(pipeline.stage.stage_chunk))
     with pytest.raises(MemoryError):
-        stage_batch(settings, batch)
-    with pytest.raises(RuntimeError, match="not validated"):
+        stage_batch(settings, batch, Sizes(stage_messages=1))  # every segment its own chunk
+    with pytest.raises(LoadError, match="not validated"):
         load_batch(settings, batch, "t1")
 
     staged = stage_batch(settings, batch)  # the retry
@@ -365,17 +357,17 @@ def test_a_load_that_dies_between_groups_resumes_where_it_stopped(
     import warehouse.load
 
     two_segment_batch(settings, make_reading, write_segment, now)
-    monkeypatch.setattr(warehouse.load, "LOAD_CHUNK_ITEMS", 1)
+    one_segment_per_group = Sizes(load_items=1)
     batch = claim_segments(settings)
     stage_batch(settings, batch)
     validate_batch(settings, batch)
     monkeypatch.setattr(warehouse.load, "_load_group", dies_on_second_call(warehouse.load._load_group))
     with pytest.raises(MemoryError):
-        load_batch(settings, batch, "t1")
+        load_batch(settings, batch, "t1", one_segment_per_group)
     assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
     assert accounting(settings)["balanced"] is True
 
-    resumed = load_batch(settings, batch, "t1")
+    resumed = load_batch(settings, batch, "t1", one_segment_per_group)
 
     assert resumed == {"loaded": 1, "quarantined": 2, "duplicates": 0, "segments": 1}
     assert counts(settings) == {"readings": 6, "quarantine": 5, "duplicates": 1, "segments": 2}

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
+from core.settings import Settings
 from ingest.metrics import CONTENT_TYPE, REGISTRY, MetricsServer, Snapshot, render
 from ingest.service import IngestService
-from rpmctl.settings import Settings
 from tests.promtext import ExpositionError, parse
 
 P = "rpm_ingest_"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ingest.landing import LandedRecord
+from core.landing import LandedRecord
 from transforms.normalise import (
     CANDIDATE_COLUMNS,
     EventRow,

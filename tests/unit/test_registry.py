@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfoNotFoundError
 import duckdb
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse import registry
 from warehouse.db import clinical
 from warehouse.registry import Enrollment

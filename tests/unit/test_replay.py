@@ -12,17 +12,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from expectations.gate import validate_batch
-from rpmctl.settings import Settings
-from transforms.events import event_candidate
-from transforms.normalise import candidate
-from transforms.stage import stage_batch
-from warehouse.accounting import accounting
-from warehouse.db import clinical
-from warehouse.ledger import claim_segments
-from warehouse.load import load_batch
-from warehouse.registry import enroll, upsert_patient
-from warehouse.replay import (
+from core.settings import Settings
+from pipeline.replay import (
     STRUCTURAL_REASONS,
     NotReplayable,
     QuarantinedItem,
@@ -31,6 +22,12 @@ from warehouse.replay import (
     replay,
     replay_quarantine,
 )
+from tests.steps import claim_segments, load_batch, stage_batch, validate_batch
+from transforms.events import event_candidate
+from transforms.normalise import candidate
+from warehouse.accounting import accounting
+from warehouse.db import clinical
+from warehouse.registry import enroll, upsert_patient
 from warehouse.serving import current_snapshot, serving
 
 ENROLLED = "device_enrolled_at_measured_time"

@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.registry import enroll, upsert_patient
 from warehouse.reports import REPORTS, SUPPRESS_BELOW, Spec, render, report, suppress, write_csv

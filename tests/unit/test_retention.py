@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ingest.landing import SegmentWriter, list_sealed, open_dir
-from rpmctl.settings import Settings
+from core.landing import SegmentWriter, list_sealed, open_dir
+from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.retention import purge_landing
 

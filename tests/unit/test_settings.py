@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from rpmctl.settings import REPO_ROOT, Settings
+from core.settings import Settings
 
 DERIVED = {"secrets_dir": "secrets", "pki_dir": "pki", "broker_dir": "broker", "landing_dir": "landing",
            "warehouse_dir": "warehouse", "run_dir": "run", "airflow_home": "airflow"}
 
 
-def test_defaults_live_under_the_repository_var_folder() -> None:
+def test_the_default_home_is_var_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """Not a path computed from where the code is installed: `pip install .` keeps no state in site-packages."""
+    monkeypatch.chdir(tmp_path)
     s = Settings.from_env({})
-    assert s.home == REPO_ROOT / "var"
+    assert s.home == tmp_path / "var"
     assert s.broker_port == 11883
     assert s.future_skew_s == 300
 
@@ -96,5 +97,13 @@ def test_as_env_reproduces_the_settings_in_a_child_process(tmp_path: Path) -> No
 
 def test_every_field_is_documented() -> None:
     described = {var: doc for var, _, doc in Settings.describe()}
-    assert set(described) == {f"RPM_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    assert set(described) == {f"RPM_{name.upper()}" for name in Settings.model_fields}
     assert all(doc.strip() for doc in described.values())
+
+
+def test_settings_are_immutable_and_copied_with_replace(tmp_path: Path) -> None:
+    s = Settings(home=tmp_path)
+    with pytest.raises(ValueError):
+        s.broker_port = 1  # type: ignore[misc]
+    t = s.replace(broker_port=1999)
+    assert (t.broker_port, s.broker_port, t.home) == (1999, 11883, s.home)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from warehouse.ops import TIMING_KEYS, timed
+from pipeline.tasks import TIMING_KEYS, timed
 
 MIB = 1024 * 1024
 
@@ -21,15 +21,15 @@ def _allocate(mib: int) -> dict[str, int]:
 
 
 def test_a_task_reports_its_own_peak_memory_not_an_earlier_tasks() -> None:
-    big = timed(_allocate, 300)
-    small = timed(_allocate, 10)
+    big = timed("task", lambda: _allocate(300))
+    small = timed("task", lambda: _allocate(10))
 
     assert big["rule_a"] == 3 and big["seconds"] >= 0
     assert big["peak_rss_mb"] - small["peak_rss_mb"] > 200  # the 300 MiB task's peak is not carried over
 
 
 def test_timing_keys_are_what_timed_adds() -> None:
-    out = timed(lambda: {"loaded": 1})
+    out = timed("task", lambda: {"loaded": 1})
     assert set(out) - {"loaded"} == set(TIMING_KEYS)
 
 
@@ -62,7 +62,7 @@ def test_memory_a_task_freed_is_returned_before_the_next_task() -> None:
     """Under `rpm pipeline run` every task shares one process: what a task freed must not stay resident and
     become the next task's starting point."""
     before = _rss_mb()
-    out = timed(_fragment_heap, 200)
+    out = timed("task", lambda: _fragment_heap(200))
     after = _rss_mb()
 
     assert out["peak_rss_mb"] - before > 150  # the task really held the memory
@@ -80,7 +80,7 @@ def _garbage_cycle(mib: int) -> dict:
 
 def test_garbage_a_task_left_in_reference_cycles_is_collected_before_the_next_task() -> None:
     before = _rss_mb()
-    out = timed(_garbage_cycle, 200)
+    out = timed("task", lambda: _garbage_cycle(200))
     after = _rss_mb()
 
     assert out["peak_rss_mb"] - before > 150

@@ -16,8 +16,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from rpmctl.keys import write_private
-from rpmctl.settings import Settings
+from core.keys import write_private
+from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.registry import enroll, upsert_patient
 from warehouse.serving import publish_snapshot
@@ -219,8 +219,8 @@ def test_failed_run_error_text_does_not_reach_the_store(tmp_path):
     with clinical(s) as con:
         upsert_patient(con, "pt-7f3k-alpha")
         enroll(con, "cuff-zulu-0001", "pt-7f3k-alpha", kind="bp")
-    record_failure(s, "manual__1", "load",
-                   "ConstraintException: Duplicate key \"patient_id: pt-7f3k-alpha, device_id: cuff-zulu-0001\"")
+        record_failure(con, "manual__1", "load",
+                       "ConstraintException: Duplicate key \"patient_id: pt-7f3k-alpha, device_id: cuff-zulu-0001\"")
     publish_snapshot(s)
     publish_telehealth(s)
     con = open_telehealth(s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transforms.topics import Topic, parse_topic, valid_device_id, vitals_topic
+from core.topics import Topic, parse_topic, valid_device_id, vitals_topic
 
 
 @pytest.mark.parametrize(("topic", "expected"), [

@@ -32,9 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rpmctl import keys, procs
-from rpmctl.pipeline import airflow_env
-from rpmctl.settings import Settings
+from core import keys
+from core.settings import Settings
+from rpmctl.services import procs
+from rpmctl.services.airflow_run import airflow_env
 
 NAME = "airflow"
 HOST = "127.0.0.1"
@@ -244,7 +245,7 @@ def start(s: Settings, timeout: float = 180.0) -> dict:
         subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
                        env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL, timeout=timeout)
         started = datetime.now(UTC)
-        procs.start(s, NAME, [sys.executable, "-m", "rpmctl.airflow_stack"], env=env)
+        procs.start(s, NAME, [sys.executable, "-m", "rpmctl.services.airflow_stack"], env=env)
         _wait_healthy(s, started, timeout)
     try:
         dags = _unpause(s, token(s), timeout=60.0)
@@ -399,7 +400,7 @@ def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
             pass
 
 
-# --- supervisor (runs as `python -m rpmctl.airflow_stack`, leader of the stack's process group) -------
+# --- supervisor (runs as `python -m rpmctl.services.airflow_stack`, leader of the stack's process group) -------
 
 def supervise() -> int:
     """Run every component until one exits or we are asked to stop; then stop the others and wait."""

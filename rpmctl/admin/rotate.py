@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import duckdb
 
-from ingest.landing import (
+from core import keys
+from core.keyring import Keyring
+from core.landing import (
     SEGMENT_SUFFIX,
     UnreadableSegment,
     list_rejected,
@@ -38,10 +40,8 @@ from ingest.landing import (
     segment_key_ids,
     segment_owner,
 )
-from rpmctl import keys, procs
-from rpmctl.crypto import Keyring
-from rpmctl.services import INGEST, ingest_statuses
-from rpmctl.settings import Settings
+from core.settings import Settings
+from rpmctl.services import INGEST, ingest_statuses, procs
 from warehouse.audit import AuditLog
 from warehouse.db import clinical, open_clinical
 from warehouse.serving import backups_dir, publish_snapshot, serving_dir

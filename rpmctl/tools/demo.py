@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
-from rpmctl import clinician_view as view
-from rpmctl import procs, services
+from core.settings import Settings
+from rpmctl import services
 from rpmctl.cli import render_accounting
-from rpmctl.pipeline import run_once, seal_open_segments
-from rpmctl.publish import wait_until
-from rpmctl.settings import Settings
-from rpmctl.simulator import build_fleet, provision_fleet, publish_fleet
-from rpmctl.summary import latest_vitals, render
+from rpmctl.services import procs
+from rpmctl.services.airflow_run import run_once, seal_open_segments
+from rpmctl.tools.publish import wait_until
+from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
+from rpmctl.views import clinician as view
+from rpmctl.views.summary import latest_vitals, render
 from warehouse import reports
 from warehouse.access import ClinicianSession
 from warehouse.accounting import accounting

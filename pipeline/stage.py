@@ -15,11 +15,12 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from ingest.landing import (
+from core.keyring import Keyring
+from core.landing import (
     SEGMENT_SUFFIX,
     LandedRecord,
     RejectedSegment,
@@ -29,21 +30,20 @@ from ingest.landing import (
     rejected_dir,
     sealed_dir,
 )
-from rpmctl.crypto import Keyring
-from rpmctl.settings import Settings
+from core.settings import Settings
+from core.topics import parse_topic
+from pipeline import Sizes
 from transforms import fastpath
 from transforms.events import EVENT_COLUMNS
 from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
-from transforms.topics import parse_topic
-from warehouse.db import clinical, transaction
+from warehouse.db import transaction
 from warehouse.ledger import Batch, reconcile_rejected, record_rejection
+from warehouse.load import STAGING_TABLES
 
 log = logging.getLogger(__name__)
 
-STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
                   "detail", "raw"]
-CHUNK_MESSAGES = 200_000  # messages decoded per chunk: bounds the stage's memory (~1 GB at 50 readings each)
 FAST_COLUMNS = ["i", "segment", "record_no", "device_id", "received_at", "payload", "batch"]
 
 
@@ -70,9 +70,9 @@ class Decoded:
 
 
 def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment], None] | None = None,
-               ) -> Iterator[Decoded]:
+               chunk_messages: int = Sizes.stage_messages) -> Iterator[Decoded]:
     """Decrypt the landed messages of a batch and route each to a decode path, in chunks of whole segments
-    of about CHUNK_MESSAGES (so memory stays bounded however many segments a run claims).
+    of about ``chunk_messages`` (so memory stays bounded however many segments a run claims).
 
     A segment that cannot be read whole is moved to rejected/ (``on_reject`` records it) and skipped.
     """
@@ -96,7 +96,7 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
         for rec in records:
             out.add(name, rec, s.max_payload_bytes)
         out.messages[name] = len(records)
-        if sum(out.messages.values()) >= CHUNK_MESSAGES:
+        if sum(out.messages.values()) >= chunk_messages:
             yield out
             out = Decoded()
     if out.messages:
@@ -179,8 +179,24 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> int:
     return len(decoded.fast_records) - len(handed_back)
 
 
-def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
-    """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows.
+@dataclass(frozen=True)
+class Staged:
+    """What the stage put into staging for a batch (counts only: XCom carries no data)."""
+    segments: int
+    messages: int
+    candidates: int
+    events: int
+    unreadable: int
+    bulk_decoded: int
+    rejected: int  # segments set aside in landing/rejected/ by this stage
+
+    def to_xcom(self) -> dict:
+        return asdict(self)
+
+
+def stage_batch(con, s: Settings, batch: Batch, chunk_messages: int = Sizes.stage_messages) -> Staged:
+    """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows; ``con`` is a
+    writable warehouse connection, ``chunk_messages`` how many messages are decoded and committed at a time.
 
     Each chunk commits on its own, with its segments' ``stg_segments`` rows: one transaction holding a whole
     large batch kept its uncommitted rows in memory (this task's peak at 5M readings: 2.7 GB, 1.8 GB per
@@ -189,20 +205,24 @@ def stage_batch(s: Settings, batch: Batch) -> dict[str, int]:
     after a complete stage).
     """
     segments = messages = bulk = 0
-    with clinical(s) as con:
-        reconcile_rejected(con, s.landing_dir)  # type: ignore[arg-type]  # a crash between a move and its row
+    rejected: list[RejectedSegment] = []
+
+    def set_aside(info: RejectedSegment) -> None:
+        record_rejection(con, info, batch.batch_id)
+        rejected.append(info)
+
+    reconcile_rejected(con, s.landing_dir)  # a crash between a move and its row
+    with transaction(con):
+        for table in STAGING_TABLES:
+            con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
+    for decoded in read_batch(s, batch, set_aside, chunk_messages):
         with transaction(con):
-            for table in STAGING_TABLES:
-                con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
-        for decoded in read_batch(s, batch, lambda info: record_rejection(con, info, batch.batch_id)):
-            with transaction(con):
-                bulk += stage_chunk(con, s, batch.batch_id, decoded)
-            gc.collect()  # the chunk's frames may sit in reference cycles: free them before the next chunk
-            segments += len(decoded.messages)
-            messages += sum(decoded.messages.values())
-        counts = con.execute("""SELECT (SELECT count(*) FROM stg_candidates WHERE batch_id = $b),
-                                       (SELECT count(*) FROM stg_events WHERE batch_id = $b),
-                                       (SELECT count(*) FROM stg_rejects WHERE batch_id = $b)""",
-                             {"b": batch.batch_id}).fetchone()
-    return {"segments": segments, "messages": messages, "candidates": counts[0], "events": counts[1],
-            "unreadable": counts[2], "bulk_decoded": bulk}
+            bulk += stage_chunk(con, s, batch.batch_id, decoded)
+        gc.collect()  # the chunk's frames may sit in reference cycles: free them before the next chunk
+        segments += len(decoded.messages)
+        messages += sum(decoded.messages.values())
+    counts = con.execute("""SELECT (SELECT count(*) FROM stg_candidates WHERE batch_id = $b),
+                                   (SELECT count(*) FROM stg_events WHERE batch_id = $b),
+                                   (SELECT count(*) FROM stg_rejects WHERE batch_id = $b)""",
+                         {"b": batch.batch_id}).fetchone()
+    return Staged(segments, messages, counts[0], counts[1], counts[2], bulk, len(rejected))

@@ -14,9 +14,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from rpmctl import broker, procs
-from rpmctl.services import INGEST, ingest_status
-from rpmctl.settings import Settings
+from core.settings import Settings
+from rpmctl.services import INGEST, broker, ingest_status, procs
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
 

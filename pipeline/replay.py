@@ -28,14 +28,15 @@ from typing import Any, Literal
 import duckdb
 import pandas as pd
 
+from core.payload import reject_constant
+from core.settings import Settings
 from expectations import clinical as clinical_suite
 from expectations import telehealth as telehealth_suite
-from expectations.gate import CHUNK_ROWS
-from rpmctl.settings import Settings
-from transforms.decode import BATCH_KEYS, _reject_constant
+from pipeline import Sizes
+from pipeline.stage import patient_at
+from transforms.decode import BATCH_KEYS
 from transforms.events import EVENT_COLUMNS, event_candidate
 from transforms.normalise import CANDIDATE_COLUMNS, candidate
-from transforms.stage import patient_at
 from warehouse.alerts import note_loaded
 from warehouse.db import rows, transaction
 
@@ -93,7 +94,7 @@ def _item(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        doc = json.loads(bytes(raw), parse_constant=_reject_constant)  # as the decoder reads a payload
+        doc = json.loads(bytes(raw), parse_constant=reject_constant)  # as the decoder reads a payload
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -280,13 +281,13 @@ def _temp_table(con: duckdb.DuckDBPyConnection, name: str, like: str, columns: l
 
 def _verdicts(con: duckdb.DuckDBPyConnection, future_skew_s: int) -> dict[str, list[str]]:
     """The suites' verdicts on the rebuilt items (only failing rows), read back from DuckDB as the quality
-    gate reads the staging tables (expectations/gate.py), so GX sees the same types — with the registry's
+    gate reads the staging tables (pipeline/validate.py), so GX sees the same types — with the registry's
     kind of the sending device, which the suites judge too."""
     out: dict[str, list[str]] = {}
     for table, judge in (("_rp_candidates", clinical_suite.validate), ("_rp_events", telehealth_suite.validate)):
         cur = con.execute(f"""SELECT t.*, (SELECT d.kind FROM devices d WHERE d.device_id = t.device_id)
                                   AS device_kind FROM {table} t""")
-        while not (chunk := cur.fetch_df_chunk(max(1, CHUNK_ROWS // 2048))).empty:  # the gate's chunk size
+        while not (chunk := cur.fetch_df_chunk(max(1, Sizes.validate_rows // 2048))).empty:  # the gate's chunk size
             out.update(judge(chunk, future_skew_s))
     return out
 

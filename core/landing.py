@@ -12,7 +12,7 @@ the reason the ingest service already knows a message is malformed (it is still 
 Encryption at rest (``encoding: "aesgcm-v1"``, what the ingest service writes): each record line is instead
 ``base64(key id | nonce | AES-256-GCM(record JSON))`` with the segment name and record number as associated
 data, so a record cannot be altered, moved or reordered undetected. Keys come from the landing keyring
-(rpmctl.crypto), outside the landing folder. A reader refuses an encoding it does not know.
+(core.keyring), outside the landing folder. A reader refuses an encoding it does not know.
 
 Life cycle: ``open/<name>.seg`` is appended and fsynced by one ingest instance; sealing fsyncs it and renames
 it into ``sealed/`` (atomic on one file system), after which it never changes. A crash can leave a torn last
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from rpmctl.crypto import Keyring
+    from core.keyring import Keyring
 
 FORMAT_VERSION = 1
 SEGMENT_SUFFIX = ".seg"
@@ -191,7 +191,7 @@ def list_sealed(landing_dir: Path) -> list[Path]:
 
 def segment_key_ids(path: Path) -> set[str]:
     """Ids of the keys that sealed a segment's records (empty for a plain segment)."""
-    from rpmctl.crypto import Keyring
+    from core.keyring import Keyring
 
     if read_header(path)["encoding"] != AESGCM:
         return set()
@@ -258,7 +258,7 @@ def _reason_path(path: Path) -> Path:
 def read_whole_segment(path: Path, keyring: Keyring | None = None) -> list[LandedRecord]:
     """Every record of a sealed segment, or UnreadableSegment naming why it cannot be read (OSError passes:
     an unreadable disk or a permission is the environment's fault, not the segment's)."""
-    from rpmctl.crypto import DecryptError
+    from core.keyring import DecryptError
 
     with open(path, "rb") as f:
         first = f.readline(HEADER_MAX_BYTES)  # a header is ~150 bytes: a stray file is not read whole for it

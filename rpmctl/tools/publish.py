@@ -12,9 +12,9 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from core.settings import Settings
+from core.topics import vitals_topic
 from ingest.service import make_client
-from rpmctl.settings import Settings
-from transforms.topics import vitals_topic
 
 
 class PublishError(RuntimeError):

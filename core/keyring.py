@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rpmctl.keys import write_private
-from rpmctl.settings import Settings
+from core.keys import write_private
+from core.settings import Settings
 
 NONCE_BYTES = 12
 

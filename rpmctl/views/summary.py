@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 COLUMNS = [("blood_pressure", "BP mm[Hg]"), ("heart_rate", "HR /min"), ("spo2", "SpO2 %"),
            ("respiratory_rate", "RR /min"), ("body_temperature", "Temp Cel"), ("body_weight", "Wt kg"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -10,11 +11,17 @@ import time
 import warnings
 from pathlib import Path
 
-from ingest.landing import SEGMENT_SUFFIX, open_dir
-from rpmctl import procs
-from rpmctl.settings import REPO_ROOT, Settings
+from core.landing import SEGMENT_SUFFIX, open_dir
+from core.settings import Settings
+from rpmctl.services import procs
 
-DAGS_FOLDER = REPO_ROOT / "dags"
+
+def dags_folder() -> Path:
+    """Where the installed `dags` package is (found, not imported): Airflow parses the files in it."""
+    spec = importlib.util.find_spec("dags")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the dags package is not installed: reinstall rpm-pipeline")
+    return Path(spec.origin).parent
 INGEST = "ingest"
 
 
@@ -23,7 +30,7 @@ def airflow_env(s: Settings) -> dict[str, str]:
     return {
         **s.as_env(),
         "AIRFLOW_HOME": str(s.airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "GX_ANALYTICS_ENABLED": "false",
@@ -68,7 +75,7 @@ def run_once(s: Settings) -> dict:
     warnings.filterwarnings("ignore", message=".*httpx.*starlette.*")
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    bag = DagBag(dag_folder=str(dags_folder()))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     dag = bag.get_dag("rpm_pipeline")

@@ -9,12 +9,13 @@ import signal
 import string
 from pathlib import Path
 
+from core import keys
 from core.ids import check_id
-from rpmctl import keys, procs
-from rpmctl.settings import REPO_ROOT, Settings
-from transforms.topics import events_topic, status_topic, vitals_topic
+from core.settings import Settings
+from core.topics import events_topic, status_topic, vitals_topic
+from rpmctl.services import procs
 
-TEMPLATE = REPO_ROOT / "deploy" / "mosquitto" / "mosquitto.conf.template"
+TEMPLATE = Path(__file__).with_name("mosquitto.conf.template")  # package data: ships with `pip install .`
 NAME = "mosquitto"
 ROLES = ("device", "app")  # what a device-listener login may publish (SOURCE_KINDS' app flag decides)
 LOG_KEEP = 5  # rotated broker logs kept beside the live one

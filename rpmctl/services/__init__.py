@@ -7,9 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from ingest.landing import open_dir, sealed_dir
-from rpmctl import broker, keys, procs
-from rpmctl.settings import Settings
+from core import keys
+from core.landing import open_dir, sealed_dir
+from core.settings import Settings
+from rpmctl.services import broker, procs
 
 INGEST = "ingest"
 

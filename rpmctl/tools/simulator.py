@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from rpmctl.devices import provision
-from rpmctl.settings import Settings
+from core.settings import Settings
+from rpmctl.admin.devices import provision
 
 CONDITIONS = ("hypertension", "diabetes", "copd", "heart_failure")
 ZONES = ("America/New_York", "America/Chicago", "America/Denver", "America/Los_Angeles",
@@ -226,7 +226,7 @@ FIRMWARE = {"bp": ("2.4.1", "2.5.0"), "glu": ("1.9.3",), "cgm": ("7.1.0", "7.2.2
 
 def _telehealth(fleet: Fleet, end: datetime, days: int, rng: random.Random) -> None:
     """The general stream: app events (education, appointments, surveys) and daily device status."""
-    from transforms.topics import events_topic, status_topic
+    from core.topics import events_topic, status_topic
 
     start = end - timedelta(days=days)
     by_patient: dict[str, list[Device]] = {}
@@ -325,7 +325,7 @@ def provision_fleet(s: Settings, fleet: Fleet, days: int) -> None:
 
 def publish_fleet(s: Settings, fleet: Fleet, *, tls: bool = False, max_inflight: int = 100) -> dict:
     """Publish every message through the broker, one MQTT 5 login per device; raise on any refusal."""
-    from rpmctl.publish import DevicePublisher
+    from rpmctl.tools.publish import DevicePublisher
 
     by_device: dict[str, list[Message]] = {}
     for m in fleet.messages:

@@ -10,8 +10,8 @@ import html
 import re
 from pathlib import Path
 
+from core.settings import Settings
 from expectations import clinical, telehealth
-from rpmctl.settings import Settings
 
 
 def reports_dir(s: Settings) -> Path:

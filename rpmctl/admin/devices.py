@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
+from core import keys
 from core.ids import InvalidId, check_id
-from rpmctl import broker, keys, procs
-from rpmctl.settings import Settings
-from transforms.topics import events_topic, status_topic, vitals_topic
+from core.settings import Settings
+from core.topics import events_topic, status_topic, vitals_topic
+from rpmctl.services import broker, procs
 from transforms.vocab import SOURCE_KINDS
 from warehouse.db import clinical
 from warehouse.registry import enroll

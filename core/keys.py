@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 # Mosquitto 2's password file format "$7$": PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt.
 MOSQUITTO_PBKDF2_ITERATIONS = 101

@@ -1,26 +1,36 @@
-"""The quality gate of a staged batch: run the clinical suite and record each failing row's rules."""
+"""The quality gate of a staged batch: run the GX suites and record each failing row's rules."""
 
 from __future__ import annotations
 
 import gc
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from core.settings import Settings
 from expectations.clinical import rules as clinical_rules
 from expectations.clinical import validate
 from expectations.suite import INDEX_COLUMN, Rule, columns_of
 from expectations.telehealth import rules as telehealth_rules
 from expectations.telehealth import validate as validate_events
-from rpmctl.settings import Settings
-from warehouse.db import clinical, transaction
+from pipeline import Sizes
+from warehouse.db import transaction
 from warehouse.ledger import Batch
 
-CHUNK_ROWS = 500_000  # rows validated at a time: every rule is row-wise, so chunks judge exactly as a whole
+
+@dataclass(frozen=True)
+class Validated:
+    """Rows the suites judged and, per rule, how many failed (names and counts only: no values)."""
+    checked: int
+    failures_by_rule: dict[str, int]
+
+    def to_xcom(self) -> dict:
+        return asdict(self)
 
 
-def _staged(con, table: str, rules: list[Rule], batch_id: str) -> Iterator[pd.DataFrame]:
+def _staged(con, table: str, rules: list[Rule], batch_id: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The staged rows of a batch in chunks, only the columns the suite reads (a million rows: every column
     costs, and GX copies the frame per conditional rule)."""
     present = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
@@ -34,30 +44,30 @@ def _staged(con, table: str, rules: list[Rule], batch_id: str) -> Iterator[pd.Da
                                      AS device_kind
                           FROM {table} t WHERE t.batch_id = ?""", [batch_id])
     while True:
-        fetched = cur.fetch_df_chunk(max(1, CHUNK_ROWS // 2048))  # DuckDB hands out vectors of 2,048 rows
+        fetched = cur.fetch_df_chunk(max(1, chunk_rows // 2048))  # DuckDB hands out vectors of 2,048 rows
         if fetched.empty:
             return
-        for start in range(0, len(fetched), CHUNK_ROWS):
-            yield fetched.iloc[start:start + CHUNK_ROWS]
+        for start in range(0, len(fetched), chunk_rows):
+            yield fetched.iloc[start:start + chunk_rows]
 
 
-def validate_batch(s: Settings, batch: Batch) -> dict[str, int]:
-    """Validate the staged candidates of ``batch``; returns failing-row counts per rule (no values)."""
+def validate_batch(con, s: Settings, batch: Batch, chunk_rows: int = Sizes.validate_rows) -> Validated:
+    """Validate the staged candidates and events of ``batch``, ``chunk_rows`` at a time, and record each
+    failing row's rules for the load; ``con`` is a writable warehouse connection."""
     failures: dict[str, list[str]] = {}
     checked = 0
-    with clinical(s) as con:
-        for table, rules, judge in (("stg_candidates", clinical_rules(s.future_skew_s), validate),
-                                    ("stg_events", telehealth_rules(s.future_skew_s), validate_events)):
-            for chunk in _staged(con, table, rules, batch.batch_id):
-                failures.update(judge(chunk, s.future_skew_s))
-                checked += len(chunk)
-                gc.collect()  # GX and pandas leave each chunk's frames in reference cycles: free them now
+    for table, rules, judge in (("stg_candidates", clinical_rules(s.future_skew_s), validate),
+                                ("stg_events", telehealth_rules(s.future_skew_s), validate_events)):
+        for chunk in _staged(con, table, rules, batch.batch_id, chunk_rows):
+            failures.update(judge(chunk, s.future_skew_s))
+            checked += len(chunk)
+            gc.collect()  # GX and pandas leave each chunk's frames in reference cycles: free them now
     verdicts = pd.DataFrame({"row_key": list(failures), "reasons": list(failures.values())})
-    with clinical(s) as con, transaction(con):
+    with transaction(con):
         con.execute("DELETE FROM stg_verdicts WHERE batch_id = ?", [batch.batch_id])
         con.execute("DELETE FROM stg_validated WHERE batch_id = ?", [batch.batch_id])
         if len(verdicts):
             con.register("v", verdicts)
             con.execute("INSERT INTO stg_verdicts SELECT ?, row_key, reasons FROM v", [batch.batch_id])
         con.execute("INSERT INTO stg_validated VALUES (?, ?, now())", [batch.batch_id, checked])
-    return dict(Counter(rule for rules in failures.values() for rule in rules))
+    return Validated(checked, dict(Counter(rule for rules in failures.values() for rule in rules)))

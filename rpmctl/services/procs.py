@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 
 # A service log is rotated when its service starts and the log is over this size; LOG_KEEP older ones stay.
 LOG_MAX_BYTES = 10 * 1024 * 1024

@@ -1,0 +1,212 @@
+"""The DAGs' tasks: each reads the settings (from the environment, unless given), opens what its step needs,
+calls the step with its connection, sizes and settings, and returns a small result for XCom (ids and
+counts, never data).
+
+Cross-cutting work happens here, once, around every task: its wall time and its own peak memory are added to
+its result, and what it left in memory is handed back before the next task (under ``dag.test()`` every task
+shares one process). A task that fails after its retries leaves a failed run record (``on_failure``).
+Nothing heavy is imported at module level: the DAG files import this module while Airflow parses them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+from pipeline import Sizes
+
+log = logging.getLogger("rpm.pipeline")
+
+TIMING_KEYS = ("seconds", "peak_rss_mb")  # what timing adds to a task's result (not the task's own data)
+SIZES = Sizes()
+# The tasks whose results make up a run's record (rpm_pipeline's record_run pulls them from XCom).
+RECORDED_TASKS = ("claim", "decode_normalise", "validate", "load", "evaluate_alerts")
+
+
+def schedule() -> timedelta:
+    """How often rpm_pipeline runs (RPM_PIPELINE_SCHEDULE_MINUTES); read when Airflow parses the DAG."""
+    return timedelta(minutes=Settings.from_env().pipeline_schedule_minutes)
+
+
+def timed(name: str, step: Callable[[], dict]) -> dict:
+    """Run a task's step, adding its wall time and its own peak memory (the process's high-water mark reset
+    first: several tasks may share one process), then release what it left behind."""
+    _reset_peak_rss()
+    start = time.monotonic()
+    out = step()
+    result = {**out, "seconds": round(time.monotonic() - start, 3), "peak_rss_mb": _peak_rss_mb()}
+    _release_free_memory()
+    log.info("%s: %s", name, ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, list | dict)))
+    return result
+
+
+# --- rpm_pipeline --------------------------------------------------------------------------------------------
+
+def claim(s: Settings | None = None) -> dict:
+    from warehouse.db import clinical
+    from warehouse.ledger import claim_segments
+
+    s = s or Settings.from_env()
+
+    def step() -> dict:
+        with clinical(s) as con:
+            return claim_segments(con, s.landing_dir, s.pipeline_max_segments).to_xcom()
+    return timed("claim", step)
+
+
+def decode_normalise(batch: dict, s: Settings | None = None) -> dict:
+    from pipeline.stage import stage_batch
+    from warehouse.db import clinical
+    from warehouse.ledger import Batch
+
+    s = s or Settings.from_env()
+
+    def step() -> dict:
+        with clinical(s) as con:
+            return stage_batch(con, s, Batch.from_xcom(batch), SIZES.stage_messages).to_xcom()
+    return timed("decode_normalise", step)
+
+
+def validate(batch: dict, s: Settings | None = None) -> dict:
+    from expectations.suite import warm
+    from pipeline.validate import validate_batch
+    from warehouse.db import clinical
+    from warehouse.ledger import Batch
+
+    s = s or Settings.from_env()
+    warm()  # GX's import is start-up, not work: the recorded seconds are the validation's own
+
+    def step() -> dict:
+        with clinical(s) as con:
+            return validate_batch(con, s, Batch.from_xcom(batch), SIZES.validate_rows).to_xcom()
+    return timed("validate", step)
+
+
+def load(batch: dict, run_id: str, s: Settings | None = None) -> dict:
+    from warehouse.db import clinical
+    from warehouse.ledger import Batch
+    from warehouse.load import load_batch
+
+    s = s or Settings.from_env()
+
+    def step() -> dict:
+        with clinical(s) as con:
+            return load_batch(con, Batch.from_xcom(batch), run_id, SIZES.load_items).to_xcom()
+    return timed("load", step)
+
+
+def evaluate_alerts(s: Settings | None = None) -> dict:
+    from warehouse.alerts import evaluate
+
+    s = s or Settings.from_env()
+    return timed("evaluate_alerts", lambda: evaluate(s))
+
+
+def record_run(run_id: str, started_at: datetime | None, results: dict[str, dict],
+               s: Settings | None = None) -> dict:
+    """The run's record (counts, every task's seconds, freshness) and its validation report."""
+    from pipeline.validation_report import write_report
+    from warehouse.db import clinical
+    from warehouse.ops import RunCounts
+    from warehouse.ops import record_run as write_record
+
+    s = s or Settings.from_env()
+    load, checked = results.get("load", {}), results.get("validate", {})
+    counts = RunCounts(batch_id=results.get("claim", {}).get("batch_id"), loaded=load.get("loaded", 0),
+                       quarantined=load.get("quarantined", 0), duplicates=load.get("duplicates", 0),
+                       failures_by_rule=checked.get("failures_by_rule", {}))
+
+    def step() -> dict:
+        with clinical(s) as con:
+            row, by_reason = write_record(con, run_id, started_at, counts,
+                                          {task: r.get("seconds") for task, r in results.items()})
+        report = write_report(s, row, by_reason)
+        return {**{k: v for k, v in row.items() if k not in ("started_at", "finished_at")}, "report": str(report)}
+    return timed("record_run", step)
+
+
+def publish_snapshot(s: Settings | None = None) -> dict:
+    from warehouse.serving import publish_snapshot as publish
+
+    s = s or Settings.from_env()
+    return timed("publish_snapshot", lambda: {"snapshot": publish(s).name})
+
+
+def publish_telehealth(s: Settings | None = None) -> dict:
+    from warehouse.telehealth import publish_telehealth as publish
+
+    s = s or Settings.from_env()
+    return timed("publish_telehealth", lambda: publish(s))
+
+
+def on_failure(context: Any) -> None:
+    """Airflow failure callback: a task that failed after its retries leaves a failed run record, published
+    so readers (`rpm ops status`) see it without touching the writer."""
+    from warehouse.db import clinical
+    from warehouse.ops import record_failure
+    from warehouse.serving import publish_snapshot as publish
+
+    s = Settings.from_env()
+    ti = context.get("task_instance") or context.get("ti")
+    error = context.get("exception")
+    with clinical(s) as con:
+        record_failure(con, str(context.get("run_id")), getattr(ti, "task_id", "?"),
+                       f"{type(error).__name__}: {error}")
+        publish(s, con)
+
+
+# --- rpm_daily -----------------------------------------------------------------------------------------------
+
+def purge_landing(s: Settings | None = None) -> dict:
+    from warehouse.retention import purge_landing as purge
+
+    s = s or Settings.from_env()
+    return timed("purge_landing", lambda: purge(s))
+
+
+def rebuild_reports(s: Settings | None = None) -> dict:
+    from warehouse.telehealth import publish_telehealth as publish
+
+    s = s or Settings.from_env()
+    return timed("rebuild_reports", lambda: publish(s))
+
+
+# --- memory --------------------------------------------------------------------------------------------------
+
+def _release_free_memory() -> None:
+    """Hand what the task left behind back to the OS before the next task: garbage in reference cycles
+    (pandas and GX leave ~0.8 GB after 2M rows validated), then the heap pages glibc keeps for reuse. Under
+    ``dag.test()`` every task shares one process; without this each started from the last one's peak.
+    What survives is frozen: Airflow's, GX's and pandas' ~340k long-lived objects made every later collection
+    (each task, each chunk) cost ~0.25 s; now those scan only what was made since."""
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
