@@ -50,7 +50,7 @@ class Keyring:
     @classmethod
     def load(cls, s: Settings, purpose: str) -> Keyring:
         """The keyring for ``purpose`` ("landing", "audit"), created with one fresh key on first use."""
-        path = Path(s.secrets_dir) / f"{purpose}.keyring.json"  # type: ignore[arg-type]
+        path = Path(s.secrets_dir) / f"{purpose}.keyring.json"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with _locked(path):
             if not path.exists():

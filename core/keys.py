@@ -54,7 +54,7 @@ def warehouse_key(s: Settings) -> str:
     """The clinical warehouse's encryption key (hex), created on first use."""
     path = s.warehouse_key_file
     if not path.exists():
-        Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
+        Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private(path, secrets.token_hex(32).encode())
     return path.read_text().strip()
 
@@ -66,7 +66,7 @@ def warehouse_key_file_next(s: Settings) -> Path:
 
 def service_password(s: Settings, name: str) -> str:
     """Password of an internal broker login (e.g. the ingest service), created on first use."""
-    path = Path(s.secrets_dir) / f"{name}.password"  # type: ignore[arg-type]
+    path = Path(s.secrets_dir) / f"{name}.password"
     if not path.exists():
         write_private(path, new_password().encode())
     return path.read_text().strip()
@@ -74,8 +74,8 @@ def service_password(s: Settings, name: str) -> str:
 
 def ensure_pki(s: Settings) -> tuple[Path, Path, Path]:
     """A local CA and a broker server certificate signed by it: (ca.crt, server.crt, server.key)."""
-    secrets_dir = Path(s.secrets_dir)  # type: ignore[arg-type]
-    pki = Path(s.pki_dir)  # type: ignore[arg-type]
+    secrets_dir = Path(s.secrets_dir)
+    pki = Path(s.pki_dir)
     ca_key_path, ca_crt = secrets_dir / "ca.key", pki / "ca.crt"
     srv_key_path, srv_crt = secrets_dir / "server.key", pki / "server.crt"
     if ca_crt.exists() and srv_crt.exists() and srv_key_path.exists():

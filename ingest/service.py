@@ -109,7 +109,7 @@ class IngestService:
         self._marked_by_reason: dict[str, int] = {}
         self._last_message_at: float | None = None
         self.metrics: MetricsServer | None = None
-        self.status_file = Path(settings.run_dir) / f"ingest-{settings.ingest_client_id}.json"  # type: ignore[arg-type]
+        self.status_file = Path(settings.run_dir) / f"ingest-{settings.ingest_client_id}.json"
 
     def write_status(self) -> None:
         """A small JSON file `rpm status` and the start-up wait read (counters only, no payloads)."""
@@ -193,7 +193,7 @@ class IngestService:
             self._segment_counter += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             name = f"{self.s.ingest_client_id}-{stamp}-{self._segment_counter:06d}"
-            self._writer = SegmentWriter(self.s.landing_dir, name, keyring=self.keyring)  # type: ignore[arg-type]
+            self._writer = SegmentWriter(self.s.landing_dir, name, keyring=self.keyring)
         return self._writer
 
     def _fail_write(self, exc: OSError) -> None:
@@ -290,7 +290,7 @@ class IngestService:
         return server.start()
 
     def _serve(self) -> IngestStats:
-        recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
+        recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)
         if recovered:
             log.info("recovered %d segment(s) left open by a previous run", len(recovered))
         self._connect_with_retry()
@@ -351,7 +351,7 @@ class IngestService:
                     delay = min(delay * 2, 1.0)
                     continue
                 # Space is back: seal what the failed writer had already acked, so the pipeline sees it.
-                recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)  # type: ignore[arg-type]
+                recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)
                 log.info("landing writable again; reconnecting")
             try:
                 self.connect()
@@ -389,7 +389,7 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
 
 
 def _landing_writable(s: Settings) -> bool:
-    probe = s.landing_dir / ".write-probe"  # type: ignore[operator]
+    probe = s.landing_dir / ".write-probe"
     try:
         with open(probe, "wb") as f:
             f.write(b"x" * 4096)

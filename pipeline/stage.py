@@ -79,16 +79,16 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
     keyring = Keyring.load(s, "landing")
     out = Decoded()
     for name in batch.segments:
-        path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
-        if not path.exists() and (rejected_dir(s.landing_dir) / path.name).exists():  # type: ignore[arg-type]
+        path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"
+        if not path.exists() and (rejected_dir(s.landing_dir) / path.name).exists():
             continue  # set aside by an earlier attempt of this task (its row was written or is reconciled)
         try:
             records = read_whole_segment(path, keyring)  # ≤ 16 MiB: whole, so nothing of a poison one is staged
         except UnreadableSegment as exc:
-            info = reject_segment(s.landing_dir, path, exc.reason, exc.detail,  # type: ignore[arg-type]
+            info = reject_segment(s.landing_dir, path, exc.reason, exc.detail,
                                   origin=f"batch {batch.batch_id}")
             log.warning("landing segment %s set aside in %s (%s: %s); the run goes on without it. Fix the cause, "
-                        "then `rpm landing replay %s`", path.name, rejected_dir(s.landing_dir),  # type: ignore[arg-type]
+                        "then `rpm landing replay %s`", path.name, rejected_dir(s.landing_dir),
                         exc.reason, exc.detail, name)
             if on_reject is not None:
                 on_reject(info)

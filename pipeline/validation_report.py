@@ -15,7 +15,7 @@ from expectations import clinical, telehealth
 
 
 def reports_dir(s: Settings) -> Path:
-    return Path(s.home) / "reports" / "validation"  # type: ignore[arg-type]
+    return Path(s.home) / "reports" / "validation"
 
 
 def write_report(s: Settings, run: dict, by_reason: dict[str, int]) -> Path:

@@ -476,8 +476,8 @@ def cmd_landing_rejected(s: Settings, a: argparse.Namespace) -> int:
     from warehouse.ledger import reconcile_rejected, waiting_rejected
 
     with clinical(s) as con:
-        reconcile_rejected(con, s.landing_dir)  # type: ignore[arg-type]
-        waiting = [w.to_json() for w in waiting_rejected(con, s.landing_dir)]  # type: ignore[arg-type]
+        reconcile_rejected(con, s.landing_dir)
+        waiting = [w.to_json() for w in waiting_rejected(con, s.landing_dir)]
     if a.json:
         _print_json(waiting)
         return 0
@@ -499,7 +499,7 @@ def cmd_landing_replay(s: Settings, a: argparse.Namespace) -> int:
         raise UserError("name one rejected segment or pass --all (see rpm landing rejected)")
     with clinical(s) as con:
         try:
-            moved = replay_rejected(con, s.landing_dir, None if a.all else [a.name])  # type: ignore[arg-type]
+            moved = replay_rejected(con, s.landing_dir, None if a.all else [a.name])
         except (FileNotFoundError, FileExistsError) as exc:
             raise UserError(f"{exc} (see rpm landing rejected)") from None
     if a.json:
@@ -725,12 +725,12 @@ SETUP_COMMANDS = frozenset({"init", "up", "demo", "ingest", "config", "down"})
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are reported like every other error: one line (or JSON), exit 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)", USAGE)
 
 
 def _has_state(s: Settings) -> bool:
-    return Path(s.home).is_dir() and Path(s.secrets_dir).is_dir()  # type: ignore[arg-type]
+    return Path(s.home).is_dir() and Path(s.secrets_dir).is_dir()
 
 
 def _run(argv: list[str]) -> int:

@@ -46,9 +46,9 @@ def accounting(s: Settings) -> dict:
             SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM quarantine)
             GROUP BY reason ORDER BY count(*) DESC, reason""").fetchall())
         done = {r[0] for r in con.execute("SELECT segment FROM segments").fetchall()}
-        rejected = waiting_rejected(con, s.landing_dir)  # type: ignore[arg-type]
-    pending = [p for p in list_sealed(s.landing_dir) if p.stem not in done]  # type: ignore[arg-type]
-    open_segments = sorted(open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}"))  # type: ignore[arg-type]
+        rejected = waiting_rejected(con, s.landing_dir)
+    pending = [p for p in list_sealed(s.landing_dir) if p.stem not in done]
+    open_segments = sorted(open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}"))
     # The ledger's per-segment counts and the tables must tell the same story.
     consistent = (loaded, quarantined, duplicates) == (loaded_seg, quarantined_seg, duplicates_seg)
     return {

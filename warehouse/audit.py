@@ -59,7 +59,7 @@ def os_user() -> str:
 
 class AuditLog:
     def __init__(self, s: Settings):
-        self.dir = Path(s.home) / "audit"  # type: ignore[arg-type]
+        self.dir = Path(s.home) / "audit"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.dir.stat().st_mode & 0o077:  # made wider by an older version
             os.chmod(self.dir, 0o700)
@@ -67,7 +67,7 @@ class AuditLog:
         self.head_path = self.dir / "audit.head"
         self._settings = s
         self.keyring = Keyring.load(s, "audit")
-        self._mac_key = self._load_mac_key(Path(s.secrets_dir) / "audit.mac.key")  # type: ignore[arg-type]
+        self._mac_key = self._load_mac_key(Path(s.secrets_dir) / "audit.mac.key")
 
     @contextmanager
     def _locked(self, kind: int = fcntl.LOCK_EX) -> Iterator[None]:

@@ -68,8 +68,8 @@ def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = N
     ``db_path`` opens another file under the same key instead (a published serving snapshot).
     """
     db_path = db_path or s.clinical_db
-    Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
-    tmp = Path(s.warehouse_dir) / "tmp"  # type: ignore[arg-type]
+    Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = Path(s.warehouse_dir) / "tmp"
     con = duckdb.connect(config={"temp_directory": str(tmp), "memory_limit": s.warehouse_memory_limit})
     try:
         con.execute(f"LOAD '{httpfs_extension()}'")

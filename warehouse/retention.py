@@ -32,7 +32,7 @@ def purge_landing(s: Settings, older_than_days: int | None = None) -> dict:
     cutoff = utc_now() - timedelta(days=days)
     counts = {"purged": 0, "kept_not_in_ledger": 0, "kept_too_recent": 0, "bytes_freed": 0,
               "cutoff": cutoff.isoformat()}
-    sealed = list_sealed(s.landing_dir)  # type: ignore[arg-type]
+    sealed = list_sealed(s.landing_dir)
     if not sealed:
         return counts
     absorbed = _ledger(s)
@@ -53,7 +53,7 @@ def purge_landing(s: Settings, older_than_days: int | None = None) -> dict:
         counts["bytes_freed"] += size
     if counts["purged"]:
         # Make the deletions durable before reporting them.
-        fd = os.open(sealed_dir(s.landing_dir), os.O_RDONLY | os.O_DIRECTORY)  # type: ignore[arg-type]
+        fd = os.open(sealed_dir(s.landing_dir), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:

@@ -26,7 +26,7 @@ KEEP = 3  # older snapshots are removed; a reader still holding one keeps its op
 
 
 def serving_dir(s: Settings) -> Path:
-    return Path(s.warehouse_dir) / "serving"  # type: ignore[arg-type]
+    return Path(s.warehouse_dir) / "serving"
 
 
 def current_snapshot(s: Settings) -> Path | None:
@@ -106,7 +106,7 @@ def serving(s: Settings, private: bool = False) -> Iterator[duckdb.DuckDBPyConne
 
 
 def backups_dir(s: Settings) -> Path:
-    return Path(s.home) / "backups"  # type: ignore[arg-type]
+    return Path(s.home) / "backups"
 
 
 def backup(s: Settings) -> Path:

@@ -30,11 +30,11 @@ SQL_DIR = Path(__file__).parent / "telehealth_sql"
 
 
 def telehealth_db(s: Settings) -> Path:
-    return Path(s.warehouse_dir) / "telehealth.duckdb"  # type: ignore[arg-type]
+    return Path(s.warehouse_dir) / "telehealth.duckdb"
 
 
 def pseudonym_key(s: Settings) -> bytes:
-    path = Path(s.secrets_dir) / "pseudonym.key"  # type: ignore[arg-type]
+    path = Path(s.secrets_dir) / "pseudonym.key"
     if not path.exists():
         write_private(path, secrets.token_hex(32).encode())
     return bytes.fromhex(path.read_text().strip())

@@ -67,7 +67,7 @@ def ingest_instances(s: Settings) -> list[Instance]:
     and the owners of open segments. Stopped means provably gone (same host, process not alive); a stale
     status from another host, or an open segment whose writer never reported, is unknown."""
     statuses = ingest_statuses(s)
-    owners = {segment_owner(p) for p in open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}")}  # type: ignore[arg-type]
+    owners = {segment_owner(p) for p in open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}")}
     host, now = socket.gethostname(), time.time()
     out = []
     for cid in sorted(set(statuses) | owners):
@@ -141,16 +141,16 @@ def rotate_landing(s: Settings) -> dict:
         time.sleep(0.05)
     for i in instances:
         if i.state == "stopped":  # its open segment was acked up to its last fsync: seal it for the pipeline
-            recover_open_segments(s.landing_dir, i.client_id)  # type: ignore[arg-type]
+            recover_open_segments(s.landing_dir, i.client_id)
     count = 0
-    for path in list_sealed(s.landing_dir):  # type: ignore[arg-type]
+    for path in list_sealed(s.landing_dir):
         if not _key_ids(path) - {active}:
             continue
         try:
             read_whole_segment(path, ring)
         except UnreadableSegment as exc:
             # Not ours to repair here: set it aside as the pipeline does (its next run records the row).
-            reject_segment(s.landing_dir, path, exc.reason, exc.detail, origin="key rotation")  # type: ignore[arg-type]
+            reject_segment(s.landing_dir, path, exc.reason, exc.detail, origin="key rotation")
             continue
         reencrypt_segment(path, ring)
         count += 1
@@ -161,8 +161,8 @@ def rotate_landing(s: Settings) -> dict:
                               f"key during rotation; {count} segment(s) re-encrypted, no key retired: run "
                               "`rpm keys rotate` again")
     # A rejected segment may become readable after a fix (`rpm landing replay`): its keys are kept too.
-    files = [*list_sealed(s.landing_dir), *open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}"),  # type: ignore[arg-type]
-             *list_rejected(s.landing_dir)]  # type: ignore[arg-type]
+    files = [*list_sealed(s.landing_dir), *open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}"),
+             *list_rejected(s.landing_dir)]
     still_used = set().union(*(_key_ids(p) for p in files))
     retire = old - still_used
     ring.retire(retire)

@@ -20,18 +20,18 @@ def init(s: Settings) -> None:
 
     Every folder that holds identifiers is private (0700): landing segment and status file names carry
     client ids, logs carry device ids and addresses."""
-    Path(s.home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    for d in (s.secrets_dir, s.landing_dir, open_dir(s.landing_dir), sealed_dir(s.landing_dir),  # type: ignore[arg-type]
+    Path(s.home).mkdir(parents=True, exist_ok=True)
+    for d in (s.secrets_dir, s.landing_dir, open_dir(s.landing_dir), sealed_dir(s.landing_dir),
               s.warehouse_dir, s.run_dir, s.airflow_home):
-        Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[arg-type]
-        os.chmod(d, 0o700)  # type: ignore[arg-type]
+        Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
     keys.warehouse_key(s)
     broker.prepare(s)
 
 
 def ingest_status(s: Settings, client_id: str | None = None) -> dict | None:
     """The status an ingest instance last wrote (this settings' instance by default)."""
-    path = Path(s.run_dir) / f"ingest-{client_id or s.ingest_client_id}.json"  # type: ignore[arg-type]
+    path = Path(s.run_dir) / f"ingest-{client_id or s.ingest_client_id}.json"
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
@@ -42,7 +42,7 @@ def ingest_statuses(s: Settings) -> dict[str, dict]:
     """Every ingest instance that has written a status into this state folder, by client id — with or without
     a pid file (compose, systemd, a second instance started by hand)."""
     out = {}
-    for path in sorted(Path(s.run_dir).glob("ingest-*.json")):  # type: ignore[arg-type]
+    for path in sorted(Path(s.run_dir).glob("ingest-*.json")):
         try:
             st = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -39,8 +39,8 @@ def airflow_env(s: Settings) -> dict[str, str]:
 
 def ensure_airflow_db(s: Settings) -> None:
     """Create Airflow's metadata DB (SQLite under AIRFLOW_HOME) the first time."""
-    Path(s.airflow_home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    if (Path(s.airflow_home) / "airflow.db").exists():  # type: ignore[arg-type]
+    Path(s.airflow_home).mkdir(parents=True, exist_ok=True)
+    if (Path(s.airflow_home) / "airflow.db").exists():
         return
     airflow = Path(sys.executable).with_name("airflow")
     subprocess.run([str(airflow), "db", "migrate"], env={**os.environ, **airflow_env(s)}, check=True,
@@ -56,7 +56,7 @@ def seal_open_segments(s: Settings, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not any(p.stat().st_size > 0 and _has_records(p)
-                   for p in open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}")):  # type: ignore[arg-type]
+                   for p in open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}")):
             return
         time.sleep(0.05)
 

@@ -60,7 +60,7 @@ def url(s: Settings) -> str:
 
 def password_file(s: Settings) -> Path:
     """Where Airflow's simple auth manager keeps its users' passwords (its default name)."""
-    return Path(s.airflow_home) / "simple_auth_manager_passwords.json.generated"  # type: ignore[arg-type]
+    return Path(s.airflow_home) / "simple_auth_manager_passwords.json.generated"
 
 
 def stack_env(s: Settings) -> dict[str, str]:
@@ -88,7 +88,7 @@ def stack_env(s: Settings) -> dict[str, str]:
 
 
 def _jwt_secret(s: Settings) -> str:
-    path = Path(s.secrets_dir) / "airflow-jwt.secret"  # type: ignore[arg-type]
+    path = Path(s.secrets_dir) / "airflow-jwt.secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys.write_private(path, secrets.token_urlsafe(64).encode())

@@ -22,11 +22,11 @@ class StartError(RuntimeError):
 
 
 def pid_file(s: Settings, name: str) -> Path:
-    return Path(s.run_dir) / f"{name}.pid"  # type: ignore[arg-type]
+    return Path(s.run_dir) / f"{name}.pid"
 
 
 def log_file(s: Settings, name: str) -> Path:
-    return Path(s.run_dir) / f"{name}.log"  # type: ignore[arg-type]
+    return Path(s.run_dir) / f"{name}.log"
 
 
 def read_pid(s: Settings, name: str) -> int | None:
@@ -59,7 +59,7 @@ def _alive(pid: int) -> bool:
 
 def private_run_dir(s: Settings) -> Path:
     """run_dir, owner only (0700): service logs name devices, clients' addresses and errors about patients."""
-    run_dir = Path(s.run_dir)  # type: ignore[arg-type]
+    run_dir = Path(s.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if run_dir.stat().st_mode & 0o077:  # made wider by an older version
         os.chmod(run_dir, 0o700)
