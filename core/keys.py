@@ -110,10 +110,11 @@ def ensure_pki(s: Settings) -> tuple[Path, Path, Path]:
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    key_fmt = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
-                   encryption_algorithm=serialization.NoEncryption())
-    write_private(ca_key_path, ca_key.private_bytes(**key_fmt))
-    write_private(srv_key_path, srv_key.private_bytes(**key_fmt))
+    pkcs8, no_encryption = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    write_private(ca_key_path, ca_key.private_bytes(encoding=pem, format=pkcs8,
+                                                    encryption_algorithm=no_encryption))
+    write_private(srv_key_path, srv_key.private_bytes(encoding=pem, format=pkcs8,
+                                                      encryption_algorithm=no_encryption))
     ca_crt.write_bytes(ca_cert.public_bytes(pem))
     srv_crt.write_bytes(srv_cert.public_bytes(pem))
     os.chmod(ca_crt, 0o644)

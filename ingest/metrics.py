@@ -1,4 +1,4 @@
-"""Ingest metrics in the Prometheus text exposition format (0.0.4), served on a loopback HTTP port.
+"""Ingest metrics in the Prometheus text exposition format (prometheus_client), on a loopback HTTP port.
 
 ``GET /metrics`` is the exposition, ``GET /healthz`` answers 200 while the service is connected to the broker
 and 503 otherwise; any other path is 404.
@@ -17,15 +17,18 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 log = logging.getLogger("rpm.ingest.metrics")
 
 PREFIX = "rpm_ingest_"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 COUNTER, GAUGE = "counter", "gauge"
 
 
@@ -50,8 +53,8 @@ Value = float | Iterable[tuple[str, float]]  # one sample, or (label value, samp
 
 
 @dataclass(frozen=True)
-class Metric:
-    name: str
+class Spec:
+    name: str           # the sample name (counters end in _total)
     kind: str
     help: str
     value: Callable[[Snapshot, float], Value]  # (snapshot, now) -> value
@@ -65,66 +68,64 @@ def _age(since: float | None, now: float, never: float) -> float:
 # last_message_age_seconds is NaN until the first message, as client libraries report a summary quantile
 # with no observations: it is neither fresh nor stale, so `> threshold` alerts stay quiet, and
 # `x != x` (true only for NaN) selects the "nothing received since start" case.
-REGISTRY: tuple[Metric, ...] = (
-    Metric("messages_received_total", COUNTER, "Messages the broker delivered to this ingest instance.",
-           lambda s, now: s.received),
-    Metric("messages_landed_total", COUNTER, "Messages appended to a landing segment.",
-           lambda s, now: s.landed),
-    Metric("messages_acked_total", COUNTER, "Messages acknowledged to the broker, each after its fsync.",
-           lambda s, now: s.acked),
-    Metric("messages_marked_malformed_total", COUNTER,
-           "Messages landed with a malformed mark (they are kept, never dropped), by reason.",
-           lambda s, now: s.marked, label="reason"),
-    Metric("write_errors_total", COUNTER, "Landing writes or fsyncs that failed (the broker redelivers).",
-           lambda s, now: s.write_errors),
-    Metric("segments_sealed_total", COUNTER, "Landing segments sealed and handed to the pipeline.",
-           lambda s, now: s.segments_sealed),
-    Metric("inflight_messages", GAUGE, "Messages received and landed but not yet fsynced and acked.",
-           lambda s, now: s.inflight),
-    Metric("connected", GAUGE, "1 while connected to the broker, else 0.",
-           lambda s, now: s.connected),
-    Metric("oldest_unsealed_segment_age_seconds", GAUGE,
-           "Age of the open landing segment (0 when none is open).",
-           lambda s, now: _age(s.open_segment_created, now, 0.0)),
-    Metric("last_message_age_seconds", GAUGE,
-           "Seconds since the last message was received; NaN before the first one.",
-           lambda s, now: _age(s.last_message_at, now, math.nan)),
-    Metric("start_time_seconds", GAUGE, "Start time of the ingest service since the Unix epoch.",
-           lambda s, now: s.started_at),
+REGISTRY: tuple[Spec, ...] = (
+    Spec("messages_received_total", COUNTER, "Messages the broker delivered to this ingest instance.",
+         lambda s, now: s.received),
+    Spec("messages_landed_total", COUNTER, "Messages appended to a landing segment.",
+         lambda s, now: s.landed),
+    Spec("messages_acked_total", COUNTER, "Messages acknowledged to the broker, each after its fsync.",
+         lambda s, now: s.acked),
+    Spec("messages_marked_malformed_total", COUNTER,
+         "Messages landed with a malformed mark (they are kept, never dropped), by reason.",
+         lambda s, now: s.marked, label="reason"),
+    Spec("write_errors_total", COUNTER, "Landing writes or fsyncs that failed (the broker redelivers).",
+         lambda s, now: s.write_errors),
+    Spec("segments_sealed_total", COUNTER, "Landing segments sealed and handed to the pipeline.",
+         lambda s, now: s.segments_sealed),
+    Spec("inflight_messages", GAUGE, "Messages received and landed but not yet fsynced and acked.",
+         lambda s, now: s.inflight),
+    Spec("connected", GAUGE, "1 while connected to the broker, else 0.",
+         lambda s, now: s.connected),
+    Spec("oldest_unsealed_segment_age_seconds", GAUGE,
+         "Age of the open landing segment (0 when none is open).",
+         lambda s, now: _age(s.open_segment_created, now, 0.0)),
+    Spec("last_message_age_seconds", GAUGE,
+         "Seconds since the last message was received; NaN before the first one.",
+         lambda s, now: _age(s.last_message_at, now, math.nan)),
+    Spec("start_time_seconds", GAUGE, "Start time of the ingest service since the Unix epoch.",
+         lambda s, now: s.started_at),
 )
 
 
-def _number(v: float) -> str:
-    v = float(v)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+class SnapshotCollector:
+    """A prometheus_client collector over the latest published snapshot: every scrape reads one snapshot,
+    so its counters come from a single instant; ages are computed at scrape time."""
 
+    def __init__(self, current: Callable[[], Snapshot], clock: Callable[[], float] = time.time):
+        self._current, self._clock = current, clock
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    def collect(self) -> Iterator[Metric]:
+        snapshot, now = self._current(), self._clock()
+        for spec in REGISTRY:
+            value = spec.value(snapshot, now)
+            labels = [spec.label] if spec.label else None
+            family: Metric = (CounterMetricFamily(PREFIX + spec.name.removesuffix("_total"), spec.help,
+                                                  labels=labels)
+                              if spec.kind == COUNTER else GaugeMetricFamily(PREFIX + spec.name, spec.help,
+                                                                             labels=labels))
+            if isinstance(value, int | float):
+                family.add_metric([], float(value))
+            else:
+                for label_value, sample in value:
+                    family.add_metric([label_value], float(sample))
+            yield family
 
 
 def render(snapshot: Snapshot, now: float | None = None) -> str:
     """The exposition text of ``snapshot`` at ``now`` (default: the current time)."""
-    now = time.time() if now is None else now
-    lines = []
-    for m in REGISTRY:
-        name = PREFIX + m.name
-        lines += [f"# HELP {name} {_escape_help(m.help)}", f"# TYPE {name} {m.kind}"]
-        value = m.value(snapshot, now)
-        if m.label is None:
-            lines.append(f"{name} {_number(value)}")  # type: ignore[arg-type]
-        else:
-            lines += [f'{name}{{{m.label}="{_escape_label(k)}"}} {_number(v)}'
-                      for k, v in value]  # type: ignore[union-attr]
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snapshot, (lambda: now) if now is not None else time.time))
+    return generate_latest(registry).decode()
 
 
 class MetricsServer:
@@ -132,6 +133,8 @@ class MetricsServer:
 
     def __init__(self, port: int, host: str = "127.0.0.1", snapshot: Snapshot | None = None):
         self.snapshot = snapshot or Snapshot(started_at=time.time())
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(lambda: self.snapshot))
         self._httpd = ThreadingHTTPServer((host, port), _handler(self))
         # A short poll keeps stop(), and so the service shutdown, quick; idle polls cost next to nothing.
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,), name="rpm-metrics",
@@ -139,7 +142,7 @@ class MetricsServer:
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return int(self._httpd.server_address[1])
 
     def publish(self, snapshot: Snapshot) -> None:
         """Called by the ingest loop; a single reference swap, so readers see the old or the new state."""
@@ -159,24 +162,22 @@ class MetricsServer:
 def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
-            snapshot = server.snapshot  # read once: one consistent state per response
             path = urlsplit(self.path).path
             if path == "/metrics":
-                self._reply(200, render(snapshot), CONTENT_TYPE)
-            elif path == "/healthz" and snapshot.connected:
-                self._reply(200, "ok\n")
+                self._reply(200, generate_latest(server.registry), CONTENT_TYPE)
+            elif path == "/healthz" and server.snapshot.connected:
+                self._reply(200, b"ok\n")
             elif path == "/healthz":
-                self._reply(503, "not connected\n")
+                self._reply(503, b"not connected\n")
             else:
-                self._reply(404, "not found\n")
+                self._reply(404, b"not found\n")
 
-        def _reply(self, code: int, body: str, content_type: str = "text/plain; charset=utf-8") -> None:
-            data = body.encode()
+        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(data)
+            self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: keep quiet
             log.debug("%s " + format, self.address_string(), *args)

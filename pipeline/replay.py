@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import duckdb
 import pandas as pd
@@ -90,6 +90,16 @@ class Rebuilt:
     row: dict[str, Any]         # a candidate row (CANDIDATE_COLUMNS or EVENT_COLUMNS)
 
 
+class _Where(TypedDict):
+    """The stored coordinates of a quarantined item, passed back to the normaliser that built its row."""
+
+    device_id: str
+    segment: str
+    record_no: int
+    item_no: int
+    received_at: datetime
+
+
 def _item(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -113,8 +123,8 @@ def rebuild(q: QuarantinedItem) -> Rebuilt | None:
     item = _item(q.raw)
     if item is None or q.device_id is None:
         return None
-    where = dict(device_id=q.device_id, segment=q.segment, record_no=q.record_no, item_no=q.item_no,
-                 received_at=q.received_at)
+    where: _Where = {"device_id": q.device_id, "segment": q.segment, "record_no": q.record_no,
+                     "item_no": q.item_no, "received_at": q.received_at}
     reading = candidate(item, **where)
     if q.reading_id is None:
         clinical_only = set(q.reasons) & (CLINICAL_RULES - TELEHEALTH_RULES)

@@ -15,6 +15,7 @@ from typing import Any
 from core.ids import InvalidId, check_id
 from core.settings import Settings
 from rpmctl.errors import DENIED, INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
+from rpmctl.views.table import table
 
 
 def _print_json(obj: Any) -> None:
@@ -178,9 +179,9 @@ def cmd_devices_list(s: Settings, a: argparse.Namespace) -> int:
     if a.json:
         _print_json(devices)
     else:
-        for d in devices:
-            print(f"{d['device_id']:<16} {d['kind'] or '-':<8} {d['patient_id'] or '(not enrolled)':<12} "
-                  f"since {d['enrolled_since']}")
+        print(table(["device", "kind", "patient", "enrolled since"],
+                    ([d["device_id"], d["kind"], d["patient_id"] or "(not enrolled)", d["enrolled_since"]]
+                     for d in devices), empty="no devices"))
     return 0
 
 
@@ -307,11 +308,10 @@ def cmd_patients_list(s: Settings, a: argparse.Namespace) -> int:
     if a.json:
         _print_json(rows)
     else:
-        for r in rows:
-            print(printable(f"{r['patient_id']:<10} {r['mrn'] or '-':<11} "
-                            f"{(r['family_name'] or '-') + ', ' + (r['given_name'] or '-'):<22} "
-                            f"{r['birth_date'] or '-'!s:<11} {r['time_zone'] or '-':<20} "
-                            f"{','.join(r['conditions'] or [])}"))
+        print(table(["patient", "MRN", "name", "born", "time zone", "conditions"],
+                    ([r["patient_id"], r["mrn"], f"{r['family_name'] or '-'}, {r['given_name'] or '-'}",
+                      r["birth_date"], r["time_zone"], ",".join(r["conditions"] or [])] for r in rows),
+                    empty="no patients"))
     return 0
 
 
@@ -373,9 +373,9 @@ def cmd_careteam_list(s: Settings, a: argparse.Namespace) -> int:
     if a.json:
         _print_json(out)
     else:
-        for r in out:
-            print(printable(f"{r['clinician_id']:<12} {r['name'] or '-':<20} {r['role'] or '-':<10} "
-                            f"{len(r['patients'])} patients: {' '.join(r['patients'])}"))
+        print(table(["clinician", "name", "role", "patients"],
+                    ([r["clinician_id"], r["name"], r["role"], f"{len(r['patients'])}: {' '.join(r['patients'])}"]
+                     for r in out), empty="no clinicians"))
     return 0
 
 
@@ -420,11 +420,11 @@ def cmd_audit_show(s: Settings, a: argparse.Namespace) -> int:
     if a.json:
         _print_json(records)
     else:
-        for r in records:
-            # Stored strings are shown escaped: a hostile value cannot forge a line of this listing.
-            print(f"{r['seq']:>6} {printable(r['ts'][:19])} {printable(r['actor']):<14} "
-                  f"{printable(r['action']):<12} {printable(r['outcome']):<28} rows={r['rows']:<5} "
-                  f"patients={printable(','.join(r['patients'][:5]))}{'...' if len(r['patients']) > 5 else ''}")
+        # Stored strings are shown escaped (table()): a hostile value cannot forge a line of this listing.
+        print(table(["seq", "time (UTC)", "actor", "action", "outcome", "rows", "patients"],
+                    ([r["seq"], r["ts"][:19], r["actor"], r["action"], r["outcome"], r["rows"],
+                      ",".join(r["patients"][:5]) + ("..." if len(r["patients"]) > 5 else "")] for r in records),
+                    empty="no audit records"))
     return 0
 
 
@@ -453,12 +453,13 @@ def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_reports(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.views import reports as report_views
     from warehouse import reports
 
     rows = reports.report(s, a.report, publish=a.publish)
     if a.csv:
         reports.write_csv(rows, a.csv)
-    _print_json(rows) if a.json else print(reports.render(a.report, rows))
+    _print_json(rows) if a.json else print(report_views.render(a.report, rows))
     return 0
 
 
@@ -526,13 +527,14 @@ def cmd_quarantine_list(s: Settings, a: argparse.Namespace) -> int:
         _print_json(listing.to_json())
         return 0
     print(f"quarantine: {listing.total} item(s)")
-    for reason, n in listing.by_reason.items():
-        print(f"  {reason:<36} {n:>7}  {'replayable' if listing.replayable[reason] else 'structural: not replayable'}")
+    print(table(["reason", "items", "replay"], ([reason, n, "replayable" if listing.replayable[reason]
+                                                 else "structural: not replayable"]
+                                                for reason, n in listing.by_reason.items())))
     scope = f" with {a.reason}" if a.reason else ""
-    print(f"items{scope}, newest first: {len(listing.items)} of {listing.matching}")
-    for i in listing.items:
-        print(f"  {i['row_key']}  {i['device_id'] or '-'}  {i['kind'] or '?'}  {','.join(i['reasons'])}  "
-              f"received {str(i['received_at'])[:19]}")
+    print(f"\nitems{scope}, newest first: {len(listing.items)} of {listing.matching}")
+    print(table(["item", "device", "kind", "reasons", "received (UTC)"],
+                ([i["row_key"], i["device_id"], i["kind"] or "?", ",".join(i["reasons"]), str(i["received_at"])[:19]]
+                 for i in listing.items)))
     return 0
 
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from core.landing import LandedRecord
 from core.payload import MAX_PAYLOAD_BYTES, NonFinite
@@ -131,7 +131,8 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
     metric, unit = text_field(item, "metric"), text_field(item, "unit")
     spec = METRICS.get(metric or "")
     if metric == "blood_pressure":
-        values = item.get("values") if isinstance(item.get("values"), dict) else {}
+        sent = item.get("values")
+        values = sent if isinstance(sent, dict) else {}
         value_sent, diastolic_sent = number(values.get("systolic")), number(values.get("diastolic"))
     else:
         value_sent, diastolic_sent = number(item.get("value")), None
@@ -166,6 +167,14 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
     }
 
 
+class _Origin(TypedDict):
+    """Where a landed message came from: the fields every row built from it carries."""
+
+    segment: str
+    record_no: int
+    received_at: datetime
+
+
 class EventRow(dict):
     """A telehealth event candidate (device status or app event), as opposed to a vitals reading."""
 
@@ -177,7 +186,7 @@ def normalise_records(segment: str, records: Iterable[LandedRecord], max_payload
 
     for rec in records:
         msg = decode_message(rec.topic, rec.payload, max_payload_bytes)
-        base = dict(segment=segment, record_no=rec.n, received_at=rec.received_at)
+        base: _Origin = {"segment": segment, "record_no": rec.n, "received_at": rec.received_at}
         if msg.reason is not None:
             yield StructuralReject(f"{segment}:{rec.n}:0", device_id=msg.device_id, item_no=0,
                                    reason=msg.reason, detail=msg.detail, raw=rec.payload, **base)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from core.landing import SEGMENT_SUFFIX, list_sealed, open_dir
 from core.settings import Settings
-from warehouse.db import clinical
+from warehouse.db import clinical, one_row
 from warehouse.ledger import WaitingSegment, waiting_rejected
 
 
@@ -32,15 +32,15 @@ def _count_records(path) -> int:
 
 def accounting(s: Settings) -> dict:
     with clinical(s) as con:
-        messages, received, loaded_seg, quarantined_seg, duplicates_seg, segments = con.execute("""
+        messages, received, loaded_seg, quarantined_seg, duplicates_seg, segments = one_row(con.execute("""
             SELECT coalesce(sum(messages), 0), coalesce(sum(items), 0), coalesce(sum(loaded), 0),
                    coalesce(sum(quarantined), 0), coalesce(sum(duplicates), 0), count(*)
-            FROM segments""").fetchone()
-        loaded, quarantined, duplicates = con.execute("""
+            FROM segments"""))
+        loaded, quarantined, duplicates = one_row(con.execute("""
             SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM telehealth_events),
-                   (SELECT count(*) FROM quarantine), (SELECT count(*) FROM duplicates)""").fetchone()
-        loaded_by_stream = dict(zip(("readings", "telehealth_events"), con.execute(
-            "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telehealth_events)").fetchone(),
+                   (SELECT count(*) FROM quarantine), (SELECT count(*) FROM duplicates)"""))
+        loaded_by_stream = dict(zip(("readings", "telehealth_events"), one_row(con.execute(
+            "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telehealth_events)")),
             strict=True))
         by_reason = dict(con.execute("""
             SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM quarantine)

@@ -30,12 +30,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypedDict
 
 from core.keyring import DecryptError, Keyring
 from core.keys import write_private
 from core.settings import Settings
 
 GENESIS = "0" * 64
+
+
+class _Head(TypedDict):
+    """The head file's claim: the last record's sequence number and MAC."""
+
+    seq: int
+    mac: str
 
 
 class AuditTampered(RuntimeError):
@@ -240,7 +248,8 @@ class AuditLog:
             return {"ok": False, "records": count, "problem": "the head file is missing (removed?)"}
         try:
             doc = json.loads(head_raw)
-            head, head_mac = {"seq": int(doc["seq"]), "mac": str(doc["mac"])}, str(doc["head_mac"])
+            head: _Head = {"seq": int(doc["seq"]), "mac": str(doc["mac"])}
+            head_mac = str(doc["head_mac"])
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "records": count, "problem": "the head file is unreadable (altered)"}
         if not hmac.compare_digest(head_mac, self._head_mac(head["seq"], head["mac"])):

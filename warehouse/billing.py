@@ -16,6 +16,8 @@ from typing import Any
 
 import duckdb
 
+from warehouse.db import one_row
+
 CSV_FIELDS = [
     "patient_id", "month", "period_no", "period_start", "period_end", "days_with_data", "device_code",
     "is_current", "device_codes", "management_minutes", "interactive_count", "management_codes", "codes",
@@ -44,7 +46,7 @@ def billing_report(con: duckdb.DuckDBPyConnection, month: str | None, patient_id
     latest reported period; ``periods`` holds them all and ``device_codes`` the code of each that earned one.
     ``month`` defaults to the current month (UTC).
     """
-    this_month = con.execute("SELECT strftime(now() AT TIME ZONE 'UTC', '%Y-%m')").fetchone()[0]
+    this_month = one_row(con.execute("SELECT strftime(now() AT TIME ZONE 'UTC', '%Y-%m')"))[0]
     month = month or this_month
     first, nxt = _month_bounds(month)
     ids = list(dict.fromkeys(patient_ids))

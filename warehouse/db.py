@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -85,6 +86,14 @@ def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = N
         con.close()
         raise
     return con
+
+
+def one_row(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
+    """The row of an executed query that always returns one (an aggregate): never None."""
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError("the query returned no row where one was expected")
+    return row
 
 
 def rows(cur: duckdb.DuckDBPyConnection) -> list[dict]:

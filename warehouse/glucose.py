@@ -152,30 +152,3 @@ def glucose_summary(con: duckdb.DuckDBPyConnection, patient_id: str, days: int =
 
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
-
-
-_ROWS = [("mean", "mean_mg_dl", "mg/dL"), ("GMI", "gmi_percent", "%"), ("CV", "cv_percent", "%"),
-         ("TIR 70-180", "tir_70_180", "%"), ("TBR <70", "tbr_below_70", "%"),
-         ("TBR <54", "tbr_below_54", "%"), ("TAR >180", "tar_above_180", "%"),
-         ("TAR >250", "tar_above_250", "%"),
-         ("readings captured", "percent_expected_readings", "%")]
-
-
-def render_glucose(summary: dict[str, Any] | None) -> str:
-    """The summary as a few aligned terminal lines, each metric with its consensus target and verdict."""
-    if summary is None:
-        return "glucose: no readings in the window"
-    s = summary
-    head = (f"glucose {s['start']:%Y-%m-%d %H:%M} -> {s['end']:%Y-%m-%d %H:%M} UTC ({s['days']} d): "
-            f"{s['readings']} readings ({s['source']})")
-    lines = [head]
-    for label, key, unit in _ROWS:
-        value = s[key]
-        shown = "-" if value is None else f"{value:.1f}"
-        target = f"target {TARGETS[key][0]} {TARGETS[key][1]:g}" if key in TARGETS else ""
-        met = s["targets_met"].get(key)
-        verdict = "" if met is None else ("met" if met else "NOT MET")
-        lines.append(f"  {label:<18}{shown:>7} {unit:<6}{target:<14}{verdict}".rstrip())
-    lines.append(f"  {'sufficient data':<18}{'yes' if s['sufficient_data'] else 'no':>7}"
-                 f"  (>= {TARGET_EXPECTED_READINGS_MIN:g} % of CGM readings over >= {SUFFICIENT_DAYS} days)")
-    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ class Spec:
     view: str
     order_by: str
     counts: tuple[str, ...] = ()  # people, devices or appointments: shown as "<11" when small
-    rates: dict[str, tuple[str, ...]] = field(default_factory=dict)  # rate -> the counts it is computed from
+    rates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rate -> the counts it is computed from
     stats: dict[str, str] = field(default_factory=dict)  # minutes/hours statistic -> the people it summarises
     limit: int | None = None
 
@@ -99,36 +100,6 @@ def suppress(spec: Spec, row: dict[str, Any]) -> dict[str, Any]:
             value = None
         out[column] = value
     return out
-
-
-def _text(column: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.1%}" if column.endswith(("_rate", "_share")) else f"{value:.1f}"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M")
-    if isinstance(value, date):
-        return value.isoformat()
-    return str(value)
-
-
-def render(name: str, rows: list[dict]) -> str:
-    """An aligned terminal table: numbers right-aligned, rates as percentages, instants to the minute."""
-    if not rows:
-        return f"no {name} data"
-    columns = list(rows[0])
-    cells = [[_text(c, r.get(c)) for c in columns] for r in rows]
-    numeric = [all(isinstance(r.get(c), int | float) and not isinstance(r.get(c), bool)
-                   or r.get(c) in (None, SUPPRESSED) for r in rows) for c in columns]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(columns, widths, numeric, strict=True))
-             .rstrip()]
-    lines += ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric, strict=True))
-              .rstrip() for row in cells]
-    return "\n".join(lines)
 
 
 def _csv_value(value: Any) -> Any:

@@ -30,11 +30,10 @@ def purge_landing(s: Settings, older_than_days: int | None = None) -> dict:
     """
     days = s.landing_retention_days if older_than_days is None else older_than_days
     cutoff = utc_now() - timedelta(days=days)
-    counts = {"purged": 0, "kept_not_in_ledger": 0, "kept_too_recent": 0, "bytes_freed": 0,
-              "cutoff": cutoff.isoformat()}
+    counts = {"purged": 0, "kept_not_in_ledger": 0, "kept_too_recent": 0, "bytes_freed": 0}
     sealed = list_sealed(s.landing_dir)
     if not sealed:
-        return counts
+        return {**counts, "cutoff": cutoff.isoformat()}
     absorbed = _ledger(s)
     for path in sealed:
         if path.stem not in absorbed:
@@ -58,4 +57,4 @@ def purge_landing(s: Settings, older_than_days: int | None = None) -> dict:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return counts
+    return {**counts, "cutoff": cutoff.isoformat()}

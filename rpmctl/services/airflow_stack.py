@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from core import keys
 from core.settings import Settings
 from rpmctl.services import procs
@@ -328,42 +330,25 @@ def processes(s: Settings) -> set[int]:
     return _tree(leader)
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgrp, state) of every process, from /proc."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # the command name may contain spaces and parentheses
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
-
-
 def _tree(pgid: int) -> set[int]:
     """Live members of process group ``pgid`` and all their descendants (whatever group they moved to)."""
-    table = _proc_table()
-    found = {pid for pid, (_, pgrp, state) in table.items() if pgrp == pgid and state != "Z"}
-    frontier = set(found)
-    while frontier:
-        frontier = {pid for pid, (ppid, _, state) in table.items()
-                    if ppid in frontier and pid not in found and state != "Z"}
-        found |= frontier
+    found: set[int] = set()
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                found.add(proc.pid)
+                found |= {c.pid for c in proc.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE}
+        except (psutil.Error, ProcessLookupError):
+            continue  # gone while we looked
     return found
 
 
 def is_running(pid: int) -> bool:
     """Alive and not a zombie (a dead child not yet reaped is gone for our purpose)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def _recorded_pid(s: Settings) -> int | None:
@@ -376,9 +361,8 @@ def _recorded_pid(s: Settings) -> int | None:
 def _ours(s: Settings, pid: int) -> bool:
     """Whether ``pid`` runs with this stack's AIRFLOW_HOME (every component inherits it)."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"AIRFLOW_HOME={s.airflow_home}".encode() in f.read().split(b"\0")
-    except OSError:
+        return psutil.Process(pid).environ().get("AIRFLOW_HOME") == str(s.airflow_home)
+    except psutil.Error:
         return False
 
 

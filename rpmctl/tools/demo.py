@@ -12,6 +12,7 @@ from rpmctl.services.airflow_run import run_once, seal_open_segments
 from rpmctl.tools.publish import wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from rpmctl.views import clinician as view
+from rpmctl.views import reports as report_views
 from rpmctl.views.summary import latest_vitals, render
 from warehouse import reports
 from warehouse.access import ClinicianSession
@@ -69,7 +70,7 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
                                      ("adherence", "monitoring adherence", False)):
             _section(f"telehealth report: {title}")
             rows = reports.report(s, name, publish=publish)
-            print(reports.render(name, rows[:8]))
+            print(report_views.render(name, rows[:8]))
             if len(rows) > 8:
                 print(f"... {len(rows) - 8} more rows (rpm reports {name})")
 

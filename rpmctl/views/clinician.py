@@ -9,8 +9,10 @@ from typing import Any
 
 from core.ids import check_id
 from rpmctl.errors import printable
+from rpmctl.views.table import table
 from warehouse.access import ClinicianSession
 from warehouse.audit import AuditTampered
+from warehouse.glucose import SUFFICIENT_DAYS, TARGET_EXPECTED_READINGS_MIN, TARGETS
 
 SEVERITY = {1: "CRITICAL", 2: "HIGH", 3: "MODERATE"}
 
@@ -49,12 +51,6 @@ def run(session: ClinicianSession, a: argparse.Namespace) -> Any:
     raise ValueError(f"unknown view {a.view}")
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [["-" if v is None else printable(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
-
-
 def _fmt(v: Any, nd: int = 1) -> str:
     return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
@@ -65,7 +61,7 @@ def _bp(systolic: float | None, diastolic: float | None) -> str:
 
 def render(view: str, result: Any) -> str:
     if view == "patients":
-        return _table(["patient", "name", "MRN", "conditions", "last reading (UTC)", "readings 30d", "open alerts"],
+        return table(["patient", "name", "MRN", "conditions", "last reading (UTC)", "readings 30d", "open alerts"],
                       [[r["patient_id"], f"{r['family_name'] or ''}, {r['given_name'] or ''}".strip(", "), r["mrn"],
                         ",".join(r["conditions"] or []),
                         r["last_reading_at"].strftime("%Y-%m-%d %H:%M") if r["last_reading_at"] else None,
@@ -76,11 +72,11 @@ def render(view: str, result: Any) -> str:
                            f"MRN {p.get('mrn') or '-'}  born {p.get('birth_date') or '-'}  "
                            f"{p.get('time_zone') or ''}  {','.join(p.get('conditions') or [])}"),
                  "", "Latest vitals"]
-        lines.append(_table(["metric", "value", "unit", "measured (local)"],
+        lines.append(table(["metric", "value", "unit", "measured (local)"],
                             [[r["metric"], f"{r['value']:.0f}/{r['diastolic']:.0f}" if r["diastolic"] is not None
                               else _fmt(r["value"]), r["unit"], r["measured_local"]] for r in result["latest"]]))
         lines += ["", "Trends (mean)"]
-        lines.append(_table(["metric", "7d", "prev 7d", "30d", "min 30d", "max 30d", "n 7d", "n 30d"],
+        lines.append(table(["metric", "7d", "prev 7d", "30d", "min 30d", "max 30d", "n 7d", "n 30d"],
                             [[r["metric"], _bp(r["mean_7d"], r["mean_diastolic_7d"]) if r["metric"] == "blood_pressure"
                               else _fmt(r["mean_7d"]), _fmt(r["mean_prev_7d"]), _fmt(r["mean_30d"]),
                               _fmt(r["min_30d"]), _fmt(r["max_30d"]), r["n_7d"], r["n_30d"]]
@@ -90,22 +86,20 @@ def render(view: str, result: Any) -> str:
                   f"since {a['opened_at']:%Y-%m-%d %H:%M}{'  (acknowledged)' if a['acknowledged_by'] else ''}"
                   for a in result["alerts"]]
         if result.get("glucose"):
-            from warehouse.glucose import render_glucose
-
             lines += ["", render_glucose(result["glucose"])]
         lines += ["", "Daily summary (patient-local days)"]
-        lines.append(_table(["date", "metric", "n", "min", "mean", "max"],
+        lines.append(table(["date", "metric", "n", "min", "mean", "max"],
                             [[r["local_date"], r["metric"], r["readings"], _fmt(r["min_value"]),
                               _bp(r["mean_value"], r["mean_diastolic"]) if r["metric"] == "blood_pressure"
                               else _fmt(r["mean_value"]), _fmt(r["max_value"])] for r in result["daily"][:60]]))
         return "\n".join(lines)
     if view == "alerts":
-        return _table(["severity", "patient", "rule", "observed", "opened (UTC)", "breaches", "ack", "alert id"],
+        return table(["severity", "patient", "rule", "observed", "opened (UTC)", "breaches", "ack", "alert id"],
                       [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], a["rule"], a["last_observed"],
                         f"{a['opened_at']:%Y-%m-%d %H:%M}", a["breaches"], a["acknowledged_by"], a["alert_id"]]
                        for a in result]) if result else "no open alerts"
     if view == "billing":
-        return _table(["patient", "period", "days", "device", "minutes", "management", "flags"],
+        return table(["patient", "period", "days", "device", "minutes", "management", "flags"],
                       [[r["patient_id"], f"{r.get('period_start') or '-'}..{r.get('period_end') or '-'}",
                         r.get("days_with_data"), ",".join(r.get("device_codes") or []) or None,
                         r.get("management_minutes"), ",".join(r.get("management_codes") or []) or None,
@@ -118,3 +112,30 @@ def render(view: str, result: Any) -> str:
     if view == "export-fhir":
         return f"wrote {result['observations']} Observations to {result['file']}"
     return json.dumps(result, indent=2, default=str)
+
+
+_ROWS = [("mean", "mean_mg_dl", "mg/dL"), ("GMI", "gmi_percent", "%"), ("CV", "cv_percent", "%"),
+         ("TIR 70-180", "tir_70_180", "%"), ("TBR <70", "tbr_below_70", "%"),
+         ("TBR <54", "tbr_below_54", "%"), ("TAR >180", "tar_above_180", "%"),
+         ("TAR >250", "tar_above_250", "%"),
+         ("readings captured", "percent_expected_readings", "%")]
+
+
+def render_glucose(summary: dict[str, Any] | None) -> str:
+    """The summary as a few aligned terminal lines, each metric with its consensus target and verdict."""
+    if summary is None:
+        return "glucose: no readings in the window"
+    s = summary
+    head = (f"glucose {s['start']:%Y-%m-%d %H:%M} -> {s['end']:%Y-%m-%d %H:%M} UTC ({s['days']} d): "
+            f"{s['readings']} readings ({s['source']})")
+    lines = [head]
+    for label, key, unit in _ROWS:
+        value = s[key]
+        shown = "-" if value is None else f"{value:.1f}"
+        target = f"target {TARGETS[key][0]} {TARGETS[key][1]:g}" if key in TARGETS else ""
+        met = s["targets_met"].get(key)
+        verdict = "" if met is None else ("met" if met else "NOT MET")
+        lines.append(f"  {label:<18}{shown:>7} {unit:<6}{target:<14}{verdict}".rstrip())
+    lines.append(f"  {'sufficient data':<18}{'yes' if s['sufficient_data'] else 'no':>7}"
+                 f"  (>= {TARGET_EXPECTED_READINGS_MIN:g} % of CGM readings over >= {SUFFICIENT_DAYS} days)")
+    return "\n".join(lines)

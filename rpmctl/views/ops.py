@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from core.settings import Settings
 from rpmctl.services import INGEST, broker, ingest_status, procs
+from rpmctl.views.table import table
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
 
@@ -87,12 +88,10 @@ def render_ops(st: dict) -> str:
         lines.append(f"rejected: {st['rejected']['messages']} message(s) in {st['rejected']['segments']} unreadable "
                      "segment(s) in landing/rejected/ (`rpm landing rejected`)")
     lines.append("last runs:")
-    for r in st["runs"]:
-        lines.append(f"  {r['finished_at']:%Y-%m-%d %H:%M:%S}  {r['state']:<8} {r['run_id'][:40]:<40} "
-                     f"loaded {r['loaded'] or 0:>6}  quarantined {r['quarantined'] or 0:>4}  dup {r['duplicates'] or 0:>4}"
-                     f"  p95 received->loaded {r['received_to_loaded_p95_s'] or 0:.0f}s"
-                     + (f"  rejected {r['rejected_segments']}" if r.get("rejected_segments") else "")
-                     + (f"  FAILED in {r['failed_task']}" if r["state"] == "failed" else ""))
-    if not st["runs"]:
-        lines.append("  (none yet)")
+    lines.append(table(["finished (UTC)", "state", "run", "loaded", "quarantined", "dup", "rejected",
+                        "p95 received->loaded s", "failed task"],
+                       ([f"{r['finished_at']:%Y-%m-%d %H:%M:%S}", r["state"], r["run_id"], r["loaded"],
+                         r["quarantined"], r["duplicates"], r.get("rejected_segments"),
+                         None if r["received_to_loaded_p95_s"] is None else round(r["received_to_loaded_p95_s"]),
+                         r["failed_task"]] for r in st["runs"]), empty="  (none yet)"))
     return "\n".join(lines)

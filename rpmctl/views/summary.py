@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from core.settings import Settings
+from rpmctl.views.table import table
 
 COLUMNS = [("blood_pressure", "BP mm[Hg]"), ("heart_rate", "HR /min"), ("spo2", "SpO2 %"),
            ("respiratory_rate", "RR /min"), ("body_temperature", "Temp Cel"), ("body_weight", "Wt kg"),
@@ -33,10 +34,7 @@ def latest_vitals(s: Settings, actor: str = "admin:summary") -> list[dict]:
 
 def render(patients: list[dict]) -> str:
     header = ["patient", "days", "readings", *(label for _, label in COLUMNS), "last reading (local)"]
-    lines = [header]
-    for p in patients:
-        lines.append([p["patient_id"], str(p["days_with_readings"]), str(p["readings"]),
-                      *(p["latest"].get(m, "-") for m, _ in COLUMNS),
-                      p["last_local"].strftime("%Y-%m-%d %H:%M") if p["last_local"] else "-"])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines)
+    return table(header, ([p["patient_id"], p["days_with_readings"], p["readings"],
+                           *(p["latest"].get(m) for m, _ in COLUMNS),
+                           p["last_local"].strftime("%Y-%m-%d %H:%M") if p["last_local"] else None]
+                          for p in patients), empty="no patients")

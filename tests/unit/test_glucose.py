@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from core.settings import Settings
+from rpmctl.views.clinician import render_glucose
 from warehouse.db import clinical
-from warehouse.glucose import glucose_summary, render_glucose
+from warehouse.glucose import glucose_summary
 
 END = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)
 
