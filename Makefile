@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# State (secrets, broker, landing, warehouse, Airflow) in the repository's git-ignored var/ unless set.
+export RPM_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
 .PHONY: help system install demo test test-fast lint bench bench-deps up down status clean
@@ -32,15 +34,16 @@ install: system $(STAMP) ## create .venv and install the pinned dependencies (id
 demo: install ## end to end on the embedded default: broker, ingest, simulated fleet, DAG run, reports
 	$(BIN)/rpm demo
 
-test: install ## lint, then the whole test suite (unit, integration with a real broker, DAG end to end)
-	$(BIN)/ruff check .
+test: lint ## lint, then the whole test suite (unit, integration with a real broker, DAG end to end)
 	$(BIN)/python -m pytest
 
 test-fast: install ## unit tests only (nothing started)
 	$(BIN)/python -m pytest tests/unit
 
-lint: install ## ruff (with Airflow AIR rules)
+lint: install ## ruff (with Airflow AIR rules), the layer contracts (import-linter), mypy
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 bench-deps: install
 	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \

@@ -36,20 +36,20 @@ def rpm_pipeline():
         return tasks.claim()
 
     @task
-    def decode_normalise(batch: dict) -> dict:
+    def decode_normalise(batch) -> dict:  # batch: claim's XCom (Airflow resolves the XComArg)
         """Decode each landed message (one reading or a batch; vitals, device status, app events) and
         normalise it (canonical UCUM unit, LOINC, UTC time, reading id) into the encrypted staging tables. A
         segment that cannot be read is set aside in landing/rejected/; the rest of the batch goes on."""
         return tasks.decode_normalise(batch)
 
     @task
-    def validate(batch: dict) -> dict:
+    def validate(batch) -> dict:
         """Run the Great Expectations suites on the staged rows; each failing row is recorded with every rule
         it broke (names and counts only leave the warehouse)."""
         return tasks.validate(batch)
 
     @task
-    def load(batch: dict) -> dict:
+    def load(batch) -> dict:
         """Commit readings, events, quarantine, duplicates and the segment ledger together, a group of whole
         segments per transaction; refuses a segment whose items do not balance."""
         return tasks.load(batch, get_current_context()["run_id"])

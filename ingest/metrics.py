@@ -109,7 +109,7 @@ class SnapshotCollector:
         for spec in REGISTRY:
             value = spec.value(snapshot, now)
             labels = [spec.label] if spec.label else None
-            family: Metric = (CounterMetricFamily(PREFIX + spec.name.removesuffix("_total"), spec.help,
+            family: CounterMetricFamily | GaugeMetricFamily = (CounterMetricFamily(PREFIX + spec.name.removesuffix("_total"), spec.help,
                                                   labels=labels)
                               if spec.kind == COUNTER else GaugeMetricFamily(PREFIX + spec.name, spec.help,
                                                                              labels=labels))

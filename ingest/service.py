@@ -161,10 +161,11 @@ class IngestService:
         self._last_message_at = time.time()
         if self._write_failed:
             return  # we are about to disconnect; leave it un-acked for redelivery
-        mark = quick_mark(msg.topic, msg.payload, self.s.max_payload_bytes)
+        payload = bytes(msg.payload)  # paho may hand a bytearray
+        mark = quick_mark(msg.topic, payload, self.s.max_payload_bytes)
         try:
             writer = self._writer_for_append()
-            writer.append(msg.topic, msg.payload, datetime.now(UTC), mark)
+            writer.append(msg.topic, payload, datetime.now(UTC), mark)
         except OSError as exc:
             self._fail_write(exc)
             return

@@ -14,7 +14,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
 from core.settings import Settings
@@ -63,7 +63,7 @@ class Fleet:
         }
 
 
-def _iso(ts: datetime, zone: ZoneInfo) -> str:
+def _iso(ts: datetime, zone: tzinfo) -> str:
     return ts.astimezone(zone).isoformat(timespec="seconds")
 
 
@@ -252,12 +252,12 @@ def _telehealth(fleet: Fleet, end: datetime, days: int, rng: random.Random) -> N
                                        "occurred_at": at(day, 19.5 + rng.random()), "minutes": rng.randint(8, 25)})
         for k in range(rng.randint(1, 2)):
             apt, modality = f"apt-{pid[3:]}-{k}", rng.choices(("video", "phone", "in_person"), (5, 3, 2))[0]
-            day = rng.uniform(1, days - 1)
+            apt_day = rng.uniform(1, days - 1)
             events.append({"event": "appointment_scheduled", "appointment_id": apt, "modality": modality,
-                           "occurred_at": at(day - 1, 10), "scheduled_for": at(day, 14)})
+                           "occurred_at": at(apt_day - 1, 10), "scheduled_for": at(apt_day, 14)})
             outcome = rng.choices(("appointment_attended", "appointment_no_show", "appointment_cancelled"),
                                   (75, 15, 10))[0]
-            events.append({"event": outcome, "appointment_id": apt, "modality": modality, "occurred_at": at(day, 14.5)})
+            events.append({"event": outcome, "appointment_id": apt, "modality": modality, "occurred_at": at(apt_day, 14.5)})
         for week in range(0, days - 2, 7):
             if rng.random() < 0.6:
                 events.append({"event": "survey_completed", "survey": "phq-2", "occurred_at": at(week + 2, 20)})
