@@ -112,7 +112,7 @@ def make_plain_copy(s: Settings) -> Path:
 
     Synthetic data only. The copy has no primary-key index (CREATE TABLE AS); no query timed here looks a
     reading up by id, so the index changes file size, not these timings."""
-    from warehouse.db import migrations
+    from warehouse.db import definitions
 
     plain = Path(s.warehouse_dir) / "bench-plain.duckdb"  # type: ignore[arg-type]
     plain.unlink(missing_ok=True)
@@ -126,7 +126,7 @@ def make_plain_copy(s: Settings) -> Path:
         con.close()
     pc = duckdb.connect(str(plain))
     try:
-        for sql in migrations():  # creates the views (and empty tables for the rest)
+        for sql in definitions():  # creates the views (and empty tables for the rest)
             pc.execute(sql)
     finally:
         pc.close()

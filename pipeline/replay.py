@@ -34,6 +34,7 @@ from expectations import clinical as clinical_suite
 from expectations import telehealth as telehealth_suite
 from pipeline import Sizes
 from pipeline.stage import patient_at
+from pipeline.validate import DEVICE_KIND
 from transforms.decode import BATCH_KEYS
 from transforms.events import EVENT_COLUMNS, event_candidate
 from transforms.normalise import CANDIDATE_COLUMNS, candidate
@@ -82,6 +83,7 @@ class QuarantinedItem:
     reasons: tuple[str, ...]
     raw: bytes | None
     received_at: datetime
+    kind: str | None = None     # quarantine.kind; NULL for rows quarantined before the column existed
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ def _item(raw: bytes | None) -> dict[str, Any] | None:
 def rebuild(q: QuarantinedItem) -> Rebuilt | None:
     """The item's candidate row as the pipeline built it, or None if its kind or content cannot be known.
 
-    Quarantine does not record whether an item was a vitals reading, a device status or an app event; its
-    stored id tells exactly: the id each normaliser computes from the item matches only for the normaliser
+    The load records whether an item was a vitals reading, a device status or an app event
+    (``quarantine.kind``); for rows quarantined before it did, the stored id tells exactly: the id each normaliser computes from the item matches only for the normaliser
     that produced it (a reading id hashes device|metric|instant, an event id device|event|instant|subject,
     and a status's event is always ``device_status``). An item stored without an id never had a readable
     time (or metric/event); the suite that judged it says which kind — except status against app event,
@@ -125,6 +127,14 @@ def rebuild(q: QuarantinedItem) -> Rebuilt | None:
         return None
     where: _Where = {"device_id": q.device_id, "segment": q.segment, "record_no": q.record_no,
                      "item_no": q.item_no, "received_at": q.received_at}
+    if q.kind == "reading":
+        return Rebuilt("reading", candidate(item, **where))
+    if q.kind == "status":
+        return Rebuilt("status", event_candidate(item, channel="status", **where))
+    if q.kind == "event":
+        return Rebuilt("event", event_candidate(item, channel="events", **where))
+    if q.kind == "message":
+        return None
     reading = candidate(item, **where)
     if q.reading_id is None:
         clinical_only = set(q.reasons) & (CLINICAL_RULES - TELEHEALTH_RULES)
@@ -163,7 +173,7 @@ class ReplayResult:
 
 
 SELECT_ITEMS = """
-SELECT row_key, segment, record_no, item_no, device_id, reading_id, reasons, raw, received_at
+SELECT row_key, segment, record_no, item_no, device_id, reading_id, reasons, raw, received_at, kind
 FROM quarantine
 WHERE list_contains(reasons, ?) AND segment IN (SELECT segment FROM segments)
 ORDER BY segment, record_no, item_no
@@ -273,7 +283,7 @@ class UnbalancedReplay(RuntimeError):
 
 
 def _items(con: duckdb.DuckDBPyConnection, reason: str) -> list[QuarantinedItem]:
-    return [QuarantinedItem(r[0], r[1], r[2], r[3], r[4], r[5], tuple(r[6]), r[7], r[8])
+    return [QuarantinedItem(r[0], r[1], r[2], r[3], r[4], r[5], tuple(r[6]), r[7], r[8], r[9])
             for r in con.execute(SELECT_ITEMS, [reason]).fetchall()]
 
 
@@ -295,8 +305,7 @@ def _verdicts(con: duckdb.DuckDBPyConnection, future_skew_s: int) -> dict[str, l
     kind of the sending device, which the suites judge too."""
     out: dict[str, list[str]] = {}
     for table, judge in (("_rp_candidates", clinical_suite.validate), ("_rp_events", telehealth_suite.validate)):
-        cur = con.execute(f"""SELECT t.*, (SELECT d.kind FROM devices d WHERE d.device_id = t.device_id)
-                                  AS device_kind FROM {table} t""")
+        cur = con.execute(f"SELECT t.*, {DEVICE_KIND} AS device_kind FROM {table} t")
         while not (chunk := cur.fetch_df_chunk(max(1, Sizes.validate_rows // 2048))).empty:  # the gate's chunk size
             out.update(judge(chunk, future_skew_s))
     return out
@@ -397,13 +406,13 @@ def list_quarantine(con: duckdb.DuckDBPyConnection, reason: str | None = None, l
                            {"reason": reason}).fetchone()[0]  # type: ignore[index]
     found = rows(con.execute(f"""
         SELECT row_key, segment, record_no, item_no, device_id, reading_id, reasons, detail, raw, received_at,
-               quarantined_at, run_id
+               quarantined_at, run_id, kind
         FROM quarantine {where} ORDER BY quarantined_at DESC, row_key LIMIT $limit""",
                              {"reason": reason, "limit": limit}))
     items = []
     for r in found:
         q = QuarantinedItem(r["row_key"], r["segment"], r["record_no"], r["item_no"], r["device_id"],
-                            r["reading_id"], tuple(r["reasons"]), r["raw"], r["received_at"])
+                            r["reading_id"], tuple(r["reasons"]), r["raw"], r["received_at"], r["kind"])
         structural = bool(set(q.reasons) & STRUCTURAL_REASONS)
         built = None if structural else rebuild(q)
         items.append({"row_key": q.row_key, "device_id": q.device_id,

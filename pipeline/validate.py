@@ -19,6 +19,10 @@ from pipeline import Sizes
 from warehouse.db import transaction
 from warehouse.ledger import Batch
 
+# The kind of the sending device as the registry knows it (a device's kind does not change over time): "" for a
+# registered device without a kind, null for a device the registry does not know. The suites judge it.
+DEVICE_KIND = "(SELECT coalesce(d.kind, '') FROM devices d WHERE d.device_id = t.device_id)"
+
 
 @dataclass(frozen=True)
 class Validated:
@@ -37,11 +41,7 @@ def _staged(con, table: str, rules: list[Rule], batch_id: str, chunk_rows: int) 
     # metric / channel: what the suites' derived columns (kind_metric, kind_channel) are built from.
     wanted = [INDEX_COLUMN, *columns_of(rules), "metric", "channel"]
     cols = [c for c in dict.fromkeys(wanted) if c in present]
-    # The kind of the sending device as the registry knows it (a device's kind does not change over time):
-    # "" for a registered device without a kind, null for a device the registry does not know.
-    cur = con.execute(f"""SELECT {', '.join(f't.{c}' for c in cols)},
-                                 (SELECT coalesce(d.kind, '') FROM devices d WHERE d.device_id = t.device_id)
-                                     AS device_kind
+    cur = con.execute(f"""SELECT {', '.join(f't.{c}' for c in cols)}, {DEVICE_KIND} AS device_kind
                           FROM {table} t WHERE t.batch_id = ?""", [batch_id])
     while True:
         fetched = cur.fetch_df_chunk(max(1, chunk_rows // 2048))  # DuckDB hands out vectors of 2,048 rows

@@ -169,11 +169,14 @@ def cmd_devices_add(s: Settings, a: argparse.Namespace) -> int:
 
 def cmd_devices_list(s: Settings, a: argparse.Namespace) -> int:
     from warehouse.audit import AuditLog
-    from warehouse.db import clinical
     from warehouse.registry import list_devices
+    from warehouse.serving import serving
 
-    with clinical(s) as con:
-        devices = list_devices(con)
+    if not s.clinical_db.exists():
+        devices = []
+    else:
+        with serving(s) as con:
+            devices = list_devices(con)
     AuditLog(s).append("admin:devices", "devices-list", sorted({d["patient_id"] for d in devices if d["patient_id"]}),
                        {}, len(devices))  # device -> patient bindings are PHI
     if a.json:
@@ -473,12 +476,14 @@ def cmd_ops_status(s: Settings, a: argparse.Namespace) -> int:
 
 # --- poison segments and quarantine replay ------------------------------------------------------------------
 def cmd_landing_rejected(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.db import clinical
-    from warehouse.ledger import reconcile_rejected, waiting_rejected
+    from warehouse.ledger import waiting_rejected
+    from warehouse.serving import serving
 
-    with clinical(s) as con:
-        reconcile_rejected(con, s.landing_dir)
-        waiting = [w.to_json() for w in waiting_rejected(con, s.landing_dir)]
+    if not s.clinical_db.exists():
+        waiting = [w.to_json() for w in waiting_rejected(None, s.landing_dir)]
+    else:
+        with serving(s) as con:  # a file set aside since the snapshot is read from its sidecar
+            waiting = [w.to_json() for w in waiting_rejected(con, s.landing_dir)]
     if a.json:
         _print_json(waiting)
         return 0

@@ -14,10 +14,13 @@ pending; a rejected segment replayed after a fix is absorbed (or rejected again)
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from core.landing import SEGMENT_SUFFIX, list_sealed, open_dir
 from core.settings import Settings
-from warehouse.db import clinical, one_row
+from warehouse.db import one_row
 from warehouse.ledger import WaitingSegment, waiting_rejected
+from warehouse.serving import serving
 
 
 def _count_records(path) -> int:
@@ -30,37 +33,60 @@ def _count_records(path) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class LedgerFigures:
+    """What the warehouse records: the segment ledger's totals and the tables' counts."""
+    messages: int = 0
+    received: int = 0
+    ledger_outcomes: tuple[int, int, int] = (0, 0, 0)   # loaded, quarantined, duplicates per the ledger
+    table_outcomes: tuple[int, int, int] = (0, 0, 0)    # the same, counted in the tables
+    loaded_by_stream: dict[str, int] = field(default_factory=lambda: {"readings": 0, "telehealth_events": 0})
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    absorbed: frozenset[str] = frozenset()
+
+
 def accounting(s: Settings) -> dict:
-    with clinical(s) as con:
-        messages, received, loaded_seg, quarantined_seg, duplicates_seg, segments = one_row(con.execute("""
-            SELECT coalesce(sum(messages), 0), coalesce(sum(items), 0), coalesce(sum(loaded), 0),
-                   coalesce(sum(quarantined), 0), coalesce(sum(duplicates), 0), count(*)
-            FROM segments"""))
-        loaded, quarantined, duplicates = one_row(con.execute("""
-            SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM telehealth_events),
-                   (SELECT count(*) FROM quarantine), (SELECT count(*) FROM duplicates)"""))
-        loaded_by_stream = dict(zip(("readings", "telehealth_events"), one_row(con.execute(
-            "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telehealth_events)")),
-            strict=True))
-        by_reason = dict(con.execute("""
-            SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM quarantine)
-            GROUP BY reason ORDER BY count(*) DESC, reason""").fetchall())
-        done = {r[0] for r in con.execute("SELECT segment FROM segments").fetchall()}
-        rejected = waiting_rejected(con, s.landing_dir)
-    pending = [p for p in list_sealed(s.landing_dir) if p.stem not in done]
+    """The identity as the latest serving snapshot records it (a reader never opens the writer's file), with
+    what landing holds beside it. Before the first pipeline run everything is zero and the identity holds."""
+    if not s.clinical_db.exists():
+        return _tally(s, LedgerFigures(), waiting_rejected(None, s.landing_dir))
+    with serving(s) as con:
+        return _tally(s, _figures(con), waiting_rejected(con, s.landing_dir))
+
+
+def _figures(con) -> LedgerFigures:
+    messages, received, loaded_seg, quarantined_seg, duplicates_seg = one_row(con.execute("""
+        SELECT coalesce(sum(messages), 0), coalesce(sum(items), 0), coalesce(sum(loaded), 0),
+               coalesce(sum(quarantined), 0), coalesce(sum(duplicates), 0)
+        FROM segments"""))
+    readings, events, quarantined, duplicates = one_row(con.execute("""
+        SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telehealth_events),
+               (SELECT count(*) FROM quarantine), (SELECT count(*) FROM duplicates)"""))
+    by_reason = dict(con.execute("""
+        SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM quarantine)
+        GROUP BY reason ORDER BY count(*) DESC, reason""").fetchall())
+    absorbed = frozenset(r[0] for r in con.execute("SELECT segment FROM segments").fetchall())
+    return LedgerFigures(int(messages), int(received), (int(loaded_seg), int(quarantined_seg), int(duplicates_seg)),
+                         (int(readings) + int(events), int(quarantined), int(duplicates)),
+                         {"readings": int(readings), "telehealth_events": int(events)},
+                         {k: int(v) for k, v in by_reason.items()}, absorbed)
+
+
+def _tally(s: Settings, f: LedgerFigures, rejected: list[WaitingSegment]) -> dict:
+    pending = [p for p in list_sealed(s.landing_dir) if p.stem not in f.absorbed]
     open_segments = sorted(open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}"))
-    # The ledger's per-segment counts and the tables must tell the same story.
-    consistent = (loaded, quarantined, duplicates) == (loaded_seg, quarantined_seg, duplicates_seg)
+    loaded, quarantined, duplicates = f.table_outcomes
     return {
-        "messages_processed": int(messages),
-        "received": int(received),
-        "loaded": int(loaded),
-        "loaded_by_stream": {k: int(v) for k, v in loaded_by_stream.items()},
-        "quarantined": int(quarantined),
-        "quarantined_by_reason": {k: int(v) for k, v in by_reason.items()},
-        "duplicates": int(duplicates),
-        "balanced": bool(received == loaded + quarantined + duplicates and consistent),
-        "segments_processed": int(segments),
+        "messages_processed": f.messages,
+        "received": f.received,
+        "loaded": loaded,
+        "loaded_by_stream": f.loaded_by_stream,
+        "quarantined": quarantined,
+        "quarantined_by_reason": f.quarantined_by_reason,
+        "duplicates": duplicates,
+        # The ledger's per-segment counts and the tables must tell the same story.
+        "balanced": f.received == loaded + quarantined + duplicates and f.table_outcomes == f.ledger_outcomes,
+        "segments_processed": len(f.absorbed),
         "pending": {
             "sealed_segments": len(pending),
             "sealed_messages": sum(_count_records(p) for p in pending),

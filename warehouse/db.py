@@ -8,6 +8,7 @@ One process writes at a time (DuckDB's file lock): writers retry briefly instead
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -36,8 +37,72 @@ def httpfs_extension() -> Path:
     return found[0]
 
 
-def migrations() -> list[str]:
-    return [p.read_text() for p in sorted((Path(__file__).parent / "sql").glob("*.sql"))]
+def definitions_dir() -> Path:
+    """Idempotent definitions (tables created if missing, views and macros replaced): sql/NNN_*.sql."""
+    return Path(__file__).parent / "sql"
+
+
+def migrations_dir() -> Path:
+    """Versioned migrations (migrations/NNN_name.sql): each changes an existing warehouse once, in order."""
+    return Path(__file__).parent / "migrations"
+
+
+def definitions() -> list[str]:
+    return [p.read_text() for p in sorted(definitions_dir().glob("*.sql"))]
+
+
+class MigrationError(RuntimeError):
+    """A migration failed (nothing of it was applied), or an applied one was edited afterwards."""
+
+
+SCHEMA_TABLES = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, checksum VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schema_state (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+"""
+
+
+def migrate(con: duckdb.DuckDBPyConnection, migrations: Path | None = None) -> list[str]:
+    """Bring the warehouse ``con`` uses to this release's schema; returns the migrations it applied.
+
+    Definitions (sql/) are re-applied only when their text changed since the warehouse last saw them.
+    Migrations (migrations/) run once each, in version order, each in one transaction with its record in
+    ``schema_migrations``; an applied migration whose file changed is an error (write a new one instead).
+    Definitions run again after migrations, so a view may use a column a migration added."""
+    con.execute(SCHEMA_TABLES)
+    texts = definitions()
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    stored = con.execute("SELECT value FROM schema_state WHERE key = 'definitions'").fetchone()
+    if stored is None or stored[0] != digest:
+        _apply_definitions(con, texts, digest)
+    applied = dict(con.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+    done = []
+    for path in sorted((migrations or migrations_dir()).glob("*.sql")):
+        version, name = int(path.stem.split("_", 1)[0]), path.stem
+        sql = path.read_text()
+        checksum = hashlib.sha256(sql.encode()).hexdigest()
+        if version in applied:
+            if applied[version] != checksum:
+                raise MigrationError(f"migration {name} was changed after this warehouse applied it: "
+                                     "migrations are immutable, add a new one")
+            continue
+        try:
+            with transaction(con):
+                con.execute(sql)
+                con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?, now())", [version, name, checksum])
+        except duckdb.Error as exc:
+            raise MigrationError(f"migration {name} failed, nothing of it applied: {exc}") from exc
+        done.append(name)
+    if done:
+        _apply_definitions(con, texts, digest)
+    return done
+
+
+def _apply_definitions(con: duckdb.DuckDBPyConnection, texts: list[str], digest: str) -> None:
+    for sql in texts:
+        con.execute(sql)
+    con.execute("INSERT OR REPLACE INTO schema_state VALUES ('definitions', ?)", [digest])
 
 
 def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_path: Path) -> None:
@@ -80,8 +145,7 @@ def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = N
         _attach(con, s, read_only, db_path)
         con.execute("USE clinical")
         if not read_only:
-            for sql in migrations():
-                con.execute(sql)
+            migrate(con)
     except BaseException:
         con.close()
         raise

@@ -113,11 +113,13 @@ def mark_replayed(con, name: str, at: datetime | None = None) -> bool:
 
 def waiting_rejected(con, landing_dir: Path) -> list[WaitingSegment]:
     """Rejected segments not replayed yet, oldest rejection first: the waiting rows, plus any file in
-    rejected/ whose row a crash prevented (read from its sidecar), so nothing set aside goes unseen."""
+    rejected/ whose row a crash prevented (read from its sidecar), so nothing set aside goes unseen.
+    ``con`` may be None (no warehouse yet): then the files alone."""
     files = {p.stem: p for p in list_rejected(landing_dir)}
-    out = [WaitingSegment(r[0], r[1], r[2] or "", r[3], r[4], r[5], r[0] in files) for r in con.execute("""
-        SELECT segment, reason, detail, records, bytes, rejected_at FROM rejected_segments
-        WHERE replayed_at IS NULL ORDER BY rejected_at, segment""").fetchall()]
+    out = [] if con is None else [
+        WaitingSegment(r[0], r[1], r[2] or "", r[3], r[4], r[5], r[0] in files) for r in con.execute("""
+            SELECT segment, reason, detail, records, bytes, rejected_at FROM rejected_segments
+            WHERE replayed_at IS NULL ORDER BY rejected_at, segment""").fetchall()]
     recorded = {w.segment for w in out}
     for name, path in files.items():
         if name not in recorded:

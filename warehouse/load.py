@@ -91,22 +91,25 @@ FROM _events_classified WHERE fate = 'duplicate'
 """
 
 INSERT_QUARANTINE = """
-INSERT INTO quarantine
+INSERT INTO quarantine (row_key, segment, record_no, item_no, device_id, reading_id, reasons, detail, raw,
+                        received_at, quarantined_at, run_id, kind)
 SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL, c.raw,
-       c.received_at, now(), $run
+       c.received_at, now(), $run, 'reading'
 FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
 WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
 UNION ALL
 SELECT e.row_key, e.segment, e.record_no, e.item_no, e.device_id, e.event_id, v.reasons, NULL, e.raw,
-       e.received_at, now(), $run
+       e.received_at, now(), $run, CASE e.channel WHEN 'status' THEN 'status' ELSE 'event' END
 FROM stg_events e JOIN stg_verdicts v ON v.batch_id = e.batch_id AND v.row_key = e.row_key
 WHERE e.batch_id = $batch AND e.segment IN (SELECT segment FROM _group)
 UNION ALL
-SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, raw, received_at, now(), $run
+SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, raw, received_at, now(), $run,
+       'message'  -- unreadable as contract v1 (the message, or a batch item that is not an object)
 FROM stg_rejects WHERE batch_id = $batch AND segment IN (SELECT segment FROM _group)
 UNION ALL
 SELECT row_key, segment, record_no, item_no, device_id, reading_id, ['conflicting_duplicate'],
-       'same device, metric and time as a loaded reading, different value', raw, received_at, now(), $run
+       'same device, metric and time as a loaded reading, different value', raw, received_at, now(), $run,
+       'reading'
 FROM _classified WHERE fate = 'conflict'
 """
 

@@ -13,13 +13,15 @@ from datetime import datetime, timedelta
 
 from core.landing import list_sealed, read_header, sealed_dir, utc_now
 from core.settings import Settings
-from warehouse.db import clinical
+from warehouse.serving import serving
 
 
 def _ledger(s: Settings) -> set[str]:
+    """Segments the warehouse has absorbed, as the serving snapshot records them: rpm_daily never waits on (or
+    blocks) an rpm_pipeline run that holds the warehouse, and a segment absorbed since is merely kept a day."""
     if not s.clinical_db.exists():
         return set()  # no warehouse yet: nothing has been absorbed
-    with clinical(s, read_only=True) as con:
+    with serving(s) as con:
         return {row[0] for row in con.execute("SELECT segment FROM segments").fetchall()}
 
 
