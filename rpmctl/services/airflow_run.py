@@ -62,9 +62,12 @@ def seal_open_segments(s: Settings, timeout: float = 15.0) -> None:
 
 
 def _has_records(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.readline()
-        return bool(f.readline())
+    try:
+        with open(path, "rb") as f:
+            f.readline()
+            return bool(f.readline())
+    except FileNotFoundError:  # sealed (renamed) since it was listed
+        return False
 
 
 def run_once(s: Settings) -> dict:

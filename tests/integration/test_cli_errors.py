@@ -137,7 +137,8 @@ def test_audit_show_cannot_be_made_to_print_a_forged_line(ward):
     AuditLog(ward).append(forged, "patients\r", ["pt-1\x1b[2K"], {}, 0, outcome="ok\u2028")
     proc = run(ward, "audit", "show", "--last", "1")
     assert proc.returncode == 0 and proc.stderr == ""
-    [line] = proc.stdout.splitlines()  # str.splitlines also splits on \r and \u2028
+    header, rule, line = proc.stdout.splitlines()  # str.splitlines also splits on \r and \u2028: one row
+    assert header.split()[:3] == ["seq", "time", "(UTC)"] and set(rule) <= {"-", " "}
     assert "dr-x\\n     9 2099" in line and "\\x1b[2K" in line and "\\u2028" in line
     assert json.loads(run(ward, "audit", "show", "--last", "1", "--json").stdout)[0]["actor"] == forged
 
