@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 if TYPE_CHECKING:
     from core.keyring import Keyring
@@ -70,6 +72,38 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: Path, write: bool = False) -> BinaryIO:
+    """A landing file opened for reading (or updating): only a regular file. Anything else an intruder or a
+    mistake may put in landing — a FIFO (which would block the reader forever), a directory, a symlink (to
+    /etc/shadow, say), a device — raises NotARegularFile without reading a byte or following the link."""
+    try:
+        fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise NotARegularFile(path, "a symlink" if exc.errno == errno.ELOOP else "not a file") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise NotARegularFile(path, "a directory" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind)
+                              else "a special file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b" if write else "rb")
+
+
+def count_records(path: Path) -> int:
+    """Messages in a landing file (complete lines after the header); 0 for anything that is not a regular
+    file or cannot be read (whoever reads it next says why)."""
+    try:
+        with open_regular(path) as f:
+            lines = 0
+            while chunk := f.read(1 << 20):  # chunks: a garbage file may have no newline at all
+                lines += chunk.count(b"\n")
+    except (NotARegularFile, OSError):
+        return 0
+    return max(lines - 1, 0)
 
 
 class SegmentWriter:
@@ -128,7 +162,7 @@ def _aad(segment: str, n: int) -> bytes:
 
 
 def read_header(path: Path) -> dict:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         header = json.loads(f.readline())
     if header.get("rpm_landing") != FORMAT_VERSION or header.get("encoding") not in ENCODINGS:
         raise ValueError(f"{path.name}: unsupported landing format {header!r}")
@@ -144,7 +178,7 @@ def read_segment(path: Path, keyring: Keyring | None = None) -> Iterator[LandedR
     encrypted = header["encoding"] == AESGCM
     if encrypted and keyring is None:
         raise ValueError(f"{path.name} is encrypted: the landing keyring is needed to read it")
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.readline()
         for n, line in enumerate(f):
             if not line.endswith(b"\n"):
@@ -168,12 +202,15 @@ def recover_open_segments(landing_dir: Path, prefix: str) -> list[Path]:
     for path in sorted(open_dir(landing_dir).glob(f"*{SEGMENT_SUFFIX}")):
         if prefix != "*" and segment_owner(path) != prefix:
             continue
-        data = path.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
-        if len(keep) != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(len(keep))
-                os.fsync(f.fileno())
+        try:
+            with open_regular(path, write=True) as f:
+                data = f.read()
+                keep = data[: data.rfind(b"\n") + 1]
+                if len(keep) != len(data):
+                    f.truncate(len(keep))
+                    os.fsync(f.fileno())
+        except NotARegularFile:
+            continue  # not something ingest wrote: never sealed for the pipeline
         if keep.count(b"\n") <= 1:  # header only: nothing was ever acked from it
             path.unlink()
             continue
@@ -195,7 +232,7 @@ def segment_key_ids(path: Path) -> set[str]:
 
     if read_header(path)["encoding"] != AESGCM:
         return set()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.readline()
         return {Keyring.key_id_of(base64.b64decode(line)) for line in f if line.endswith(b"\n")}
 
@@ -206,6 +243,7 @@ def reencrypt_segment(path: Path, keyring: Keyring) -> None:
     records = list(read_segment(path, keyring))
     tmp_dir = path.parent / ".rewrite"
     tmp_dir.mkdir(exist_ok=True)
+    (tmp_dir / path.name).unlink(missing_ok=True)  # left by a rewrite that died: the original is intact
     writer = SegmentWriter(path.parent.parent, header["segment"], keyring=keyring, directory=tmp_dir,
                            now=datetime.fromisoformat(header["created_at"]))
     for r in records:
@@ -227,6 +265,7 @@ def reencrypt_segment(path: Path, keyring: Keyring) -> None:
 REASON_SUFFIX = ".reason.json"
 HEADER_MAX_BYTES = 64 * 1024
 BAD_HEADER, UNKNOWN_KEY, DECRYPT_FAILED, BAD_RECORD = "bad_header", "unknown_key", "decrypt_failed", "bad_record"
+NOT_A_REGULAR_FILE, UNAUTHENTICATED = "not_a_regular_file", "unauthenticated"
 
 
 class UnreadableSegment(ValueError):
@@ -235,6 +274,13 @@ class UnreadableSegment(ValueError):
     def __init__(self, path: Path, reason: str, detail: str):
         super().__init__(f"{path.name}: {reason}: {detail}")
         self.path, self.reason, self.detail = path, reason, detail
+
+
+class NotARegularFile(UnreadableSegment):
+    """Something in landing that is not a regular file (FIFO, directory, symlink, device)."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(path, NOT_A_REGULAR_FILE, f"{what}, not a landing file")
 
 
 class RejectedSegment(NamedTuple):
@@ -260,7 +306,7 @@ def read_whole_segment(path: Path, keyring: Keyring | None = None) -> list[Lande
     an unreadable disk or a permission is the environment's fault, not the segment's)."""
     from core.keyring import DecryptError
 
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         first = f.readline(HEADER_MAX_BYTES)  # a header is ~150 bytes: a stray file is not read whole for it
     try:
         header = json.loads(first)
@@ -272,6 +318,12 @@ def read_whole_segment(path: Path, keyring: Keyring | None = None) -> list[Lande
         shape = (f"an object without rpm_landing {FORMAT_VERSION}, a known encoding and a segment name"
                  if isinstance(header, dict) else f"a JSON {type(header).__name__}")
         raise UnreadableSegment(path, BAD_HEADER, f"first line is {shape}, not a landing header")
+    if header["segment"] != path.stem:
+        # Records are bound to the header's name (associated data): a copy under another name would load twice.
+        raise UnreadableSegment(path, BAD_HEADER, "its header names another segment than its file name")
+    if keyring is not None and header["encoding"] == PLAIN:
+        # Ingest writes only encrypted segments: a plain one was not written by it and is not authenticated.
+        raise UnreadableSegment(path, UNAUTHENTICATED, "not encrypted: records cannot be authenticated")
     records: list[LandedRecord] = []
     try:
         records.extend(read_segment(path, keyring))
@@ -299,7 +351,12 @@ def reject_segment(landing_dir: Path, path: Path, reason: str, detail: str = "",
     target_dir = rejected_dir(landing_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / path.name
-    info = RejectedSegment(path.stem, reason, detail, _count_lines(path), path.stat().st_size, utc_now(), origin)
+    info = RejectedSegment(path.stem, reason, detail, count_records(path), path.lstat().st_size, utc_now(), origin)
+    try:
+        with open_regular(path) as f:
+            os.fchmod(f.fileno(), 0o600)  # a planted file keeps no wider mode in rejected/
+    except (NotARegularFile, OSError):
+        pass
     sidecar = {"segment": info.segment, "reason": reason, "detail": detail, "records": info.records,
                "bytes": info.bytes, "rejected_at": _iso(info.rejected_at), "origin": origin}
     tmp = target_dir / f".{path.stem}{REASON_SUFFIX}.tmp"
@@ -314,15 +371,6 @@ def reject_segment(landing_dir: Path, path: Path, reason: str, detail: str = "",
     return info
 
 
-def _count_lines(path: Path) -> int:
-    """Newline-terminated lines after the header (in chunks: a garbage file may have no newline at all)."""
-    lines = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            lines += chunk.count(b"\n")
-    return max(lines - 1, 0)
-
-
 def list_rejected(landing_dir: Path) -> list[Path]:
     return sorted(rejected_dir(landing_dir).glob(f"*{SEGMENT_SUFFIX}"))
 
@@ -335,9 +383,9 @@ def rejection_of(path: Path) -> RejectedSegment:
                                int(doc["bytes"]), datetime.fromisoformat(doc["rejected_at"]),
                                str(doc.get("origin", "")))
     except (FileNotFoundError, ValueError, KeyError, TypeError):
-        stat = path.stat()
-        return RejectedSegment(path.stem, "unknown", "no readable reason file beside it", _count_lines(path),
-                               stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC), "")
+        st = path.lstat()
+        return RejectedSegment(path.stem, "unknown", "no readable reason file beside it", count_records(path),
+                               st.st_size, datetime.fromtimestamp(st.st_mtime, UTC), "")
 
 
 def restore_rejected(landing_dir: Path, name: str) -> Path:

@@ -16,21 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.landing import SEGMENT_SUFFIX, list_sealed, open_dir
+from core.landing import SEGMENT_SUFFIX, count_records, list_sealed, open_dir
 from core.settings import Settings
 from warehouse.db import one_row
 from warehouse.ledger import WaitingSegment, waiting_rejected
 from warehouse.serving import serving
-
-
-def _count_records(path) -> int:
-    """Messages in a landing file (its complete lines after the header); 0 for one that cannot be read at all
-    (the pipeline run that meets it fails and says why: the accounting must still answer)."""
-    try:
-        with open(path, "rb") as f:
-            return max(sum(1 for line in f if line.endswith(b"\n")) - 1, 0)  # minus the header line
-    except OSError:
-        return 0
 
 
 @dataclass(frozen=True)
@@ -89,9 +79,9 @@ def _tally(s: Settings, f: LedgerFigures, rejected: list[WaitingSegment]) -> dic
         "segments_processed": len(f.absorbed),
         "pending": {
             "sealed_segments": len(pending),
-            "sealed_messages": sum(_count_records(p) for p in pending),
+            "sealed_messages": sum(count_records(p) for p in pending),
             "open_segments": len(open_segments),
-            "open_messages": sum(_count_records(p) for p in open_segments),
+            "open_messages": sum(count_records(p) for p in open_segments),
         },
         "rejected": rejected_summary(rejected),
     }

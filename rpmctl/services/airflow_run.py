@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from core.landing import SEGMENT_SUFFIX, open_dir
+from core.landing import SEGMENT_SUFFIX, count_records, open_dir
 from core.settings import Settings
 from rpmctl.services import procs
 
@@ -55,19 +55,10 @@ def seal_open_segments(s: Settings, timeout: float = 15.0) -> None:
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(p.stat().st_size > 0 and _has_records(p)
+        if not any(count_records(p)
                    for p in open_dir(s.landing_dir).glob(f"*{SEGMENT_SUFFIX}")):
             return
         time.sleep(0.05)
-
-
-def _has_records(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.readline()
-            return bool(f.readline())
-    except FileNotFoundError:  # sealed (renamed) since it was listed
-        return False
 
 
 def run_once(s: Settings) -> dict:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import pytest
 
-from core.landing import SEGMENT_SUFFIX, sealed_dir
+from core.landing import SEGMENT_SUFFIX, rejected_dir, sealed_dir
 from core.settings import Settings
 from rpmctl import services
 from rpmctl.services import procs
@@ -109,17 +109,19 @@ def test_ops_status_is_healthy_then_degraded_when_ingest_stops_while_devices_pub
 
 
 def test_a_failed_task_leaves_a_failed_run_and_ops_says_failing(stack: Settings):
-    """An environment fault in landing (a directory where a segment should be: the read fails with an OSError,
-    which is not the segment's fault, so nothing is set aside): the decode task fails, the failure callback
-    records the run, and `rpm ops status` says failing with the task's name."""
+    """An environment fault in landing (the rejected area cannot be created, so an unreadable segment cannot
+    be set aside: an OSError, not the segment's fault): the decode task fails, the failure callback records
+    the run, and `rpm ops status` says failing with the task's name."""
     s = stack
     fleet = build_fleet(patients=1, days=1, seed=2)
     provision_fleet(s, fleet, days=1)
     sent = publish_fleet(s, fleet)
     wait_until(lambda: landed(s) >= sent["published"], 30, what="ingest to land the fleet")
     procs.stop(s, services.INGEST)  # seals what it has
-    stray = sealed_dir(s.landing_dir) / f"aa-not-a-file-000001{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
-    stray.mkdir()
+    stray = sealed_dir(s.landing_dir) / f"aa-garbage-000001{SEGMENT_SUFFIX}"  # type: ignore[arg-type]
+    stray.write_bytes(b"garbage")
+    blocked = rejected_dir(s.landing_dir)  # type: ignore[arg-type]
+    blocked.write_bytes(b"")  # a file where the rejected folder goes
     try:
         failed = rpm(s, "pipeline", "run", check=False, timeout=400)
         assert failed.returncode == 1 and "failed" in failed.stderr
@@ -127,6 +129,7 @@ def test_a_failed_task_leaves_a_failed_run_and_ops_says_failing(stack: Settings)
         assert status["verdict"] == "failing"
         assert status["runs"][0]["state"] == "failed" and status["runs"][0]["failed_task"] == "decode_normalise"
     finally:
-        stray.rmdir()
+        blocked.unlink()
+        stray.unlink()
     with clinical(s) as con:  # nothing half-loaded: the ledger is empty, every segment still pending
         assert con.execute("SELECT count(*) FROM segments").fetchone() == (0,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from core.landing import (
     BAD_HEADER,
     BAD_RECORD,
     DECRYPT_FAILED,
+    NOT_A_REGULAR_FILE,
+    UNAUTHENTICATED,
     UNKNOWN_KEY,
     SegmentWriter,
     UnreadableSegment,
@@ -109,12 +112,29 @@ def test_each_kind_of_unreadable_segment_is_named_with_its_reason_and_no_payload
     lines[2] = base64.b64encode(bytes(sealed))
     tampered.write_bytes(b"\n".join(lines))
     cases["altered record"] = (tampered, DECRYPT_FAILED)
-    plain = SegmentWriter(settings.landing_dir, "x-000006")  # type: ignore[arg-type]
-    plain.append(TOPIC, b"{}", now)
-    plain.seal()
+    broken = SegmentWriter(settings.landing_dir, "x-000006", keyring=ring)  # type: ignore[arg-type]
+    broken.append(TOPIC, b"{}", now)
+    broken.seal()
+    record = json.dumps({"n": 1, "topic": TOPIC, "received_at": now.isoformat(), "note": PHI}).encode()
     with open(sealed_dir(settings.landing_dir) / "x-000006.seg", "ab") as f:  # type: ignore[arg-type]
-        f.write(json.dumps({"n": 1, "topic": TOPIC, "received_at": now.isoformat(), "note": PHI}).encode() + b"\n")
+        f.write(base64.b64encode(ring.seal(record, b"rpm-landing:x-000006:1")) + b"\n")  # authentic, but no payload
     cases["record without payload"] = (sealed_dir(settings.landing_dir) / "x-000006.seg", BAD_RECORD)  # type: ignore[arg-type]
+    plain = SegmentWriter(settings.landing_dir, "x-000007")  # type: ignore[arg-type]  # no keyring: not encrypted
+    plain.append(TOPIC, json.dumps({"metric": "blood_pressure", "note": PHI}).encode(), now)
+    cases["not encrypted"] = (plain.seal(), UNAUTHENTICATED)
+    copy = sealed_dir(settings.landing_dir) / "x-000008.seg"  # type: ignore[arg-type]
+    copy.write_bytes(write_segment("x-000009", readings(1, now, "c")).read_bytes())
+    cases["a copy under another name"] = (copy, BAD_HEADER)
+    fifo = sealed_dir(settings.landing_dir) / "x-000010.seg"  # type: ignore[arg-type]
+    os.mkfifo(fifo)  # opening it for reading would block until a writer appears
+    cases["a FIFO"] = (fifo, NOT_A_REGULAR_FILE)
+    (sealed_dir(settings.landing_dir) / "x-000011.seg").mkdir()  # type: ignore[arg-type]
+    cases["a directory"] = (sealed_dir(settings.landing_dir) / "x-000011.seg", NOT_A_REGULAR_FILE)  # type: ignore[arg-type]
+    secret = settings.home / "not-landing.txt"
+    secret.write_text(PHI)
+    link = sealed_dir(settings.landing_dir) / "x-000012.seg"  # type: ignore[arg-type]
+    link.symlink_to(secret)
+    cases["a symlink"] = (link, NOT_A_REGULAR_FILE)
 
     for what, (path, reason) in cases.items():
         with pytest.raises(UnreadableSegment) as info:
@@ -206,13 +226,31 @@ def test_a_retried_stage_skips_what_its_first_attempt_set_aside(
 
 def test_an_environment_fault_fails_the_stage_and_moves_nothing(
         settings: Settings, enrolled, write_segment, now: datetime) -> None:
-    """An I/O error is not the segment's fault: the task fails (and retries) instead of hiding data."""
+    """An I/O error is not the segment's fault: the task fails (and retries) instead of hiding data — here
+    the rejected area cannot be created, so a poison segment cannot be set aside."""
     write_segment("ingest-1-000001", readings(1, now, "a"))
-    (sealed_dir(settings.landing_dir) / "ingest-1-000002.seg").mkdir()  # type: ignore[arg-type]  # reading it: EISDIR
+    poison = drop_in_sealed(settings, "ingest-1-000002", b"garbage")
+    rejected_dir(settings.landing_dir).write_bytes(b"")  # type: ignore[arg-type]  # a file where the folder goes
     batch = claim_segments(settings)
-    with pytest.raises(IsADirectoryError, match="ingest-1-000002"):
+    with pytest.raises(FileExistsError):
         stage_batch(settings, batch)
-    assert list_rejected(settings.landing_dir) == []  # type: ignore[arg-type]
+    assert poison.exists()
+
+
+def test_a_fifo_a_directory_and_a_symlink_in_sealed_are_set_aside_and_the_run_goes_on(
+        settings: Settings, enrolled, write_segment, now: datetime) -> None:
+    """A FIFO would block the reader forever, a directory fail every run, a symlink leak what it points to."""
+    write_segment("ingest-1-000001", readings(2, now, "a"))
+    os.mkfifo(sealed_dir(settings.landing_dir) / "ingest-1-000002.seg")  # type: ignore[arg-type]
+    (sealed_dir(settings.landing_dir) / "ingest-1-000003.seg").mkdir()  # type: ignore[arg-type]
+    (sealed_dir(settings.landing_dir) / "ingest-1-000004.seg").symlink_to("/etc/passwd")  # type: ignore[arg-type]
+    out = run_pipeline(settings, "t1")
+    assert out["loaded"]["loaded"] == 2 and out["staged"]["rejected"] == 3
+    with clinical(settings) as con:
+        rows = con.execute("SELECT segment, reason, records, bytes FROM rejected_segments ORDER BY 1").fetchall()
+    assert [(r[0], r[1], r[2]) for r in rows] == [(f"ingest-1-00000{i}", NOT_A_REGULAR_FILE, 0) for i in (2, 3, 4)]
+    assert rows[2][3] == len("/etc/passwd")  # the link's own size: the target is never read
+    assert accounting(settings)["rejected"]["segments"] == 3
 
 
 def test_a_crash_between_the_move_and_its_row_is_reconciled_by_the_next_run(
