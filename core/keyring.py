@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from core.keys import write_private
+from core.keys import read_secret, write_private
 from core.settings import Settings
 
 NONCE_BYTES = 12
@@ -58,7 +58,7 @@ class Keyring:
                 ring = cls(path, kid, {kid: secrets.token_bytes(32)})
                 ring._save()
                 return ring
-            doc = json.loads(path.read_text())
+            doc = json.loads(read_secret(path))
         return cls(path, doc["active"], {k: bytes.fromhex(v) for k, v in doc["keys"].items()})
 
     def _save(self) -> None:

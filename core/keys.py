@@ -7,11 +7,13 @@ and never in a log line. Generating is idempotent: existing secrets are kept.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import ipaddress
 import os
 import secrets
 import socket
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,17 +28,64 @@ from core.settings import Settings
 MOSQUITTO_PBKDF2_ITERATIONS = 101
 
 
+class ExposedSecret(PermissionError):
+    """A key or secret file someone else could have read or planted: refused rather than used."""
+
+
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically write a secret readable by its owner only."""
+    """Atomically write a secret readable by its owner only (never through a planted file or symlink)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)  # a stale temp file (a crash) or a planted link: removed, never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def read_secret(path: Path) -> str:
+    """A secret file's text, if only this account could have read or written it: owned by us, mode 0600 or
+    narrower, not a symlink. Anything else raises ExposedSecret naming the file (a key another account can
+    read is compromised: fix its mode and rotate)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ExposedSecret(f"{path} is a symlink: refusing to read a secret through it") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid():
+            raise ExposedSecret(f"{path} belongs to uid {st.st_uid}, not to this account: refusing to use it")
+        if st.st_mode & 0o077:
+            raise ExposedSecret(f"{path} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                                "run chmod 600 on it, then rotate the key (rpm keys rotate)")
+        return f.read().decode().strip()
+
+
+def check_state_folder(s: Settings) -> None:
+    """The state folder and its private folders belong to this account, are not symlinks and cannot be
+    written by others: otherwise its keys could be planted or swapped, and root would write where another
+    user controls. Raises ExposedSecret naming the first problem."""
+    me = os.geteuid()
+    private = [s.home, s.secrets_dir, s.landing_dir, s.warehouse_dir, s.run_dir, s.home / "audit"]
+    for folder in private:
+        try:
+            st = folder.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode) and folder != s.home:
+            raise ExposedSecret(f"{folder} is a symlink: the state folder's parts must be real folders")
+        st = folder.stat()
+        if st.st_uid != me:
+            raise ExposedSecret(f"{folder} belongs to uid {st.st_uid}, not to this account (uid {me}): "
+                                "run rpm as the account that owns the state, or fix RPM_HOME")
+        if st.st_mode & 0o022:
+            raise ExposedSecret(f"{folder} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                                "run chmod go-w on it")
 
 
 def new_password() -> str:
@@ -56,7 +105,7 @@ def warehouse_key(s: Settings) -> str:
     if not path.exists():
         Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private(path, secrets.token_hex(32).encode())
-    return path.read_text().strip()
+    return read_secret(path)
 
 
 def warehouse_key_file_next(s: Settings) -> Path:
@@ -69,7 +118,7 @@ def service_password(s: Settings, name: str) -> str:
     path = Path(s.secrets_dir) / f"{name}.password"
     if not path.exists():
         write_private(path, new_password().encode())
-    return path.read_text().strip()
+    return read_secret(path)
 
 
 def ensure_pki(s: Settings) -> tuple[Path, Path, Path]:

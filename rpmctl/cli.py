@@ -12,6 +12,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from core import keys
 from core.ids import InvalidId, check_id
 from core.settings import Settings
 from rpmctl.errors import DENIED, INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
@@ -748,6 +749,8 @@ def _run(argv: list[str]) -> int:
         raise UserError(str(exc)) from None
     if args.command not in SETUP_COMMANDS and not _has_state(settings):
         raise UserError(f"RPM_HOME={settings.home} holds no rpm state: run rpm init (or fix RPM_HOME)")
+    if args.command != "config":
+        keys.check_state_folder(settings)  # never use (or create) keys in a folder someone else controls
     return int(args.fn(settings, args) or 0)
 
 
@@ -763,7 +766,7 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, AuditTampered):
         return TAMPERED, (f"audit log tampered: {exc}; reads of PHI are refused until it is investigated "
                           "(rpm audit verify)")
-    if isinstance(exc, InvalidId):
+    if isinstance(exc, InvalidId | keys.ExposedSecret):
         return USAGE, str(exc)
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return USAGE, f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)

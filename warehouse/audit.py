@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from core.keyring import DecryptError, Keyring
-from core.keys import write_private
+from core.keys import read_secret, write_private
 from core.settings import Settings
 
 GENESIS = "0" * 64
@@ -98,7 +98,7 @@ class AuditLog:
                         self._write_head(-1, GENESIS)
                     # (A key lost while the log holds records: the old head no longer authenticates.)
                     write_private(path, self._mac_key.hex().encode())
-        return bytes.fromhex(path.read_text().strip())
+        return bytes.fromhex(read_secret(path))
 
     def _mac(self, data: bytes) -> str:
         return hmac.new(self._mac_key, data, hashlib.sha256).hexdigest()

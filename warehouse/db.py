@@ -123,7 +123,7 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
             staged = keys.warehouse_key_file_next(s)
             if not staged.exists():
                 raise
-            con.execute(f"ATTACH '{path}' AS clinical (ENCRYPTION_KEY '{staged.read_text().strip()}'{mode})")
+            con.execute(f"ATTACH '{path}' AS clinical (ENCRYPTION_KEY '{keys.read_secret(staged)}'{mode})")
             os.replace(staged, s.warehouse_key_file)
             return
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from core.keys import write_private
+from core.keys import read_secret, write_private
 from core.settings import Settings
 from warehouse.serving import serving
 
@@ -37,7 +37,7 @@ def pseudonym_key(s: Settings) -> bytes:
     path = Path(s.secrets_dir) / "pseudonym.key"
     if not path.exists():
         write_private(path, secrets.token_hex(32).encode())
-    return bytes.fromhex(path.read_text().strip())
+    return bytes.fromhex(read_secret(path))
 
 
 def pseudonym(key: bytes, kind: str, value: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import time
@@ -37,6 +38,7 @@ from core.landing import (
     recover_open_segments,
     reencrypt_segment,
     reject_segment,
+    sealed_dir,
     segment_key_ids,
     segment_owner,
 )
@@ -120,8 +122,15 @@ def rotate_landing(s: Settings) -> dict:
     """New landing key; every writer switches before anything is re-encrypted or retired."""
     _refuse_unknown(ingest_instances(s), s)
     ring = Keyring.load(s, "landing")
-    old = set(ring.keys)
-    active = ring.add_active()
+    marker = s.secrets_dir / "landing.rotating"  # the key an unfinished rotation added
+    unfinished = keys.read_secret(marker) if marker.exists() else None
+    if unfinished is not None and unfinished == ring.active:
+        active = unfinished  # finish that rotation instead of adding a key per attempt
+    else:
+        active = ring.add_active()
+        keys.write_private(marker, active.encode())
+    old = set(ring.keys) - {active}
+    shutil.rmtree(sealed_dir(s.landing_dir) / ".rewrite", ignore_errors=True)  # a rewrite that died mid-way
     pid = procs.read_pid(s, INGEST)
     if pid:
         os.kill(pid, signal.SIGHUP)  # sooner than its keyring poll
@@ -166,6 +175,7 @@ def rotate_landing(s: Settings) -> dict:
     still_used = set().union(*(_key_ids(p) for p in files))
     retire = old - still_used
     ring.retire(retire)
+    marker.unlink(missing_ok=True)
     return {"active": active, "segments_reencrypted": count, "retired": sorted(retire),
             "kept": sorted(old - retire), "instances": {i.client_id: i.state for i in instances}}
 
@@ -182,7 +192,7 @@ def rotate_warehouse(s: Settings) -> dict:
         # one still staged now was never used for the file, but backups may already be under it.
         next_key = keys.warehouse_key_file_next(s)
         if next_key.exists():
-            new_key = next_key.read_text().strip()
+            new_key = keys.read_secret(next_key)
         else:
             new_key = secrets.token_hex(32)
             keys.write_private(next_key, new_key.encode())

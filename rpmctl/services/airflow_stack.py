@@ -94,7 +94,7 @@ def _jwt_secret(s: Settings) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys.write_private(path, secrets.token_urlsafe(64).encode())
-    return path.read_text().strip()
+    return keys.read_secret(path)
 
 
 def admin_login(s: Settings) -> dict[str, str]:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from core.keys import ensure_pki, mosquitto_hash, service_password, warehouse_key, write_private
+from core.keys import (
+    ExposedSecret,
+    check_state_folder,
+    ensure_pki,
+    mosquitto_hash,
+    service_password,
+    warehouse_key,
+    write_private,
+)
 from core.settings import Settings
 
 
@@ -98,3 +108,64 @@ def test_ensure_pki_keeps_existing_certificates(settings: Settings) -> None:
     first = [p.read_bytes() for p in ensure_pki(settings)]
     second = [p.read_bytes() for p in ensure_pki(settings)]
     assert first == second
+
+
+# --- keys someone else could have read or planted ----------------------------------------------------------
+
+NOBODY = 65534  # the tests run as root: a file owned by `nobody` stands for another account's
+
+
+def test_a_key_readable_by_others_is_refused_not_used(settings: Settings) -> None:
+    key = warehouse_key(settings)
+    settings.warehouse_key_file.chmod(0o644)
+    with pytest.raises(ExposedSecret, match="readable or writable by others"):
+        warehouse_key(settings)
+    settings.warehouse_key_file.chmod(0o600)
+    assert warehouse_key(settings) == key
+
+
+def test_a_key_planted_by_another_account_is_refused(settings: Settings) -> None:
+    settings.secrets_dir.mkdir(parents=True)
+    write_private(settings.warehouse_key_file, b"a" * 64)
+    os.chown(settings.warehouse_key_file, NOBODY, NOBODY)
+    with pytest.raises(ExposedSecret, match="belongs to uid 65534"):
+        warehouse_key(settings)
+
+
+def test_a_key_behind_a_symlink_is_refused(settings: Settings, tmp_path: Path) -> None:
+    settings.secrets_dir.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere.key"
+    write_private(elsewhere, b"b" * 64)
+    settings.warehouse_key_file.symlink_to(elsewhere)
+    with pytest.raises(ExposedSecret, match="symlink"):
+        warehouse_key(settings)
+
+
+def test_writing_a_secret_never_writes_through_a_planted_link(settings: Settings, tmp_path: Path) -> None:
+    settings.secrets_dir.mkdir(parents=True)
+    target = tmp_path / "attacker-reads-this"
+    (settings.secrets_dir / ".warehouse.key.tmp").symlink_to(target)
+    warehouse_key(settings)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("part", ["home", "secrets_dir", "warehouse_dir"])
+def test_a_state_folder_another_account_owns_or_can_write_is_refused(settings: Settings, part: str) -> None:
+    folder = getattr(settings, part)
+    folder.mkdir(parents=True, exist_ok=True)
+    check_state_folder(settings)  # ours: fine
+    os.chown(folder, NOBODY, NOBODY)
+    with pytest.raises(ExposedSecret, match="belongs to uid 65534"):
+        check_state_folder(settings)
+    os.chown(folder, os.geteuid(), os.getegid())
+    folder.chmod(0o777)
+    with pytest.raises(ExposedSecret, match="can be written by others"):
+        check_state_folder(settings)
+
+
+def test_a_private_part_of_the_state_folder_may_not_be_a_symlink(settings: Settings, tmp_path: Path) -> None:
+    settings.home.mkdir(parents=True)
+    (tmp_path / "leak").mkdir()
+    settings.secrets_dir.symlink_to(tmp_path / "leak")
+    with pytest.raises(ExposedSecret, match="is a symlink"):
+        check_state_folder(settings)
