@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 INSIDE_HOME = {"secrets_dir": "secrets", "pki_dir": "pki", "broker_dir": "broker", "landing_dir": "landing",
                "warehouse_dir": "warehouse", "run_dir": "run", "airflow_home": "airflow"}
 PATH_FIELDS = ("home", *INSIDE_HOME)
+INGEST_CLIENT_PREFIX = "rpm-ingest"
 
 
 def _in_home(name: str) -> Any:
@@ -103,6 +104,16 @@ class Settings(BaseSettings):
     warehouse_dir: Path = Field(default_factory=_in_home("warehouse_dir"), description="DuckDB files (clinical.duckdb is encrypted).")
     run_dir: Path = Field(default_factory=_in_home("run_dir"), description="Pid files and logs of background services.")
     airflow_home: Path = Field(default_factory=_in_home("airflow_home"), description="AIRFLOW_HOME for `rpm pipeline run` and `make up`.")
+
+    @field_validator("ingest_client_id", mode="after")
+    @classmethod
+    def _ingest_id(cls, value: str) -> str:
+        # Device ids may not start with this prefix (provisioning refuses them), and on the device listeners
+        # the client id is the login: no device can ever connect under an ingest instance's session.
+        if not value.startswith(INGEST_CLIENT_PREFIX):
+            raise ValueError(f"an ingest client id must start with {INGEST_CLIENT_PREFIX!r} (e.g. "
+                             f"{INGEST_CLIENT_PREFIX}-2): device ids may not, so no device can take its session")
+        return value
 
     @field_validator(*PATH_FIELDS, mode="after")
     @classmethod

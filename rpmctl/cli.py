@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import traceback
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,18 +152,22 @@ def cmd_devices_add(s: Settings, a: argparse.Namespace) -> int:
 
     try:
         since = datetime.fromisoformat(a.since) if a.since else None
-    except ValueError:
+        if since is not None and since.tzinfo is not None:
+            since.astimezone(UTC)  # an instant outside years 1-9999 in UTC raises here, not later
+    except (ValueError, OverflowError):
         raise UserError(f"--since {a.since!r} is not an RFC 3339 time: use e.g. 2026-11-01T00:00:00+00:00") from None
     try:
-        creds = provision(s, a.device_id, a.patient, kind=a.kind, since=since)
+        creds = provision(s, a.device_id, a.patient, kind=a.kind, since=since, new_password=a.new_password)
     except ProvisioningError as exc:
         raise UserError(str(exc)) from None
     if a.json:
         _print_json(creds)
     else:
+        login = (f"{creds['username']} / {creds['password']}  (shown once)" if creds["password"]
+                 else f"{creds['username']} (its password is unchanged; --new-password issues a new one)")
         print(f"device {creds['device_id']} enrolled to patient {creds['patient_id']} since "
               f"{creds['enrolled_since']}\n  broker  mqtts://{creds['host']}:{creds['port']} "
-              f"(CA {creds['ca_file']})\n  login   {creds['username']} / {creds['password']}  (shown once)\n"
+              f"(CA {creds['ca_file']})\n  login   {login}\n"
               f"  topic   {creds['topic']}  (QoS 1, MQTT 5)")
     return 0
 
@@ -590,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     d_add.add_argument("--patient", required=True, help="patient the device's readings belong to")
     d_add.add_argument("--kind", help="what the device is (required for a new device; it decides what it may "
                        "publish): bp, ox, scale, thermo, glu, cgm, hub, app")
-    d_add.add_argument("--since", help="enrollment start (RFC 3339 with offset); default now")
+    d_add.add_argument("--since", help="enrollment start (RFC 3339 with offset); default now. For a device "
+                       "already enrolled to the same patient, an earlier start moves its enrollment back")
+    d_add.add_argument("--new-password", action="store_true",
+                       help="issue a new broker password for an existing device (the old one stops working)")
     add("list", cmd_devices_list, "devices and their current patient", parent=devices)
 
     pipeline = sub.add_parser("pipeline", help="the rpm_pipeline DAG").add_subparsers(dest="pipeline_cmd",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import duckdb
 
 from core.ids import check_id
 from warehouse.alerts import mark_dirty
+
+FUTURE_START_TOLERANCE = timedelta(minutes=5)  # clock differences between the admin's machine and ours
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,17 @@ def enroll(con: duckdb.DuckDBPyConnection, device_id: str, patient_id: str, *, k
            valid_from: datetime | None = None) -> Enrollment:
     """Enrol ``device_id`` to ``patient_id`` from ``valid_from`` (default now).
 
-    Re-enrolling to the same patient changes nothing. Enrolling to another patient closes the current
-    enrollment at ``valid_from``: readings measured before stay with the previous patient.
+    Re-enrolling to the same patient changes nothing, except that an earlier ``valid_from`` moves the current
+    enrollment's start back (readings a device buffered before it was registered, then replayed from
+    quarantine), as long as no earlier enrollment of the device reaches past it. Enrolling to another patient
+    closes the current enrollment at ``valid_from``: readings measured before stay with the previous patient.
+    A start more than a few minutes in the future is refused (it would burn the device id: nothing may be
+    enrolled before an enrollment's start afterwards).
     """
-    start = (valid_from or datetime.now(UTC)).astimezone(UTC)
+    now = datetime.now(UTC)
+    start = (valid_from or now).astimezone(UTC)
+    if start > now + FUTURE_START_TOLERANCE:
+        raise ValueError(f"an enrollment cannot start in the future ({start.isoformat()})")
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute("INSERT INTO patients (patient_id) VALUES (?) ON CONFLICT DO NOTHING", [patient_id])
@@ -37,8 +46,20 @@ def enroll(con: duckdb.DuckDBPyConnection, device_id: str, patient_id: str, *, k
             "SELECT patient_id, valid_from FROM enrollments WHERE device_id = ? AND valid_to IS NULL",
             [device_id]).fetchone()
         if current and current[0] == patient_id:
+            if valid_from is None or start >= current[1]:
+                con.execute("COMMIT")
+                return Enrollment(device_id, patient_id, current[1], changed=False)
+            before = con.execute("SELECT max(valid_to) FROM enrollments WHERE device_id = ? AND valid_to IS NOT NULL",
+                                 [device_id]).fetchone()
+            if before and before[0] is not None and start < before[0]:
+                raise ValueError(f"device {device_id} was enrolled to another patient until "
+                                 f"{before[0].isoformat()}: its enrollment to {patient_id} cannot start before "
+                                 f"that ({start.isoformat()})")
+            con.execute("UPDATE enrollments SET valid_from = ? WHERE device_id = ? AND valid_to IS NULL",
+                        [start, device_id])
+            mark_dirty(con, patient_id)  # its alerts now see readings from the earlier start
             con.execute("COMMIT")
-            return Enrollment(device_id, patient_id, current[1], changed=False)
+            return Enrollment(device_id, patient_id, start, changed=True)
         latest = con.execute("SELECT max(greatest(valid_from, coalesce(valid_to, valid_from))) FROM enrollments "
                              "WHERE device_id = ?", [device_id]).fetchone()
         if latest and latest[0] is not None and start < latest[0]:

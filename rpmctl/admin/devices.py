@@ -7,7 +7,7 @@ from datetime import datetime
 
 from core import keys
 from core.ids import InvalidId, check_id
-from core.settings import Settings
+from core.settings import INGEST_CLIENT_PREFIX, Settings
 from core.topics import events_topic, status_topic, vitals_topic
 from rpmctl.services import broker, procs
 from transforms.vocab import SOURCE_KINDS
@@ -22,19 +22,21 @@ class ProvisioningError(ValueError):
 
 
 def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None = None,
-              since: datetime | None = None) -> dict:
-    """Enrol ``device_id`` to ``patient_id`` and (re)issue its broker password.
+              since: datetime | None = None, new_password: bool = False) -> dict:
+    """Enrol ``device_id`` to ``patient_id`` and give it a broker login.
 
     The patient must be in the registry. ``kind`` (SOURCE_KINDS) is required for a new device and decides
-    what it may publish: a device's vitals and status topics, or an app's events topic. Returns what the
-    device needs to publish; the password is shown once (only its hash is stored).
+    what it may publish: a device's vitals and status topics, or an app's events topic. A new device gets a
+    password, shown once (only its hash is stored); an existing device keeps its login — a connected device
+    is not cut off by an enrollment change — unless ``new_password`` asks for a new one (then "password" is
+    the new one; otherwise it is null).
     """
     try:
         check_id("device", device_id)
         check_id("patient", patient_id)
     except InvalidId as exc:
         raise ProvisioningError(str(exc)) from exc
-    if device_id == s.ingest_username or device_id.startswith("rpm-ingest"):
+    if device_id == s.ingest_username or device_id.startswith(INGEST_CLIENT_PREFIX):
         raise ProvisioningError(f"{device_id!r} is reserved for the ingest service")
     if kind is not None and kind not in SOURCE_KINDS:
         raise ProvisioningError(f"unknown device kind {kind!r}: one of {KIND_HELP}")
@@ -56,12 +58,14 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
         except ValueError as exc:
             raise ProvisioningError(str(exc)) from exc
     app = SOURCE_KINDS[kind].app
-    password = keys.new_password()
     if not broker.passwd_path(s).exists():
         broker.prepare(s)
-    broker.set_login(s, device_id, password, role="app" if app else "device")
-    if procs.read_pid(s, broker.NAME):
-        wait_for_login(s, device_id, password)
+    password: str | None = None
+    if new_password or device_id not in broker.logins(s):
+        password = keys.new_password()
+        broker.set_login(s, device_id, password, role="app" if app else "device")
+        if procs.read_pid(s, broker.NAME):
+            wait_for_login(s, device_id, password)  # connects as the device: only with the new password
     return {
         "device_id": device_id,
         "patient_id": patient_id,

@@ -45,6 +45,33 @@ def owners_at(con: duckdb.DuckDBPyConnection, at: datetime, device_id: str = "de
 
 # --- enrollments --------------------------------------------------------------------------------------------
 
+def test_an_earlier_start_for_the_same_patient_moves_the_enrollment_back(con) -> None:
+    """Readings a registered device buffered before its enrollment was entered can then be replayed."""
+    registry.upsert_patient(con, "p1")
+    registry.enroll(con, "dev-1", "p1", kind="bp", valid_from=T1)
+    moved = registry.enroll(con, "dev-1", "p1", valid_from=T0)
+    assert moved == Enrollment("dev-1", "p1", T0, changed=True)
+    assert enrollments(con) == [("p1", T0, None)]
+    assert registry.enroll(con, "dev-1", "p1", valid_from=T2).changed is False  # later: nothing changes
+
+
+def test_the_start_cannot_move_back_into_another_patients_enrollment(con) -> None:
+    for pid in ("p1", "p2"):
+        registry.upsert_patient(con, pid)
+    registry.enroll(con, "dev-1", "p1", kind="bp", valid_from=T0)
+    registry.enroll(con, "dev-1", "p2", valid_from=T2)
+    with pytest.raises(ValueError, match="was enrolled to another patient until"):
+        registry.enroll(con, "dev-1", "p2", valid_from=T1)
+    assert enrollments(con) == [("p1", T0, T2), ("p2", T2, None)]
+
+
+def test_an_enrollment_cannot_start_in_the_future(con) -> None:
+    registry.upsert_patient(con, "p1")
+    with pytest.raises(ValueError, match="cannot start in the future"):
+        registry.enroll(con, "dev-1", "p1", kind="bp", valid_from=datetime.now(UTC) + timedelta(days=365))
+    assert enrollments(con) == []
+
+
 
 def test_enroll_then_reissue_closes_the_old_enrollment_at_valid_from(con):
     assert registry.enroll(con, "dev-1", "p1", kind="bp", valid_from=T0) == Enrollment(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 
 DERIVED = {"secrets_dir": "secrets", "pki_dir": "pki", "broker_dir": "broker", "landing_dir": "landing",
            "warehouse_dir": "warehouse", "run_dir": "run", "airflow_home": "airflow"}
@@ -107,3 +107,9 @@ def test_settings_are_immutable_and_copied_with_replace(tmp_path: Path) -> None:
         s.broker_port = 1  # type: ignore[misc]
     t = s.replace(broker_port=1999)
     assert (t.broker_port, s.broker_port, t.home) == (1999, 11883, s.home)
+
+
+def test_an_ingest_client_id_must_carry_the_prefix_device_ids_cannot() -> None:
+    with pytest.raises(SettingsError, match="RPM_INGEST_CLIENT_ID='collector-2': .*must start with 'rpm-ingest'"):
+        Settings.from_env({"RPM_INGEST_CLIENT_ID": "collector-2"})
+    assert Settings.from_env({"RPM_INGEST_CLIENT_ID": "rpm-ingest-2"}).ingest_client_id == "rpm-ingest-2"
