@@ -73,6 +73,9 @@ class AuditLog:
             os.chmod(self.dir, 0o700)
         self.path = self.dir / "audit.log"
         self.head_path = self.dir / "audit.head"
+        # A second copy of the head outside the audit folder: restoring an older copy of both the log and its
+        # head (a rollback that hides the newest reads) no longer matches it.
+        self.anchor_path = Path(s.secrets_dir) / "audit.anchor"
         self._settings = s
         self.keyring = Keyring.load(s, "audit")
         self._mac_key = self._load_mac_key(Path(s.secrets_dir) / "audit.mac.key")
@@ -109,6 +112,21 @@ class AuditLog:
     def _write_head(self, seq: int, mac: str) -> None:
         write_private(self.head_path, json.dumps({"seq": seq, "mac": mac,
                                                   "head_mac": self._head_mac(seq, mac)}).encode())
+        write_private(self.anchor_path, json.dumps({"seq": seq, "mac": mac,
+                                                    "anchor_mac": self._mac(f"anchor:{seq}:{mac}".encode())}).encode())
+
+    def _anchor_seq(self) -> int | None:
+        """The newest record the anchor has seen (None if there is no anchor yet: an older installation)."""
+        try:
+            doc = json.loads(read_secret(self.anchor_path))
+            seq, mac, anchor_mac = int(doc["seq"]), str(doc["mac"]), str(doc["anchor_mac"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            raise AuditTampered("the anchor (secrets/audit.anchor) is unreadable (altered)") from None
+        if not hmac.compare_digest(anchor_mac, self._mac(f"anchor:{seq}:{mac}".encode())):
+            raise AuditTampered("the anchor (secrets/audit.anchor) was altered")
+        return seq
 
     def _head(self) -> dict:
         """The authenticated head ({seq, mac}); AuditTampered if it is missing, unreadable or forged."""
@@ -121,6 +139,10 @@ class AuditLog:
             raise AuditTampered("the head file is unreadable (altered)") from None
         if not hmac.compare_digest(head_mac, self._head_mac(seq, mac)):
             raise AuditTampered("head file was altered")
+        anchored = self._anchor_seq()
+        if anchored is not None and anchored > seq:
+            raise AuditTampered(f"the log and its head were rolled back: the anchor has seen record {anchored}, "
+                                f"the head ends at {seq}")
         return {"seq": seq, "mac": mac}
 
     def _open(self, line: bytes, seq: int) -> dict | None:
@@ -261,6 +283,14 @@ class AuditLog:
             where = f"ends at record {count - 1}" if count else "holds no record"
             return {"ok": False, "records": count,
                     "problem": f"log {where} but the head says {head['seq']} (records were removed from the end)"}
+        try:
+            anchored = self._anchor_seq()
+        except AuditTampered as exc:
+            return {"ok": False, "records": count, "problem": str(exc)}
+        if anchored is not None and anchored > head["seq"]:
+            return {"ok": False, "records": count,
+                    "problem": f"the log and its head were rolled back to record {head['seq']}: the anchor "
+                               f"(secrets/audit.anchor) has seen record {anchored}"}
         # A torn line past the head is an append that never completed (and served nothing): not a record.
         return {"ok": True, "records": count, "problem": None, "head": head}
 

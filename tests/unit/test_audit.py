@@ -306,9 +306,10 @@ def test_a_foreign_line_at_the_end_is_refused(log, tmp_path):
 
 def test_a_crash_between_the_log_and_head_writes_is_completed_by_the_next_append(log):
     records = fill(log, 3)
-    behind = log.head_path.read_bytes()
+    behind, anchor = log.head_path.read_bytes(), log.anchor_path.read_bytes()
     crashed = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 3}, rows=1)
-    log.head_path.write_bytes(behind)            # the crash: record 3 written, head still at record 2
+    log.head_path.write_bytes(behind)            # the crash: record 3 written, head (and anchor) still at 2
+    log.anchor_path.write_bytes(anchor)
     assert log.check_tail() is None
     assert log.verify()["ok"] is True and log.verify()["records"] == 4
     nxt = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 4}, rows=1)
@@ -320,9 +321,10 @@ def test_a_crash_between_the_log_and_head_writes_is_completed_by_the_next_append
 
 
 def test_a_crash_before_the_first_head_write_is_completed_too(log):
-    genesis = log.head_path.read_bytes()
+    genesis, anchor = log.head_path.read_bytes(), log.anchor_path.read_bytes()
     log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)
     log.head_path.write_bytes(genesis)
+    log.anchor_path.write_bytes(anchor)
     assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 1
     assert log.verify()["ok"] is True
 
@@ -372,3 +374,19 @@ def test_the_audit_folder_and_files_are_owner_only(settings):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     for path in (log.path, log.head_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_restoring_an_older_copy_of_the_log_and_its_head_is_reported(log, tmp_path):
+    """A rollback that hides the newest reads: both files put back as they were a few reads ago."""
+    for i in range(3):
+        log.append("dr-a", "patient", [f"pt-{i}"], {}, 1)
+    saved = {p.name: p.read_bytes() for p in (log.path, log.head_path)}
+    for i in range(2):
+        log.append("dr-a", "patient", [f"pt-later-{i}"], {}, 1)
+    for name, data in saved.items():
+        (log.dir / name).write_bytes(data)
+    result = log.verify()
+    assert not result["ok"] and "rolled back" in result["problem"]
+    with pytest.raises(AuditTampered, match="rolled back"):
+        log.append("dr-a", "patient", ["pt-x"], {}, 1)
+    assert log.check_tail() is not None
