@@ -54,6 +54,7 @@ TELEHEALTH_RULES = frozenset(r.name for r in telehealth_suite.rules(0))
 CONFLICT = "conflicting_duplicate"
 CONFLICT_DETAIL = "same device, metric and time as a loaded reading, different value"  # as warehouse/load.py
 REPLAYABLE_REASONS = CLINICAL_RULES | TELEHEALTH_RULES | {CONFLICT}
+KNOWN_REASONS = REPLAYABLE_REASONS | STRUCTURAL_REASONS
 
 
 class NotReplayable(ValueError):

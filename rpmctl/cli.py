@@ -34,6 +34,17 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _bounded_int(high: int, what: str):
+    """A positive whole number up to ``high`` (beyond it the value cannot be meant)."""
+    def parse(text: str) -> int:
+        n = _positive_int(text)
+        if n > high:
+            raise argparse.ArgumentTypeError(f"{n} is more than {high} {what}")
+        return n
+    parse.__name__ = what
+    return parse
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -522,12 +533,12 @@ def cmd_landing_replay(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_list(s: Settings, a: argparse.Namespace) -> int:
-    from pipeline.replay import list_quarantine
+    from pipeline.replay import KNOWN_REASONS, list_quarantine
     from rpmctl.errors import UserError
     from warehouse.serving import serving
 
-    if a.limit < 1:
-        raise UserError(f"--limit must be a positive whole number, got {a.limit}")
+    if a.reason is not None and a.reason not in KNOWN_REASONS:
+        raise UserError(f"unknown quarantine reason {a.reason!r}: one of {', '.join(sorted(KNOWN_REASONS))}")
     try:
         with serving(s) as con:
             listing = list_quarantine(con, a.reason, a.limit)
@@ -675,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     v_bill.add_argument("--month", type=_month, help="YYYY-MM (default: this month)")
     v_bill.add_argument("--csv", help="also write the report to this CSV file")
     v_time = add("log-time", cmd_clinician, "log treatment-management minutes for a patient", parent=views)
-    v_time.add_argument("minutes", type=_positive_int)
+    v_time.add_argument("minutes", type=_bounded_int(24 * 60, "minutes (one entry covers at most a day)"))
     v_time.add_argument("--patient", type=_id("patient"), required=True)
     v_time.add_argument("--interactive", action="store_true",
                         help="the time included a real-time interactive communication with the patient")
@@ -723,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="quarantine_cmd", required=True)
     q_list = add("list", cmd_quarantine_list, "quarantined items by reason (no payload values)", parent=quarantine)
     q_list.add_argument("--reason", help="only items with this reason")
-    q_list.add_argument("--limit", type=int, default=100, help="items shown (default 100)")
+    q_list.add_argument("--limit", type=_bounded_int(1_000_000, "items"), default=100,
+                        help="items shown (default 100)")
     q_replay = add("replay", cmd_quarantine_replay, "re-judge items with today's registry and rules; those "
                    "that pass are loaded (item-level reasons only)", parent=quarantine)
     q_replay.add_argument("--reason", required=True, help="e.g. device_enrolled_at_measured_time")

@@ -136,8 +136,10 @@ def quantity(value: float, unit: str, display: str | None = None) -> dict[str, A
 
 
 def write_bundle(bundle: dict[str, Any], path: Path | str) -> Path:
-    """Write the bundle as JSON, readable by its owner only (it is PHI)."""
+    """Write the bundle as JSON, readable by its owner only (it is PHI), into a folder that already exists."""
     out = Path(path)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(2, "no such folder (create it first)", str(out.parent))
     write_private(out, (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode())
     return out
 

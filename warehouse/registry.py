@@ -146,14 +146,35 @@ def care_team_patients(con: duckdb.DuckDBPyConnection, clinician_id: str) -> lis
                                           ORDER BY patient_id""", [clinician_id]).fetchall()]
 
 
+# The range a per-patient override may take, by the parameter's unit: wide enough for any individualised
+# target a clinician sets (e.g. a looser BP target in the frail elderly, a tighter glucose floor in
+# pregnancy), narrow enough that a typo or a hostile change (a severe-BP threshold of 400) cannot silence a
+# rule. Defaults and sources are in warehouse/sql/030_alerts.sql.
+THRESHOLD_BOUNDS: dict[str, tuple[float, float]] = {
+    "systolic": (90.0, 220.0),    # mm[Hg]
+    "diastolic": (50.0, 140.0),   # mm[Hg]
+    "mg_dl": (40.0, 400.0),       # glucose, mg/dL
+    "percent": (80.0, 98.0),      # SpO2, %
+    "cel": (37.0, 40.0),          # temperature, Cel
+    "per_min": (30.0, 180.0),     # heart rate, /min
+    "kg": (0.2, 5.0),             # heart-failure weight gain, kg
+    "score": (1.0, 20.0),         # NEWS2-style aggregate
+    "hours": (6.0, 336.0),        # no data for … (up to two weeks)
+}
+
+
 def set_threshold(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, threshold: float,
                   set_by: str | None) -> None:
-    """Override one alert threshold for one existing patient (KeyError names an unknown patient or rule)."""
+    """Override one alert threshold for one existing patient (KeyError names an unknown patient or rule,
+    ValueError a threshold outside its clinically sensible range, THRESHOLD_BOUNDS)."""
     _require_known(con, patient_id=patient_id)
     _check_text("set_by", set_by)
     known = {f"{r}.{p}" for r, p in con.execute("SELECT rule, param FROM alert_rule_params").fetchall()}
     if rule not in known:
         raise KeyError(f"unknown threshold {rule!r}; one of: {', '.join(sorted(known))}")
+    low, high = THRESHOLD_BOUNDS[rule.rsplit(".", 1)[1]]
+    if not low <= threshold <= high:
+        raise ValueError(f"{rule} = {threshold:g} is outside the sensible range {low:g}..{high:g}")
     con.execute("""INSERT INTO alert_thresholds (patient_id, rule, threshold, set_by) VALUES (?, ?, ?, ?)
                    ON CONFLICT (patient_id, rule) DO UPDATE SET threshold = excluded.threshold,
                    set_by = excluded.set_by, set_at = now()""", [patient_id, rule, threshold, set_by])

@@ -131,6 +131,13 @@ def test_export_fhir_cannot_write_outside_the_working_directory(ward, tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["work"]
 
 
+def test_export_fhir_does_not_create_a_folder_that_does_not_exist(ward, tmp_path):
+    target = tmp_path / "no" / "such" / "folder" / "pt-1.json"
+    assert_one_error(run(ward, "clinician", "--as", "dr-a", "export-fhir", "pt-1", "--out", str(target)),
+                     says=str(target.parent))
+    assert not (tmp_path / "no").exists()
+
+
 def test_audit_show_cannot_be_made_to_print_a_forged_line(ward):
     """A hostile string already in the log (written before ids were checked) is shown escaped, on its line."""
     forged = "dr-x\n     9 2099-01-01T00:00:00 admin:root    patients     ok"
@@ -168,6 +175,14 @@ def test_audit_show_cannot_be_made_to_print_a_forged_line(ward):
     ("patients", "add", "pt-2", "--given", "Eve\x1b[2J"),
     ("patients", "add", "pt-2", "--family", "Doe\nforged"),
     ("careteam", "add", "dr-b", "--name", "Dr\rX"),
+    # found by the hostile review: values no one can mean, and a reason that does not exist
+    ("clinician", "--as", "dr-a", "log-time", "100000000", "--patient", "pt-1"),
+    ("patients", "threshold", "pt-1", "bp_stage2.systolic", "--", "-5"),
+    ("patients", "threshold", "pt-1", "bp_severe.systolic", "400"),
+    ("quarantine", "list", "--limit", "99999999999999999999"),
+    ("quarantine", "list", "--reason", "nosuch"),
+    ("devices", "add", "bp-10", "--patient", "pt-1", "--kind", "bp", "--since", "0001-01-01T00:00:00+14:00"),
+    ("devices", "add", "bp-10", "--patient", "pt-1", "--kind", "bp", "--since", "9999-12-31T23:59:59+00:00"),
 ], ids=" ".join)
 def test_a_bad_value_is_refused_with_one_line(ward, args):
     assert_one_error(run(ward, *args))
