@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,18 +40,36 @@ def airflow_db_template() -> Iterator[Path]:
     shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.fixture
-def settings() -> Iterator[Settings]:
-    """Settings for one test: state in a fresh folder, both broker listeners on free loopback ports."""
+@contextmanager
+def fresh_settings() -> Iterator[Settings]:
+    """State in a fresh folder, every listener on a free loopback port; services stopped and state removed
+    afterwards."""
     base = Path(tempfile.mkdtemp(prefix="rpm-test-"))
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
-    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(), broker_ingest_port=free_port(),
-                 broker_tls_bind="127.0.0.1", segment_max_age_s=1.0, ingest_flush_interval_ms=10,
-                 ingest_metrics_port=free_port())
-    yield s
-    procs.stop(s, services.INGEST, timeout=10)
-    broker.stop(s)
-    shutil.rmtree(base, ignore_errors=True)
+    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
+                 broker_ingest_port=free_port(), broker_tls_bind="127.0.0.1", segment_max_age_s=1.0,
+                 ingest_flush_interval_ms=10, ingest_metrics_port=free_port())
+    try:
+        yield s
+    finally:
+        procs.stop(s, services.INGEST, timeout=10)
+        broker.stop(s)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_stack(s: Settings, airflow_db: Path) -> Settings:
+    """Broker + ingest running in the background, Airflow metadata ready: what `rpm up` gives a user."""
+    s.airflow_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(airflow_db, s.airflow_home / "airflow.db")
+    services.up(s)
+    return s
+
+
+@pytest.fixture
+def settings() -> Iterator[Settings]:
+    """Settings for one test: state in a fresh folder, every listener on a free loopback port."""
+    with fresh_settings() as s:
+        yield s
 
 
 @pytest.fixture
@@ -70,10 +89,7 @@ def ingest_up(settings: Settings) -> Settings:
 @pytest.fixture
 def stack(settings: Settings, airflow_db_template: Path) -> Settings:
     """Broker + ingest running in the background, Airflow metadata ready: what `rpm up` gives a user."""
-    Path(settings.airflow_home).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    shutil.copyfile(airflow_db_template, Path(settings.airflow_home) / "airflow.db")  # type: ignore[arg-type]
-    services.up(settings)
-    return settings
+    return start_stack(settings, airflow_db_template)
 
 
 def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

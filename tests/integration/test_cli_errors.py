@@ -329,7 +329,9 @@ def test_an_emptied_audit_log_stays_reported_however_many_reads_follow(own_ward)
 
 def test_an_unexpected_failure_is_one_line_and_its_traceback_goes_to_a_private_file(own_ward):
     s = own_ward
-    (Path(s.secrets_dir) / "audit.keyring.json").write_text("{}")  # type: ignore[arg-type]
+    ring = Path(s.secrets_dir) / "audit.keyring.json"  # type: ignore[arg-type]
+    ring.write_text("{}")  # private, but not a keyring: nothing expects that
+    ring.chmod(0o600)
     proc = run(s, "audit", "verify")
     line = assert_one_error(proc, code=1, says="internal error: KeyError")
     saved = Path(s.run_dir) / "cli-errors.log"  # type: ignore[arg-type]

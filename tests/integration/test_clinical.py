@@ -17,26 +17,32 @@ from core.settings import Settings
 from rpmctl.services import ingest_status
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
-from tests.conftest import rpm, rpm_json
+from tests.conftest import fresh_settings, rpm, rpm_json, start_stack
 from warehouse.db import httpfs_extension
 from warehouse.serving import backups_dir, serving, serving_dir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("clinical")]  # one shared stack, in order
 
 
 def landed(s: Settings) -> int:
     return (ingest_status(s) or {}).get("landed", 0)
 
 
-@pytest.fixture
-def fleet_loaded(stack: Settings):
-    """4 patients x 3 days through the broker and one DAG run; dr-lee follows pt-0001 and pt-0003."""
-    fleet = build_fleet(patients=4, days=3, seed=5)
-    provision_fleet(stack, fleet, days=3)
-    sent = publish_fleet(stack, fleet)
-    wait_until(lambda: landed(stack) >= sent["published"], 30, what="ingest to land the fleet")
-    rpm(stack, "pipeline", "run")
-    return stack, {d.device_id: d.password for d in fleet.devices}
+@pytest.fixture(scope="module")
+def fleet_loaded(airflow_db_template: Path):
+    """4 patients x 3 days through the broker and one DAG run; dr-lee follows pt-0001 and pt-0003.
+
+    One stack for the whole module (a fleet and a DAG run take most of a test's time): the tests run in file
+    order (`--dist loadscope` keeps a module on one worker), reads first, then what changes alerts, time logs,
+    the audit log (restored) and the keys."""
+    with fresh_settings() as s:
+        start_stack(s, airflow_db_template)
+        fleet = build_fleet(patients=4, days=3, seed=5)
+        provision_fleet(s, fleet, days=3)
+        sent = publish_fleet(s, fleet)
+        wait_until(lambda: landed(s) >= sent["published"], 30, what="ingest to land the fleet")
+        rpm(s, "pipeline", "run")
+        yield s, {d.device_id: d.password for d in fleet.devices}
 
 
 def publish_bp(s: Settings, password: str, systolic: int, diastolic: int, minutes_ago: float) -> None:

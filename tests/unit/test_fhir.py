@@ -173,9 +173,16 @@ def test_no_name_mrn_or_birth_date_leaves(con: duckdb.DuckDBPyConnection) -> Non
 
 def test_write_bundle_is_owner_only_json(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     bundle = export_bundle(con, "pat-1")
+    (tmp_path / "out").mkdir()
     path = write_bundle(bundle, tmp_path / "out" / "pat-1.json")
     assert json.loads(path.read_text()) == bundle
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_write_bundle_creates_no_folder(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        write_bundle(export_bundle(con, "pat-1"), tmp_path / "missing" / "pat-1.json")
+    assert not (tmp_path / "missing").exists()
 
 
 def test_parses_as_fhir_r4(con: duckdb.DuckDBPyConnection) -> None:
