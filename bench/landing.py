@@ -30,13 +30,14 @@ def device_ids(patients: int) -> list[tuple[str, str, str]]:
     return [(f"{k}-{p:05d}", f"pt-{p:05d}", k) for p in range(patients) for k in KINDS]
 
 
-def register(s: Settings, patients: int) -> None:
-    """Patients and enrolled devices, straight into the registry tables (one bulk insert each)."""
+def register(s: Settings, patients: int, since: datetime | None = None) -> None:
+    """Patients and enrolled devices, straight into the registry tables (one bulk insert each), enrolled since
+    ``since`` (default: 120 days ago)."""
     import pandas as pd
 
     from warehouse.db import clinical, transaction
 
-    since = datetime.now(UTC) - timedelta(days=120)
+    since = since or datetime.now(UTC) - timedelta(days=120)
     devs = pd.DataFrame(device_ids(patients), columns=["device_id", "patient_id", "kind"])
     with clinical(s) as con, transaction(con):
         con.register("devs", devs)

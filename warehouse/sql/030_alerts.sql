@@ -9,9 +9,15 @@ CREATE TABLE IF NOT EXISTS alert_dirty (
     patient_id  VARCHAR PRIMARY KEY,
     marked_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
--- The patients the evaluation views below look at: filled by warehouse.alerts.refresh_alerts inside its
--- transaction (every patient for a full evaluation), so the views are only meaningful there.
+-- The earliest measured time among the new readings: no rule looks further ahead than its own NEWS2 slot, so
+-- what was evaluated before the checkpoint preceding it stands (alert_checkpoints). -infinity (or NULL) for a
+-- registry or threshold change, which can change any evaluation.
+ALTER TABLE alert_dirty ADD COLUMN IF NOT EXISTS since TIMESTAMPTZ;
+-- The patients the evaluation views below look at, each from `from_at` (one of its checkpoints, or -infinity
+-- for the whole history): filled by warehouse.alerts.refresh_alerts inside its transaction (every patient
+-- from -infinity for a full evaluation), so the views are only meaningful there.
 CREATE TABLE IF NOT EXISTS alert_scope (patient_id VARCHAR NOT NULL);
+ALTER TABLE alert_scope ADD COLUMN IF NOT EXISTS from_at TIMESTAMPTZ;
 -- Each patient's latest reading (by measured time, then id), kept by the load and rebuilt by a full evaluation:
 -- the no-data rules' current gap of patients outside the scope, without scanning their history.
 CREATE TABLE IF NOT EXISTS patient_last_reading (
@@ -24,6 +30,34 @@ CREATE TABLE IF NOT EXISTS alert_state (
     key         VARCHAR PRIMARY KEY,
     value       VARCHAR NOT NULL
 );
+-- Checkpoints, where an evaluation can start instead of at a patient's first reading: 00:00 UTC of each day
+-- the patient has readings (a whole number of NEWS2 15-minute slots, so no slot straddles one), with what the
+-- rules carry across it — the last reading before it (the no-data gap spanning midnight) here, every episode
+-- open across it in alert_carry. The weight rules need no state: their 8 days of predecessors are re-read.
+-- A checkpoint holds while no reading measured before it arrives (alert_dirty.since); each evaluation rebuilds
+-- those after its start.
+CREATE TABLE IF NOT EXISTS alert_checkpoints (
+    patient_id      VARCHAR NOT NULL,
+    day             TIMESTAMPTZ NOT NULL,
+    last_at         TIMESTAMPTZ,           -- the patient's last reading before `day`, if any
+    last_reading_id VARCHAR
+);
+-- An episode open across a checkpoint (the rule's last evaluation before `day` breached), as it stood then.
+CREATE TABLE IF NOT EXISTS alert_carry (
+    patient_id        VARCHAR NOT NULL,
+    day               TIMESTAMPTZ NOT NULL,
+    rule              VARCHAR NOT NULL,
+    reading_id        VARCHAR NOT NULL,    -- that last evaluation: the episode's place in the series
+    measured_at       TIMESTAMPTZ NOT NULL,
+    opened_reading_id VARCHAR NOT NULL,
+    opened_at         TIMESTAMPTZ NOT NULL,
+    breaches          BIGINT NOT NULL,     -- before `day`
+    last_observed     VARCHAR
+);
+
+-- 00:00 UTC of an instant's day, from its microseconds (time_bucket by day goes through ICU's calendar: ~5 µs
+-- a call, the largest cost of a dense series' evaluation).
+CREATE OR REPLACE MACRO utc_day(ts) AS make_timestamptz(epoch_us(ts) // 86400000000 * 86400000000);
 
 -- Default thresholds (canonical units). Per-patient overrides: alert_thresholds.rule = '<rule>.<param>'.
 CREATE OR REPLACE VIEW alert_rule_params AS
@@ -59,7 +93,9 @@ FROM patients p
 CROSS JOIN alert_rule_params r
 LEFT JOIN alert_thresholds o ON o.patient_id = p.patient_id AND o.rule = r.rule || '.' || r.param;
 
--- One row per (rule, reading that the rule looks at): does it breach?
+-- One row per (rule, reading that the rule looks at) from the scope's start: does it breach? Every rule costs
+-- a scan, a hash join or an ordered lookup: linear in a patient's series (n log n with the sorts), however
+-- dense, so a CGM's year or a scale sending every minute costs what its readings cost.
 CREATE OR REPLACE VIEW alert_evaluations AS
 WITH prm AS (
     SELECT patient_id,
@@ -79,24 +115,36 @@ WITH prm AS (
            max(value) FILTER (rule = 'weight_gain_week') AS wg_week,
            max(value) FILTER (rule = 'news2_high')   AS news_hi,
            max(value) FILTER (rule = 'news2_medium') AS news_med
-    FROM patient_alert_params GROUP BY patient_id
-), r AS (
-    SELECT r.*, prm.* EXCLUDE (patient_id) FROM readings r JOIN prm USING (patient_id)
-    WHERE r.patient_id IN (SELECT patient_id FROM alert_scope)
+    FROM patient_alert_params WHERE patient_id IN (SELECT patient_id FROM alert_scope) GROUP BY patient_id
+), r AS MATERIALIZED (
+    SELECT r.patient_id, r.reading_id, r.metric, r.value, r.diastolic, r.measured_at, prm.* EXCLUDE (patient_id)
+    FROM readings r JOIN alert_scope s USING (patient_id) JOIN prm USING (patient_id)
+    WHERE r.measured_at >= s.from_at
+), hf AS MATERIALIZED (
+    -- Weights of heart-failure patients only (the rules apply to nobody else), from 8 days before the scope's
+    -- start: the predecessors of its first weights.
+    SELECT w.patient_id, w.reading_id, w.measured_at, w.value, w.measured_at >= s.from_at AS evaluated
+    FROM readings w JOIN alert_scope s USING (patient_id) JOIN patients p USING (patient_id)
+    WHERE w.metric = 'body_weight' AND list_contains(p.conditions, 'heart_failure')
+      AND w.measured_at >= s.from_at - INTERVAL 8 DAY
+), weight_at AS (
+    -- One weight per instant (two scales at the same instant: the greater reading id), so a lookup is exact.
+    SELECT patient_id, measured_at, arg_max(value, reading_id) AS value
+    FROM hf GROUP BY patient_id, measured_at
 ), weights AS (
-    -- Each weight against the one taken about a day before (12-36 h: same morning routine, give or take)
-    -- and about a week before (6-8 days). A weight with no such predecessor gains nothing: a slow trend
-    -- across an irregular gap is not a one-day gain.
-    SELECT patient_id, reading_id, measured_at, value, wg_day, wg_week,
-           value - (SELECT any_value(o.value ORDER BY o.measured_at DESC) FROM readings o
-                    WHERE o.patient_id = d.patient_id AND o.metric = 'body_weight'
-                      AND o.measured_at BETWEEN d.measured_at - INTERVAL 36 HOUR AND d.measured_at - INTERVAL 12 HOUR)
-               AS gain_day,
-           value - (SELECT any_value(o.value ORDER BY o.measured_at DESC) FROM readings o
-                    WHERE o.patient_id = d.patient_id AND o.metric = 'body_weight'
-                      AND o.measured_at BETWEEN d.measured_at - INTERVAL 8 DAY AND d.measured_at - INTERVAL 6 DAY)
-               AS gain_week
-    FROM (SELECT * FROM r WHERE metric = 'body_weight') d
+    -- Each weight against the latest one taken 12-36 h before (about a day: same morning routine, give or
+    -- take) and 6-8 days before (about a week). A weight with no such predecessor gains nothing: a slow trend
+    -- across an irregular gap is not a one-day gain. The ASOF join finds the latest weight up to the window's
+    -- end; it counts only if it is inside the window.
+    SELECT w.patient_id, w.reading_id, w.measured_at, prm.wg_day, prm.wg_week,
+           w.value - CASE WHEN d.measured_at >= w.measured_at - INTERVAL 36 HOUR THEN d.value END AS gain_day,
+           w.value - CASE WHEN k.measured_at >= w.measured_at - INTERVAL 8 DAY THEN k.value END AS gain_week
+    FROM (SELECT * FROM hf WHERE evaluated) w
+    JOIN prm USING (patient_id)
+    ASOF LEFT JOIN weight_at d
+        ON d.patient_id = w.patient_id AND w.measured_at - INTERVAL 12 HOUR >= d.measured_at
+    ASOF LEFT JOIN weight_at k
+        ON k.patient_id = w.patient_id AND w.measured_at - INTERVAL 6 DAY >= k.measured_at
 ), news_sets AS (
     -- Vitals measured together (same patient, same 15-minute slot) scored with the NEWS2 tables (SpO2 scale 1).
     SELECT patient_id, time_bucket(INTERVAL 15 MINUTE, measured_at) AS slot,
@@ -157,51 +205,88 @@ UNION ALL
 SELECT patient_id, 'hr_high', reading_id, measured_at, value > hr_hi, printf('%.0f /min', value)
 FROM r WHERE metric = 'heart_rate'
 UNION ALL
-SELECT w.patient_id, 'weight_gain_day', reading_id, measured_at, coalesce(gain_day > wg_day, false),
+SELECT patient_id, 'weight_gain_day', reading_id, measured_at, coalesce(gain_day > wg_day, false),
        printf('%+.1f kg since previous weight', gain_day)
-FROM weights w JOIN patients p USING (patient_id) WHERE list_contains(p.conditions, 'heart_failure')
+FROM weights
 UNION ALL
-SELECT w.patient_id, 'weight_gain_week', reading_id, measured_at, coalesce(gain_week > wg_week, false),
+SELECT patient_id, 'weight_gain_week', reading_id, measured_at, coalesce(gain_week > wg_week, false),
        printf('%+.1f kg in a week', gain_week)
-FROM weights w JOIN patients p USING (patient_id) WHERE list_contains(p.conditions, 'heart_failure')
+FROM weights
 UNION ALL
 SELECT patient_id, 'news2_high', reading_id, measured_at, score >= news_hi, printf('score %d', score) FROM news
 UNION ALL
 SELECT patient_id, 'news2_medium', reading_id, measured_at, score >= news_med, printf('score %d', score) FROM news;
 
--- Episodes: islands of consecutive breaching evaluations per (patient, rule).
-CREATE OR REPLACE VIEW alert_episodes AS
-WITH flagged AS (
-    SELECT *, sum(CASE WHEN breach THEN 0 ELSE 1 END) OVER (PARTITION BY patient_id, rule
-              ORDER BY measured_at, reading_id ROWS UNBOUNDED PRECEDING) AS island,
-           lead(measured_at) OVER w AS next_at, lead(reading_id) OVER w AS next_reading, lead(breach) OVER w AS next_breach
+-- Each (patient, rule)'s evaluations in series (measured time, then reading id), after the episode carried
+-- across the scope's start: an island of consecutive breaches is one episode. `position` counts the carried
+-- episode as the breaches it had, so a breach's count so far in its episode is its position minus the
+-- episode's base (alert_islands).
+CREATE OR REPLACE VIEW alert_marks AS
+SELECT *, sum(CASE WHEN breach THEN 0 ELSE 1 END) OVER so_far AS island, sum(weight) OVER so_far AS position,
+       lead(measured_at) OVER series AS next_at, lead(reading_id) OVER series AS next_reading,
+       lead(breach) OVER series AS next_breach
+FROM (
+    SELECT patient_id, rule, reading_id, measured_at, breach, CASE WHEN breach THEN observed END AS observed,
+           NULL::VARCHAR AS carried_opener, NULL::TIMESTAMPTZ AS carried_opened_at, 1::BIGINT AS weight
     FROM alert_evaluations
-    WINDOW w AS (PARTITION BY patient_id, rule ORDER BY measured_at, reading_id)
+    UNION ALL
+    SELECT c.patient_id, c.rule, c.reading_id, c.measured_at, true, c.last_observed, c.opened_reading_id,
+           c.opened_at, c.breaches
+    FROM alert_carry c JOIN alert_scope s ON s.patient_id = c.patient_id AND s.from_at = c.day
 )
-SELECT patient_id, rule,
-       arg_min(reading_id, measured_at) AS opened_reading_id,
-       min(measured_at) AS opened_at,
+-- (window names differ across this file: DuckDB 1.5 rejects a name a previous statement of the script used)
+WINDOW series AS (PARTITION BY patient_id, rule ORDER BY measured_at, reading_id),
+       so_far AS (series ROWS UNBOUNDED PRECEDING);
+
+-- Episodes from marks (a table or view of alert_marks' rows; breaches at least): one per island.
+CREATE OR REPLACE MACRO alert_islands(marks) AS TABLE
+SELECT patient_id, rule, island,
+       arg_min(coalesce(carried_opener, reading_id), position) AS opened_reading_id,
+       arg_min(coalesce(carried_opened_at, measured_at), position) AS opened_at,
        max(measured_at) AS last_breach_at,
-       arg_max(observed, measured_at) AS last_observed,
-       count(*) AS breaches,
+       arg_max(observed, position) AS last_observed,
+       sum(weight)::BIGINT AS breaches,
        -- resolved by the first in-range reading after the island, if any
        max(next_at) FILTER (next_breach = false) AS resolved_at,
-       max(next_reading) FILTER (next_breach = false) AS resolved_reading_id
-FROM flagged WHERE breach
-GROUP BY patient_id, rule, island
-UNION ALL
--- No data: every gap between consecutive readings longer than the threshold, and the current gap.
-SELECT g.patient_id, g.rule, g.last_reading_id, g.last_at + to_hours(CAST(g.hours AS BIGINT)), g.last_at,
-       printf('last reading %s', strftime(g.last_at, '%Y-%m-%d %H:%M UTC')), 1, g.next_at, g.next_reading_id
+       max(next_reading) FILTER (next_breach = false) AS resolved_reading_id,
+       min(position - weight) AS base
+FROM query_table(marks::VARCHAR) WHERE breach
+GROUP BY patient_id, rule, island;
+
+-- Each reading of the scope from its start, after the last reading before the start (the gap spanning it),
+-- with the reading that follows.
+CREATE OR REPLACE VIEW alert_reading_stream AS
+SELECT patient_id, reading_id, measured_at,
+       lead(measured_at) OVER readings_in_order AS next_at,
+       lead(reading_id) OVER readings_in_order AS next_reading_id
 FROM (
-    SELECT r.patient_id, prm.rule, prm.value AS hours, r.reading_id AS last_reading_id, r.measured_at AS last_at,
-           lead(r.measured_at) OVER w AS next_at, lead(r.reading_id) OVER w AS next_reading_id
-    FROM readings r
-    JOIN patient_alert_params prm ON prm.patient_id = r.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
-    WHERE r.patient_id IN (SELECT patient_id FROM alert_scope)
-    WINDOW w AS (PARTITION BY r.patient_id, prm.rule ORDER BY r.measured_at, r.reading_id)
-) g
-WHERE coalesce(g.next_at, now()) - g.last_at > to_hours(CAST(g.hours AS BIGINT));
+    SELECT r.patient_id, r.reading_id, r.measured_at
+    FROM readings r JOIN alert_scope s USING (patient_id) WHERE r.measured_at >= s.from_at
+    UNION ALL
+    SELECT c.patient_id, c.last_reading_id, c.last_at
+    FROM alert_checkpoints c JOIN alert_scope s ON s.patient_id = c.patient_id AND s.from_at = c.day
+    WHERE c.last_at IS NOT NULL
+)
+WINDOW readings_in_order AS (PARTITION BY patient_id ORDER BY measured_at, reading_id);
+
+-- No data, from a stream (alert_reading_stream's rows): every gap between consecutive readings longer than the
+-- threshold, and the current gap.
+CREATE OR REPLACE MACRO alert_gaps(stream) AS TABLE
+SELECT g.patient_id, prm.rule, g.reading_id AS opened_reading_id,
+       g.measured_at + to_hours(CAST(prm.value AS BIGINT)) AS opened_at, g.measured_at AS last_breach_at,
+       printf('last reading %s', strftime(g.measured_at, '%Y-%m-%d %H:%M UTC')) AS last_observed,
+       1::BIGINT AS breaches, g.next_at AS resolved_at, g.next_reading_id AS resolved_reading_id
+FROM query_table(stream::VARCHAR) g
+JOIN patient_alert_params prm ON prm.patient_id = g.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
+-- (in microseconds: comparing intervals normalises both, a quarter of a dense series' evaluation)
+WHERE epoch_us(coalesce(g.next_at, now())) - epoch_us(g.measured_at) > CAST(prm.value AS BIGINT) * 3600000000;
+
+-- The scope's episodes from its start: islands of consecutive breaching evaluations per (patient, rule), and
+-- the no-data gaps.
+CREATE OR REPLACE VIEW alert_episodes AS
+SELECT * EXCLUDE (island, base) FROM alert_islands('alert_marks')
+UNION ALL
+SELECT * FROM alert_gaps('alert_reading_stream');
 
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id            VARCHAR PRIMARY KEY,   -- hash of patient, rule and the reading that opened it
