@@ -55,6 +55,7 @@ bench-deps: install
 bench: bench-deps ## every benchmark at its small default size (~30 min); BENCHMARKS.md has the large runs
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.alerts
 	$(BIN)/python -m bench.queries
 	$(BIN)/python -m bench.peer_postgres
 	$(BIN)/python -m bench.freshness

@@ -39,10 +39,10 @@ from typing import Any
 from bench.common import Timer, bench_home, machine, parser, print_table, write_json
 from bench.landing import register, write_landing
 from bench.pipeline import DATA_TASKS, accounting, run_pipeline, task_seconds
-from ingest.landing import SegmentWriter
+from core.keyring import Keyring
+from core.landing import SegmentWriter
+from core.settings import Settings
 from rpmctl import services
-from rpmctl.crypto import Keyring
-from rpmctl.settings import Settings
 
 PROFILES = ("mixed", "cgm", "scale")
 CGM_STEP = timedelta(minutes=5)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from core.keyring import Keyring
 from core.landing import SegmentWriter
@@ -47,8 +47,12 @@ def register(s: Settings, patients: int, since: datetime | None = None) -> None:
         con.unregister("devs")
 
 
+EASTERN = timezone(timedelta(hours=-5))
+
+
 def _iso(ts: datetime) -> str:
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "-05:00"
+    """The instant on a device clock five hours behind UTC (the offset the payload carries)."""
+    return ts.astimezone(EASTERN).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "-05:00"
 
 
 def _single(rng: random.Random, kind: str, ts: datetime, n: int) -> dict:

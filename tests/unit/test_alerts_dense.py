@@ -21,7 +21,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from rpmctl.settings import Settings
+from core.settings import Settings
 from transforms.vocab import METRICS
 from warehouse import registry
 from warehouse.alerts import note_loaded, refresh_alerts
