@@ -142,13 +142,25 @@ class Settings(BaseSettings):
                 return cls(**overrides)
             values = {name: raw for name in cls.model_fields
                       if (raw := env.get(f"RPM_{name.upper()}")) not in (None, "")}
-            return cls.model_validate({**values, **overrides})
+            return cls(**cls._from_mapping_only({**values, **overrides}))
         except ValidationError as exc:
             err = exc.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             var = f"RPM_{name.upper()}"
             shown = f"{var}={source[var]!r}" if name not in overrides and source.get(var) else name
             raise SettingsError(f"{shown}: {err['msg']}") from None
+
+    @classmethod
+    def _from_mapping_only(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` parsed and completed with defaults, the process environment ignored (every field is then
+        given explicitly, so building the settings from the result reads nothing else)."""
+
+        class MappingOnly(cls):  # type: ignore[valid-type,misc]  # a subclass of the settings, per call
+            @classmethod
+            def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, **sources: Any) -> tuple:
+                return (init_settings,)
+
+        return MappingOnly(**values).model_dump()
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (checked like any other settings)."""
