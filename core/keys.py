@@ -169,3 +169,58 @@ def ensure_pki(s: Settings) -> tuple[Path, Path, Path]:
     os.chmod(ca_crt, 0o644)
     os.chmod(srv_crt, 0o644)
     return ca_crt, srv_crt, srv_key_path
+
+
+def _load_ca(s: Settings) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ensure_pki(s)
+    ca_cert = x509.load_pem_x509_certificate(s.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(read_secret(Path(s.secrets_dir) / "ca.key").encode(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    return ca_cert, ca_key
+
+
+def _service_names(s: Settings) -> set[str]:
+    names = {"localhost", socket.gethostname(), "127.0.0.1", "::1"}
+    if s.service_bind not in ("0.0.0.0", "::", ""):
+        names.add(s.service_bind)
+    return names
+
+
+def _cert_names(cert: x509.Certificate) -> set[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))}
+
+
+def ensure_service_cert(s: Settings) -> tuple[Path, Path]:
+    """The clinician service's HTTPS certificate, signed by the local CA, for localhost, this host and
+    ``service_bind``: (pki/service.crt, secrets/service.key). Re-issued when the bind address is not in it
+    or it expires within 30 days."""
+    crt_path, key_path = Path(s.pki_dir) / "service.crt", Path(s.secrets_dir) / "service.key"
+    wanted = _service_names(s)
+    now = datetime.now(UTC)
+    if crt_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
+        if wanted <= _cert_names(cert) and cert.not_valid_after_utc > now + timedelta(days=30):
+            return crt_path, key_path
+    ca_cert, ca_key = _load_ca(s)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for name in sorted(wanted):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rpm-pipeline clinician service")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=397))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(crt_path, 0o644)
+    return crt_path, key_path

@@ -92,9 +92,31 @@ class Settings(BaseSettings):
         "How often the scheduled rpm_pipeline DAG runs. Freshness (publish -> visible to a clinician) is about "
         "the seal age + up to one schedule + a ~20 s run: 1 minute keeps its p95 under 2 minutes "
         "(BENCHMARKS.md: p95 82 s at 1 min, 147 s at 2 min).")
+    practice_tz: str = Field("UTC", description=
+        "IANA time zone of the practice (e.g. America/Chicago): its calendar month is the billing report's "
+        "default month, so a report run on the evening of the 31st is not already next month's (UTC's).")
     landing_retention_days: int = Field(30, description=
         "Sealed landing segments already absorbed by the warehouse are deleted once they are this old "
         "(rpm_daily); segments the ledger does not list are never deleted.")
+
+    # --- clinician service -------------------------------------------------------------------------
+    service_port: int = Field(8443, ge=1, le=65535, description=
+        "HTTPS port of the clinician service (`rpm serve`; `rpm up` starts it): the dashboard and /api/v1.")
+    service_bind: str = Field("127.0.0.1", description=
+        "Address the clinician service listens on: loopback by default. Its certificate (signed by the "
+        "project CA) names localhost, this host and this address.")
+    service_url: str = Field("", description=
+        "Where `rpm login` and `rpm clinician` reach the service; empty: https://localhost:<service_port>.")
+    session_idle_minutes: int = Field(15, ge=1, le=12 * 60, description=
+        "A session (dashboard or API token) ends after this many minutes without a request (HIPAA "
+        "automatic logoff).")
+    login_max_failures: int = Field(5, ge=1, le=100, description=
+        "Consecutive failed logins after which an account is locked for login_lockout_minutes.")
+    login_lockout_minutes: int = Field(15, ge=1, le=24 * 60, description=
+        "How long a locked account refuses every login, right password included.")
+    run_as: str = Field("rpm", description=
+        "Unprivileged account that owns the state and keys and runs every command and service when rpm is "
+        "started as root (created by `make install` / `rpm init`). 'root' keeps root (not recommended).")
 
     # --- paths (default: inside home) ----------------------------------------------------------
     secrets_dir: Path = Field(default_factory=_in_home("secrets_dir"), description="Keys and passwords (0700); never inside a data folder.")
@@ -113,6 +135,17 @@ class Settings(BaseSettings):
         if not value.startswith(INGEST_CLIENT_PREFIX):
             raise ValueError(f"an ingest client id must start with {INGEST_CLIENT_PREFIX!r} (e.g. "
                              f"{INGEST_CLIENT_PREFIX}-2): device ids may not, so no device can take its session")
+        return value
+
+    @field_validator("practice_tz", mode="after")
+    @classmethod
+    def _iana_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):  # not found is a KeyError, which pydantic would not report
+            raise ValueError(f"not an IANA time zone: {value!r} (e.g. America/Chicago, Europe/London, UTC)") from None
         return value
 
     @field_validator(*PATH_FIELDS, mode="after")

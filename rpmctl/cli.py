@@ -15,7 +15,7 @@ from typing import Any
 from core import keys
 from core.ids import InvalidId, check_id
 from core.settings import Settings
-from rpmctl.errors import DENIED, INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
+from rpmctl.errors import INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
 from rpmctl.views.table import table
 
 
@@ -120,6 +120,14 @@ def cmd_up(s: Settings, a: argparse.Namespace) -> int:
         return 0
     print(f"broker up (pid {info['broker_pid']}; mqtt {info['mqtt_loopback']}, mqtts {info['mqtts']}), "
           f"ingest up (pid {info['ingest_pid']}); logs in {info['logs']}")
+    print(f"clinician service up (pid {info['service_pid']}): {info['service_url']}/  "
+          f"(certificate signed by {s.ca_cert}: import it into the browser, or pass it as the CA)")
+    from service.accounts import Accounts
+
+    if not Accounts(s).list():
+        print("  no accounts yet: create the first administrator with\n"
+              "    rpm users add NAME --role admin        (prints the authenticator QR link; then\n"
+              "    rpm careteam add DR-ID --name ... --patient ...  and  rpm users add DR-ID --role clinician)")
     if a.airflow:
         af = info["airflow"]
         print(f"airflow up: {af['url']}  login {af['username']} / {af['password']}  (also in {af['password_file']})"
@@ -132,7 +140,8 @@ def cmd_down(s: Settings, a: argparse.Namespace) -> int:
 
     if not _has_state(s):  # safe anywhere (`make clean` runs it), but says where it looked
         if a.json:
-            _print_json({"airflow_stopped": False, "ingest_stopped": False, "broker_stopped": False})
+            _print_json({"airflow_stopped": False, "service_stopped": False, "ingest_stopped": False,
+                         "broker_stopped": False})
         else:
             print(f"nothing to stop: RPM_HOME={s.home} holds no rpm state")
         return 0
@@ -193,7 +202,9 @@ def cmd_devices_list(s: Settings, a: argparse.Namespace) -> int:
     else:
         with serving(s) as con:
             devices = list_devices(con)
-    AuditLog(s).append("admin:devices", "devices-list", sorted({d["patient_id"] for d in devices if d["patient_id"]}),
+    from warehouse.admin import operator
+
+    AuditLog(s).append(operator(), "devices-list", sorted({d["patient_id"] for d in devices if d["patient_id"]}),
                        {}, len(devices))  # device -> patient bindings are PHI
     if a.json:
         _print_json(devices)
@@ -288,29 +299,20 @@ def cmd_config(s: Settings, a: argparse.Namespace) -> int:
 
 
 # --- registry --------------------------------------------------------------------------------------------
-def _publish(s: Settings, con) -> None:
-    from warehouse.serving import publish_snapshot
-
-    publish_snapshot(s, con)
-
-
 def cmd_patients_add(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.db import clinical
-    from warehouse.registry import upsert_patient
+    from warehouse import admin
 
     conditions = [c.strip() for c in a.conditions.split(",") if c.strip()] if a.conditions else None
-    with clinical(s) as con:
-        upsert_patient(con, a.patient_id, mrn=a.mrn, given_name=a.given, family_name=a.family,
+    admin.save_patient(s, admin.operator(), a.patient_id, mrn=a.mrn, given_name=a.given, family_name=a.family,
                        birth_date=a.birth_date, time_zone=a.tz, conditions=conditions)
-        _publish(s, con)
     print(f"patient {a.patient_id} saved")
     return 0
 
 
 def cmd_patients_import(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.registry import import_patients_csv
+    from warehouse import admin
 
-    result = import_patients_csv(s, a.csv)
+    result = admin.import_patients(s, admin.operator(), a.csv)
     _print_json(result) if a.json else print(f"imported {result['patients']} patients from {a.csv}")
     return 0
 
@@ -323,7 +325,9 @@ def cmd_patients_list(s: Settings, a: argparse.Namespace) -> int:
     with serving(s) as con:
         rows = fetch_rows(con.execute("""SELECT patient_id, mrn, given_name, family_name, birth_date, time_zone,
                                                 conditions FROM patients ORDER BY patient_id"""))
-    AuditLog(s).append(f"admin:{a.actor}", "patients-list", [r["patient_id"] for r in rows], {}, len(rows))
+    from warehouse.admin import operator
+
+    AuditLog(s).append(operator(), "patients-list", [r["patient_id"] for r in rows], {}, len(rows))
     if a.json:
         _print_json(rows)
     else:
@@ -335,47 +339,36 @@ def cmd_patients_list(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_patients_threshold(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.db import clinical
-    from warehouse.registry import set_threshold
+    from warehouse import admin
 
-    with clinical(s) as con:
-        try:
-            set_threshold(con, a.patient_id, a.rule, a.value, a.set_by)
-        except KeyError as exc:
-            raise UserError(exc.args[0]) from None
-        _publish(s, con)
+    try:
+        admin.set_threshold(s, admin.operator(), a.patient_id, a.rule, a.value)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
     print(f"{a.patient_id}: {a.rule} = {a.value}")
     return 0
 
 
 def cmd_careteam_add(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.db import clinical, transaction
-    from warehouse.registry import add_clinician, assign
+    from warehouse import admin
 
-    with clinical(s) as con:
-        try:
-            with transaction(con):  # an unknown patient leaves no new clinician behind either
-                add_clinician(con, a.clinician_id, a.name, a.role)
-                added = assign(con, a.clinician_id, a.patient) if a.patient else False
-        except KeyError as exc:
-            raise UserError(exc.args[0]) from None
-        _publish(s, con)
-    print(f"{a.clinician_id}" + (f" {'added to' if added else 'already on'} the care team of {a.patient}"
-                                 if a.patient else " saved"))
+    try:
+        result = admin.assign(s, admin.operator(), a.clinician_id, a.patient, name=a.name, role=a.role)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    print(f"{a.clinician_id}" + (f" {'added to' if result['added'] else 'already on'} the care team of "
+                                 f"{a.patient}" if a.patient else " saved"))
     return 0
 
 
 def cmd_careteam_remove(s: Settings, a: argparse.Namespace) -> int:
-    from warehouse.db import clinical
-    from warehouse.registry import unassign
+    from warehouse import admin
 
-    with clinical(s) as con:
-        try:
-            removed = unassign(con, a.clinician_id, a.patient)
-        except KeyError as exc:
-            raise UserError(exc.args[0]) from None
-        _publish(s, con)
-    print(f"{a.clinician_id} {'removed from' if removed else 'was not on'} the care team of {a.patient}")
+    try:
+        result = admin.unassign(s, admin.operator(), a.clinician_id, a.patient)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    print(f"{a.clinician_id} {'removed from' if result['removed'] else 'was not on'} the care team of {a.patient}")
     return 0
 
 
@@ -398,22 +391,159 @@ def cmd_careteam_list(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
-# --- clinicians -------------------------------------------------------------------------------------------
+# --- clinicians: through the service, as the logged-in account ----------------------------------------------
 def cmd_clinician(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.client import Client, revive
     from rpmctl.views import clinician as view
-    from warehouse.access import AccessDenied, ClinicianSession
 
-    session = ClinicianSession(s, a.as_clinician)
-    try:
-        result = view.run(session, a)
-    except AccessDenied as exc:
-        raise UserError(str(exc), DENIED) from None
-    except (KeyError, ValueError) as exc:
-        raise UserError(str(exc.args[0] if exc.args else exc)) from None
+    result = view.run(Client(expected=a.as_clinician), a)
     if a.json:
         _print_json(result)
     else:
-        print(view.render(a.view, result))
+        print(view.render(a.view, revive(result)))
+    return 0
+
+
+def _read_password(a: argparse.Namespace, prompt: str = "password: ", confirm: bool = False) -> str:
+    """From stdin (--password-stdin: the first line) or, on a terminal, typed without echo."""
+    import getpass
+
+    if a.password_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+        if not password:
+            raise UserError("--password-stdin: no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        raise UserError("no terminal to type a password on: pass it with --password-stdin")
+    password = getpass.getpass(prompt)
+    if confirm and getpass.getpass("again: ") != password:
+        raise UserError("the two passwords differ")
+    return password
+
+
+def cmd_login(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.client import login
+
+    password = _read_password(a)
+    totp = a.totp
+    try:
+        info = login(s, a.as_user, password, totp)
+    except UserError as exc:
+        if "TOTP" not in str(exc) or totp or a.password_stdin or not sys.stdin.isatty():
+            raise
+        import getpass
+
+        info = login(s, a.as_user, password, getpass.getpass("authenticator code: ").strip())
+    _print_json(info) if a.json else print(
+        f"logged in to {info['url']} as {info['username']} ({info['role']}); the session ends after "
+        f"{info['idle_minutes']} idle minutes (token in {info['session_file']})")
+    return 0
+
+
+def cmd_logout(s: Settings, a: argparse.Namespace) -> int:
+    from rpmctl.client import logout
+
+    ended = logout()
+    _print_json({"logged_out": ended}) if a.json else print("logged out" if ended else "no session")
+    return 0
+
+
+def cmd_serve(s: Settings, a: argparse.Namespace) -> int:
+    from service.server import serve
+
+    serve(s)
+    return 0
+
+
+# --- accounts of the service (the operator holding the keys; every change audited) -------------------------
+def _accounts(s: Settings):
+    from service.accounts import Accounts
+
+    return Accounts(s)
+
+
+def _account_change(s: Settings, action: str, username: str, change: dict) -> None:
+    from warehouse.admin import operator
+    from warehouse.audit import AuditLog
+
+    AuditLog(s).append(operator(), f"accounts:{action}", [], {"username": username, **change}, 1)
+
+
+def cmd_users_add(s: Settings, a: argparse.Namespace) -> int:
+    from service.accounts import AccountError
+
+    clinician_id = None
+    if a.role == "clinician":
+        from warehouse.serving import serving
+
+        clinician_id = a.username  # a clinician's account is named by their registry id
+        if s.clinical_db.exists():
+            with serving(s) as con:
+                known = con.execute("SELECT 1 FROM clinicians WHERE clinician_id = ?", [clinician_id]).fetchone()
+        else:
+            known = None
+        if not known:
+            raise UserError(f"no clinician {clinician_id} in the registry: add them first "
+                            f"(rpm careteam add {clinician_id} --name ...)")
+    password = _read_password(a, confirm=True)
+    try:
+        user, uri = _accounts(s).add(a.username, a.role, password, clinician_id=clinician_id, totp=a.totp)
+    except AccountError as exc:
+        raise UserError(str(exc)) from None
+    _account_change(s, "add", a.username, {"after": {"role": user.role, "totp": user.totp}})
+    out = {**user.as_dict(), "totp_uri": uri}
+    if a.json:
+        _print_json(out)
+    else:
+        print(f"account {user.username} ({user.role}) created")
+        if uri:
+            print(f"  second factor: add this to an authenticator app (shown once):\n  {uri}")
+    return 0
+
+
+def cmd_users_list(s: Settings, a: argparse.Namespace) -> int:
+    users = [u.as_dict() for u in _accounts(s).list()]
+    if a.json:
+        _print_json(users)
+    else:
+        print(table(["account", "role", "clinician", "TOTP", "state", "created"],
+                    ([u["username"], u["role"], u["clinician_id"], "yes" if u["totp"] else "no",
+                      "disabled" if u["disabled"] else "locked" if u["locked"] else "active", u["created_at"]]
+                     for u in users), empty="no accounts: rpm users add NAME --role admin --password-stdin"))
+    return 0
+
+
+def cmd_users_disable(s: Settings, a: argparse.Namespace) -> int:
+    from service.accounts import AccountError
+
+    try:
+        user = _accounts(s).set_disabled(a.username, not a.enable)
+    except AccountError as exc:
+        raise UserError(str(exc)) from None
+    _account_change(s, "enable" if a.enable else "disable", a.username, {"after": {"disabled": user.disabled}})
+    _print_json(user.as_dict()) if a.json else print(
+        f"account {user.username} {'enabled' if a.enable else 'disabled (its sessions ended)'}")
+    return 0
+
+
+def cmd_users_reset_password(s: Settings, a: argparse.Namespace) -> int:
+    from service.accounts import AccountError
+
+    accounts = _accounts(s)
+    try:
+        accounts.get(a.username)
+        password = _read_password(a, confirm=True)
+        uri = accounts.reset_password(a.username, password, new_totp=a.new_totp)
+    except AccountError as exc:
+        raise UserError(str(exc)) from None
+    _account_change(s, "reset-password", a.username, {"new_totp": uri is not None})
+    if a.json:
+        _print_json({"username": a.username, "totp_uri": uri})
+    else:
+        print(f"password of {a.username} changed; its lock cleared and its sessions ended")
+        if uri:
+            print(f"  new second factor (shown once):\n  {uri}")
     return 0
 
 
@@ -643,15 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_imp = add("import", cmd_patients_import, "import a practice's patient list (CSV)", parent=patients)
     p_imp.add_argument("csv", help="columns: patient_id,mrn,given_name,family_name,birth_date,time_zone,"
                                    "conditions (';'-separated)")
-    p_list = add("list", cmd_patients_list, "all patients (an audited PHI read)", parent=patients)
-    p_list.add_argument("--actor", type=_id("actor"), default="registry",
-                        help="who is asking (recorded in the audit log)")
+    add("list", cmd_patients_list, "all patients (an audited PHI read)", parent=patients)
     p_thr = add("threshold", cmd_patients_threshold, "override an alert threshold for one patient",
                 parent=patients, json_flag=False)
     p_thr.add_argument("patient_id", type=_id("patient"))
     p_thr.add_argument("rule", help="e.g. bp_stage2.systolic, glucose_level1_low.mg_dl")
     p_thr.add_argument("value", type=_finite_float)
-    p_thr.add_argument("--set-by", type=_text)
 
     careteam = sub.add_parser("careteam", help="clinicians and care-team assignments").add_subparsers(
         dest="careteam_cmd", required=True)
@@ -667,35 +794,68 @@ def build_parser() -> argparse.ArgumentParser:
     c_rm.add_argument("--patient", type=_id("patient"), required=True)
     add("list", cmd_careteam_list, "clinicians and their current patients", parent=careteam)
 
-    clin = sub.add_parser("clinician", help="a clinician's view: only their care team's patients, audited",
-                          description="Queries as one clinician; every read of PHI is audited.")
-    clin.add_argument("--as", dest="as_clinician", type=_id("clinician"), required=True, metavar="CLINICIAN_ID")
+    clin = sub.add_parser("clinician", help="a clinician's view, through the service as the logged-in account",
+                          description="Asks the clinician service as the account `rpm login` opened a "
+                                      "session for: only its care team's patients, every read audited.")
+    clin.add_argument("--as", dest="as_clinician", type=_id("clinician"), metavar="CLINICIAN_ID",
+                      help="refuse to run unless the session belongs to this account (it proves nothing)")
     views = clin.add_subparsers(dest="view", required=True)
     add("patients", cmd_clinician, "your patients with last reading and open alerts", parent=views)
     v_pat = add("patient", cmd_clinician, "one patient: latest vitals, daily summaries, trends, alerts, glucose",
                 parent=views)
     v_pat.add_argument("patient_id", type=_id("patient"))
-    v_pat.add_argument("--days", type=_positive_int, default=30)
-    add("alerts", cmd_clinician, "open alerts, most severe first", parent=views)
+    v_pat.add_argument("--days", type=_bounded_int(3660, "days"), default=30)
+    v_alerts = add("alerts", cmd_clinician, "alerts, most severe first (resolved ones with why)", parent=views)
+    v_alerts.add_argument("--status", choices=["open", "resolved", "all"], default="open")
     v_ack = add("ack", cmd_clinician, "acknowledge an alert (it resolves when readings return to range)",
                 parent=views)
     v_ack.add_argument("alert_id", type=_id("alert"))
     v_ack.add_argument("--note", type=_text)
     v_bill = add("billing", cmd_clinician, "RPM billing eligibility (99445/99454, 99470/99457/99458)",
                  parent=views)
-    v_bill.add_argument("--month", type=_month, help="YYYY-MM (default: this month)")
+    v_bill.add_argument("--month", type=_month, help="YYYY-MM (default: the practice's current month)")
     v_bill.add_argument("--csv", help="also write the report to this CSV file")
+    v_ev = add("evidence", cmd_clinician, "the readings behind each billed day of one patient", parent=views)
+    v_ev.add_argument("patient_id", type=_id("patient"))
+    v_ev.add_argument("--month", type=_month, help="YYYY-MM (default: the practice's current month)")
     v_time = add("log-time", cmd_clinician, "log treatment-management minutes for a patient", parent=views)
     v_time.add_argument("minutes", type=_bounded_int(24 * 60, "minutes (one entry covers at most a day)"))
     v_time.add_argument("--patient", type=_id("patient"), required=True)
     v_time.add_argument("--interactive", action="store_true",
                         help="the time included a real-time interactive communication with the patient")
+    v_time.add_argument("--date", type=_iso_date, help="YYYY-MM-DD: back-date into this month or the previous one")
     v_time.add_argument("--note", type=_text)
     v_fhir = add("export-fhir", cmd_clinician, "write a FHIR R4 Bundle of vital-signs Observations",
                  parent=views)
     v_fhir.add_argument("patient_id", type=_id("patient"))
-    v_fhir.add_argument("--days", type=_positive_int)
+    v_fhir.add_argument("--days", type=_bounded_int(3660, "days"))
     v_fhir.add_argument("--out", help="file to write (default: <patient>-fhir.json)")
+
+    login_p = add("login", cmd_login, "log in to the clinician service (the session token is kept 0600)")
+    login_p.add_argument("--as", dest="as_user", type=_id("account"), required=True, metavar="ACCOUNT")
+    login_p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    login_p.add_argument("--totp", help="the authenticator code (asked for when needed on a terminal)")
+    add("logout", cmd_logout, "end the session and forget its token")
+    add("serve", cmd_serve, "run the clinician service (dashboard + /api/v1) over HTTPS in the foreground",
+        json_flag=False)
+
+    users = sub.add_parser("users", help="accounts of the clinician service").add_subparsers(
+        dest="users_cmd", required=True)
+    u_add = add("add", cmd_users_add, "create an account (a clinician's is their registry id)", parent=users)
+    u_add.add_argument("username", type=_id("account"))
+    u_add.add_argument("--role", choices=["clinician", "admin", "auditor"], required=True)
+    u_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    u_add.add_argument("--totp", action="store_true",
+                       help="require an authenticator code (always for admin): prints the provisioning URI")
+    add("list", cmd_users_list, "accounts, roles and states (no secrets)", parent=users)
+    u_dis = add("disable", cmd_users_disable, "disable an account (its sessions end at once)", parent=users)
+    u_dis.add_argument("username", type=_id("account"))
+    u_dis.add_argument("--enable", action="store_true", help="enable it again instead")
+    u_rp = add("reset-password", cmd_users_reset_password, "set a new password (clears a lock, ends sessions)",
+               parent=users)
+    u_rp.add_argument("username", type=_id("account"))
+    u_rp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    u_rp.add_argument("--new-totp", action="store_true", help="also issue a new authenticator secret")
 
     rep = add("reports", cmd_reports, "telehealth reports from the de-identified store (no PHI)")
     rep.add_argument("report", choices=["education", "appointments", "connectivity", "firmware", "adherence",
@@ -747,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
 # a folder that holds no rpm state, so a mistyped RPM_HOME is reported instead of silently becoming a new,
 # empty installation.
 SETUP_COMMANDS = frozenset({"init", "up", "demo", "ingest", "config", "down"})
+# Commands that only talk to the clinician service: they read no key and no state, so any local account runs
+# them (and gets what its login allows).
+CLIENT_COMMANDS = frozenset({"login", "logout", "clinician"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -766,6 +929,8 @@ def _run(argv: list[str]) -> int:
         settings = Settings.from_env()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.command in CLIENT_COMMANDS:
+        return int(args.fn(settings, args) or 0)
     if args.command not in SETUP_COMMANDS and not _has_state(settings):
         raise UserError(f"RPM_HOME={settings.home} holds no rpm state: run rpm init (or fix RPM_HOME)")
     if args.command != "config":

@@ -7,8 +7,9 @@ outside the clinician's care team is refused — and the refusal is audited too.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import duckdb
 
@@ -25,11 +26,21 @@ class AccessDenied(PermissionError):
     pass
 
 
+ALERT_STATUSES = ("open", "resolved", "all")
+# How far back a clinician may date logged time: this month and the one before (a call on the 31st logged
+# on the 1st still counts where it happened); never into the future.
+BACKDATE_MONTHS = 1
+
+
 class ClinicianSession:
-    def __init__(self, s: Settings, clinician_id: str):
+    """One clinician's reads and writes. ``via`` names the door they came through ("api", "web", "cli"):
+    it is recorded with every audit record, beside the authenticated actor."""
+
+    def __init__(self, s: Settings, clinician_id: str, via: str = "cli"):
         self.s = s
         self.clinician_id = clinician_id
-        self.audit = AuditLog(s)
+        self.via = via
+        self.audit = _Audit(AuditLog(s), via)
 
     # --- scope ---------------------------------------------------------------------------------------
     def _scope(self, con: duckdb.DuckDBPyConnection, action: str, query: dict) -> list[str]:
@@ -88,13 +99,47 @@ class ClinicianSession:
         self.audit.append(self.clinician_id, "patient", [patient_id], query, rows)
         return out
 
-    def alerts(self) -> list[dict]:
-        query = {"view": "alerts"}
+    def alerts(self, status: str = "open", patient_id: str | None = None) -> list[dict]:
+        """Alerts of the care team (or of one patient): open ones most severe first; resolved ones newest
+        first, each with why it resolved."""
+        if status not in ALERT_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(ALERT_STATUSES)}, not {status!r}")
+        query = {"view": "alerts", "status": status, **({"patient_id": patient_id} if patient_id else {})}
         with serving(self.s) as con:
-            scope = self._scope(con, "alerts", query)
-            rows = alerts_mod.open_alerts(con, scope)
+            if patient_id is not None:
+                self._require(con, patient_id, "alerts", query)
+                scope = [patient_id]
+            else:
+                scope = self._scope(con, "alerts", query)
+            rows = alerts_mod.open_alerts(con, scope) if status == "open" else _alerts(con, scope, status)
         self.audit.append(self.clinician_id, "alerts", sorted({r["patient_id"] for r in rows}), query, len(rows))
         return rows
+
+    def billing_evidence(self, patient_id: str, month: str | None) -> dict:
+        """The counted days behind a patient's device-supply periods reported for ``month``, each with the
+        readings (time, metric, value, device) that made it count."""
+        from warehouse.billing import billing_evidence, billing_report
+
+        query = {"view": "billing-evidence", "patient_id": patient_id, "month": month}
+        with serving(self.s) as con:
+            self._require(con, patient_id, "billing-evidence", query)
+            report = billing_report(con, month, [patient_id])[0]
+            periods = []
+            for period in report["periods"]:
+                days = billing_evidence(con, patient_id, period["period_no"])
+                ids = [rid for d in days for rid in d["reading_ids"]]
+                readings = {r["reading_id"]: r for r in _rows(con.execute("""
+                    SELECT reading_id, measured_at, metric, value, diastolic, unit, device_id FROM readings
+                    WHERE list_contains(?, reading_id) ORDER BY measured_at""", [ids]))} if ids else {}
+                for d in days:
+                    d["readings_count"] = d["readings"]
+                    d["readings"] = [readings[rid] for rid in d.pop("reading_ids") if rid in readings]
+                periods.append({**period, "days": days})
+        out = {"patient_id": patient_id, "month": report["month"], "device_codes": report["device_codes"],
+               "periods": periods}
+        self.audit.append(self.clinician_id, "billing-evidence", [patient_id], query,
+                          sum(len(d["readings"]) for p in periods for d in p["days"]))
+        return out
 
     def billing(self, month: str | None) -> list[dict]:
         from warehouse.billing import billing_report
@@ -130,10 +175,17 @@ class ClinicianSession:
         return result  # type: ignore[return-value]
 
     def log_time(self, patient_id: str, minutes: int, interactive: bool, note: str | None = None,
-                 occurred_at: datetime | None = None) -> dict:
-        if minutes <= 0:
-            raise ValueError("minutes must be positive")
-        query = {"action": "log-time", "patient_id": patient_id, "minutes": minutes, "interactive": interactive}
+                 occurred_at: datetime | None = None, on: date | None = None) -> dict:
+        """Log treatment-management minutes; ``on`` back-dates them to a day of this month or the previous
+        one (the practice's calendar), never into the future."""
+        if not 0 < minutes <= 24 * 60:
+            raise ValueError("minutes must be between 1 and 1440 (one entry covers at most a day)")
+        if note is not None and not note.isprintable():
+            raise ValueError("a note may not contain control characters")
+        if on is not None:
+            occurred_at = _backdated(on, self.s)
+        query = {"action": "log-time", "patient_id": patient_id, "minutes": minutes, "interactive": interactive,
+                 **({"date": on.isoformat()} if on else {})}
         with clinical(self.s) as con:
             self._require(con, patient_id, "log-time", query)
             row = con.execute("""INSERT INTO interactions (patient_id, clinician_id, minutes, interactive,
@@ -144,7 +196,49 @@ class ClinicianSession:
             publish_snapshot(self.s, con)
         self.audit.append(self.clinician_id, "log-time", [patient_id], query, 1)
         return {"interaction_id": str(row[0]), "patient_id": patient_id, "minutes": minutes,  # type: ignore[index]
-                "interactive": interactive}
+                "interactive": interactive,
+                "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(timespec="seconds")}
+
+
+class _Audit:
+    """The audit log with the door each record came through added to its query."""
+
+    def __init__(self, log: AuditLog, via: str):
+        self.log, self.via = log, via
+
+    def append(self, actor: str, action: str, patient_ids: list[str], query: dict, rows: int,
+               outcome: str = "ok") -> dict:
+        return self.log.append(actor, action, patient_ids, {**query, "via": self.via}, rows, outcome=outcome)
+
+    def check_tail(self) -> str | None:
+        return self.log.check_tail()
+
+
+def _alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str], status: str) -> list[dict]:
+    where = "resolved_at IS NOT NULL AND " if status == "resolved" else ""
+    return _rows(con.execute(f"""
+        SELECT alert_id, patient_id, rule, severity, description, opened_at, last_breach_at, last_observed,
+               breaches, acknowledged_by, acknowledged_at, ack_note, resolved_at, resolution
+        FROM alerts WHERE {where}list_contains(?, patient_id)
+        ORDER BY resolved_at IS NOT NULL, coalesce(resolved_at, opened_at) DESC, severity, patient_id, rule
+        LIMIT 1000""", [patient_ids]))
+
+
+def _practice_tz(s: Settings) -> ZoneInfo:
+    return ZoneInfo(getattr(s, "practice_tz", "") or "UTC")
+
+
+def _backdated(on: date, s: Settings) -> datetime:
+    """Noon of ``on`` in the practice's zone, if ``on`` lies in this month or the previous one."""
+    tz = _practice_tz(s)
+    today = datetime.now(tz).date()
+    first_allowed = date(today.year - (today.month == 1), (today.month - 2) % 12 + 1, 1)
+    if on > today:
+        raise ValueError(f"time cannot be logged on a future day ({on.isoformat()})")
+    if on < first_allowed:
+        raise ValueError(f"time can be back-dated to this month or the previous one (from "
+                         f"{first_allowed.isoformat()}), not to {on.isoformat()}")
+    return datetime.combine(on, time(12, 0), tz)
 
 
 def _glucose(con: duckdb.DuckDBPyConnection, patient_id: str) -> Any:

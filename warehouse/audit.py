@@ -245,6 +245,17 @@ class AuditLog:
             out.append(json.loads(self.keyring.open(base64.b64decode(line), f"audit:{seq}".encode())))
         return out
 
+    def readable_records(self) -> list[dict]:
+        """Every record that still decrypts; an altered line becomes ``{"seq": n, "unreadable": reason}``
+        (for the auditor's view, which shows the verdict of ``verify`` beside them)."""
+        out: list[dict] = []
+        for seq, line in enumerate(self._read()[1]):
+            try:
+                out.append(json.loads(self.keyring.open(base64.b64decode(line), f"audit:{seq}".encode())))
+            except (DecryptError, ValueError) as exc:
+                out.append({"seq": seq, "unreadable": str(exc)})
+        return out
+
     def verify(self) -> dict:
         """Walk the chain; ``ok`` is False with the first problem found."""
         head_raw, lines, torn = self._read()

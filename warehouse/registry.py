@@ -201,11 +201,13 @@ def import_patients_csv(s, path: str) -> dict:
             rows = list(reader)
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ValueError(f"{path}: not a UTF-8 CSV file ({exc})") from None
+    ids = []
     with clinical(s) as con:
         with transaction(con):
             for line, row in enumerate(rows, start=2):
                 try:
                     patient_id = check_id("patient", (row.get("patient_id") or "").strip())
+                    ids.append(patient_id)
                     upsert_patient(
                         con, patient_id, mrn=row.get("mrn") or None,
                         given_name=row.get("given_name") or None, family_name=row.get("family_name") or None,
@@ -216,13 +218,18 @@ def import_patients_csv(s, path: str) -> dict:
                 except (ValueError, KeyError, duckdb.Error) as exc:
                     raise ValueError(f"{path} line {line}: {exc}") from exc
         publish_snapshot(s, con)
-    return {"patients": len(rows)}
+    return {"patients": len(rows), "patient_ids": sorted(set(ids))}
 
 
 def _check_text(field: str, value: str | None) -> None:
     """Free text is shown on terminals: a control character in it could forge a line of output."""
     if value is not None and not (isinstance(value, str) and value.isprintable()):
         raise ValueError(f"{field} {value!r} contains control characters")
+
+
+def require_patient(con: duckdb.DuckDBPyConnection, patient_id: str) -> None:
+    """KeyError (naming how to add them) unless the patient is in the registry."""
+    _require_known(con, patient_id=patient_id)
 
 
 def _require_known(con: duckdb.DuckDBPyConnection, *, clinician_id: str | None = None,

@@ -11,8 +11,8 @@ from core.settings import INGEST_CLIENT_PREFIX, Settings
 from core.topics import events_topic, status_topic, vitals_topic
 from rpmctl.services import broker, procs
 from transforms.vocab import SOURCE_KINDS
+from warehouse.admin import enroll_device, operator
 from warehouse.db import clinical
-from warehouse.registry import enroll
 
 KIND_HELP = ", ".join(f"{k.name} ({k.description})" for k in SOURCE_KINDS.values())
 
@@ -22,14 +22,15 @@ class ProvisioningError(ValueError):
 
 
 def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None = None,
-              since: datetime | None = None, new_password: bool = False) -> dict:
+              since: datetime | None = None, new_password: bool = False, actor: str | None = None) -> dict:
     """Enrol ``device_id`` to ``patient_id`` and give it a broker login.
 
     The patient must be in the registry. ``kind`` (SOURCE_KINDS) is required for a new device and decides
     what it may publish: a device's vitals and status topics, or an app's events topic. A new device gets a
     password, shown once (only its hash is stored); an existing device keeps its login — a connected device
     is not cut off by an enrollment change — unless ``new_password`` asks for a new one (then "password" is
-    the new one; otherwise it is null).
+    the new one; otherwise it is null). The enrollment is audited under ``actor`` (default: the local
+    operator, named by the kernel).
     """
     try:
         check_id("device", device_id)
@@ -53,10 +54,11 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
         if known and known[0] in SOURCE_KINDS and known[0] != kind:
             raise ProvisioningError(f"device {device_id} is registered as {known[0]!r}, not {kind!r}: "
                                     "a device's kind does not change (register the new hardware under a new id)")
-        try:
-            enrollment = enroll(con, device_id, patient_id, kind=kind, valid_from=since)
-        except ValueError as exc:
-            raise ProvisioningError(str(exc)) from exc
+    try:
+        enrollment = enroll_device(s, actor or operator(), device_id, patient_id, kind=kind,
+                                   since=since, publish=False)["enrollment"]
+    except ValueError as exc:
+        raise ProvisioningError(str(exc)) from exc
     app = SOURCE_KINDS[kind].app
     if not broker.passwd_path(s).exists():
         broker.prepare(s)

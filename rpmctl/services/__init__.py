@@ -13,6 +13,7 @@ from core.settings import Settings
 from rpmctl.services import broker, procs
 
 INGEST = "ingest"
+SERVICE = "service"
 
 
 def init(s: Settings) -> None:
@@ -64,16 +65,49 @@ def up(s: Settings) -> dict:
     broker_pid = broker.start(s)
     ingest_pid = procs.start(s, INGEST, [sys.executable, "-m", "rpmctl.cli", "ingest"], env=s.as_env(),
                              ready=lambda: _ingest_connected(s))
-    return {"broker_pid": broker_pid, "ingest_pid": ingest_pid,
+    service_pid = start_service(s)
+    return {"broker_pid": broker_pid, "ingest_pid": ingest_pid, "service_pid": service_pid,
             "mqtt_loopback": f"{s.broker_host}:{s.broker_port}", "mqtts": f"0.0.0.0:{s.broker_tls_port}",
-            "logs": str(s.run_dir)}
+            "service_url": service_url(s), "logs": str(s.run_dir)}
+
+
+def service_url(s: Settings) -> str:
+    from service.server import url
+
+    return url(s)
+
+
+def _service_ready(s: Settings) -> bool:
+    """The service answers /healthz over TLS with the certificate our CA signed."""
+    import ssl
+    import urllib.request
+
+    try:
+        context = ssl.create_default_context(cafile=str(s.ca_cert))
+        host = "127.0.0.1" if s.service_bind in ("0.0.0.0", "::") else s.service_bind
+        with urllib.request.urlopen(f"https://{'localhost' if host == '127.0.0.1' else host}:{s.service_port}"
+                                    "/healthz", context=context, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_service(s: Settings) -> int:
+    """The clinician service (dashboard + API) in the background: what `rpm serve` runs."""
+    from core.keys import ensure_service_cert
+
+    ensure_service_cert(s)  # before the child starts: it must not race another command creating it
+    return procs.start(s, SERVICE, [sys.executable, "-m", "rpmctl.cli", "serve"], env=s.as_env(),
+                       ready=lambda: _service_ready(s), timeout=30)
 
 
 def down(s: Settings) -> dict:
     # Ingest first: it flushes, acks and seals before the broker goes away.
-    return {"ingest_stopped": procs.stop(s, INGEST), "broker_stopped": broker.stop(s)}
+    return {"service_stopped": procs.stop(s, SERVICE), "ingest_stopped": procs.stop(s, INGEST),
+            "broker_stopped": broker.stop(s)}
 
 
 def status(s: Settings) -> dict:
     return {"broker_pid": procs.read_pid(s, broker.NAME), "ingest_pid": procs.read_pid(s, INGEST),
+            "service_pid": procs.read_pid(s, SERVICE), "service_url": service_url(s),
             "ingest": ingest_status(s)}

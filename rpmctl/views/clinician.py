@@ -8,45 +8,47 @@ from pathlib import Path
 from typing import Any
 
 from core.ids import check_id
+from rpmctl.client import Client
 from rpmctl.errors import printable
 from rpmctl.views.table import table
-from warehouse.access import ClinicianSession
-from warehouse.audit import AuditTampered
 from warehouse.glucose import SUFFICIENT_DAYS, TARGET_EXPECTED_READINGS_MIN, TARGETS
 
 SEVERITY = {1: "CRITICAL", 2: "HIGH", 3: "MODERATE"}
 
 
-def run(session: ClinicianSession, a: argparse.Namespace) -> Any:
-    # Fail closed before touching PHI: a read or a change that cannot be audited must not happen (the session
-    # appends after its query, so without this a write would be committed before the refusal).
-    problem = session.audit.check_tail()
-    if problem:
-        raise AuditTampered(problem)
+def run(client: Client, a: argparse.Namespace) -> Any:
+    """One `rpm clinician` view, asked of the clinician service as the logged-in account."""
     if a.view == "patients":
-        return session.patients()
+        return client.get("/api/v1/patients")
     if a.view == "patient":
-        return session.patient(a.patient_id, a.days)
+        return client.get(f"/api/v1/patients/{a.patient_id}", days=a.days)
     if a.view == "alerts":
-        return session.alerts()
+        return client.get("/api/v1/alerts", status=a.status)
     if a.view == "ack":
-        return session.acknowledge(a.alert_id, a.note)
+        return client.post(f"/api/v1/alerts/{a.alert_id}/ack", {"note": a.note})
     if a.view == "billing":
-        rows = session.billing(a.month)
+        rows = client.get("/api/v1/billing", month=a.month)
         if a.csv:
             from warehouse.billing import write_csv
 
             write_csv(rows, Path(a.csv))
         return rows
+    if a.view == "evidence":
+        return client.get(f"/api/v1/billing/{a.patient_id}/evidence", month=a.month)
     if a.view == "log-time":
-        return session.log_time(a.patient, a.minutes, a.interactive, a.note)
+        return client.post("/api/v1/time-entries", {
+            "patient_id": a.patient, "minutes": a.minutes, "interactive": a.interactive, "note": a.note,
+            "date": a.date.isoformat() if a.date else None})
     if a.view == "export-fhir":
         from warehouse.fhir import write_bundle
 
         # The default name is built from a validated id: it cannot leave the working directory.
         default = f"{check_id('patient', a.patient_id)}-fhir.json"
-        bundle = session.export_fhir(a.patient_id, a.days)
-        out = write_bundle(bundle, Path(a.out or default))  # 0600: PHI leaves the store
+        target = Path(a.out or default)
+        if not target.parent.is_dir():  # checked before the read, which is audited
+            raise FileNotFoundError(2, "No such directory", str(target.parent))
+        bundle = client.get(f"/api/v1/patients/{a.patient_id}/fhir", days=a.days)
+        out = write_bundle(bundle, target)  # 0600: PHI leaves the store
         return {"file": str(out), "observations": len(bundle.get("entry", [])), "resourceType": "Bundle"}
     raise ValueError(f"unknown view {a.view}")
 
@@ -94,10 +96,27 @@ def render(view: str, result: Any) -> str:
                               else _fmt(r["mean_value"]), _fmt(r["max_value"])] for r in result["daily"][:60]]))
         return "\n".join(lines)
     if view == "alerts":
+        if result and any(a.get("resolved_at") for a in result):
+            return table(["severity", "patient", "rule", "observed", "opened (UTC)", "resolved (UTC)", "why",
+                          "ack", "alert id"],
+                         [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], a["rule"],
+                           a["last_observed"], f"{a['opened_at']:%Y-%m-%d %H:%M}",
+                           f"{a['resolved_at']:%Y-%m-%d %H:%M}" if a.get("resolved_at") else "open",
+                           a.get("resolution"), a["acknowledged_by"], a["alert_id"]] for a in result])
         return table(["severity", "patient", "rule", "observed", "opened (UTC)", "breaches", "ack", "alert id"],
                       [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], a["rule"], a["last_observed"],
                         f"{a['opened_at']:%Y-%m-%d %H:%M}", a["breaches"], a["acknowledged_by"], a["alert_id"]]
-                       for a in result]) if result else "no open alerts"
+                       for a in result]) if result else "no alerts"
+    if view == "evidence":
+        lines = [f"{result['patient_id']} {result['month']}: codes {', '.join(result['device_codes']) or 'none'}"]
+        for p in result["periods"]:
+            lines.append(f"  period {p['period_no']} {p['period_start']}..{p['period_end']}: "
+                         f"{p['days_with_data']} days with data ({p.get('device_code') or 'no code yet'})")
+            for d in p["days"]:
+                first = d["readings"][0] if d["readings"] else None
+                lines.append(f"    {d['local_date']}  {d['readings_count']} readings" + (f", first {first['metric']} at {first['measured_at']:%H:%M} UTC"
+                                             f" from {first['device_id']}" if first else ""))
+        return "\n".join(printable(x) for x in lines)
     if view == "billing":
         return table(["patient", "period", "days", "device", "minutes", "management", "flags"],
                       [[r["patient_id"], f"{r.get('period_start') or '-'}..{r.get('period_end') or '-'}",

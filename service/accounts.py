@@ -1,0 +1,348 @@
+"""Accounts and sessions of the clinician service: who may read PHI, proven by a password and (for admins,
+optionally for clinicians) a TOTP code.
+
+One SQLite file in the secrets folder (0600, owned by the service account) holds:
+
+* ``users``: argon2id password hashes (argon2-cffi's defaults: 64 MiB, 3 passes), the TOTP secret sealed
+  with the ``accounts`` keyring (AES-GCM bound to the user name), the role, the registry clinician id of a
+  clinician account, failure count and lock;
+* ``sessions``: the SHA-256 of each session token (a stolen database yields no usable token), its CSRF token
+  for the dashboard's forms, and when it was last used — a session is over after ``session_idle_minutes``
+  without a request.
+
+A login that fails ``login_max_failures`` times in a row locks the account for ``login_lockout_minutes``;
+while locked even the right password is refused, and the caller cannot tell a locked account from a wrong
+password or an unknown name (no user enumeration). A TOTP code is accepted once (replay refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyotp
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from core.ids import check_id
+from core.keyring import Keyring
+from core.settings import Settings
+
+ROLES = ("clinician", "admin", "auditor")
+MIN_PASSWORD_LENGTH = 12   # NIST SP 800-63B: at least 8, and a verifier may ask for more; a phrase fits
+MAX_PASSWORD_LENGTH = 256  # argon2 takes any length, but an unbounded one is a denial-of-service lever
+TOTP_ISSUER = "rpm-pipeline"
+
+_HASHER = PasswordHasher()
+# Verified against when the user does not exist, so both paths cost one argon2 verification (no timing oracle).
+_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    username        TEXT PRIMARY KEY,
+    role            TEXT NOT NULL CHECK (role IN ('clinician', 'admin', 'auditor')),
+    clinician_id    TEXT,
+    password_hash   TEXT NOT NULL,
+    totp_sealed     BLOB,
+    totp_last_step  INTEGER NOT NULL DEFAULT 0,
+    disabled        INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    locked_until    REAL NOT NULL DEFAULT 0,
+    created_at      TEXT NOT NULL,
+    password_set_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_sha256 TEXT PRIMARY KEY,
+    username     TEXT NOT NULL REFERENCES users(username),
+    kind         TEXT NOT NULL CHECK (kind IN ('api', 'web')),
+    csrf         TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    last_seen    REAL NOT NULL
+);
+"""
+
+
+class AccountError(ValueError):
+    """A request about accounts that cannot be done (unknown user, weak password, …): the message says why."""
+
+
+class LoginFailed(PermissionError):
+    """Wrong name, password or code, or a locked or disabled account — deliberately one message for all."""
+
+    def __init__(self, reason: str, username: str):
+        super().__init__("invalid username, password or code (or the account is locked)")
+        self.reason = reason          # for the audit log only, never shown to the caller
+        self.username = username
+
+
+class TotpRequired(LoginFailed):
+    """Password right, but this account needs a TOTP code and none was given."""
+
+    def __init__(self, username: str):
+        PermissionError.__init__(self, "this account needs a TOTP code from its authenticator app")
+        self.reason = "totp required"
+        self.username = username
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    role: str
+    clinician_id: str | None
+    totp: bool
+    disabled: bool
+    locked: bool
+    created_at: str
+
+    def as_dict(self) -> dict:
+        return {"username": self.username, "role": self.role, "clinician_id": self.clinician_id,
+                "totp": self.totp, "disabled": self.disabled, "locked": self.locked,
+                "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class Session:
+    username: str
+    role: str
+    clinician_id: str | None
+    kind: str
+    csrf: str
+    expires_at: float
+
+    @property
+    def actor(self) -> str:
+        """Who the audit log names: the account (a clinician's account id is its registry clinician id)."""
+        return self.username
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise AccountError(f"a password has at most {MAX_PASSWORD_LENGTH} characters")
+    if not password.isprintable():
+        raise AccountError("a password may not contain control characters")
+    return password
+
+
+class Accounts:
+    def __init__(self, s: Settings, now=time.time):
+        self.s = s
+        self.path = Path(s.secrets_dir) / "accounts.sqlite"
+        self.now = now
+        self.idle_s = s.session_idle_minutes * 60
+        self._keyring: Keyring | None = None
+        self._connect().executescript(SCHEMA).close()
+
+    # --- storage ---------------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():  # created private: it holds password hashes and sealed TOTP secrets
+            self.path.touch(mode=0o600)
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        return db
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (BEGIN IMMEDIATE: a login's check-and-count is not raced by another login)."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    @property
+    def keyring(self) -> Keyring:
+        if self._keyring is None:
+            self._keyring = Keyring.load(self.s, "accounts")
+        return self._keyring
+
+    def _seal_totp(self, username: str, secret: str) -> bytes:
+        return self.keyring.seal(secret.encode(), f"totp:{username}".encode())
+
+    def _open_totp(self, username: str, sealed: bytes) -> str:
+        return self.keyring.open(sealed, f"totp:{username}".encode()).decode()
+
+    def _user(self, row: sqlite3.Row) -> User:
+        return User(row["username"], row["role"], row["clinician_id"], row["totp_sealed"] is not None,
+                    bool(row["disabled"]), row["locked_until"] > self.now(), row["created_at"])
+
+    def _row(self, db: sqlite3.Connection, username: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
+        if row is None:
+            raise AccountError(f"no account {username!r}")
+        return row
+
+    # --- administration (the CLI, as the service account) -----------------------------------------------
+    def add(self, username: str, role: str, password: str, *, clinician_id: str | None = None,
+            totp: bool = False) -> tuple[User, str | None]:
+        """Create an account; returns it and, when it has a second factor, the otpauth:// provisioning URI
+        (shown once: the secret is stored sealed)."""
+        check_id("account", username)
+        if role not in ROLES:
+            raise AccountError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        if role == "clinician" and clinician_id is None:
+            raise AccountError("a clinician account is tied to a clinician of the registry")
+        if role != "clinician" and clinician_id is not None:
+            raise AccountError(f"only a clinician account is tied to a registry clinician, not {role!r}")
+        totp = totp or role == "admin"  # administrators always have a second factor
+        check_password(password)
+        secret = pyotp.random_base32() if totp else None
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM users WHERE username = ?", [username]).fetchone():
+                raise AccountError(f"account {username!r} already exists (rpm users reset-password to change it)")
+            db.execute("""INSERT INTO users (username, role, clinician_id, password_hash, totp_sealed,
+                                             created_at, password_set_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                       [username, role, clinician_id, _HASHER.hash(password),
+                        self._seal_totp(username, secret) if secret else None, _now_iso(), _now_iso()])
+            user = self._user(self._row(db, username))
+        uri = pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=TOTP_ISSUER) if secret else None
+        return user, uri
+
+    def list(self) -> list[User]:
+        with self._db() as db:
+            return [self._user(r) for r in db.execute("SELECT * FROM users ORDER BY username")]
+
+    def get(self, username: str) -> User:
+        with self._db() as db:
+            return self._user(self._row(db, username))
+
+    def set_disabled(self, username: str, disabled: bool = True) -> User:
+        """Disable (or enable) an account; disabling ends its sessions at once."""
+        with self._db() as db:
+            self._row(db, username)
+            db.execute("UPDATE users SET disabled = ? WHERE username = ?", [int(disabled), username])
+            if disabled:
+                db.execute("DELETE FROM sessions WHERE username = ?", [username])
+            return self._user(self._row(db, username))
+
+    def reset_password(self, username: str, password: str, *, new_totp: bool = False) -> str | None:
+        """Set a new password, clear the lock and end every session; ``new_totp`` also issues a new second
+        factor (returns its provisioning URI)."""
+        check_password(password)
+        with self._db() as db:
+            row = self._row(db, username)
+            secret = pyotp.random_base32() if new_totp or (row["role"] == "admin" and not row["totp_sealed"]) \
+                else None
+            db.execute("""UPDATE users SET password_hash = ?, failures = 0, locked_until = 0, password_set_at = ?
+                          WHERE username = ?""", [_HASHER.hash(password), _now_iso(), username])
+            if secret:
+                db.execute("UPDATE users SET totp_sealed = ?, totp_last_step = 0 WHERE username = ?",
+                           [self._seal_totp(username, secret), username])
+            db.execute("DELETE FROM sessions WHERE username = ?", [username])
+        return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=TOTP_ISSUER) if secret else None
+
+    # --- login and sessions (the service) -----------------------------------------------------------------
+    def authenticate(self, username: str, password: str, totp: str | None = None) -> User:
+        """The account, if the password (and its TOTP code, when it has one) is right and it may log in.
+        Raises LoginFailed (one message for every cause) or TotpRequired."""
+        now = self.now()
+        with self._db() as db:
+            row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
+            if row is None:
+                _verify(_DUMMY_HASH, password)
+                raise LoginFailed("unknown account", username)
+            if row["locked_until"] > now:
+                _verify(row["password_hash"], password)
+                raise LoginFailed("account locked", username)
+            if row["disabled"]:
+                _verify(row["password_hash"], password)
+                raise LoginFailed("account disabled", username)
+            if not _verify(row["password_hash"], password):
+                self._failed(db, row, now)
+                raise LoginFailed("wrong password", username)
+            if row["totp_sealed"] is not None:
+                if not totp:
+                    raise TotpRequired(username)
+                step = self._totp_step(username, row["totp_sealed"], totp, now)
+                if step is None or step <= row["totp_last_step"]:
+                    self._failed(db, row, now)
+                    raise LoginFailed("wrong or reused TOTP code", username)
+                db.execute("UPDATE users SET totp_last_step = ? WHERE username = ?", [step, username])
+            db.execute("UPDATE users SET failures = 0, locked_until = 0 WHERE username = ?", [username])
+            if _HASHER.check_needs_rehash(row["password_hash"]):
+                db.execute("UPDATE users SET password_hash = ? WHERE username = ?",
+                           [_HASHER.hash(password), username])
+            return self._user(self._row(db, username))
+
+    def _failed(self, db: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+        failures = row["failures"] + 1
+        locked_until = now + self.s.login_lockout_minutes * 60 if failures >= self.s.login_max_failures else 0
+        db.execute("UPDATE users SET failures = ?, locked_until = ? WHERE username = ?",
+                   [0 if locked_until else failures, locked_until, row["username"]])
+
+    def _totp_step(self, username: str, sealed: bytes, code: str, now: float) -> int | None:
+        """The time step a code belongs to (this one or the one either side, for clock drift), or None."""
+        totp = pyotp.TOTP(self._open_totp(username, sealed))
+        code = code.strip().replace(" ", "")
+        for offset in (0, -1, 1):
+            at = now + offset * totp.interval
+            if secrets.compare_digest(totp.at(at), code):
+                return int(at // totp.interval)
+        return None
+
+    def start_session(self, user: User, kind: str) -> tuple[str, Session]:
+        """A new session for an authenticated user: (the token — shown once, stored only hashed — , session)."""
+        token = secrets.token_urlsafe(32)
+        now = self.now()
+        with self._db() as db:
+            # Sessions idle past their limit are gone for good (not only refused).
+            db.execute("DELETE FROM sessions WHERE last_seen < ?", [now - self.idle_s])
+            csrf = secrets.token_urlsafe(32)
+            db.execute("""INSERT INTO sessions (token_sha256, username, kind, csrf, created_at, last_seen)
+                          VALUES (?, ?, ?, ?, ?, ?)""", [_token_hash(token), user.username, kind, csrf, now, now])
+        return token, Session(user.username, user.role, user.clinician_id, kind, csrf, now + self.idle_s)
+
+    def session(self, token: str, kind: str, touch: bool = True) -> Session | None:
+        """The live session of a token (and its use now counts as activity), or None: unknown, of the other
+        kind, idle too long, or its account disabled since."""
+        if not token or len(token) > 200:
+            return None
+        now = self.now()
+        with self._db() as db:
+            row = db.execute("""SELECT s.*, u.role, u.clinician_id, u.disabled FROM sessions s
+                                JOIN users u USING (username) WHERE token_sha256 = ?""",
+                             [_token_hash(token)]).fetchone()
+            if row is None or row["kind"] != kind:
+                return None
+            if row["disabled"] or row["last_seen"] < now - self.idle_s:
+                db.execute("DELETE FROM sessions WHERE token_sha256 = ?", [row["token_sha256"]])
+                return None
+            if touch:
+                db.execute("UPDATE sessions SET last_seen = ? WHERE token_sha256 = ?", [now, row["token_sha256"]])
+            last = now if touch else row["last_seen"]
+            return Session(row["username"], row["role"], row["clinician_id"], row["kind"], row["csrf"],
+                           last + self.idle_s)
+
+    def end_session(self, token: str) -> bool:
+        with self._db() as db:
+            return db.execute("DELETE FROM sessions WHERE token_sha256 = ?", [_token_hash(token)]).rowcount > 0
+
+
+def _verify(password_hash: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
