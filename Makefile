@@ -13,7 +13,7 @@ export RPM_HOME ?= $(CURDIR)/var
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-system: ## install Mosquitto (broker + stock clients) with apt-get when missing
+system: ## apt-get Mosquitto (broker + clients) and python3-venv when missing; as root, create the service account (RPM_RUN_AS)
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "installing mosquitto with apt-get"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
@@ -21,6 +21,12 @@ system: ## install Mosquitto (broker + stock clients) with apt-get when missing
 	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		echo "installing python3-venv with apt-get"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	fi
+	@# The unprivileged account that owns the state and runs rpm when root starts it (RPM_RUN_AS; "root": none).
+	@account="$${RPM_RUN_AS:-rpm}"; \
+	if [ "$$(id -u)" = 0 ] && [ "$$account" != root ] && ! id -u "$$account" >/dev/null 2>&1; then \
+		echo "creating the service account $$account"; \
+		useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$$account"; \
 	fi
 
 $(STAMP): pyproject.toml

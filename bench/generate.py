@@ -22,7 +22,7 @@ What the data looks like, and why:
   ``reading_id`` = sha256(device|metric|UTC ISO instant with microseconds)[:32]; whole-second ``measured_at``
   in UTC with the device's ``utc_offset_min`` (the zone's offset at local noon of that day); the canonical
   value converted from the unit the device sent (lb, degF, mmol/L outside the US), canonical UCUM ``unit``,
-  ``unit_sent``, LOINC (CGM readings 2339-0), ``received_at`` seconds after measurement (5 % buffered 1-12 h),
+  ``unit_sent``, LOINC (CGM readings 99504-3), ``received_at`` seconds after measurement (5 % buffered 1-12 h),
   ``loaded_at`` at the next scheduled DAG run, ``run_id`` of that run, one landing segment per minute.
 * **Physical order** (``--order``): ``time`` (default) appends chunks of days, each sorted by arrival
   (``loaded_at``): what months of DAG runs produce, every row group holding all patients. ``patient`` sorts
@@ -42,7 +42,6 @@ What the data looks like, and why:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import resource
 import sys
@@ -69,8 +68,7 @@ CGM_GAP_RATE = 0.03          # 2-hour CGM blocks lost to signal dropouts
 CGM_MIN_INTERVAL_S, CGM_MAX_INTERVAL_S = 60, 900
 CHUNK_ROWS = 1_500_000       # readings per INSERT: bounds the generator's memory
 EVALUATE_MAX_READINGS = 5_000_000
-DAG_EVERY_S = 60 * next(f.default for f in dataclasses.fields(Settings)  # rpm_pipeline schedule
-                       if f.name == "pipeline_schedule_minutes")
+DAG_EVERY_S = 60 * Settings.model_fields["pipeline_schedule_minutes"].default  # rpm_pipeline schedule
 
 # kind -> local hours of the daily spot checks, and the metrics each check sends (seconds apart).
 SPOT: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {

@@ -293,7 +293,8 @@ def measure_billing(b: Bench) -> list[dict[str, Any]]:
                BILLING_TARGET_MS, f"{len(b.everyone):,} patients")]
     for plain in (False, True):
         with b.warm(plain) as con:
-            samples = timed(lambda c=con: billing_report(c, month, b.everyone), b.baseline_runs)
+            samples = timed(lambda c=con: billing_report(c, month, b.everyone, practice_tz=b.s.practice_tz),
+                            b.baseline_runs)
         out.append(row(f"billing_report, warm {'plain' if plain else 'encrypted'} connection", samples,
                        BILLING_TARGET_MS, "no scope, no audit"))
     return out
@@ -436,7 +437,8 @@ def profile(b: Bench) -> list[dict[str, Any]]:
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("patient view", lambda: raw.patient(b.sequence[0])), ("panel patients()", raw.patients),
             ("billing",
-             lambda: billing_report(prof, last_closed_month(), b.everyone))]  # type: ignore[arg-type]
+             lambda: billing_report(prof, last_closed_month(), b.everyone,  # type: ignore[arg-type]
+                                    practice_tz=b.s.practice_tz))]
         with reused(prof):  # type: ignore[arg-type]
             for label, step in steps:
                 step()

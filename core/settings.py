@@ -115,8 +115,11 @@ class Settings(BaseSettings):
     login_lockout_minutes: int = Field(15, ge=1, le=24 * 60, description=
         "How long a locked account refuses every login, right password included.")
     run_as: str = Field("rpm", description=
-        "Unprivileged account that owns the state and keys and runs every command and service when rpm is "
-        "started as root (created by `make install` / `rpm init`). 'root' keeps root (not recommended).")
+        "Unprivileged account that owns the state and keys when rpm is started as root: every command that "
+        "touches the state hands it over (0711 state folder, public pki/, 0700/0600 everything else) and runs "
+        "as this account, with the services it starts (created by `make system` / `rpm init`). When the account "
+        "cannot reach the interpreter, the code or the state folder, rpm warns and stays root. 'root' keeps "
+        "root (not recommended).")
 
     # --- paths (default: inside home) ----------------------------------------------------------
     secrets_dir: Path = Field(default_factory=_in_home("secrets_dir"), description="Keys and passwords (0700); never inside a data folder.")

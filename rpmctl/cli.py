@@ -396,6 +396,7 @@ def cmd_clinician(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.client import Client, revive
     from rpmctl.views import clinician as view
 
+    view.preflight(a)
     result = view.run(Client(expected=a.as_clinician), a)
     if a.json:
         _print_json(result)
@@ -907,6 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
 # a folder that holds no rpm state, so a mistyped RPM_HOME is reported instead of silently becoming a new,
 # empty installation.
 SETUP_COMMANDS = frozenset({"init", "up", "demo", "ingest", "config", "down"})
+# Those that create the state; started as root, they also create the service account (RPM_RUN_AS) that owns it.
+CREATE_COMMANDS = SETUP_COMMANDS - {"config", "down"}
 # Commands that only talk to the clinician service: they read no key and no state, so any local account runs
 # them (and gets what its login allows).
 CLIENT_COMMANDS = frozenset({"login", "logout", "clinician"})
@@ -933,6 +936,13 @@ def _run(argv: list[str]) -> int:
         return int(args.fn(settings, args) or 0)
     if args.command not in SETUP_COMMANDS and not _has_state(settings):
         raise UserError(f"RPM_HOME={settings.home} holds no rpm state: run rpm init (or fix RPM_HOME)")
+    if args.command != "config" and (args.command != "down" or _has_state(settings)):
+        from rpmctl.services.account import run_as_service_account
+
+        # Started as root, a command that touches the state is from here on the account that owns it.
+        warning = run_as_service_account(settings, setup=args.command in CREATE_COMMANDS)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.command != "config":
         keys.check_state_folder(settings)  # never use (or create) keys in a folder someone else controls
     return int(args.fn(settings, args) or 0)

@@ -120,6 +120,19 @@ def logout() -> bool:
 class Client:
     """Calls as the logged-in account. Without a session (or as someone else than ``expected``): exit 4."""
 
+    @classmethod
+    def logged_in(cls, s: Settings, username: str, password: str) -> Client:
+        """A session of its own, kept in memory only (the demo's clinician): nothing written to the user's
+        session file. End it with ``logout``."""
+        url, ca = service_url(s), str(s.ca_cert)
+        answer = request(url, ca, "POST", "/api/v1/session", json={"username": username, "password": password})
+        client = cls.__new__(cls)
+        client.saved = {"url": url, "ca": ca, "username": username, "token": answer["token"]}
+        return client
+
+    def logout(self) -> None:
+        request(self.saved["url"], self.saved["ca"], "DELETE", "/api/v1/session", self.saved["token"])
+
     def __init__(self, expected: str | None = None):
         saved = saved_session()
         if saved is None:

@@ -183,6 +183,8 @@ class Accounts:
         return self.keyring.seal(secret.encode(), f"totp:{username}".encode())
 
     def _open_totp(self, username: str, sealed: bytes) -> str:
+        if Keyring.key_id_of(sealed) not in self.keyring.keys:  # `rpm keys rotate` ran while we were up
+            self._keyring = None
         return self.keyring.open(sealed, f"totp:{username}".encode()).decode()
 
     def _user(self, row: sqlite3.Row) -> User:
@@ -196,6 +198,20 @@ class Accounts:
         return row
 
     # --- administration (the CLI, as the service account) -----------------------------------------------
+    def rotate_key(self) -> dict:
+        """`rpm keys rotate`: a new key seals every TOTP secret, then the old keys are retired (within one
+        transaction: an interruption leaves the old keys, which still open everything)."""
+        ring = self.keyring
+        old = set(ring.keys)
+        ring.add_active()
+        with self._db() as db:
+            rows = db.execute("SELECT username, totp_sealed FROM users WHERE totp_sealed IS NOT NULL").fetchall()
+            for username, sealed in rows:
+                db.execute("UPDATE users SET totp_sealed = ? WHERE username = ?",
+                           [self._seal_totp(username, self._open_totp(username, sealed)), username])
+        ring.retire(old)
+        return {"secrets": len(rows), "active": ring.active}
+
     def add(self, username: str, role: str, password: str, *, clinician_id: str | None = None,
             totp: bool = False) -> tuple[User, str | None]:
         """Create an account; returns it and, when it has a second factor, the otpauth:// provisioning URI
@@ -257,35 +273,41 @@ class Accounts:
     # --- login and sessions (the service) -----------------------------------------------------------------
     def authenticate(self, username: str, password: str, totp: str | None = None) -> User:
         """The account, if the password (and its TOTP code, when it has one) is right and it may log in.
-        Raises LoginFailed (one message for every cause) or TotpRequired."""
-        now = self.now()
+        Raises LoginFailed (one message for every cause) or TotpRequired — after committing the failure
+        count, so a refused attempt still counts toward the lock."""
         with self._db() as db:
-            row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
-            if row is None:
-                _verify(_DUMMY_HASH, password)
-                raise LoginFailed("unknown account", username)
-            if row["locked_until"] > now:
-                _verify(row["password_hash"], password)
-                raise LoginFailed("account locked", username)
-            if row["disabled"]:
-                _verify(row["password_hash"], password)
-                raise LoginFailed("account disabled", username)
-            if not _verify(row["password_hash"], password):
+            outcome = self._attempt(db, username, password, totp, self.now())
+        if isinstance(outcome, LoginFailed):
+            raise outcome
+        return outcome
+
+    def _attempt(self, db: sqlite3.Connection, username: str, password: str, totp: str | None,
+                 now: float) -> User | LoginFailed:
+        row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
+        if row is None:
+            _verify(_DUMMY_HASH, password)
+            return LoginFailed("unknown account", username)
+        if row["locked_until"] > now:
+            _verify(row["password_hash"], password)
+            return LoginFailed("account locked", username)
+        if row["disabled"]:
+            _verify(row["password_hash"], password)
+            return LoginFailed("account disabled", username)
+        if not _verify(row["password_hash"], password):
+            self._failed(db, row, now)
+            return LoginFailed("wrong password", username)
+        if row["totp_sealed"] is not None:
+            if not totp:
+                return TotpRequired(username)
+            step = self._totp_step(username, row["totp_sealed"], totp, now)
+            if step is None or step <= row["totp_last_step"]:
                 self._failed(db, row, now)
-                raise LoginFailed("wrong password", username)
-            if row["totp_sealed"] is not None:
-                if not totp:
-                    raise TotpRequired(username)
-                step = self._totp_step(username, row["totp_sealed"], totp, now)
-                if step is None or step <= row["totp_last_step"]:
-                    self._failed(db, row, now)
-                    raise LoginFailed("wrong or reused TOTP code", username)
-                db.execute("UPDATE users SET totp_last_step = ? WHERE username = ?", [step, username])
-            db.execute("UPDATE users SET failures = 0, locked_until = 0 WHERE username = ?", [username])
-            if _HASHER.check_needs_rehash(row["password_hash"]):
-                db.execute("UPDATE users SET password_hash = ? WHERE username = ?",
-                           [_HASHER.hash(password), username])
-            return self._user(self._row(db, username))
+                return LoginFailed("wrong or reused TOTP code", username)
+            db.execute("UPDATE users SET totp_last_step = ? WHERE username = ?", [step, username])
+        db.execute("UPDATE users SET failures = 0, locked_until = 0 WHERE username = ?", [username])
+        if _HASHER.check_needs_rehash(row["password_hash"]):
+            db.execute("UPDATE users SET password_hash = ? WHERE username = ?", [_HASHER.hash(password), username])
+        return self._user(self._row(db, username))
 
     def _failed(self, db: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
         failures = row["failures"] + 1

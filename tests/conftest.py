@@ -21,6 +21,9 @@ from rpmctl.services import broker, procs
 from rpmctl.services.airflow_run import airflow_env
 
 RPM = str(Path(sys.executable).with_name("rpm"))
+# The suite runs as root and its commands keep root (the state in temporary folders belongs to root), in this
+# process and every command it starts; tests/integration/test_service_account.py sets the service account.
+os.environ["RPM_RUN_AS"] = "root"
 
 
 def free_port() -> int:
@@ -48,10 +51,12 @@ def fresh_settings() -> Iterator[Settings]:
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
     s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
                  broker_ingest_port=free_port(), broker_tls_bind="127.0.0.1", segment_max_age_s=1.0,
-                 ingest_flush_interval_ms=10, ingest_metrics_port=free_port())
+                 ingest_flush_interval_ms=10, ingest_metrics_port=free_port(), service_port=free_port(),
+                 run_as="root")
     try:
         yield s
     finally:
+        procs.stop(s, services.SERVICE, timeout=10)
         procs.stop(s, services.INGEST, timeout=10)
         broker.stop(s)
         shutil.rmtree(base, ignore_errors=True)
@@ -92,10 +97,17 @@ def stack(settings: Settings, airflow_db_template: Path) -> Settings:
     return start_stack(settings, airflow_db_template)
 
 
-def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def user_env(s: Settings) -> dict[str, str]:
+    """The environment of a user of this installation: its settings, and a config folder of its own (where
+    `rpm login` keeps the session token)."""
+    return {**os.environ, **s.as_env(), "XDG_CONFIG_HOME": str(Path(s.home).parent / "config")}
+
+
+def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300,
+        input: str | None = None) -> subprocess.CompletedProcess:
     """Run the `rpm` console command as a user would, with this test's settings in its environment."""
-    proc = subprocess.run([RPM, *args], env={**os.environ, **s.as_env()}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([RPM, *args], env=user_env(s), capture_output=True, text=True, timeout=timeout,
+                          input=input)
     if check and proc.returncode != 0:
         run_log = Path(s.run_dir) / "pipeline-run.log"  # type: ignore[arg-type]
         tail = procs.tail(run_log, 80) if args[:2] == ("pipeline", "run") else ""
@@ -103,5 +115,17 @@ def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300) -> su
     return proc
 
 
-def rpm_json(s: Settings, *args: str) -> dict:
-    return json.loads(rpm(s, *args, "--json").stdout)
+def rpm_json(s: Settings, *args: str, input: str | None = None) -> dict:
+    return json.loads(rpm(s, *args, "--json", input=input).stdout)
+
+
+PASSWORD = "correct horse battery staple"
+
+
+def login_as(s: Settings, clinician_id: str, role: str = "clinician") -> None:
+    """Create the account if needed (a clinician must be in the registry) and log in as it: what a
+    clinician does before `rpm clinician …`."""
+    existing = {u["username"] for u in rpm_json(s, "users", "list")}
+    if clinician_id not in existing:
+        rpm(s, "users", "add", clinician_id, "--role", role, "--password-stdin", input=PASSWORD + "\n")
+    rpm(s, "login", "--as", clinician_id, "--password-stdin", input=PASSWORD + "\n")

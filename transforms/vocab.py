@@ -51,8 +51,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            {"Cel": _identity, "[degF]": Linear(32.0, 5.0, 9.0)}),
     Metric("body_weight", "kg", "29463-7", "Body weight", (2, 400),
            {"kg": _identity, "[lb_av]": Linear(multiply=LB_AV_IN_KG)}),
-    # Meter readings are capillary blood (41653-7); CGM readings are interstitial fluid (2339-0 is the
-    # blood-glucose code most EHRs accept for them; source keeps the distinction).
+    # Meter readings are capillary blood (41653-7); CGM readings are interstitial fluid (CGM_LOINC below).
     Metric("blood_glucose", "mg/dL", "41653-7", "Glucose [Mass/volume] in Capillary blood by Glucometer",
            (10, 1000), {"mg/dL": _identity, "mmol/L": Linear(multiply=GLUCOSE_MG_DL_PER_MMOL_L)}),
 ]}
@@ -60,7 +59,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 # Diastolic plausibility (systolic uses the metric's range).
 DIASTOLIC_PLAUSIBLE = (20, 200)
 BP_COMPONENT_LOINC = {"systolic": "8480-6", "diastolic": "8462-4"}
-CGM_LOINC = "2339-0"
+# A CGM measures glucose in interstitial fluid, not blood: LOINC 99504-3 "Glucose [Mass/volume] in Interstitial
+# fluid", the code of the HL7 FHIR CGM implementation guide (STU 1, CGMSensorReadingMassPerVolume). Readings
+# loaded before under 2339-0 ("... in Blood") are recoded by warehouse/migrations/002_cgm_loinc.sql.
+CGM_LOINC = "99504-3"
+CGM_LOINC_DISPLAY = "Glucose [Mass/volume] in Interstitial fluid"
 GLUCOSE_SOURCES = ("meter", "cgm")
 
 

@@ -7,13 +7,14 @@ outside the clinician's care team is refused — and the refusal is audited too.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import duckdb
 
 from core.settings import Settings
+from transforms.vocab import CGM_LOINC
 from warehouse import alerts as alerts_mod
 from warehouse.audit import AuditLog
 from warehouse.db import clinical
@@ -30,6 +31,19 @@ ALERT_STATUSES = ("open", "resolved", "all")
 # How far back a clinician may date logged time: this month and the one before (a call on the 31st logged
 # on the 1st still counts where it happened); never into the future.
 BACKDATE_MONTHS = 1
+# The panel compares CGM time in ranges over the last 14 days with the 14 before (the consensus window).
+PANEL_GLUCOSE_DAYS = 14
+# The alert rules whose thresholds are levels of each vital (shaded on its chart). Weight rules are gains and
+# NEWS2 scores several vitals together: neither is a level of one vital.
+VITAL_RULES: dict[str, tuple[str, ...]] = {
+    "blood_pressure": ("bp_stage2", "bp_severe"),
+    "blood_glucose": ("glucose_level2_low", "glucose_level1_low", "glucose_level2_high"),
+    "spo2": ("spo2_urgent", "spo2_low"),
+    "heart_rate": ("hr_low", "hr_high"),
+    "body_temperature": ("fever",),
+    "respiratory_rate": (),
+    "body_weight": (),
+}
 
 
 class ClinicianSession:
@@ -123,7 +137,7 @@ class ClinicianSession:
         query = {"view": "billing-evidence", "patient_id": patient_id, "month": month}
         with serving(self.s) as con:
             self._require(con, patient_id, "billing-evidence", query)
-            report = billing_report(con, month, [patient_id])[0]
+            report = billing_report(con, month, [patient_id], practice_tz=self.s.practice_tz)[0]
             periods = []
             for period in report["periods"]:
                 days = billing_evidence(con, patient_id, period["period_no"])
@@ -136,7 +150,9 @@ class ClinicianSession:
                     d["readings"] = [readings[rid] for rid in d.pop("reading_ids") if rid in readings]
                 periods.append({**period, "days": days})
         out = {"patient_id": patient_id, "month": report["month"], "device_codes": report["device_codes"],
-               "periods": periods}
+               "periods": periods, "management_minutes": report["management_minutes"],
+               "interactive_count": report["interactive_count"],
+               "management_codes": report["management_codes"], "flags": report["flags"]}
         self.audit.append(self.clinician_id, "billing-evidence", [patient_id], query,
                           sum(len(d["readings"]) for p in periods for d in p["days"]))
         return out
@@ -147,7 +163,7 @@ class ClinicianSession:
         query = {"view": "billing", "month": month}
         with serving(self.s) as con:
             scope = self._scope(con, "billing", query)
-            rows = billing_report(con, month, scope)
+            rows = billing_report(con, month, scope, practice_tz=self.s.practice_tz)
         self.audit.append(self.clinician_id, "billing", [r["patient_id"] for r in rows], query, len(rows))
         return rows
 
@@ -160,6 +176,90 @@ class ClinicianSession:
             bundle = export_bundle(con, patient_id, days)
         self.audit.append(self.clinician_id, "export-fhir", [patient_id], query, len(bundle.get("entry", [])))
         return bundle
+
+    def panel(self, month: str | None = None) -> list[dict]:
+        """The care team's patients with what triage weighs (the dashboard's panel): open alerts, the last
+        reading, CGM time in ranges over the last 14 days and the 14 before, and billing progress in
+        ``month`` (default: the practice's current month) — one read, one audit record."""
+        from warehouse.billing import billing_report
+
+        query = {"view": "panel", "month": month}
+        now = datetime.now(UTC)
+        with serving(self.s) as con:
+            scope = self._scope(con, "panel", query)
+            rows = _rows(con.execute("""
+                SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone, p.conditions,
+                       (SELECT max(measured_at) FROM readings r WHERE r.patient_id = p.patient_id)
+                           AS last_reading_at
+                FROM patients p WHERE list_contains(?, p.patient_id) ORDER BY p.patient_id""", [scope]))
+            open_by_patient: dict[str, list[dict]] = {}
+            for alert in alerts_mod.open_alerts(con, scope):
+                open_by_patient.setdefault(alert["patient_id"], []).append(alert)
+            # CGM wearers of the last 28 days: the two 14-day windows compared (Tidepool's TIDE compares
+            # time in range with the previous period).
+            cgm = {pid for (pid,) in con.execute("""
+                SELECT DISTINCT patient_id FROM readings
+                WHERE list_contains(?, patient_id) AND metric = 'blood_glucose'
+                  AND (source = 'cgm' OR loinc = ?) AND measured_at > ?""",
+                [scope, CGM_LOINC, now - timedelta(days=2 * PANEL_GLUCOSE_DAYS)]).fetchall()}
+            billing = {r["patient_id"]: r for r in billing_report(con, month, scope,
+                                                                  practice_tz=self.s.practice_tz)}
+            for row in rows:
+                pid = row["patient_id"]
+                row["alerts"] = open_by_patient.get(pid, [])
+                row["glucose"] = row["glucose_before"] = None
+                if pid in cgm:
+                    row["glucose"] = _glucose(con, pid, PANEL_GLUCOSE_DAYS, now)
+                    row["glucose_before"] = _glucose(con, pid, PANEL_GLUCOSE_DAYS,
+                                                     now - timedelta(days=PANEL_GLUCOSE_DAYS))
+                row["billing"] = billing.get(pid)
+        self.audit.append(self.clinician_id, "panel", [r["patient_id"] for r in rows], query, len(rows))
+        return rows
+
+    def vital_series(self, patient_id: str, metric: str, days: int = 30) -> dict:
+        """One vital's readings over the last ``days`` (patient-local time) with the thresholds of the alert
+        rules on it as they apply to this patient (its overrides, else the defaults) — a chart's data."""
+        if metric not in VITAL_RULES:
+            raise KeyError(f"no chart for {metric!r}")
+        query = {"view": "chart", "patient_id": patient_id, "metric": metric, "days": days}
+        with serving(self.s) as con:
+            self._require(con, patient_id, "chart", query)
+            readings = _rows(con.execute("""
+                WITH w AS (SELECT patient_id, measured_at, utc_offset_min, value, diastolic, unit,
+                                  coalesce(source, CASE WHEN loinc = $cgm THEN 'cgm' END) AS source
+                           FROM readings WHERE patient_id = $patient AND metric = $metric
+                             AND measured_at > $since)
+                SELECT measured_at, measured_local, value, diastolic, unit, source FROM with_local_time('w')
+                ORDER BY measured_at""", {"cgm": CGM_LOINC, "patient": patient_id, "metric": metric,
+                                          "since": datetime.now(UTC) - timedelta(days=days)}))
+            (zone,) = con.execute("SELECT time_zone FROM patients WHERE patient_id = ?", [patient_id]).fetchone() \
+                or (None,)
+            thresholds = _thresholds(con, patient_id, metric)
+        self.audit.append(self.clinician_id, "chart", [patient_id], query, len(readings))
+        return {"patient_id": patient_id, "metric": metric, "days": days, "time_zone": zone, "readings": readings,
+                "thresholds": thresholds}
+
+    def glucose_profile(self, patient_id: str, days: int = 14) -> dict:
+        """The ambulatory glucose profile of the last ``days`` of CGM data: the 5th, 25th, 50th, 75th and
+        95th percentiles of each patient-local hour of the day, and the consensus time in ranges."""
+        query = {"view": "chart", "patient_id": patient_id, "metric": "glucose-profile", "days": days}
+        end = datetime.now(UTC)
+        with serving(self.s) as con:
+            self._require(con, patient_id, "chart", query)
+            hours = _rows(con.execute("""
+                WITH w AS (SELECT patient_id, measured_at, utc_offset_min, value FROM readings
+                           WHERE patient_id = $patient AND metric = 'blood_glucose'
+                             AND (source = 'cgm' OR loinc = $cgm) AND measured_at > $since
+                             AND measured_at <= $end)
+                SELECT hour(measured_local) AS hour, count(*) AS readings,
+                       quantile_cont(value, [0.05, 0.25, 0.5, 0.75, 0.95]) AS percentiles
+                FROM with_local_time('w') GROUP BY ALL ORDER BY hour""",
+                {"patient": patient_id, "cgm": CGM_LOINC, "since": end - timedelta(days=days), "end": end}))
+            summary = _glucose(con, patient_id, days, end)
+            thresholds = _thresholds(con, patient_id, "blood_glucose")
+        self.audit.append(self.clinician_id, "chart", [patient_id], query, sum(h["readings"] for h in hours))
+        return {"patient_id": patient_id, "days": days, "hours": hours, "summary": summary,
+                "thresholds": thresholds}
 
     # --- writes --------------------------------------------------------------------------------------
     def acknowledge(self, alert_id: str, note: str | None = None) -> dict:
@@ -241,7 +341,15 @@ def _backdated(on: date, s: Settings) -> datetime:
     return datetime.combine(on, time(12, 0), tz)
 
 
-def _glucose(con: duckdb.DuckDBPyConnection, patient_id: str) -> Any:
+def _thresholds(con: duckdb.DuckDBPyConnection, patient_id: str, metric: str) -> dict[str, float]:
+    """The thresholds of the rules on one vital as they apply to this patient: ``rule.param`` -> value."""
+    return {f"{rule}.{param}": value for rule, param, value in con.execute("""
+        SELECT rule, param, value FROM patient_alert_params WHERE patient_id = ? AND list_contains(?, rule)""",
+        [patient_id, list(VITAL_RULES[metric])]).fetchall()}
+
+
+def _glucose(con: duckdb.DuckDBPyConnection, patient_id: str, days: int = 14,
+             end: datetime | None = None) -> Any:
     from warehouse.glucose import glucose_summary
 
-    return glucose_summary(con, patient_id)
+    return glucose_summary(con, patient_id, days, end)

@@ -101,7 +101,7 @@ def assign(s: Settings, actor: str, clinician_id: str, patient_id: str | None = 
             registry.add_clinician(con, clinician_id, name, role)
             added = registry.assign(con, clinician_id, patient_id) if patient_id else False
         publish_snapshot(s, con)
-    change = {"clinician_id": clinician_id,
+    change: dict[str, Any] = {"clinician_id": clinician_id,
               "clinician_before": None if existed is None else {"name": existed[0], "role": existed[1]},
               "clinician_after": {"name": name if name is not None else (existed or (None,))[0],
                                   "role": role if role is not None else (existed or (None, None))[1]}}

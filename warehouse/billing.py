@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 import os
 import stat
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import duckdb
-
-from warehouse.db import one_row
 
 CSV_FIELDS = [
     "patient_id", "month", "period_no", "period_start", "period_end", "days_with_data", "device_code",
@@ -38,15 +37,24 @@ def _iso(value: date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def billing_report(con: duckdb.DuckDBPyConnection, month: str | None, patient_ids: list[str]) -> list[dict]:
+def practice_month(practice_tz: str, now: datetime | None = None) -> str:
+    """The calendar month (YYYY-MM) it is at ``now`` (default: the current instant) in the practice's IANA
+    zone: what "this month" means to the practice billing it, whatever month it already is in UTC."""
+    return (now or datetime.now(UTC)).astimezone(ZoneInfo(practice_tz)).strftime("%Y-%m")
+
+
+def billing_report(con: duckdb.DuckDBPyConnection, month: str | None, patient_ids: list[str], *,
+                   practice_tz: str) -> list[dict]:
     """One row per requested patient: the codes earned and the flags to act on in calendar month ``month``.
 
     Device periods reported are those whose period_end falls in the month, plus the current (open) period
-    when ``month`` is the current month (UTC); each period once. The top-level period fields describe the
-    latest reported period; ``periods`` holds them all and ``device_codes`` the code of each that earned one.
-    ``month`` defaults to the current month (UTC).
+    when ``month`` is the practice's current month; each period once. The top-level period fields describe
+    the latest reported period; ``periods`` holds them all and ``device_codes`` the code of each that earned
+    one. ``month`` defaults to the practice's current month.
+
+    practice_tz: the practice's IANA zone (the ``practice_tz`` setting, ``RPM_PRACTICE_TZ``).
     """
-    this_month = one_row(con.execute("SELECT strftime(now() AT TIME ZONE 'UTC', '%Y-%m')"))[0]
+    this_month = practice_month(practice_tz)
     month = month or this_month
     first, nxt = _month_bounds(month)
     ids = list(dict.fromkeys(patient_ids))
@@ -55,9 +63,7 @@ def billing_report(con: duckdb.DuckDBPyConnection, month: str | None, patient_id
 
     periods = con.execute("""
         SELECT p.patient_id, p.period_no, p.period_start, p.period_end, p.days_with_data, p.device_code,
-               p.is_current, p.days_left, p.days_needed_99454, p.at_risk_99454,
-               CAST(coalesce((SELECT sum(d.readings) FROM billing_days d
-                              WHERE d.patient_id = p.patient_id AND d.period_no = p.period_no), 0) AS INTEGER)
+               p.is_current, p.days_left, p.days_needed_99454, p.at_risk_99454, p.readings
         FROM billing_periods p
         WHERE list_contains($ids, p.patient_id)
           AND ((p.period_end >= $first AND p.period_end < $next) OR (p.is_current AND $include_current))

@@ -3,7 +3,9 @@
 Vital signs follow the FHIR R4 vital-signs profiles (http://hl7.org/fhir/R4/observation-vitalsigns.html):
 category ``vital-signs``, a LOINC code, a UCUM ``valueQuantity``; blood pressure is the panel 85354-9 with
 systolic/diastolic components and no value of its own; oxygen saturation carries 2708-6 beside the
-pulse-oximetry code 59408-5. Glucose is a laboratory observation (capillary meter 41653-7, CGM 2339-0).
+pulse-oximetry code 59408-5. Glucose is a laboratory observation: a meter's capillary blood 41653-7, a CGM's
+interstitial fluid 99504-3 under the sensor-reading profile of the HL7 FHIR CGM implementation guide (STU 1,
+http://hl7.org/fhir/uv/cgm).
 The subject is the pseudonymous patient id only: names, MRNs and birth dates never leave the registry.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import duckdb
 
 from core.keys import write_private
-from transforms.vocab import BP_COMPONENT_LOINC, CGM_LOINC, METRICS
+from transforms.vocab import BP_COMPONENT_LOINC, CGM_LOINC, CGM_LOINC_DISPLAY, METRICS
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -31,14 +33,16 @@ READING_ID_SYSTEM = "urn:rpm-pipeline:reading-id"
 
 LOINC_DISPLAY: dict[str, str] = {
     **{m.loinc: m.loinc_display for m in METRICS.values()},
-    CGM_LOINC: "Glucose [Mass/volume] in Blood",
+    CGM_LOINC: CGM_LOINC_DISPLAY,
+    # How CGM readings were coded before; warehouse/migrations/002_cgm_loinc.sql recodes those it finds.
+    "2339-0": "Glucose [Mass/volume] in Blood",
     BP_COMPONENT_LOINC["systolic"]: "Systolic blood pressure",
     BP_COMPONENT_LOINC["diastolic"]: "Diastolic blood pressure",
 }
 # The R4 oxygen saturation profile requires 2708-6; 59408-5 says it was measured by pulse oximetry.
 SPO2_BASE_LOINC = ("2708-6", "Oxygen saturation in Arterial blood")
 
-# R4 vital-signs profile of each metric (meta.profile); glucose has none.
+# R4 vital-signs profile of each metric (meta.profile); a meter's glucose has none.
 PROFILES: dict[str, str] = {
     "blood_pressure": "http://hl7.org/fhir/StructureDefinition/bp",
     "heart_rate": "http://hl7.org/fhir/StructureDefinition/heartrate",
@@ -46,6 +50,10 @@ PROFILES: dict[str, str] = {
     "respiratory_rate": "http://hl7.org/fhir/StructureDefinition/resprate",
     "body_temperature": "http://hl7.org/fhir/StructureDefinition/bodytemp",
     "body_weight": "http://hl7.org/fhir/StructureDefinition/bodyweight",
+}
+# HL7 FHIR CGM IG (STU 1) profile of one CGM reading in mg/dL, the canonical glucose unit (by its LOINC).
+CODE_PROFILES: dict[str, str] = {
+    CGM_LOINC: "http://hl7.org/fhir/uv/cgm/StructureDefinition/cgm-sensor-reading-mass-per-volume",
 }
 
 # Decimals kept per UCUM unit: the resolution home devices actually have (0 -> an integer in the JSON).
@@ -97,8 +105,9 @@ def observation(patient_id: str, *, reading_id: str, metric: str, loinc: str, va
         "resourceType": "Observation",
         "id": observation_id(reading_id),
     }
-    if metric in PROFILES:
-        obs["meta"] = {"profile": [PROFILES[metric]]}
+    profile = PROFILES.get(metric) or CODE_PROFILES.get(loinc)
+    if profile:
+        obs["meta"] = {"profile": [profile]}
     obs |= {
         "identifier": [{"system": READING_ID_SYSTEM, "value": reading_id}],
         "status": "final",

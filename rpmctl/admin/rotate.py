@@ -44,6 +44,7 @@ from core.landing import (
 )
 from core.settings import Settings
 from rpmctl.services import INGEST, ingest_statuses, procs
+from service.accounts import Accounts
 from warehouse.audit import AuditLog
 from warehouse.db import clinical, open_clinical
 from warehouse.serving import backups_dir, publish_snapshot, serving_dir
@@ -266,9 +267,10 @@ def rotate_all(s: Settings) -> dict:
     landing = rotate_landing(s)
     warehouse = rotate_warehouse(s)
     audit = rotate_audit(s)
+    accounts = Accounts(s).rotate_key()
     verify = AuditLog(s).verify()
     if not verify["ok"]:
         raise RuntimeError(f"audit log does not verify after rotation: {verify['problem']}")
-    return {"landing": landing, "warehouse": warehouse, "audit": audit,
+    return {"landing": landing, "warehouse": warehouse, "audit": audit, "accounts": accounts,
             "retired": landing["retired"], "audit_chain": "verified"}
 

@@ -68,13 +68,15 @@ def log_path(s: Settings) -> Path:
 
 
 def _private_home(s: Settings) -> None:
-    """The state folder is private (0700). When Mosquitto drops to its own account, that account's group
-    may only traverse (0710) the folders down to its own: it lists nothing and reads nothing else."""
+    """The state folder lists nothing to others and lets them reach only pki/ (0711: clients verify the
+    service with its CA certificate). When Mosquitto drops to its own account, that account's group may only
+    traverse (0710) the folders between it and its own: it lists nothing and reads nothing else."""
     home, bdir = Path(s.home), Path(s.broker_dir)
     account = _run_as(s)
-    inside = [d for d in bdir.parents if d == home or home in d.parents]
-    for d in [home, *inside]:
-        if account is not None and d in inside:
+    inside = [d for d in bdir.parents if home in d.parents]
+    os.chmod(home, 0o711)
+    for d in inside:
+        if account is not None:
             os.chown(d, -1, account.pw_gid)
             os.chmod(d, 0o710)
         else:

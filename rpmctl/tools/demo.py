@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 import time
+from pathlib import Path
 
+from core import keys
 from core.settings import Settings
 from rpmctl import services
 from rpmctl.cli import render_accounting
+from rpmctl.client import Client, revive
 from rpmctl.services import procs
 from rpmctl.services.airflow_run import run_once, seal_open_segments
 from rpmctl.tools.publish import wait_until
@@ -15,9 +19,41 @@ from rpmctl.views import clinician as view
 from rpmctl.views import reports as report_views
 from rpmctl.views.summary import latest_vitals, render
 from warehouse import reports
-from warehouse.access import ClinicianSession
+from service.accounts import AccountError, Accounts
+from service.server import url
 from warehouse.accounting import accounting
+from warehouse.admin import operator
 from warehouse.audit import AuditLog
+
+DEMO_CLINICIAN = "rn-garcia"  # the simulated fleet's care-team nurse (rpmctl/tools/simulator.py)
+
+
+def demo_password_file(s: Settings) -> Path:
+    return Path(s.secrets_dir) / f"demo-{DEMO_CLINICIAN}.password"
+
+
+def demo_account(s: Settings) -> str:
+    """The demo nurse's service account and its password (random, kept 0600 beside the keys so that the
+    dashboard can be tried after the demo): created once, its creation audited like `rpm users add`."""
+    path = demo_password_file(s)
+    accounts = Accounts(s)
+    try:
+        password = keys.read_secret(path).decode().strip()
+        accounts.get(DEMO_CLINICIAN)
+        return password
+    except (FileNotFoundError, AccountError):
+        pass
+    password = secrets.token_urlsafe(18)
+    try:
+        accounts.get(DEMO_CLINICIAN)
+        accounts.reset_password(DEMO_CLINICIAN, password)
+        action = "accounts:reset-password"
+    except AccountError:
+        accounts.add(DEMO_CLINICIAN, "clinician", password, clinician_id=DEMO_CLINICIAN)
+        action = "accounts:add"
+    keys.write_private(path, (password + "\n").encode())
+    AuditLog(s).append(operator(), action, [], {"username": DEMO_CLINICIAN, "role": "clinician", "demo": True}, 1)
+    return password
 
 
 def _section(title: str) -> None:
@@ -54,15 +90,20 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
         _section("clinician summary: latest vitals per patient")
         print(render(latest_vitals(s)))
 
-        nurse = ClinicianSession(s, "rn-garcia")
-        _section("open alerts, most severe first (rpm clinician --as rn-garcia alerts)")
-        alerts = nurse.alerts()
-        print(view.render("alerts", alerts[:12]))
-        if len(alerts) > 12:
-            print(f"... and {len(alerts) - 12} more")
+        # The clinician's views come from the service, as the nurse's own login: scoped to her care team and
+        # audited under her account, exactly what `rpm login` + `rpm clinician` or the dashboard give her.
+        nurse = Client.logged_in(s, DEMO_CLINICIAN, demo_account(s))
+        try:
+            _section(f"open alerts, most severe first (rpm clinician --as {DEMO_CLINICIAN} alerts)")
+            alerts = revive(nurse.get("/api/v1/alerts"))
+            print(view.render("alerts", alerts[:12]))
+            if len(alerts) > 12:
+                print(f"... and {len(alerts) - 12} more")
 
-        _section("RPM billing this month (rpm clinician --as rn-garcia billing)")
-        print(view.render("billing", nurse.billing(None)))
+            _section(f"RPM billing this month (rpm clinician --as {DEMO_CLINICIAN} billing)")
+            print(view.render("billing", revive(nurse.get("/api/v1/billing"))))
+        finally:
+            nurse.logout()
         for name, title, publish in (("appointments", "appointments by modality (practice view)", False),
                                      ("appointments", "the same, published: counts < 11 suppressed", True),
                                      ("education", "education engagement per module and week", False),
@@ -75,8 +116,10 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
                 print(f"... {len(rows) - 8} more rows (rpm reports {name})")
 
         verdict = AuditLog(s).verify()
-        print(f"\naudit log: {verdict['records']} PHI reads recorded, chain "
+        print(f"\naudit log: {verdict['records']} records (PHI reads, registry and account changes), chain "
               f"{'verified' if verdict['ok'] else 'BROKEN: ' + str(verdict['problem'])}")
+        print(f"dashboard: {url(s)}/ (rpm up serves it) - log in as {DEMO_CLINICIAN}, password in "
+              f"{demo_password_file(s)}; the CA to trust is {s.ca_cert}")
 
         _section("accounting")
         acc = accounting(s)
@@ -90,4 +133,4 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
         if started_here:
             _section("stopping what the demo started")
             services.down(s)
-            print("ingest and broker stopped")
+            print("broker, ingest and the clinician service stopped (rpm up starts them again)")

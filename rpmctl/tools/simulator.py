@@ -297,6 +297,8 @@ CLINICIANS = (("dr-lee", "Dr. Sam Lee", "physician"), ("dr-okafor", "Dr. Ada Oka
 
 def register_fleet(s: Settings, fleet: Fleet, seed: int = 7) -> None:
     """Synthetic demographics (never real people), conditions, home time zones and care teams."""
+    from warehouse.admin import operator
+    from warehouse.audit import AuditLog
     from warehouse.db import clinical
     from warehouse.registry import add_clinician, assign, upsert_patient
 
@@ -314,6 +316,9 @@ def register_fleet(s: Settings, fleet: Fleet, seed: int = 7) -> None:
         for n, pid in enumerate(sorted(fleet.patients)):
             assign(con, CLINICIANS[n % 2][0], pid)  # physicians split the panel
             assign(con, CLINICIANS[2][0], pid)      # the RPM nurse follows everyone
+    # A registry change like any other: audited under the operator who ran the simulator.
+    AuditLog(s).append(operator(), "registry:simulated-fleet", sorted(fleet.patients),
+                       {"clinicians": [c[0] for c in CLINICIANS], "seed": seed}, len(fleet.patients))
 
 
 def provision_fleet(s: Settings, fleet: Fleet, days: int) -> None:

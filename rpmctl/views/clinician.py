@@ -11,9 +11,24 @@ from core.ids import check_id
 from rpmctl.client import Client
 from rpmctl.errors import printable
 from rpmctl.views.table import table
-from warehouse.glucose import SUFFICIENT_DAYS, TARGET_EXPECTED_READINGS_MIN, TARGETS
+from warehouse.glucose import INSUFFICIENT, SUFFICIENT_DAYS, TARGET_EXPECTED_READINGS_MIN, TARGETS
 
 SEVERITY = {1: "CRITICAL", 2: "HIGH", 3: "MODERATE"}
+
+
+def export_target(a: argparse.Namespace) -> Path:
+    """Where export-fhir writes: --out, or a name built from a validated id (it cannot leave the working
+    directory)."""
+    return Path(a.out or f"{check_id('patient', a.patient_id)}-fhir.json")
+
+
+def preflight(a: argparse.Namespace) -> None:
+    """What can be refused without asking the service (and before a session is looked for): a folder to write
+    to that does not exist. The read that follows is audited, so it must not happen for nothing."""
+    targets = [export_target(a)] if a.view == "export-fhir" else [Path(a.csv)] if getattr(a, "csv", None) else []
+    for target in targets:
+        if not target.parent.is_dir():
+            raise FileNotFoundError(2, "No such directory", str(target.parent))
 
 
 def run(client: Client, a: argparse.Namespace) -> Any:
@@ -42,11 +57,7 @@ def run(client: Client, a: argparse.Namespace) -> Any:
     if a.view == "export-fhir":
         from warehouse.fhir import write_bundle
 
-        # The default name is built from a validated id: it cannot leave the working directory.
-        default = f"{check_id('patient', a.patient_id)}-fhir.json"
-        target = Path(a.out or default)
-        if not target.parent.is_dir():  # checked before the read, which is audited
-            raise FileNotFoundError(2, "No such directory", str(target.parent))
+        target = export_target(a)
         bundle = client.get(f"/api/v1/patients/{a.patient_id}/fhir", days=a.days)
         out = write_bundle(bundle, target)  # 0600: PHI leaves the store
         return {"file": str(out), "observations": len(bundle.get("entry", [])), "resourceType": "Bundle"}
@@ -141,20 +152,25 @@ _ROWS = [("mean", "mean_mg_dl", "mg/dL"), ("GMI", "gmi_percent", "%"), ("CV", "c
 
 
 def render_glucose(summary: dict[str, Any] | None) -> str:
-    """The summary as a few aligned terminal lines, each metric with its consensus target and verdict."""
+    """The summary as a few aligned terminal lines, each metric with its consensus target and verdict; with
+    insufficient CGM data, the wear and why instead of metrics."""
     if summary is None:
         return "glucose: no readings in the window"
     s = summary
     head = (f"glucose {s['start']:%Y-%m-%d %H:%M} -> {s['end']:%Y-%m-%d %H:%M} UTC ({s['days']} d): "
             f"{s['readings']} readings ({s['source']})")
     lines = [head]
-    for label, key, unit in _ROWS:
+    shown_rows = _ROWS if s["sufficient_data"] else [
+        r for r in _ROWS if r[1] == "percent_expected_readings" and s[r[1]] is not None]
+    for label, key, unit in shown_rows:
         value = s[key]
         shown = "-" if value is None else f"{value:.1f}"
         target = f"target {TARGETS[key][0]} {TARGETS[key][1]:g}" if key in TARGETS else ""
         met = s["targets_met"].get(key)
         verdict = "" if met is None else ("met" if met else "NOT MET")
         lines.append(f"  {label:<18}{shown:>7} {unit:<6}{target:<14}{verdict}".rstrip())
+    if not s["sufficient_data"]:
+        lines.append(f"  {INSUFFICIENT}: {s['insufficient_reason']}")
     lines.append(f"  {'sufficient data':<18}{'yes' if s['sufficient_data'] else 'no':>7}"
                  f"  (>= {TARGET_EXPECTED_READINGS_MIN:g} % of CGM readings over >= {SUFFICIENT_DAYS} days)")
     return "\n".join(lines)

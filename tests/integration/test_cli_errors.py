@@ -31,7 +31,8 @@ NO_STATE = "holds no rpm state: run rpm init (or fix RPM_HOME)"
 
 
 def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("RPM_")}
+    """No RPM_* setting but the suite's RPM_RUN_AS=root (tests/conftest.py): the state here is root's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RPM_") or k == "RPM_RUN_AS"}
 
 
 def run(s: Settings | None, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -105,7 +106,8 @@ ID_COMMANDS = [
     ("clinician", "--as", "dr-a", "patient", "{id}"),
     ("clinician", "--as", "dr-a", "export-fhir", "{id}"),
     ("clinician", "--as", "dr-a", "log-time", "10", "--patient", "{id}"),
-    ("patients", "list", "--actor", "{id}"),
+    ("users", "add", "{id}", "--role", "auditor", "--password-stdin"),
+    ("login", "--as", "{id}", "--password-stdin"),
 ]
 
 
@@ -226,10 +228,17 @@ def test_care_team_changes_need_a_known_patient_and_clinician(own_ward):
     assert [(c["clinician_id"], c["patients"]) for c in team] == [("dr-a", ["pt-1"])]  # no half-made dr-new
 
 
-def test_access_outside_the_care_team_is_one_line_with_exit_4(ward):
-    assert_one_error(run(ward, "clinician", "--as", "dr-a", "patient", "pt-2"), code=4, says="care team")
-    assert_json_error(run(ward, "clinician", "--as", "dr-nobody", "patients", "--json"), code=4,
-                      says="unknown clinician")
+def test_a_clinician_command_without_a_session_is_one_line_with_exit_4_and_reads_nothing(ward, tmp_path):
+    """`--as` names whom the caller expects to be logged in as; it proves nothing. Without a session the
+    command is refused before anything is read (the service's own refusals are in test_clinical.py)."""
+    env = {**_clean_env(), **ward.as_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    before = AuditLog(ward).records()
+    assert_one_error(run(None, "clinician", "--as", "dr-a", "patient", "pt-1", env=env), code=4,
+                     says="run rpm login")
+    assert_json_error(run(None, "clinician", "--as", "dr-a", "patients", "--json", env=env), code=4,
+                      says="run rpm login")
+    assert AuditLog(ward).records() == before
+    assert not (tmp_path / "config").exists()
 
 
 # --- the state folder ----------------------------------------------------------------------------------------
@@ -237,7 +246,7 @@ def test_access_outside_the_care_team_is_one_line_with_exit_4(ward):
 STATEFUL = [("accounting",), ("summary",), ("ops", "status"), ("patients", "list"), ("reports", "education"),
             ("audit", "verify"), ("audit", "show"), ("devices", "list"), ("careteam", "list"), ("status",),
             ("backup",), ("pipeline", "run"), ("keys", "rotate"),
-            ("clinician", "--as", "dr-a", "patients"), ("patients", "add", "pt-1"),
+            ("users", "list"), ("serve",), ("patients", "add", "pt-1"),
             ("careteam", "add", "dr-a", "--patient", "pt-1")]
 
 
@@ -256,7 +265,8 @@ def test_down_on_a_fresh_rpm_home_stops_nothing_and_says_where_it_looked(tmp_pat
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == f"nothing to stop: RPM_HOME={home} holds no rpm state\n"
     doc = json.loads(run(None, "down", "--json", env={**_clean_env(), "RPM_HOME": str(home)}).stdout)
-    assert doc == {"airflow_stopped": False, "ingest_stopped": False, "broker_stopped": False}
+    assert doc == {"airflow_stopped": False, "ingest_stopped": False, "broker_stopped": False,
+                   "service_stopped": False}
     assert not home.exists()
 
 
@@ -265,7 +275,7 @@ def test_a_mistyped_rpm_home_creates_nothing(ward, tmp_path):
     env = {**_clean_env(), "RPM_HOME": str(typo)}
     assert_one_error(run(None, "accounting", env=env), says=NO_STATE)
     assert_json_error(run(None, "accounting", "--json", env=env), says=NO_STATE)
-    assert_one_error(run(None, "clinician", "--as", "dr-a", "patients", env=env), says=NO_STATE)
+    assert_one_error(run(None, "patients", "list", env=env), says=NO_STATE)
     assert not typo.exists()
     # the real one still answers
     assert run(None, "accounting", "--json", env={**_clean_env(), "RPM_HOME": str(ward.home)}).returncode == 0
@@ -299,12 +309,13 @@ def test_commands_before_the_first_pipeline_run_answer_or_say_what_to_do(setting
 # --- the audit log: a read that cannot be audited is not served -----------------------------------------------
 
 def _tampered_reads_are_refused(s: Settings) -> None:
+    """The operator's reads of the registry; the service's (exit 5 through `rpm clinician`) in
+    test_clinical.py."""
     for _ in range(3):
-        proc = run(s, "clinician", "--as", "dr-a", "patient", "pt-1")
+        proc = run(s, "patients", "list")
         assert_one_error(proc, code=5, says="audit log tampered")
         assert proc.stdout == "" and "Ada" not in proc.stderr  # no PHI on the way out
-        assert_json_error(run(s, "clinician", "--as", "dr-a", "patients", "--json"), code=5)
-        assert_one_error(run(s, "patients", "list"), code=5)
+        assert_json_error(run(s, "patients", "list", "--json"), code=5)
     verify = run(s, "audit", "verify")
     assert verify.returncode == 5 and "TAMPERED" in verify.stdout
 
@@ -312,7 +323,7 @@ def _tampered_reads_are_refused(s: Settings) -> None:
 def test_a_truncated_audit_log_stays_reported_however_many_reads_follow(own_ward):
     s = own_ward
     for _ in range(3):
-        assert run(s, "clinician", "--as", "dr-a", "patients").returncode == 0
+        assert run(s, "patients", "list").returncode == 0
     log = Path(s.home) / "audit" / "audit.log"
     log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-2]))
     _tampered_reads_are_refused(s)
@@ -320,7 +331,7 @@ def test_a_truncated_audit_log_stays_reported_however_many_reads_follow(own_ward
 
 def test_an_emptied_audit_log_stays_reported_however_many_reads_follow(own_ward):
     s = own_ward
-    assert run(s, "clinician", "--as", "dr-a", "patients").returncode == 0
+    assert run(s, "patients", "list").returncode == 0
     (Path(s.home) / "audit" / "audit.log").write_bytes(b"")
     _tampered_reads_are_refused(s)
 

@@ -17,7 +17,7 @@ from core.settings import Settings
 from rpmctl.services import ingest_status
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
-from tests.conftest import fresh_settings, rpm, rpm_json, start_stack
+from tests.conftest import fresh_settings, login_as, rpm, rpm_json, start_stack
 from warehouse.db import httpfs_extension
 from warehouse.serving import backups_dir, serving, serving_dir
 
@@ -42,6 +42,7 @@ def fleet_loaded(airflow_db_template: Path):
         sent = publish_fleet(s, fleet)
         wait_until(lambda: landed(s) >= sent["published"], 30, what="ingest to land the fleet")
         rpm(s, "pipeline", "run")
+        login_as(s, "dr-lee")
         yield s, {d.device_id: d.password for d in fleet.devices}
 
 
@@ -67,15 +68,18 @@ def test_clinician_sees_only_their_patients_and_every_read_is_audited(fleet_load
     refused = rpm(s, "clinician", "--as", "dr-lee", "patient", "pt-0002", check=False)
     assert refused.returncode == 4
     assert "not on the care team of patient pt-0002" in refused.stderr and "pt-0002" not in refused.stdout
-    unknown = rpm(s, "clinician", "--as", "dr-nobody", "patients", check=False)
-    assert unknown.returncode == 4
+    # --as names whom the caller expects to be, it proves nothing: the session decides, and reads nothing else.
+    claimed = rpm(s, "clinician", "--as", "dr-okafor", "patients", check=False)
+    assert claimed.returncode == 4 and "logged in as dr-lee, not dr-okafor" in claimed.stderr
+    assert claimed.stdout == ""
 
     records = rpm_json(s, "audit", "show", "--last", "10")
     reads = [(r["actor"], r["action"], r["patients"], r["outcome"]) for r in records]
     assert ("dr-lee", "patients", ["pt-0001", "pt-0003"], "ok") in reads
     assert ("dr-lee", "patient", ["pt-0001"], "ok") in reads
     assert ("dr-lee", "patient", ["pt-0002"], "denied: not on care team") in reads
-    assert any(r["actor"] == "dr-nobody" and r["outcome"].startswith("denied") for r in records)
+    assert not any(r["actor"] == "dr-okafor" for r in records)
+    assert all(r["query"]["via"] == "api" for r in records if r["actor"] == "dr-lee" and r["action"] != "login")
     assert next(r for r in records if r["action"] == "patients")["rows"] == 2
     assert rpm_json(s, "audit", "verify")["ok"] is True
 
@@ -91,20 +95,24 @@ def test_alert_opens_once_is_acknowledged_and_resolves(fleet_loaded):
     severe = [a for a in alerts if a["rule"] == "bp_severe"]
     assert len(severe) == 1 and severe[0]["patient_id"] == "pt-0001" and severe[0]["breaches"] == 2
     assert alerts[0]["severity"] == 1  # most severe first
+    login_as(s, "dr-okafor")
     assert "bp_severe" not in {a["rule"] for a in rpm_json(s, "clinician", "--as", "dr-okafor", "alerts")}
+    refused = rpm(s, "clinician", "ack", severe[0]["alert_id"], check=False)
+    assert refused.returncode == 4 and "not on the care team" in refused.stderr
 
+    login_as(s, "dr-lee")
     ack = rpm_json(s, "clinician", "--as", "dr-lee", "ack", severe[0]["alert_id"], "--note", "called patient")
     assert ack["patient_id"] == "pt-0001"
     still_open = {a["alert_id"]: a for a in rpm_json(s, "clinician", "--as", "dr-lee", "alerts")}
     assert still_open[severe[0]["alert_id"]]["acknowledged_by"] == "dr-lee"
-    refused = rpm(s, "clinician", "--as", "dr-okafor", "ack", severe[0]["alert_id"], check=False)
-    assert refused.returncode == 4
 
     publish_bp(s, passwords["bp-0001"], 128, 82, minutes_ago=1)
     wait_until(lambda: landed(s) >= base + 3, 20, what="ingest to land the reading")
     rpm(s, "pipeline", "run")
     open_now = {a["alert_id"] for a in rpm_json(s, "clinician", "--as", "dr-lee", "alerts")}
     assert severe[0]["alert_id"] not in open_now  # back in range: resolved
+    resolved = {a["alert_id"]: a for a in rpm_json(s, "clinician", "alerts", "--status", "resolved")}
+    assert resolved[severe[0]["alert_id"]]["resolution"] == "back in range"
 
 
 def test_billing_time_log_and_fhir_export(fleet_loaded, tmp_path):
@@ -139,6 +147,12 @@ def test_tampering_with_the_audit_log_is_detected(fleet_loaded):
     assert result.returncode == 5 and "TAMPERED" in result.stdout
     log.write_bytes(b"".join(lines[:-1]))  # drop the newest record
     assert rpm(s, "audit", "verify", check=False).returncode == 5
+    # A read that cannot be audited is not served: the service answers 503, the CLI one line and exit 5.
+    for args in (("patients",), ("patient", "pt-0001")):
+        refused = rpm(s, "clinician", *args, check=False)
+        assert refused.returncode == 5 and refused.stdout == "", refused.stderr
+        assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
+        assert "audit log" in refused.stderr and "pt-0001" not in refused.stderr
     log.write_bytes(b"".join(lines))
     assert rpm(s, "audit", "verify").returncode == 0
 

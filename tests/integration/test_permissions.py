@@ -20,7 +20,7 @@ from core.settings import Settings
 from rpmctl.services import ingest_status, procs
 from rpmctl.tools.publish import wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
-from tests.conftest import rpm
+from tests.conftest import login_as, rpm
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +59,9 @@ def _exposed(home: Path, needles: set[bytes]) -> tuple[list[Path], list[str]]:
         if st.st_mode & 0o077:
             out.append(f"{path.relative_to(home)}: {stat.filemode(st.st_mode)}")
         for folder in [home, *(p for p in path.parents if home in p.parents)]:
-            # Owner only; a service account's group may traverse (x) down to its own folder, never list or read.
-            if folder.stat().st_mode & 0o067:
+            # Owner only; a service account's group may traverse (x) down to its own folder, never list or read,
+            # and anyone may traverse the state folder itself (to pki/, the public certificates).
+            if folder.stat().st_mode & (0o066 if folder == home else 0o067):
                 out.append(f"{path.relative_to(home)}: folder {folder} is {stat.filemode(folder.stat().st_mode)}")
     return named, out
 
@@ -99,6 +100,7 @@ def test_after_up_and_a_pipeline_run_nothing_that_names_someone_is_readable_by_o
     sent = publish_fleet(s, fleet)
     wait_until(lambda: (ingest_status(s) or {}).get("landed", 0) >= sent["published"], 30, what="landing")
     rpm(s, "pipeline", "run")
+    login_as(s, "dr-lee")  # the clinician's session goes to the service started by `rpm up`
     rpm(s, "clinician", "--as", "dr-lee", "patients")  # an audited read: the audit folder exists now
 
     # What the CLI writes for a clinician, into the working directory, over files that were world-readable.

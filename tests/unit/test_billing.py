@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from core.settings import Settings
-from warehouse.billing import billing_evidence, billing_report, write_csv
+from warehouse.billing import billing_evidence, billing_report, practice_month, write_csv
 from warehouse.db import clinical
 
 START = date(2026, 3, 1)
@@ -102,7 +102,7 @@ def test_manual_entries_never_count(con):
     add_patient(con, "manual-only")
     add_days(con, "manual-only", START, 20, manual=True)
     assert con.execute("SELECT count(*) FROM billing_periods WHERE patient_id = 'manual-only'").fetchone()[0] == 0
-    assert billing_report(con, "2026-03", ["manual-only"])[0]["device_codes"] == []
+    assert billing_report(con, "2026-03", ["manual-only"], practice_tz="UTC")[0]["device_codes"] == []
 
 
 def test_two_devices_same_day_count_one_day_and_one_code(con):
@@ -113,11 +113,11 @@ def test_two_devices_same_day_count_one_day_and_one_code(con):
                        "WHERE patient_id = 'p1' AND period_no = 0").fetchall()
     assert rows == [(0, 16, "99454")]
     assert {d["readings"] for d in billing_evidence(con, "p1", 0)} == {2}
-    assert billing_report(con, "2026-03", ["p1"])[0]["device_codes"] == ["99454"]
+    assert billing_report(con, "2026-03", ["p1"], practice_tz="UTC")[0]["device_codes"] == ["99454"]
 
 
-def test_day_boundary_is_the_patient_local_date(con):
-    add_patient(con, "p1", "America/New_York")
+def test_without_a_registered_zone_the_day_is_the_device_local_date(con):
+    add_patient(con, "p1", None)
     # 03:00Z on 2 March at UTC-5 is 22:00 on 1 March: the patient's day, not the UTC one.
     add_reading(con, "p1", datetime(2026, 3, 2, 3, 0, tzinfo=UTC), offset_min=-300)
     # 23:30Z on 2 March at UTC+1 is 00:30 on 3 March.
@@ -126,6 +126,39 @@ def test_day_boundary_is_the_patient_local_date(con):
     assert p["period_start"] == date(2026, 3, 1)
     assert [d["local_date"] for d in billing_evidence(con, "p1", 0)] == ["2026-03-01", "2026-03-03"]
     assert (p["days_with_data"], p["device_code"]) == (2, "99445")
+
+
+def test_a_registered_zone_decides_the_day_whatever_offset_the_device_sent(con):
+    """A Chicago patient whose device stamps UTC (`Z`): 01:30 and 23:30 on 2 March at home arrive as 07:30Z
+    on 2 March and 05:30Z on 3 March. One home day: no 99445 (regression: two UTC days billed it)."""
+    add_patient(con, "chi", "America/Chicago")
+    add_reading(con, "chi", datetime(2026, 3, 2, 7, 30, tzinfo=UTC), offset_min=0)
+    add_reading(con, "chi", datetime(2026, 3, 3, 5, 30, tzinfo=UTC), offset_min=0)
+    p = period(con, "chi")
+    assert [d["local_date"] for d in billing_evidence(con, "chi", 0)] == ["2026-03-02"]
+    assert (p["period_start"], p["days_with_data"], p["device_code"]) == (date(2026, 3, 2), 1, None)
+    # The daily summary is the same home day.
+    assert con.execute("SELECT local_date, readings FROM mart_daily_vitals WHERE patient_id = 'chi'"
+                       ).fetchall() == [(date(2026, 3, 2), 2)]
+
+
+def test_local_time_follows_the_registered_zone_across_dst(con):
+    """On the days New York changes its clocks the offset changes within the day: each reading gets the
+    offset in force at its instant (2026: EST -> EDT at 07:00Z on 8 March, back at 06:00Z on 1 November)."""
+    add_patient(con, "ny", "America/New_York")
+    local = {
+        datetime(2026, 3, 8, 6, 30, tzinfo=UTC): datetime(2026, 3, 8, 1, 30),    # EST, before the change
+        datetime(2026, 3, 8, 7, 30, tzinfo=UTC): datetime(2026, 3, 8, 3, 30),    # EDT, after it
+        datetime(2026, 3, 9, 3, 30, tzinfo=UTC): datetime(2026, 3, 8, 23, 30),   # EDT, the next UTC day
+        datetime(2026, 7, 1, 16, 0, tzinfo=UTC): datetime(2026, 7, 1, 12, 0),    # a whole summer day
+        datetime(2026, 11, 1, 5, 30, tzinfo=UTC): datetime(2026, 11, 1, 1, 30),  # EDT: 01:30 the first time
+        datetime(2026, 11, 1, 6, 30, tzinfo=UTC): datetime(2026, 11, 1, 1, 30),  # EST: 01:30 again
+    }
+    for at in local:
+        add_reading(con, "ny", at, offset_min=0)  # a device on UTC
+    got = dict(con.execute("SELECT measured_at, measured_local FROM stg_readings WHERE patient_id = 'ny'"
+                           ).fetchall())
+    assert got == local
 
 
 def test_second_period_starts_30_days_after_first_local_date(con):
@@ -159,7 +192,7 @@ def test_management_codes_by_monthly_minutes(con, minutes, codes):
     rows = con.execute("SELECT month, minutes, interactive_count, codes FROM billing_time "
                        "WHERE patient_id = 'p1'").fetchall()
     assert rows == [(date(2026, 3, 1), minutes, 1, codes)]
-    assert billing_report(con, "2026-03", ["p1"])[0]["management_codes"] == codes
+    assert billing_report(con, "2026-03", ["p1"], practice_tz="UTC")[0]["management_codes"] == codes
 
 
 def test_management_month_is_the_patient_local_month(con):
@@ -172,10 +205,19 @@ def test_management_month_is_the_patient_local_month(con):
     assert months == {"ny": date(2026, 3, 1), "utc": date(2026, 4, 1)}
 
 
+def test_default_month_is_the_practice_month_not_utc(con):
+    # 02:00Z on 1 April is the evening of 31 March in Chicago: a report run then is March's, not April's.
+    evening = datetime(2026, 4, 1, 2, tzinfo=UTC)
+    assert (practice_month("America/Chicago", evening), practice_month("UTC", evening)) == ("2026-03", "2026-04")
+    add_patient(con, "p1")
+    for zone in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):  # UTC+14 and UTC-11: a day apart
+        assert billing_report(con, None, ["p1"], practice_tz=zone)[0]["month"] == practice_month(zone)
+
+
 def test_no_interactive_communication_no_code_and_flag(con):
     add_patient(con, "p1")
     add_interaction(con, "p1", 45, datetime(2026, 3, 5, 15, tzinfo=UTC), interactive=False)
-    row = billing_report(con, "2026-03", ["p1"])[0]
+    row = billing_report(con, "2026-03", ["p1"], practice_tz="UTC")[0]
     assert (row["management_minutes"], row["interactive_count"], row["management_codes"]) == (45, 0, [])
     assert row["flags"] == ["needs_interactive_communication"]
 
@@ -185,7 +227,7 @@ def test_near_99457_flag(con):
     add_interaction(con, "p1", 16, datetime(2026, 3, 5, 15, tzinfo=UTC))
     add_patient(con, "p2")
     add_interaction(con, "p2", 14, datetime(2026, 3, 5, 15, tzinfo=UTC))
-    p1, p2 = billing_report(con, "2026-03", ["p1", "p2"])
+    p1, p2 = billing_report(con, "2026-03", ["p1", "p2"], practice_tz="UTC")
     assert (p1["management_codes"], p1["flags"]) == (["99470"], ["near_99457: 4 more minutes"])
     assert (p2["management_codes"], p2["flags"]) == (["99470"], [])
 
@@ -210,7 +252,8 @@ def test_at_risk_99454(con, past_days, with_today, flag):
     assert p["days_left"] == (9 if with_today else 10)
     assert p["at_risk_99454"] == (flag is not None)
 
-    row = billing_report(con, None, ["p1"])[0]  # the current month reports the current period
+    # The current month (the practice's, here UTC's) reports the current period.
+    row = billing_report(con, None, ["p1"], practice_tz="UTC")[0]
     assert row["period_no"] == 0 and row["is_current"]
     assert row["flags"] == ([flag] if flag else [])
 
@@ -230,7 +273,7 @@ def test_billing_evidence_lists_the_reading_ids_of_each_counted_day(con):
     assert [(e["local_date"], e["reading_ids"], e["readings"]) for e in evidence] == [
         ("2026-03-01", sorted(day1), 2), ("2026-03-02", day2, 1)]
     assert {(e["period_start"], e["period_end"]) for e in evidence} == {("2026-03-01", "2026-03-30")}
-    assert billing_report(con, "2026-03", ["p1"])[0]["reading_ids_count"] == 3
+    assert billing_report(con, "2026-03", ["p1"], practice_tz="UTC")[0]["reading_ids_count"] == 3
     assert billing_evidence(con, "p1", 1) == []
 
 
@@ -239,13 +282,13 @@ def test_report_covers_periods_ending_in_the_month(con):
     # Period 0 is 31 Jan - 1 Mar, period 1 is 2 - 31 Mar: both end in March.
     add_days(con, "p1", date(2026, 1, 31), 16)
     add_days(con, "p1", date(2026, 3, 2), 3)
-    march = billing_report(con, "2026-03", ["p1"])[0]
+    march = billing_report(con, "2026-03", ["p1"], practice_tz="UTC")[0]
     assert [(p["period_no"], p["device_code"]) for p in march["periods"]] == [(0, "99454"), (1, "99445")]
     assert march["device_codes"] == ["99454", "99445"]
     assert (march["period_no"], march["period_start"], march["period_end"]) == (1, "2026-03-02", "2026-03-31")
-    assert billing_report(con, "2026-02", ["p1"])[0]["periods"] == []
+    assert billing_report(con, "2026-02", ["p1"], practice_tz="UTC")[0]["periods"] == []
     with pytest.raises(ValueError, match="YYYY-MM"):
-        billing_report(con, "March", ["p1"])
+        billing_report(con, "March", ["p1"], practice_tz="UTC")
 
 
 def test_report_returns_only_the_requested_patients(con):
@@ -253,13 +296,13 @@ def test_report_returns_only_the_requested_patients(con):
         add_patient(con, pid)
         add_days(con, pid, START, 16)
         add_interaction(con, pid, 25, datetime(2026, 3, 5, 15, tzinfo=UTC))
-    rows = billing_report(con, "2026-03", ["c", "a"])
+    rows = billing_report(con, "2026-03", ["c", "a"], practice_tz="UTC")
     assert [r["patient_id"] for r in rows] == ["c", "a"]
     assert all(r["codes"] == ["99454", "99457"] for r in rows)
     # Ids are parameters, never SQL: a hostile id matches nothing and leaks no one.
-    hostile = billing_report(con, "2026-03", ["x' OR '1'='1"])
+    hostile = billing_report(con, "2026-03", ["x' OR '1'='1"], practice_tz="UTC")
     assert [(r["patient_id"], r["periods"], r["codes"]) for r in hostile] == [("x' OR '1'='1", [], [])]
-    assert billing_report(con, "2026-03", []) == []
+    assert billing_report(con, "2026-03", [], practice_tz="UTC") == []
 
 
 def test_write_csv_round_trips(con, tmp_path):
@@ -269,7 +312,7 @@ def test_write_csv_round_trips(con, tmp_path):
     add_patient(con, "p2")
     add_days(con, "p2", START, 3)
     add_interaction(con, "p2", 17, datetime(2026, 3, 5, 15, tzinfo=UTC), interactive=False)
-    rows = billing_report(con, "2026-03", ["p1", "p2"])
+    rows = billing_report(con, "2026-03", ["p1", "p2"], practice_tz="UTC")
     path = write_csv(rows, tmp_path / "billing.csv")
     with path.open(newline="") as f:
         back = list(csv.DictReader(f))

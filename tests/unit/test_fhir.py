@@ -42,7 +42,7 @@ READINGS: dict[str, tuple[str, str, float, str, str | None]] = {
     "temp1": ("body_temperature", "8310-5", (98.6 - 32) * 5 / 9, "Cel", None),
     "wt1": ("body_weight", "29463-7", 176.0 * 0.45359237, "kg", None),
     "glu1": ("blood_glucose", "41653-7", 5.5 * 18.0156, "mg/dL", "meter"),
-    "cgm1": ("blood_glucose", "2339-0", 112.0, "mg/dL", "cgm"),
+    "cgm1": ("blood_glucose", "99504-3", 112.0, "mg/dL", "cgm"),
 }
 EXPECTED_VALUE = {"hr1": 72, "spo1": 97, "rr1": 16, "temp1": 37.0, "wt1": 79.8, "glu1": 99, "cgm1": 112}
 
@@ -102,7 +102,7 @@ def test_every_observation_follows_the_vital_signs_rules(con: duckdb.DuckDBPyCon
         assert obs["identifier"] == [{"system": "urn:rpm-pipeline:reading-id", "value": rid}]
         assert obs["subject"] == {"reference": "Patient/pat-1"}
         assert RFC3339.fullmatch(obs["effectiveDateTime"])
-        lab = obs["code"]["coding"][0]["code"] in {"41653-7", "2339-0"}
+        lab = obs["code"]["coding"][0]["code"] in {"41653-7", "99504-3"}
         [category] = obs["category"]
         assert category["coding"][0]["system"] == CATEGORY
         assert category["coding"][0]["code"] == ("laboratory" if lab else "vital-signs")
@@ -127,6 +127,18 @@ def test_codes_units_and_rounding_per_metric(con: duckdb.DuckDBPyConnection) -> 
     assert loinc_codes(observations["spo1"]["code"]) == ["59408-5", "2708-6"]
     assert observations["spo1"]["meta"]["profile"] == ["http://hl7.org/fhir/StructureDefinition/oxygensat"]
     assert "meta" not in observations["glu1"]
+
+
+def test_cgm_reading_is_interstitial_glucose_of_the_cgm_ig(con: duckdb.DuckDBPyConnection) -> None:
+    """A CGM samples interstitial fluid: LOINC 99504-3 under the HL7 CGM IG's sensor-reading profile, a
+    laboratory observation like a meter's capillary glucose (41653-7)."""
+    cgm = by_id(export_bundle(con, "pat-1"))["cgm1"]
+    assert cgm["code"]["coding"] == [{"system": LOINC, "code": "99504-3",
+                                      "display": "Glucose [Mass/volume] in Interstitial fluid"}]
+    assert cgm["meta"]["profile"] == [
+        "http://hl7.org/fhir/uv/cgm/StructureDefinition/cgm-sensor-reading-mass-per-volume"]
+    assert cgm["category"][0]["coding"][0]["code"] == "laboratory"
+    assert cgm["valueQuantity"] == {"value": 112, "unit": "mg/dL", "system": UCUM, "code": "mg/dL"}
 
 
 def test_blood_pressure_is_a_panel_with_two_components(con: duckdb.DuckDBPyConnection) -> None:

@@ -20,14 +20,20 @@ from warehouse.db import MigrationError, clinical, httpfs_extension, migrate, mi
 RELEASE_0_1 = Path(__file__).resolve().parents[1] / "fixtures" / "warehouse-0.1.0" / "sql"
 
 
+def release_0_1_connection(s: Settings) -> duckdb.DuckDBPyConnection:
+    """The release-0.1 clinical file attached as release 0.1 would (no migration runs)."""
+    con = duckdb.connect()
+    con.execute(f"LOAD '{httpfs_extension()}'")
+    con.execute(f"ATTACH '{s.clinical_db}' AS clinical (ENCRYPTION_KEY '{keys.warehouse_key(s)}')")
+    con.execute("USE clinical")
+    return con
+
+
 def make_release_0_1_warehouse(s: Settings) -> None:
     """The clinical file as release 0.1.0 left it, with one quarantined item of each sort."""
     s.warehouse_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
+    con = release_0_1_connection(s)
     try:
-        con.execute(f"LOAD '{httpfs_extension()}'")
-        con.execute(f"ATTACH '{s.clinical_db}' AS clinical (ENCRYPTION_KEY '{keys.warehouse_key(s)}')")
-        con.execute("USE clinical")
         for path in sorted(RELEASE_0_1.glob("*.sql")):
             con.execute(path.read_text())
         now = datetime.now(UTC)
@@ -54,6 +60,30 @@ def test_a_warehouse_of_the_previous_release_is_migrated_with_its_data(settings:
         assert con.execute("SELECT patient_id FROM patients").fetchall() == [("pt-old",)]
         applied = con.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
     assert applied == [(int(p.stem.split("_")[0]), p.stem) for p in sorted(migrations_dir().glob("*.sql"))]
+
+
+def test_cgm_readings_coded_as_blood_glucose_are_recoded_as_interstitial(settings: Settings) -> None:
+    """Release 0.1 coded CGM readings 2339-0 (glucose in blood): 002 recodes them 99504-3 (interstitial fluid),
+    loaded or still staged by a run that did not finish; a meter's capillary 41653-7 stays."""
+    make_release_0_1_warehouse(settings)
+    con = release_0_1_connection(settings)
+    try:
+        now = datetime.now(UTC)
+        for reading_id, loinc, source in (("cgm-1", "2339-0", "cgm"), ("meter-1", "41653-7", "meter")):
+            con.execute("""INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, unit,
+                                                 unit_sent, source, measured_at, utc_offset_min, received_at,
+                                                 loaded_at, msg_id, segment, record_no, item_no)
+                           VALUES (?, 'pt-old', 'dev-1', 'blood_glucose', ?, 110, 'mg/dL', 'mg/dL', ?, ?, 0, ?,
+                                   ?, ?, 'seg', 0, 0)""", [reading_id, loinc, source, now, now, now, reading_id])
+        con.execute("""INSERT INTO stg_candidates (batch_id, row_key, metric, loinc, source)
+                       VALUES ('b-1', 'seg:2:0', 'blood_glucose', '2339-0', 'cgm')""")
+    finally:
+        con.close()
+    with clinical(settings) as con:
+        assert con.execute("SELECT reading_id, loinc FROM readings ORDER BY 1").fetchall() == [
+            ("cgm-1", "99504-3"), ("meter-1", "41653-7")]
+        assert con.execute("SELECT loinc FROM stg_candidates").fetchall() == [("99504-3",)]
+        assert ("002_cgm_loinc",) in con.execute("SELECT name FROM schema_migrations").fetchall()
 
 
 def test_each_migration_runs_once(settings: Settings) -> None:

@@ -108,7 +108,7 @@ def test_unknown_metric_has_no_code_unit_or_value() -> None:
     (reading(metric="body_temperature", value=37, unit="Cel"), "8310-5"),
     (reading(metric="body_weight", value=80, unit="kg"), "29463-7"),
     (reading(metric="blood_glucose", value=99, unit="mg/dL", source="meter"), "41653-7"),
-    (reading(metric="blood_glucose", value=99, unit="mg/dL", source="cgm"), "2339-0"),
+    (reading(metric="blood_glucose", value=99, unit="mg/dL", source="cgm"), "99504-3"),  # interstitial
 ], ids=["bp", "hr", "spo2", "rr", "temp", "weight", "glucose-meter", "glucose-cgm"])
 def test_each_metric_is_coded_with_its_loinc(item: dict[str, Any], loinc: str) -> None:
     assert cand(item)["loinc"] == loinc

@@ -5,6 +5,9 @@ CREATE TABLE IF NOT EXISTS patients (
     patient_id  VARCHAR PRIMARY KEY,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- IANA zone of the patient's home: billing, adherence and the daily marts count its calendar days
+-- (010_marts.sql with_local_time).
+ALTER TABLE patients ADD COLUMN IF NOT EXISTS time_zone VARCHAR;
 
 CREATE TABLE IF NOT EXISTS devices (
     device_id   VARCHAR PRIMARY KEY,       -- also the device's broker login

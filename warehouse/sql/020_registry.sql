@@ -5,8 +5,6 @@ ALTER TABLE patients ADD COLUMN IF NOT EXISTS mrn VARCHAR;
 ALTER TABLE patients ADD COLUMN IF NOT EXISTS given_name VARCHAR;
 ALTER TABLE patients ADD COLUMN IF NOT EXISTS family_name VARCHAR;
 ALTER TABLE patients ADD COLUMN IF NOT EXISTS birth_date DATE;
--- IANA zone of the patient's home: billing and adherence count patient-local calendar days.
-ALTER TABLE patients ADD COLUMN IF NOT EXISTS time_zone VARCHAR;
 ALTER TABLE patients ADD COLUMN IF NOT EXISTS conditions VARCHAR[];
 
 ALTER TABLE devices ADD COLUMN IF NOT EXISTS model VARCHAR;

@@ -66,6 +66,7 @@ CREATE OR REPLACE VIEW billing_periods AS
 WITH counted AS (
     SELECT c.patient_id, c.period_no, c.period_start, c.period_end, c.today,
            CAST(count(d.local_date) AS INTEGER) AS days_with_data,
+           CAST(coalesce(sum(d.readings), 0) AS INTEGER) AS readings,
            CAST(count(d.local_date) FILTER (WHERE d.local_date >= c.today) AS INTEGER) AS days_from_today,
            c.today BETWEEN c.period_start AND c.period_end AS is_current
     FROM billing_calendar c
@@ -77,7 +78,7 @@ WITH counted AS (
                 THEN CAST(period_end - today + 1 - days_from_today AS INTEGER) END AS days_left
     FROM counted
 )
-SELECT patient_id, period_no, period_start, period_end, days_with_data,
+SELECT patient_id, period_no, period_start, period_end, days_with_data, readings,
        CASE WHEN days_with_data >= 16 THEN '99454'
             WHEN days_with_data >= 2 THEN '99445'
        END AS device_code,
