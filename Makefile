@@ -1,6 +1,8 @@
 # RPM pipeline — every entry point. `make help` lists them.
 SHELL := /bin/bash
-PYTHON ?= python3
+# Debian's own interpreter when there is one: the service account (RPM_RUN_AS) must be able to run .venv's
+# Python, which a pyenv build under a private /root is not (README: Running as a service account).
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -13,7 +15,7 @@ export RPM_HOME ?= $(CURDIR)/var
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-system: ## apt-get Mosquitto (broker + clients) and python3-venv when missing; as root, create the service account (RPM_RUN_AS)
+system: ## apt-get Mosquitto (broker + clients), python3-venv, chromium + chromium-driver (browser tests) when missing; as root, create the service account (RPM_RUN_AS)
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "installing mosquitto with apt-get"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
@@ -21,6 +23,10 @@ system: ## apt-get Mosquitto (broker + clients) and python3-venv when missing; a
 	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		echo "installing python3-venv with apt-get"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver with apt-get (the browser tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 	@# The unprivileged account that owns the state and runs rpm when root starts it (RPM_RUN_AS; "root": none).
 	@account="$${RPM_RUN_AS:-rpm}"; \

@@ -615,34 +615,34 @@ def add_ledger(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-# Open episodes from each patient's latest readings, keyed and described exactly as refresh_alerts keys them.
+# Open episodes from each patient's latest readings, keyed and described exactly as refresh_alerts keys them:
+# one per family, at the most severe level the reading breaches.
 DIRECT_ALERTS_SQL = """
 INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
-                    last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at)
+                    last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
+                    opened_rule)
 WITH latest AS (
     SELECT patient_id, metric, arg_max(reading_id, measured_at) AS reading_id,
            max(measured_at) AS measured_at, arg_max(value, measured_at) AS value,
            arg_max(diastolic, measured_at) AS diastolic
     FROM readings WHERE measured_at >= now() - INTERVAL 3 DAY GROUP BY patient_id, metric
 ), breaches AS (
-    SELECT patient_id, 'bp_stage2' AS rule, reading_id, measured_at,
-           printf('%.0f/%.0f mm[Hg]', value, diastolic) AS observed
+    SELECT patient_id, CASE WHEN value >= 180 OR diastolic >= 120 THEN 'bp_severe' ELSE 'bp_stage2' END AS rule,
+           reading_id, measured_at, printf('%.0f/%.0f mm[Hg]', value, diastolic) AS observed
     FROM latest WHERE metric = 'blood_pressure' AND (value >= 140 OR diastolic >= 90)
-    UNION ALL SELECT patient_id, 'bp_severe', reading_id, measured_at,
-                     printf('%.0f/%.0f mm[Hg]', value, diastolic)
-    FROM latest WHERE metric = 'blood_pressure' AND (value >= 180 OR diastolic >= 120)
-    UNION ALL SELECT patient_id, 'spo2_low', reading_id, measured_at, printf('%.0f %%', value)
+    UNION ALL SELECT patient_id, CASE WHEN value < 88 THEN 'spo2_urgent' ELSE 'spo2_low' END, reading_id,
+                     measured_at, printf('%.0f %%', value)
     FROM latest WHERE metric = 'spo2' AND value < 92
     UNION ALL SELECT patient_id, 'glucose_level2_high', reading_id, measured_at, printf('%.0f mg/dL', value)
     FROM latest WHERE metric = 'blood_glucose' AND value > 250
-    UNION ALL SELECT patient_id, 'glucose_level1_low', reading_id, measured_at, printf('%.0f mg/dL', value)
+    UNION ALL SELECT patient_id, CASE WHEN value < 54 THEN 'glucose_level2_low' ELSE 'glucose_level1_low' END,
+                     reading_id, measured_at, printf('%.0f mg/dL', value)
     FROM latest WHERE metric = 'blood_glucose' AND value < 70
 )
 SELECT md5(b.patient_id || '|' || b.rule || '|' || b.reading_id), b.patient_id, b.rule, d.severity,
-       d.description, b.measured_at, b.reading_id, b.measured_at, b.observed, 1, NULL, NULL, now()
+       d.description, b.measured_at, b.reading_id, b.measured_at, b.observed, 1, NULL, NULL, now(), b.rule
 FROM breaches b
-JOIN (SELECT rule, min(severity) AS severity, max(description) AS description
-      FROM alert_rule_params GROUP BY rule) d USING (rule)
+JOIN alert_rules d USING (rule)
 """
 
 

@@ -124,10 +124,16 @@ def cmd_up(s: Settings, a: argparse.Namespace) -> int:
           f"(certificate signed by {s.ca_cert}: import it into the browser, or pass it as the CA)")
     from service.accounts import Accounts
 
-    if not Accounts(s).list():
-        print("  no accounts yet: create the first administrator with\n"
-              "    rpm users add NAME --role admin        (prints the authenticator QR link; then\n"
-              "    rpm careteam add DR-ID --name ... --patient ...  and  rpm users add DR-ID --role clinician)")
+    users = Accounts(s).list()
+    if not any(u.role == "admin" for u in users):
+        print("  no administrator yet: create the first one with\n"
+              "    rpm users add NAME --role admin        (prints the authenticator link for its second factor)\n"
+              "  then clinicians: rpm careteam add DR-ID --name ... --patient ...  and  "
+              "rpm users add DR-ID --role clinician")
+    from rpmctl.tools.demo import DEMO_CLINICIAN, demo_password_file
+
+    if any(u.username == DEMO_CLINICIAN for u in users) and demo_password_file(s).exists():
+        print(f"  the demo's nurse: log in as {DEMO_CLINICIAN} with the password in {demo_password_file(s)}")
     if a.airflow:
         af = info["airflow"]
         print(f"airflow up: {af['url']}  login {af['username']} / {af['password']}  (also in {af['password_file']})"

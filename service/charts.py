@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,20 +42,23 @@ _CSS = """
 .band.severe{fill:#dc2626;fill-opacity:.13}
 .band.warning{fill:#f59e0b;fill-opacity:.16}
 .band.target{fill:#16a34a;fill-opacity:.09}
-.band-label{font-size:11px;fill:#4b5563;text-anchor:end;font-family:%(font)s;paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
+.band-label{font-size:11px;fill:#4b5563;text-anchor:end;font-family:FONT;
+  paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
 .threshold{stroke:#b45309;stroke-width:1.2;stroke-dasharray:5,4;fill:none}
 .axis .guide.line{stroke:#e3e8ee !important;stroke-dasharray:none !important}
 .series .line{stroke-width:1.6}
-""" % {"font": FONT}
+""".replace("FONT", FONT)
 
 
-def _style(*colors: str, **extra) -> Style:
-    return Style(background="transparent", plot_background="#ffffff", foreground="#3c4856",
-                 foreground_strong="#1d2733", foreground_subtle="#5b6675", font_family=FONT,
-                 label_font_size=11, major_label_font_size=11, legend_font_size=12, value_font_size=11,
-                 guide_stroke_color="#e3e8ee", major_guide_stroke_color="#d3dae3", opacity=".9",
-                 opacity_hover=".9", stroke_opacity="1", stroke_opacity_hover="1", stroke_width="1.6",
-                 stroke_width_hover="1.6", transition="0ms", colors=colors, **extra)
+def _style(*colors: str, **extra: Any) -> Style:
+    """The dashboard's look (its fonts and greys) with these series colours; ``extra`` overrides."""
+    return Style(**{
+        "background": "transparent", "plot_background": "#ffffff", "foreground": "#3c4856",
+        "foreground_strong": "#1d2733", "foreground_subtle": "#5b6675", "font_family": FONT,
+        "label_font_size": 11, "major_label_font_size": 11, "legend_font_size": 12, "value_font_size": 11,
+        "guide_stroke_color": "#e3e8ee", "major_guide_stroke_color": "#d3dae3", "opacity": ".9",
+        "opacity_hover": ".9", "stroke_opacity": "1", "stroke_opacity_hover": "1", "stroke_width": "1.6",
+        "stroke_width_hover": "1.6", "transition": "0ms", "colors": colors, **extra})
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,9 @@ def _render(chart: Any, name: str, bands: Sequence[Band] = (), lines: Sequence[L
     svg = chart.render(is_unicode=True)
     root = ET.fromstring(svg)
     styles = [el.text or "" for el in root.iter("{http://www.w3.org/2000/svg}style")]
-    hashes = " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()
-                      for s in styles)
-    csp = f"default-src 'none'; style-src {hashes or chr(39) + 'none' + chr(39)}; frame-ancestors 'self'"
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+                      for s in styles) or "'none'"
+    csp = f"default-src 'none'; style-src {hashes}; frame-ancestors 'self'"
     points = sum(1 for el in root.iter("{http://www.w3.org/2000/svg}circle") if "dot" in (el.get("class") or ""))
     return Chart(svg, csp, points)
 
@@ -205,7 +209,7 @@ def vital_chart(series: dict, start: date, end: date) -> Chart:
         js=[], css=["file://style.css", "file://graph.css", "inline:" + _CSS], style=_style(
             "#1f5fbf", "#0f8a7e", "#7c3aed"),
         width=960, height=300, margin=12, spacing=8, show_legend=len(readings) > 0, legend_at_bottom=True,
-        legend_at_bottom_columns=3, legend_box_size=10, dots_size=2.6, show_x_guides=False, truncate_label=-1,
+        legend_box_size=10, dots_size=2.6, show_x_guides=False, truncate_label=-1,
         x_value_formatter=lambda d: d.strftime("%b %-d"), value_formatter=lambda v: f"{v:g}",
         x_labels=[datetime.combine(start + timedelta(days=n), datetime.min.time())
                   for n in range(0, (end - start).days + 1, 5)],
@@ -230,6 +234,8 @@ def vital_chart(series: dict, start: date, end: date) -> Chart:
     else:
         chart.add(LABELS.get(metric, metric), [(r["measured_local"], r["value"]) for r in readings])
         values = [r["value"] for r in readings]
+    # one legend row (pygal reserves room for too few rows when a row has more columns than series)
+    chart.config.legend_at_bottom_columns = max(len(chart.raw_series), 1)
     if values:
         chart.config.range = _range(metric, values, bands, lines)
     else:
@@ -244,30 +250,32 @@ TIR_COLOURS = ("#a3141c", "#e0402f", "#2e9e5b", "#f2b632", "#e5771e")
 
 def glucose_profile_chart(profile: dict, thresholds: dict[str, float]) -> Chart:
     """The ambulatory glucose profile: the median of each hour of the day with the 25-75 % (dark) and
-    5-95 % (light) ranges, over the consensus target range."""
+    5-95 % (light) ranges, over the consensus target range.
+
+    The ranges are pygal's stacked areas (the 5th percentile, then each range's height on top, the first
+    area left transparent); the median is a secondary series on the same scale, drawn over them."""
     hours = profile["hours"]
+    p = [h["percentiles"] for h in hours]
+    # a whole number of 20 mg/dL steps, so pygal keeps the range as given and both scales are one
+    top = 20 * math.ceil(max([q[4] + 10 for q in p] + [VERY_HIGH_MG_DL + 20]) / 20)
     chart = pygal.StackedLine(
         js=[], css=["file://style.css", "file://graph.css", "inline:" + _CSS + """
-.series.serie-2 .line{stroke:#0b3d91;stroke-width:2.6}
-.series.serie-0 .line,.series.serie-1 .line,.series.serie-3 .line,.series.serie-4 .line{stroke-width:0}
-"""], style=_style("transparent", "#a9c8ec", "#4f86c6", "#4f86c6", "#a9c8ec"),
+.series .line{stroke-width:0}
+.series.serie-5 .line{stroke:#0b3d91;stroke-width:2.6}
+.axis.y2 text{display:none}
+"""], style=_style("transparent", "#b6d0ee", "#5b8fcf", "#5b8fcf", "#b6d0ee", "#0b3d91"),
         fill=True, show_dots=False, width=960, height=340, margin=12, spacing=8, show_legend=False,
         x_labels=[f"{h['hour']:02d}:00" for h in hours], x_labels_major_every=3, show_minor_x_labels=False,
-        truncate_label=-1, y_title="mg/dL", value_formatter=lambda v: f"{v:.0f}",
-        no_data_text="No CGM data in this period", disable_xml_declaration=True)
-    p = [h["percentiles"] for h in hours]
+        truncate_label=-1, y_title="mg/dL", value_formatter=lambda v: f"{v:.0f}", range=(0, top),
+        secondary_range=(0, top), no_data_text="No CGM data in this period", disable_xml_declaration=True)
     chart.add("5th percentile", [q[0] for q in p])
     chart.add("5th-25th", [q[1] - q[0] for q in p])
-    chart.add("Median", [q[2] - q[1] for q in p], show_dots=True, dots_size=2.6)
+    chart.add("25th-median", [q[2] - q[1] for q in p])
     chart.add("Median-75th", [q[3] - q[2] for q in p])
     chart.add("75th-95th", [q[4] - q[3] for q in p])
+    chart.add("Median", [q[2] for q in p], secondary=True, fill=False, show_dots=True, dots_size=2.6)
     bands, _ = thresholds_of("blood_glucose", thresholds)
-    if p:
-        top = max(max(q[4] for q in p) + 20, VERY_HIGH_MG_DL + 30)
-        chart.config.range = (0, top)
-    else:
-        bands = []
-    return _render(chart, f"Glucose profile by hour of day, last {profile['days']} days", bands)
+    return _render(chart, f"Glucose profile by hour of day, last {profile['days']} days", bands if p else [])
 
 
 def time_in_ranges_chart(summary: dict) -> Chart:
@@ -278,9 +286,10 @@ def time_in_ranges_chart(summary: dict) -> Chart:
              ("In range 70\u2013180", summary.get("tir_70_180") or 0.0),
              ("High 181\u2013250", max(tar180 - tar250, 0.0)), ("Very high > 250", tar250)]
     chart = pygal.StackedBar(
-        js=[], css=["file://style.css", "file://graph.css", "inline:" + _CSS], style=_style(*TIR_COLOURS),
-        width=420, height=340, margin=12, spacing=6, show_y_labels=False, show_x_labels=False,
-        show_y_guides=False, legend_at_bottom=False, legend_box_size=10, truncate_legend=-1,
+        js=[], css=["file://style.css", "file://graph.css", "inline:" + _CSS],
+        style=_style(*TIR_COLOURS, legend_font_size=14, value_font_size=14),
+        width=340, height=340, margin=10, spacing=8, show_y_labels=False, show_x_labels=False,
+        show_y_guides=False, legend_at_bottom=False, legend_box_size=12, truncate_legend=-1,
         print_values=True, range=(0, 100), value_formatter=lambda v: f"{v:.0f} %" if v >= 4 else "",
         disable_xml_declaration=True, rounded_bars=0)
     for label, value in parts:

@@ -174,8 +174,8 @@ def _label(text: str) -> str:
 
 
 templates.env.filters.update(when=_when, ago=_ago, age=_age, vital=_vital, label=_label)
-templates.env.globals.update(METRIC_LABELS=charts.LABELS, RULE_LABELS=RULE_LABELS, UNITS=charts.UNITS, GROUPS=GROUPS, SORTS=SORTS,
-                             CATEGORIES=CATEGORIES)
+templates.env.globals.update(METRIC_LABELS=charts.LABELS, RULE_LABELS=RULE_LABELS, UNITS=charts.UNITS,
+                             GROUPS=GROUPS, SORTS=SORTS, CATEGORIES=CATEGORIES)
 
 
 def _form_csrf(request: Request, session: Session, submitted: str | None, action: str) -> None:
@@ -215,8 +215,9 @@ def panel(request: Request, session: WebSession,
                  **change}
         return "/panel" + ("?" + urlencode({k: v for k, v in query.items() if v}) if any(query.values()) else "")
 
-    return render(request, "panel.html", session=session, active="panel", rows=shown, total=len(every), tiles=counts(every),
-                  flag=flag, condition=condition or "", sort=sort, conditions=conditions, link=link,
+    return render(request, "panel.html", session=session, active="panel", rows=shown, total=len(every),
+                  tiles=counts(every), flag=flag, condition=condition or "", sort=sort, conditions=conditions,
+                  link=link,
                   month=datetime.now(_zone(settings(request).practice_tz)).strftime("%B %Y"))
 
 
@@ -265,8 +266,9 @@ def glucose_profile_svg(request: Request, session: WebSession, patient_id: str) 
 def time_in_ranges_svg(request: Request, session: WebSession, patient_id: str) -> Response:
     """The consensus time-in-ranges bar of the last 14 days of CGM data."""
     profile = clinician_of(request, session, "chart").glucose_profile(_patient_id(patient_id), PROFILE_DAYS)
-    if not profile["summary"]:
-        raise HTTPException(404, "no CGM data in this period")
+    summary = profile["summary"]
+    if not summary or not summary.get("sufficient_data"):
+        raise HTTPException(404, "insufficient CGM data for time in ranges (>= 14 days, >= 70 % wear)")
     return _svg(charts.time_in_ranges_chart(profile["summary"]))
 
 
@@ -328,5 +330,6 @@ def audit(request: Request, session: WebSession,
                "outcome": outcome if outcome in AUDIT_OUTCOMES else None,
                "action": (action or "").strip() or None}
     log = read_audit(settings(request), session.actor, "web", limit=500, **filters)
-    return render(request, "audit.html", session=session, active="audit", log=log, filters=filters, outcomes=AUDIT_OUTCOMES,
+    return render(request, "audit.html", session=session, active="audit", log=log, filters=filters,
+                  outcomes=AUDIT_OUTCOMES,
                   zone=settings(request).practice_tz)

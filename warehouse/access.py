@@ -318,7 +318,8 @@ def _alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str], status: str)
     where = "resolved_at IS NOT NULL AND " if status == "resolved" else ""
     return _rows(con.execute(f"""
         SELECT alert_id, patient_id, rule, severity, description, opened_at, last_breach_at, last_observed,
-               breaches, acknowledged_by, acknowledged_at, ack_note, resolved_at, resolution
+               breaches, acknowledged_by, acknowledged_at, ack_note, resolved_at, resolution, opened_rule,
+               escalated_at
         FROM alerts WHERE {where}list_contains(?, patient_id)
         ORDER BY resolved_at IS NOT NULL, coalesce(resolved_at, opened_at) DESC, severity, patient_id, rule
         LIMIT 1000""", [patient_ids]))

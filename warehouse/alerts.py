@@ -1,5 +1,8 @@
 """Alert episodes: evaluate the rules over the readings and upsert episodes, keeping acknowledgements.
 
+Rules come in families, the levels of one finding (BP stage 2 / severe, ...): an episode is one alert at the
+most severe level it reached, escalated in place, keyed by the reading and the level it opened at.
+
 A pipeline run evaluates incrementally: the patients whose inputs changed (new or late readings, registry
 entry, threshold — the ``alert_dirty`` set), plus, for everyone else, only the no-data rules' current gap, the
 one thing that changes with time alone. New readings are evaluated from the patient's last checkpoint before
@@ -22,16 +25,11 @@ from warehouse.db import rows
 RULES_SQL = Path(__file__).parent / "sql" / "030_alerts.sql"
 
 # Outside the scope nothing changed but time: a patient's current silence, measured from the last reading
-# (the same episode alert_gaps gives for the gap after the last reading).
-CURRENT_GAPS = """
-SELECT l.patient_id, prm.rule, l.last.id AS opened_reading_id,
-       l.last.at + to_hours(CAST(prm.value AS BIGINT)) AS opened_at, l.last.at AS last_breach_at,
-       printf('last reading %s', strftime(l.last.at, '%Y-%m-%d %H:%M UTC')) AS last_observed, 1::BIGINT AS breaches,
-       NULL::TIMESTAMPTZ AS resolved_at, NULL::VARCHAR AS resolved_reading_id
-FROM (SELECT patient_id, {'at': measured_at, 'id': reading_id} AS last FROM patient_last_reading
-      WHERE patient_id NOT IN (SELECT patient_id FROM _scope)) l
-JOIN patient_alert_params prm ON prm.patient_id = l.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
-WHERE now() - l.last.at > to_hours(CAST(prm.value AS BIGINT))
+# (alert_gaps over a stream of each one's last reading, with nothing after it).
+SILENT = """
+CREATE OR REPLACE TEMP TABLE _silent AS
+SELECT patient_id, reading_id, measured_at, NULL::TIMESTAMPTZ AS next_at, NULL::VARCHAR AS next_reading_id
+FROM patient_last_reading WHERE patient_id NOT IN (SELECT patient_id FROM _scope)
 """
 
 # The patients to evaluate, each from its last checkpoint at or before its earliest new reading (-infinity:
@@ -61,34 +59,41 @@ LEFT JOIN (SELECT r.patient_id, count(*) AS readings FROM readings r JOIN _scope
 """
 
 # What the rest of a chunk's evaluation reads, computed once: the marks episodes and checkpoints are made of
-# (every breach, and each rule's last evaluation before a midnight: the rest decide nothing further), the
-# readings in series, and the episodes as islands.
+# (every breach, and each family's last evaluation before a midnight: the rest decide nothing further), the
+# readings in series, the levels each island reached and the episodes as islands.
 MATERIALIZE = [
     """CREATE OR REPLACE TEMP TABLE _marks AS SELECT * FROM alert_marks
        WHERE breach OR next_at IS NULL OR utc_day(next_at) > measured_at""",
     "CREATE OR REPLACE TEMP TABLE _stream AS SELECT * FROM alert_reading_stream",
+    "CREATE OR REPLACE TEMP TABLE _levels AS SELECT * FROM alert_levels('_marks')",
     "CREATE OR REPLACE TEMP TABLE _islands AS SELECT * FROM alert_islands('_marks')",
 ]
-SCRATCH = ("_scope", "_chunks", "_marks", "_stream", "_islands", "_days", "_episodes")
+SCRATCH = ("_scope", "_chunks", "_marks", "_stream", "_levels", "_islands", "_days", "_episodes", "_silent")
 
+# An episode's id is its patient, the level it opened at and the reading that opened it: escalating does not
+# change it, so an acknowledgement stays with the episode (and an alert of a release before families, keyed
+# by its rule, keeps its id when it opened its episode).
 EPISODES = """
 CREATE OR REPLACE TEMP TABLE _episodes AS
-SELECT md5(e.patient_id || '|' || e.rule || '|' || e.opened_reading_id) AS alert_id, e.*, d.severity, d.description
+SELECT md5(e.patient_id || '|' || e.opened_rule || '|' || e.opened_reading_id) AS alert_id, e.*, d.severity,
+       d.description
 FROM ({source}) e
-JOIN (SELECT rule, min(severity) AS severity, max(description) AS description
-      FROM alert_rule_params GROUP BY rule) d USING (rule)
+JOIN alert_rules d USING (rule)
 """
-SCOPE_EPISODES = "SELECT * EXCLUDE (island, base) FROM _islands UNION ALL SELECT * FROM alert_gaps('_stream')"
+SCOPE_EPISODES = ("SELECT * EXCLUDE (island, base) FROM _islands UNION ALL BY NAME "
+                  "SELECT * FROM alert_gaps('_stream')")
 
 UPSERT = """
 INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
                     last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
-                    resolution)
+                    resolution, opened_rule, escalated_at)
 SELECT alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id, last_breach_at,
        last_observed, breaches, resolved_at, resolved_reading_id, now(),
-       CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END
+       CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END, opened_rule, escalated_at
 FROM _episodes
 ON CONFLICT (alert_id) DO UPDATE SET
+    rule = excluded.rule, severity = excluded.severity, description = excluded.description,
+    opened_rule = excluded.opened_rule, escalated_at = excluded.escalated_at,
     last_breach_at = excluded.last_breach_at, last_observed = excluded.last_observed,
     breaches = excluded.breaches, resolved_at = excluded.resolved_at,
     resolved_reading_id = excluded.resolved_reading_id, evaluated_at = excluded.evaluated_at,
@@ -97,9 +102,16 @@ ON CONFLICT (alert_id) DO UPDATE SET
 
 # Late data (a device uploading its offline buffer) can split or erase an episode that was evaluated before
 # it arrived: an open alert whose episode no longer exists is closed, saying why, never left open forever.
-# Only where this evaluation looked: the scope's patients, and everyone else's current no-data gap.
+# Only where this evaluation looked: the scope's patients, and everyone else's current no-data gap. An alert
+# of a release before families (no opened_rule) that opened inside an episode of its family is that
+# episode's duplicate (the bp_stage2 beside a bp_severe): merged into it.
 CLOSE_DISPROVED = """
-UPDATE alerts SET resolved_at = now(), resolution = 'disproved by late readings', evaluated_at = now()
+UPDATE alerts SET resolved_at = now(), evaluated_at = now(),
+    resolution = CASE WHEN opened_rule IS NULL AND EXISTS (
+        SELECT 1 FROM _episodes e JOIN alert_rules f ON f.family = e.family
+        WHERE f.rule = alerts.rule AND e.patient_id = alerts.patient_id
+          AND alerts.opened_at BETWEEN e.opened_at AND e.last_breach_at)
+        THEN 'merged into its family''s alert' ELSE 'disproved by late readings' END
 WHERE resolved_at IS NULL AND alert_id NOT IN (SELECT alert_id FROM _episodes) AND {where}
 """
 IN_CHUNK = "patient_id IN (SELECT patient_id FROM alert_scope)"
@@ -107,8 +119,8 @@ SILENT_OUTSIDE = "rule IN ('no_data_24h', 'no_data_72h') AND patient_id NOT IN (
 
 # The checkpoints after each scope patient's start, rebuilt from what this evaluation computed: the days with
 # readings; the last reading before each (each day's last reading is the one a later midnight can follow);
-# and each rule's episode open across it (its last evaluation before midnight breached), with the breaches
-# it had by then.
+# and each family's episode open across it (its last evaluation before midnight breached), with the breaches
+# it had and the most severe level it had reached by then.
 CHECKPOINTS = [
     """CREATE OR REPLACE TEMP TABLE _days AS
        SELECT DISTINCT t.patient_id, utc_day(t.measured_at) AS day
@@ -120,17 +132,30 @@ CHECKPOINTS = [
        ASOF LEFT JOIN (SELECT * FROM _stream
                        WHERE next_at IS NULL OR utc_day(next_at) > measured_at) l
            ON l.patient_id = d.patient_id AND d.day > l.measured_at""",
-    """INSERT INTO alert_carry (patient_id, day, rule, reading_id, measured_at, opened_reading_id, opened_at,
-                               breaches, last_observed)
-       SELECT m.patient_id, p.day, m.rule, m.reading_id, m.measured_at, i.opened_reading_id, i.opened_at,
-              m.position - i.base, m.observed
-       FROM (SELECT d.patient_id, d.day, r.rule
-             FROM _days d JOIN (SELECT DISTINCT patient_id, rule FROM _marks) r USING (patient_id)) p
-       ASOF JOIN (SELECT * FROM _marks
-                  WHERE next_at IS NULL OR utc_day(next_at) > measured_at) m
-           ON m.patient_id = p.patient_id AND m.rule = p.rule AND p.day > m.measured_at
-       JOIN _islands i ON i.patient_id = m.patient_id AND i.rule = m.rule AND i.island = m.island
-       WHERE m.breach""",
+    """INSERT INTO alert_carry (patient_id, day, family, rule, reading_id, measured_at, opened_reading_id,
+                               opened_at, opened_rule, escalated_at, breaches, last_observed)
+       WITH open_across AS (
+           SELECT p.day, m.*
+           FROM (SELECT d.patient_id, d.day, f.family
+                 FROM _days d JOIN (SELECT DISTINCT patient_id, family FROM _marks) f USING (patient_id)) p
+           ASOF JOIN (SELECT * FROM _marks
+                      WHERE next_at IS NULL OR utc_day(next_at) > measured_at) m
+               ON m.patient_id = p.patient_id AND m.family = p.family AND p.day > m.measured_at
+           WHERE m.breach
+       ), reached AS (
+           SELECT o.patient_id, o.day, o.family, arg_min(l.rule, l.severity) AS rule,
+                  arg_min(l.reached_at, l.severity) AS reached_at
+           FROM open_across o
+           JOIN _levels l ON l.patient_id = o.patient_id AND l.family = o.family AND l.island = o.island
+                         AND l.first_position <= o.position
+           GROUP BY o.patient_id, o.day, o.family
+       )
+       SELECT o.patient_id, o.day, o.family, r.rule, o.reading_id, o.measured_at, i.opened_reading_id,
+              i.opened_at, i.opened_rule, CASE WHEN r.rule <> i.opened_rule THEN r.reached_at END,
+              o.position - i.base, o.observed
+       FROM open_across o
+       JOIN reached r USING (patient_id, day, family)
+       JOIN _islands i ON i.patient_id = o.patient_id AND i.family = o.family AND i.island = o.island""",
 ]
 
 
@@ -222,7 +247,8 @@ def _evaluate(con: duckdb.DuckDBPyConnection, full: bool, chunk_readings: int) -
                         "WHERE c.patient_id = s.patient_id AND c.day > s.from_at")
         for statement in CHECKPOINTS:
             con.execute(statement)
-    con.execute(EPISODES.format(source=CURRENT_GAPS))
+    con.execute(SILENT)
+    con.execute(EPISODES.format(source="SELECT * FROM alert_gaps('_silent')"))
     con.execute(UPSERT)
     con.execute(CLOSE_DISPROVED.format(where=SILENT_OUTSIDE))
     con.execute("DELETE FROM alert_dirty WHERE patient_id IN (SELECT patient_id FROM _scope)")
@@ -235,7 +261,7 @@ def open_alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str]) -> list[
     """Open alerts of these patients, most severe first, then oldest."""
     cur = con.execute("""
         SELECT alert_id, patient_id, rule, severity, description, opened_at, last_breach_at, last_observed,
-               breaches, acknowledged_by, acknowledged_at
+               breaches, acknowledged_by, acknowledged_at, opened_rule, escalated_at
         FROM alerts WHERE resolved_at IS NULL AND list_contains(?, patient_id)
         ORDER BY severity, opened_at, patient_id, rule""", [patient_ids])
     return rows(cur)

@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import os
-import pwd
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
+from core.identity import caller_name
 from core.keyring import DecryptError, Keyring
 from core.keys import read_secret, write_private
 from core.settings import Settings
@@ -56,13 +56,10 @@ def _canonical(record: dict) -> bytes:
 
 
 def os_user() -> str:
-    """The account this process runs as, from the kernel (an environment variable such as LOGNAME is the
-    caller's to set, so it proves nothing)."""
-    uid = os.getuid()
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    """The account that ran this command, from the kernel (an environment variable such as LOGNAME is the
+    caller's to set, so it proves nothing): root when root started a command that then became the service
+    account."""
+    return caller_name()
 
 
 class AuditLog:

@@ -16,6 +16,7 @@ its log signal it (SIGHUP), which the kernel allows only between processes of on
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -24,9 +25,9 @@ import stat
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
+from core.identity import remember_caller
 from core.settings import INSIDE_HOME, Settings
 from rpmctl.errors import UserError
 
@@ -111,14 +112,6 @@ def _roots(s: Settings) -> list[Path]:
     return roots
 
 
-def _walk(top: Path) -> Iterator[Path]:
-    """``top`` and everything below it, symlinks included but never followed."""
-    yield top
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            yield Path(root) / name
-
-
 def _owned_elsewhere(s: Settings, account: pwd.struct_passwd) -> bool:
     """Whether some part of the state belongs to another account (checked on the folders and the keys, not
     on every segment: cheap enough for every command)."""
@@ -171,30 +164,51 @@ def hand_over(s: Settings, account: pwd.struct_passwd) -> None:
     if running:
         raise UserError(f"{', '.join(running)} run as another account than {account.pw_name} (RPM_RUN_AS): stop "
                         "them first with `RPM_RUN_AS=root rpm down`, then start again")
-    home, pki = Path(s.home), Path(s.pki_dir)
     for top in roots:
-        if not top.is_dir():
-            continue
-        for path in _walk(top):
-            os.lchown(path, account.pw_uid, account.pw_gid)
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if path == home:
-                mode = HOME_MODE
-            elif path == pki:
-                mode = PUBLIC_DIR_MODE
-            elif path.parent == pki and path.suffix == ".crt":
-                mode = PUBLIC_FILE_MODE
-            else:
-                mode = 0o700 if stat.S_ISDIR(st.st_mode) else (stat.S_IMODE(st.st_mode) & 0o100) | 0o600
-            os.chmod(path, mode)
+        if top.is_dir():
+            _give_tree(s, top, account)
+
+
+def _mode(s: Settings, path: Path, st: os.stat_result) -> int:
+    if path == Path(s.home):
+        return HOME_MODE
+    if path == Path(s.pki_dir):
+        return PUBLIC_DIR_MODE
+    if path.parent == Path(s.pki_dir) and path.suffix == ".crt":
+        return PUBLIC_FILE_MODE
+    return 0o700 if stat.S_ISDIR(st.st_mode) else (stat.S_IMODE(st.st_mode) & 0o100) | 0o600
+
+
+def _give_tree(s: Settings, top: Path, account: pwd.struct_passwd) -> None:
+    """chown -R and the modes, by file descriptor, never through a symlink: the account may already control
+    parts of the tree, and must not be able to redirect root's chown or chmod elsewhere by swapping one."""
+    def give(fd: int, path: Path) -> None:
+        os.fchown(fd, account.pw_uid, account.pw_gid)
+        os.fchmod(fd, _mode(s, path, os.fstat(fd)))
+
+    for folder, folders, files, dir_fd in os.fwalk(top, follow_symlinks=False):
+        give(dir_fd, Path(folder))
+        for name in folders:  # visited in turn, except a symlink to a folder: itself only
+            if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.chown(name, account.pw_uid, account.pw_gid, dir_fd=dir_fd, follow_symlinks=False)
+        for name in files:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a symlink: itself only
+                    os.chown(name, account.pw_uid, account.pw_gid, dir_fd=dir_fd, follow_symlinks=False)
+                continue  # a socket, or gone meanwhile
+            try:
+                give(fd, Path(folder) / name)
+            finally:
+                os.close(fd)
 
 
 def become(s: Settings, account: pwd.struct_passwd) -> None:
     """Give up root for good (groups, group, user: in that order, while allowed). The environment follows, as
     `runuser` sets it; HOME is the state folder when the account has no home of its own, and the caller's
     XDG folders (root's, out of reach now) are forgotten."""
+    remember_caller()  # audit records keep naming the operator who ran the command
     os.initgroups(account.pw_name, account.pw_gid)
     os.setgid(account.pw_gid)
     os.setuid(account.pw_uid)

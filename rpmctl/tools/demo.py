@@ -18,9 +18,9 @@ from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from rpmctl.views import clinician as view
 from rpmctl.views import reports as report_views
 from rpmctl.views.summary import latest_vitals, render
-from warehouse import reports
 from service.accounts import AccountError, Accounts
 from service.server import url
+from warehouse import reports
 from warehouse.accounting import accounting
 from warehouse.admin import operator
 from warehouse.audit import AuditLog
@@ -38,7 +38,7 @@ def demo_account(s: Settings) -> str:
     path = demo_password_file(s)
     accounts = Accounts(s)
     try:
-        password = keys.read_secret(path).decode().strip()
+        password = keys.read_secret(path).strip()
         accounts.get(DEMO_CLINICIAN)
         return password
     except (FileNotFoundError, AccountError):

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from core.settings import Settings
 from rpmctl.admin.devices import provision
+from transforms.vocab import SOURCE_KINDS
 
 CONDITIONS = ("hypertension", "diabetes", "copd", "heart_failure")
 ZONES = ("America/New_York", "America/Chicago", "America/Denver", "America/Los_Angeles",
@@ -196,24 +197,31 @@ def _package(fleet: Fleet, readings: list[tuple[Device, dict]], rng: random.Rand
     # Implausible values: a device fault or a reading taken off-body.
     bad_values = [("heart_rate", "/min", 400), ("spo2", "%", 130), ("body_temperature", "Cel", 51.0),
                   ("blood_glucose", "mg/dL", 2400), ("body_weight", "kg", 0.4)]
-    for k, d in enumerate(rng.sample(fleet.devices, min(len(fleet.devices), 8))):
+    for k in range(min(len(fleet.devices), 8)):
         metric, unit, value = bad_values[k % len(bad_values)]
+        # sent by a device that measures that metric: implausible, not also the wrong kind of device
+        able = [d for d in fleet.devices if metric in SOURCE_KINDS[d.kind].metrics]
+        if not able:
+            continue
+        d = rng.choice(able)
         ts = datetime.now(UTC) - timedelta(hours=rng.uniform(1, 48))
         body = {"msg_id": f"{d.device_id}-bad-{k}", "metric": metric, "unit": unit, "value": value,
                 "measured_at": _iso(ts, d.zone)}
         fleet.messages.append(Message(d.device_id, json.dumps(body).encode(), 1, "implausible"))
     # Malformed payloads: each is one unreadable or incomplete item.
     recent = (datetime.now(UTC) - timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    malformed = [b"\x00\x9f not json at all",
-                 b'{"msg_id": "x", "metric": "heart_rate", "value": 72',  # truncated
-                 json.dumps({"msg_id": "m1", "metric": "heart_rate", "unit": "/min", "value": 70,
-                             "measured_at": recent[:19]}).encode(),  # no UTC offset
-                 json.dumps({"msg_id": "m2", "metric": "heart_rate", "unit": "bpm", "value": 70,
-                             "measured_at": recent}).encode(),  # unit not UCUM
-                 json.dumps({"msg_id": "m3", "metric": "blood_pressure", "unit": "mm[Hg]",
-                             "values": {"systolic": "high"}, "measured_at": recent}).encode()]
-    for k, payload in enumerate(malformed):
-        d = fleet.devices[k % len(fleet.devices)]
+    malformed: list[tuple[str | None, bytes]] = [(None, b"\x00\x9f not json at all"),
+                 ("heart_rate", b'{"msg_id": "x", "metric": "heart_rate", "value": 72'),  # truncated
+                 ("heart_rate", json.dumps({"msg_id": "m1", "metric": "heart_rate", "unit": "/min", "value": 70,
+                                            "measured_at": recent[:19]}).encode()),  # no UTC offset
+                 ("heart_rate", json.dumps({"msg_id": "m2", "metric": "heart_rate", "unit": "bpm", "value": 70,
+                                            "measured_at": recent}).encode()),  # unit not UCUM
+                 ("blood_pressure", json.dumps({"msg_id": "m3", "metric": "blood_pressure", "unit": "mm[Hg]",
+                                                "values": {"systolic": "high"}, "measured_at": recent}).encode())]
+    for k, (sends, payload) in enumerate(malformed):
+        # from a device that may send that metric: each is malformed and nothing else
+        able = [d for d in fleet.devices if sends is None or sends in SOURCE_KINDS[d.kind].metrics]
+        d = (able or fleet.devices)[k % len(able or fleet.devices)]
         fleet.messages.append(Message(d.device_id, payload, 1, "malformed"))
 
 

@@ -95,7 +95,7 @@ def render(view: str, result: Any) -> str:
                               _fmt(r["min_30d"]), _fmt(r["max_30d"]), r["n_7d"], r["n_30d"]]
                              for r in result["trends"]]))
         lines += ["", f"Open alerts ({len(result['alerts'])})"]
-        lines += [f"  {SEVERITY.get(a['severity'], a['severity']):<9} {a['rule']:<20} {a['last_observed']}  "
+        lines += [f"  {SEVERITY.get(a['severity'], a['severity']):<9} {_rule(a):<20} {a['last_observed']}  "
                   f"since {a['opened_at']:%Y-%m-%d %H:%M}{'  (acknowledged)' if a['acknowledged_by'] else ''}"
                   for a in result["alerts"]]
         if result.get("glucose"):
@@ -110,12 +110,12 @@ def render(view: str, result: Any) -> str:
         if result and any(a.get("resolved_at") for a in result):
             return table(["severity", "patient", "rule", "observed", "opened (UTC)", "resolved (UTC)", "why",
                           "ack", "alert id"],
-                         [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], a["rule"],
+                         [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], _rule(a),
                            a["last_observed"], f"{a['opened_at']:%Y-%m-%d %H:%M}",
                            f"{a['resolved_at']:%Y-%m-%d %H:%M}" if a.get("resolved_at") else "open",
                            a.get("resolution"), a["acknowledged_by"], a["alert_id"]] for a in result])
         return table(["severity", "patient", "rule", "observed", "opened (UTC)", "breaches", "ack", "alert id"],
-                      [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], a["rule"], a["last_observed"],
+                      [[SEVERITY.get(a["severity"], a["severity"]), a["patient_id"], _rule(a), a["last_observed"],
                         f"{a['opened_at']:%Y-%m-%d %H:%M}", a["breaches"], a["acknowledged_by"], a["alert_id"]]
                        for a in result]) if result else "no alerts"
     if view == "evidence":
@@ -142,6 +142,12 @@ def render(view: str, result: Any) -> str:
     if view == "export-fhir":
         return f"wrote {result['observations']} Observations to {result['file']}"
     return json.dumps(result, indent=2, default=str)
+
+
+def _rule(alert: dict[str, Any]) -> str:
+    """The alert's rule, and the level it opened at when it escalated since."""
+    escalated = alert.get("escalated_at") and alert.get("opened_rule")
+    return f"{alert['rule']} (from {alert['opened_rule']})" if escalated else alert["rule"]
 
 
 _ROWS = [("mean", "mean_mg_dl", "mg/dL"), ("GMI", "gmi_percent", "%"), ("CV", "cv_percent", "%"),

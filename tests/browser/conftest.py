@@ -44,13 +44,12 @@ WAIT_S = 15
 os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never fetch a driver or a browser
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if CHROMIUM.exists() and CHROMEDRIVER.exists():
-        return
-    skip = pytest.mark.skip(reason="needs Debian's chromium and chromium-driver (make system installs them)")
-    for item in items:
-        if "tests/browser/" in str(item.fspath):
-            item.add_marker(skip)
+@pytest.fixture(scope="session", autouse=True)
+def chromium_installed() -> None:
+    """The browser tests are part of the suite: without the browser they fail (never skip) and say why."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: make system installs Debian's chromium and chromium-driver")
 
 
 @dataclass

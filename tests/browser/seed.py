@@ -51,6 +51,7 @@ class Seeded:
     """What the seed put in, for the tests to check the pages against."""
     now: datetime
     readings: dict[str, dict[str, int]] = field(default_factory=dict)  # patient -> metric -> readings in 30 d
+    cgm_days: int = 0   # patient-local days with CGM data in the last 30 days (the chart's daily points)
     cgm_hours: int = 0  # patient-local hours of the day with CGM data in the profile's 14 days
 
 
@@ -120,6 +121,7 @@ def build(now: datetime) -> tuple[Fleet, Seeded]:
     start = local(today - timedelta(days=28), 0.0).astimezone(UTC)  # stepped in UTC: DST-proof
     batch: list[tuple[datetime, dict]] = []
     hours_seen: set[int] = set()
+    days_seen: set[date] = set()
     at = start
     while at < now - timedelta(minutes=5):
         lt = at.astimezone(ZONE)
@@ -135,6 +137,7 @@ def build(now: datetime) -> tuple[Fleet, Seeded]:
                 value = 262                                                       # post-meal highs
         if recent:
             hours_seen.add(lt.hour)
+        days_seen.add(lt.date())
         batch.append((at, {"metric": "blood_glucose", "unit": "mg/dL", "value": round(value), "source": "cgm"}))
         if len(batch) == 12:  # CGMs upload in bursts
             _send_burst(send, cgm, batch)
@@ -142,7 +145,7 @@ def build(now: datetime) -> tuple[Fleet, Seeded]:
         at += timedelta(minutes=15)
     if batch:
         _send_burst(send, cgm, batch)
-    seeded.cgm_hours = len(hours_seen)
+    seeded.cgm_hours, seeded.cgm_days = len(hours_seen), len(days_seen)
 
     patients = {pid: tuple(p[3]) for pid, p in PATIENTS.items()}
     return Fleet(patients, devices, messages), seeded

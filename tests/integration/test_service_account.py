@@ -106,7 +106,7 @@ def installation(bin_dir: Path) -> Iterator[tuple[Settings, dict]]:
     try:
         run(bin_dir, s, "up")
         sent = json.loads(run(bin_dir, s, "simulate", "--patients", "2", "--days", "2", "--json").stdout)
-        wait_until(lambda: (ingest_status(s) or {}).get("landed", 0) >= sent["published"], 30, what="landing")
+        wait_until(lambda: (ingest_status(s) or {}).get("landed", 0) >= sent["published"], 60, what="landing")
         result = json.loads(run(bin_dir, s, "pipeline", "run", "--json").stdout)
         run(bin_dir, s, "patients", "list")  # an audited read: the audit log exists
         yield s, result
@@ -119,7 +119,7 @@ def _public(s: Settings, path: Path) -> bool:
     return path == Path(s.pki_dir) or (path.parent == Path(s.pki_dir) and path.suffix == ".crt")
 
 
-def test_the_state_and_every_service_belong_to_the_service_account(installation):
+def test_the_state_and_every_service_belong_to_the_service_account(installation, bin_dir):
     s, result = installation
     assert result["state"] == "success", result  # the pipeline ran after the drop
     account = pwd.getpwnam(ACCOUNT)
@@ -143,6 +143,10 @@ def test_the_state_and_every_service_belong_to_the_service_account(installation)
         proc = psutil.Process(int((Path(s.run_dir) / f"{name}.pid").read_text()))
         # Real, effective and saved ids: root is gone for good, not set aside.
         assert set(proc.uids()) == {account.pw_uid} and set(proc.gids()) == {account.pw_gid}, name
+    # What root changed after becoming the service account is still recorded as root's doing.
+    records = json.loads(run(bin_dir, s, "audit", "show", "--last", "200", "--json").stdout)
+    changes = [r for r in records if r["action"].startswith("registry:")]
+    assert changes and {(r["actor"], r["os_user"]) for r in changes} == {("os:root", "root")}
 
 
 PROBE = """

@@ -110,7 +110,7 @@ def test_every_successful_read_appends_exactly_one_audit_record(ward):
 
     rows, r = audited(session.patients)
     assert (r["action"], r["patients"], r["rows"], r["query"]) == ("patients", ["p1", "p2"], 2,
-                                                                    {"view": "patients"})
+                                                                    {"view": "patients", "via": "cli"})
 
     view, r = audited(lambda: session.patient("p1"))
     assert [v["metric"] for v in view["latest"]] == ["blood_pressure", "heart_rate"]
@@ -118,7 +118,7 @@ def test_every_successful_read_appends_exactly_one_audit_record(ward):
     expected_rows = (len(view["latest"]) + len(view["daily"]) + len(view["trends"]) + len(view["alerts"])
                      + (1 if view["glucose"] else 0))
     assert (r["action"], r["patients"], r["rows"]) == ("patient", ["p1"], expected_rows)
-    assert r["query"] == {"view": "patient", "patient_id": "p1", "days": 30}
+    assert r["query"] == {"view": "patient", "patient_id": "p1", "days": 30, "via": "cli"}
 
     alerts, r = audited(session.alerts)
     assert [(a["patient_id"], a["rule"]) for a in alerts] == [("p1", "bp_stage2")]
@@ -184,7 +184,7 @@ def test_acknowledge_writes_publishes_and_is_audited(ward):
     assert row == ("dr-a", "called the patient", True, None)
     r = audit_records(ward)[-1]
     assert (r["actor"], r["action"], r["patients"], r["rows"], r["outcome"]) == ("dr-a", "ack", ["p1"], 1, "ok")
-    assert r["query"] == {"action": "ack", "alert_id": aid}
+    assert r["query"] == {"action": "ack", "alert_id": aid, "via": "cli"}
 
 
 def test_acknowledge_outside_care_team_is_denied(ward):
@@ -221,13 +221,14 @@ def test_log_time_writes_publishes_and_is_audited(ward):
     r = audit_records(ward)[-1]
     assert (r["actor"], r["action"], r["patients"], r["rows"], r["outcome"]) == (
         "dr-a", "log-time", ["p2"], 1, "ok")
-    assert r["query"] == {"action": "log-time", "patient_id": "p2", "minutes": 25, "interactive": True}
+    assert r["query"] == {"action": "log-time", "patient_id": "p2", "minutes": 25, "interactive": True,
+                          "via": "cli"}
 
 
 @pytest.mark.parametrize("minutes", [0, -5])
 def test_log_time_rejects_non_positive_minutes(ward, minutes):
     snapshot = current_snapshot(ward)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="between 1 and 1440"):
         ClinicianSession(ward, "dr-a").log_time("p1", minutes, True)
     assert current_snapshot(ward) == snapshot
     assert audit_records(ward) == []

@@ -1,8 +1,9 @@
 """Alert episodes (warehouse/alerts.py over 030_alerts.sql) on a tmp warehouse with readings inserted directly.
 
 What a clinician relies on: each rule fires at its published boundary and not inside the normal range; a run
-of breaching readings is one alert, resolved by the first reading back in range; re-evaluating changes
-nothing and never loses an acknowledgement. Readings sit at fixed offsets from now, because the no-data rules
+of breaching readings is one alert, resolved by the first reading back in range; the levels of one finding
+(BP, SpO2, hypoglycaemia, NEWS2, no data) make one alert at the worst level reached, escalated in place;
+re-evaluating changes nothing and never loses an acknowledgement. Readings sit at fixed offsets from now, because the no-data rules
 compare the last reading with now().
 """
 
@@ -155,16 +156,83 @@ def test_consecutive_breaches_are_one_episode_resolved_by_first_in_range_reading
     assert (new["opened_reading_id"], new["breaches"], new["resolved_at"]) == (relapse, 1, None)
 
 
-def test_episodes_are_per_rule(con, add, now):
-    """185/95 then 150/95: the severe episode resolves at the second reading, stage 2 goes on."""
-    add("p1", "blood_pressure", 185, now - 2 * H, 95)
-    add("p1", "blood_pressure", 150, now - H, 95)
+@pytest.mark.parametrize(("metric", "value", "diastolic", "rule"), [
+    ("blood_pressure", 182, 95, "bp_severe"),        # also >= 140/90: not also bp_stage2
+    ("spo2", 86, None, "spo2_urgent"),              # also < 92: not also spo2_low
+    ("blood_glucose", 50, None, "glucose_level2_low"),  # also < 70: not also level 1
+])
+def test_one_alert_per_family_at_the_most_severe_level(con, add, now, metric, value, diastolic, rule):
+    """Regression: a BP of 182/95 opened bp_severe and bp_stage2, two open alerts for one reading."""
+    add("p1", metric, value, now - H, diastolic)
     refresh_alerts(con)
-    [severe] = alerts_of(con, "p1", "bp_severe")
-    [stage2] = alerts_of(con, "p1", "bp_stage2")
-    assert (severe["breaches"], severe["resolved_at"]) == (1, now - H)
-    assert (stage2["breaches"], stage2["resolved_at"]) == (2, None)
-    assert severe["severity"] == 1
+    [alert] = alerts_of(con, "p1")
+    assert (alert["rule"], alert["opened_rule"], alert["escalated_at"], alert["severity"]) == (rule, rule, None, 1)
+
+
+def test_the_family_episode_lasts_while_any_level_breaches(con, add, now):
+    """185/95 then 150/95 then 120/80: one BP episode, severe from its first reading (it does not drop back to
+    stage 2 while it lasts), resolved when no level breaches."""
+    add("p1", "blood_pressure", 185, now - 3 * H, 95)
+    add("p1", "blood_pressure", 150, now - 2 * H, 95)
+    refresh_alerts(con)
+    [episode] = alerts_of(con, "p1")
+    assert (episode["rule"], episode["severity"], episode["breaches"]) == ("bp_severe", 1, 2)
+    assert (episode["last_observed"], episode["resolved_at"]) == ("150/95 mm[Hg]", None)
+
+    add("p1", "blood_pressure", 120, now - H, 80)
+    refresh_alerts(con)
+    [resolved] = alerts_of(con, "p1")
+    assert (resolved["alert_id"], resolved["resolved_at"]) == (episode["alert_id"], now - H)
+
+
+@pytest.mark.parametrize(("metric", "values", "diastolic", "opened", "escalated"), [
+    ("blood_pressure", (150, 182, 150), 95, "bp_stage2", "bp_severe"),
+    ("spo2", (91, 86, 90), None, "spo2_low", "spo2_urgent"),
+    ("blood_glucose", (62, 50, 65), None, "glucose_level1_low", "glucose_level2_low"),
+])
+def test_a_worse_reading_escalates_the_open_alert_in_place(con, add, now, metric, values, diastolic, opened,
+                                                           escalated):
+    """The same alert (id, acknowledgement) rises to the worse level, saying when; a reading back at the
+    lower level keeps it there: the episode's worst is what it is."""
+    first, worse, lower = values
+    add("p1", metric, first, now - 3 * H, diastolic)
+    refresh_alerts(con)
+    [alert] = alerts_of(con, "p1")
+    assert (alert["rule"], alert["escalated_at"]) == (opened, None)
+    acknowledge(con, alert["alert_id"], "dr-a", "seen")
+
+    add("p1", metric, worse, now - 2 * H, diastolic)
+    add("p1", metric, lower, now - H, diastolic)
+    mark_dirty(con, "p1")  # as the load marks it
+    refresh_alerts(con, full=False)
+    [after] = alerts_of(con, "p1")
+    assert after["alert_id"] == alert["alert_id"]
+    assert (after["rule"], after["severity"], after["opened_rule"]) == (escalated, 1, opened)
+    assert (after["escalated_at"], after["breaches"], after["resolved_at"]) == (now - 2 * H, 3, None)
+    assert after["acknowledged_by"] == "dr-a" and after["acknowledged_at"] is not None
+    assert [(a["alert_id"], a["rule"], a["escalated_at"]) for a in open_alerts(con, ["p1"])] == [
+        (alert["alert_id"], escalated, now - 2 * H)]
+
+
+def test_alerts_of_a_release_before_families_keep_their_ids_and_acks(con, add, now):
+    """That release opened bp_severe and bp_stage2 on one 182/95 (keyed by rule and opening reading). The
+    first evaluation under families keeps the severe one — its id, its acknowledgement — and closes its
+    duplicate as merged, not as disproved."""
+    reading = add("p1", "blood_pressure", 182, now - H, 95)
+    for rule, severity in (("bp_severe", 1), ("bp_stage2", 3)):
+        con.execute("""INSERT INTO alerts (alert_id, patient_id, rule, severity, opened_at, opened_reading_id,
+                                           last_breach_at, breaches, evaluated_at, acknowledged_by)
+                       VALUES (md5('p1|' || $rule || '|' || $reading), 'p1', $rule, $severity, $at, $reading,
+                               $at, 1, $at, CASE WHEN $rule = 'bp_severe' THEN 'dr-a' END)""",
+                    {"rule": rule, "severity": severity, "reading": reading, "at": now - H})
+    old = {a["rule"]: a["alert_id"] for a in alerts_of(con, "p1")}
+    refresh_alerts(con)
+    after = {a["alert_id"]: a for a in alerts_of(con, "p1")}
+    assert set(after) == set(old.values())
+    kept, merged = after[old["bp_severe"]], after[old["bp_stage2"]]
+    assert (kept["resolved_at"], kept["acknowledged_by"], kept["opened_rule"]) == (None, "dr-a", "bp_severe")
+    assert merged["resolved_at"] is not None and merged["resolution"] == "merged into its family's alert"
+    assert [a["alert_id"] for a in open_alerts(con, ["p1"])] == [old["bp_severe"]]
 
 
 def _mixed_history(add, now: datetime) -> None:
@@ -184,7 +252,8 @@ def test_refresh_is_idempotent(con, add, now):
     before = con.execute(table).fetchall()
     assert refresh_alerts(con) == first
     assert con.execute(table).fetchall() == before
-    assert len(before) >= 6 and first["bp_stage2"] == 1 and first["no_data_24h"] == 1
+    assert len(before) >= 6 and first["bp_severe"] == 1 and "bp_stage2" not in first
+    assert first["no_data_24h"] == 1
 
 
 def test_acknowledgement_survives_refresh_and_alert_stays_open(con, add, now):
@@ -308,16 +377,16 @@ def _slot(now: datetime) -> datetime:
     return now.replace(minute=now.minute - now.minute % 15) - 2 * H
 
 
-def test_news2_score_8_opens_high_and_medium(con, add, now):
+def test_news2_score_8_opens_high_only(con, add, now):
     t = _slot(now)
     add("p1", "spo2", 90, t + timedelta(minutes=1))              # 3
     add("p1", "heart_rate", 120, t + timedelta(minutes=2))       # 2
     last = add("p1", "respiratory_rate", 26, t + timedelta(minutes=3))  # 3
     refresh_alerts(con)
-    for rule, severity in (("news2_high", 1), ("news2_medium", 2)):
-        [a] = alerts_of(con, "p1", rule)
-        assert (a["last_observed"], a["severity"], a["opened_reading_id"]) == ("score 8", severity, last)
-        assert a["opened_at"] == t + timedelta(minutes=3)
+    [a] = alerts_of(con, "p1", "news2_high")
+    assert (a["last_observed"], a["severity"], a["opened_reading_id"]) == ("score 8", 1, last)
+    assert a["opened_at"] == t + timedelta(minutes=3)
+    assert alerts_of(con, "p1", "news2_medium") == []  # the same finding at a lower level
 
 
 def test_news2_needs_three_parameters(con, add, now):
@@ -362,12 +431,27 @@ def test_no_data_alerts_follow_the_age_of_the_last_reading(con, add, now):
 
     assert open_rules(con, "fresh") == []
     assert open_rules(con, "quiet-30h") == ["no_data_24h"]
-    assert open_rules(con, "quiet-80h") == ["no_data_24h", "no_data_72h"]
+    assert open_rules(con, "quiet-80h") == ["no_data_72h"]  # one silence, one alert
     [a] = alerts_of(con, "quiet-30h", "no_data_24h")
     assert (a["opened_at"], a["opened_reading_id"], a["last_breach_at"]) == (now - 6 * H, last_30, now - 30 * H)
     assert a["severity"] == 3
-    [a72] = alerts_of(con, "quiet-80h", "no_data_72h")
-    assert (a72["opened_at"], a72["severity"]) == (now - 8 * H, 2)
+    [a72] = alerts_of(con, "quiet-80h")
+    assert (a72["rule"], a72["severity"], a72["opened_rule"]) == ("no_data_72h", 2, "no_data_24h")
+    assert (a72["opened_at"], a72["escalated_at"]) == (now - 56 * H, now - 8 * H)
+
+
+def test_a_silence_that_goes_on_escalates_its_alert(con, add, now):
+    add("p1", "heart_rate", 72, now - 30 * H)
+    refresh_alerts(con)
+    [a24] = alerts_of(con, "p1")
+    acknowledge(con, a24["alert_id"], "dr-a", "called, no answer")
+    # Two days later, still nothing (readings move back: now() cannot move forward).
+    for table in ("readings", "patient_last_reading"):
+        con.execute(f"UPDATE {table} SET measured_at = measured_at - INTERVAL 48 HOUR WHERE patient_id = 'p1'")
+    refresh_alerts(con, full=False)  # p1 is not dirty: only its current silence is looked at
+    [a72] = alerts_of(con, "p1")
+    assert (a72["alert_id"], a72["acknowledged_by"]) == (a24["alert_id"], "dr-a")
+    assert (a72["rule"], a72["escalated_at"], a72["resolved_at"]) == ("no_data_72h", now - 6 * H, None)
 
 
 def test_gap_in_history_is_a_resolved_no_data_episode(con, add, now):
@@ -442,8 +526,8 @@ def test_raised_override_closes_the_alert_it_no_longer_supports(con, add, now):
 
 # --- incremental evaluation (what each pipeline run does) -----------------------------------------------------
 
-ALERT_FIELDS = ("alert_id", "patient_id", "rule", "opened_at", "last_breach_at", "last_observed", "breaches",
-                "resolved_reading_id", "resolution", "acknowledged_by")
+ALERT_FIELDS = ("alert_id", "patient_id", "rule", "severity", "opened_rule", "escalated_at", "opened_at",
+                "last_breach_at", "last_observed", "breaches", "resolved_reading_id", "resolution", "acknowledged_by")
 
 
 def all_alerts(con) -> list[tuple]:
@@ -467,9 +551,11 @@ def test_incremental_evaluation_decides_exactly_what_a_full_one_does(con, add, n
     assert {a[2] for a in first} >= {"bp_stage2", "glucose_level1_low", "no_data_24h", "spo2_low"}
 
     add("p1", "blood_pressure", 120, now - 4.5 * H, 80)  # late: splits p1's episode in two
+    add("p1", "blood_pressure", 185, now - 3.5 * H, 96)  # and escalates the second half
     add("p2", "blood_glucose", 110, now - H)             # resolves p2's low
     add("p3", "heart_rate", 71, now - 29 * H)            # still silent for 29 h: the no-data episode moves
-    mark_dirty(con, ["p1", "p2", "p3"])
+    add("p4", "spo2", 86, now - H)                       # escalates p4's low SpO2 in place
+    mark_dirty(con, ["p1", "p2", "p3", "p4"])
     refresh_alerts(con, full=False)
     incremental = all_alerts(con)
     refresh_alerts(con, full=True)
@@ -477,6 +563,7 @@ def test_incremental_evaluation_decides_exactly_what_a_full_one_does(con, add, n
     assert incremental == all_alerts(con)
     assert incremental != first
     assert open_rules(con, "p5") == ["no_data_24h"]
+    assert {(a[2], a[4]) for a in incremental if a[-1]} >= {("bp_severe", "bp_stage2"), ("spo2_urgent", "spo2_low")}
 
 
 def test_patients_without_changes_are_left_alone_but_their_silence_is_seen(con, add, now):

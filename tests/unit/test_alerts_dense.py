@@ -64,13 +64,16 @@ def load(con: duckdb.DuckDBPyConnection, rows: list[tuple]) -> None:
 def decided(con: duckdb.DuckDBPyConnection) -> list[tuple]:
     """Every alert as an evaluation decides it (not when it ran)."""
     return con.execute("""
-        SELECT alert_id, patient_id, rule, opened_at, opened_reading_id, last_breach_at, last_observed, breaches,
-               resolved_reading_id, resolution, resolved_at IS NULL FROM alerts ORDER BY alert_id""").fetchall()
+        SELECT alert_id, patient_id, rule, severity, opened_rule, escalated_at, opened_at, opened_reading_id,
+               last_breach_at, last_observed, breaches, resolved_reading_id, resolution, resolved_at IS NULL
+        FROM alerts ORDER BY alert_id""").fetchall()
 
 
-def episode(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, opened_at: datetime) -> dict[str, Any]:
-    cur = con.execute("SELECT * FROM alerts WHERE patient_id = ? AND rule = ? AND opened_at = ?",
-                      [patient_id, rule, opened_at])
+def episode(con: duckdb.DuckDBPyConnection, patient_id: str, opened_rule: str, opened_at: datetime
+            ) -> dict[str, Any]:
+    """The alert of the episode that opened at ``opened_rule``'s level at ``opened_at``."""
+    cur = con.execute("SELECT * FROM alerts WHERE patient_id = ? AND opened_rule = ? AND opened_at = ?",
+                      [patient_id, opened_rule, opened_at])
     cols = [d[0] for d in cur.description]
     [row] = cur.fetchall()
     return dict(zip(cols, row, strict=True))
@@ -98,7 +101,8 @@ class Series:
     - ``dm`` (diabetes): a CGM every 5 minutes; 60 mg/dL from 22:30 to 01:30 every night from day 4 (level 1,
       open across midnight) with 50 from 00:00 to 00:30 (level 2); above 250 from 13:00 to 15:00 on even days.
     - ``copd``: spot checks at 09:00 and 21:00 (SpO2, heart rate, respiratory rate, temperature, blood pressure
-      within 5 minutes: NEWS2 sets), high-scoring on days 6-8; silent from day 8, 21:00 to day 10, 09:00.
+      within 5 minutes: NEWS2 sets), high-scoring on days 6-8, SpO2 89 % then (day 7, 21:00) 86 %: a low-SpO2
+      episode escalating before a midnight it is open across; silent from day 8, 21:00 to day 10, 09:00.
     - ``quiet``: readings on days 0-1, then nothing until day 11 at 03:00 and 09:00 (no data for days), and
       an hour before the end (no current silence: nothing depends on when the test runs).
     """
@@ -124,7 +128,8 @@ class Series:
                 if t >= self.end or self.day(8) + 21 * H <= t < self.day(10) + 9 * H:
                     continue
                 sick = 6 <= day <= 8
-                rows += [reading("copd", "ox-copd", "spo2", 89 if sick else 96, t),
+                spo2 = 86 if (day, hour) == (7, 21) else 89 if sick else 96
+                rows += [reading("copd", "ox-copd", "spo2", spo2, t),
                          reading("copd", "ox-copd", "heart_rate", 118 if sick else 74, t + MIN),
                          reading("copd", "ox-copd", "respiratory_rate", 25 if sick else 16, t + 2 * MIN),
                          reading("copd", "thermo-copd", "body_temperature", 38.4 if sick else 36.8, t + 3 * MIN),
@@ -199,7 +204,8 @@ def test_incremental_evaluation_of_dense_series_decides_what_a_full_one_does(pai
     late_in_gap = s.of({"quiet"}, s.day(11), s.day(11) + 4 * H)
 
     step(s.between(None, s.day(6) + 30 * MIN, but=offline))
-    # Both episodes are open at 00:30 and reach back before midnight: the checkpoint carries them.
+    # Both episodes are open at 00:30 and reach back before midnight: the checkpoint carries them, the low
+    # glucose at level 1 (level 2 came after midnight).
     carried = set(inc.execute("SELECT patient_id, rule FROM alert_carry WHERE day = ?", [s.day(6)]).fetchall())
     assert {("hf", "weight_gain_day"), ("dm", "glucose_level1_low")} <= carried
 
@@ -209,11 +215,20 @@ def test_incremental_evaluation_of_dense_series_decides_what_a_full_one_does(pai
     assert (gain["breaches"], gain["resolved_at"]) == (720, s.day(6) + 6 * H)
     low = episode(inc, "dm", "glucose_level1_low", s.day(5) + 22.5 * H)  # every 5 minutes, 22:30 to 01:25
     assert (low["breaches"], low["resolved_at"]) == (36, s.day(6) + 1.5 * H)
+    assert (low["rule"], low["escalated_at"]) == ("glucose_level2_low", s.day(6))  # 50 mg/dL from midnight
 
     step(s.between(s.day(6) + 7 * H, s.day(7) + 12 * H, but=offline),
          s.between(s.day(7) + 12 * H, s.day(9), but=offline))  # two load groups in one run
     # The offline devices' uploads (measured before readings already evaluated) and what came meanwhile.
     step(offline, s.between(s.day(9), s.end - 2 * H, but=late_in_gap))
+    # From day 8, 00:00 (the last checkpoint before its silence ended), inside the low-SpO2 episode that had
+    # escalated before it: the checkpoint carried it escalated.
+    assert scope_start(inc, "copd") == s.day(8)
+    assert ("spo2_urgent", s.day(7) + 21 * H) in inc.execute(
+        "SELECT rule, escalated_at FROM alert_carry WHERE patient_id = 'copd' AND day = ?", [s.day(8)]).fetchall()
+    spo2 = episode(inc, "copd", "spo2_low", s.day(6) + 9 * H)
+    assert (spo2["rule"], spo2["escalated_at"], spo2["resolved_at"]) == (
+        "spo2_urgent", s.day(7) + 21 * H, s.day(10) + 9 * H)
     assert (scope_start(inc, "dm"), scope_start(inc, "hf")) == (s.day(7), s.day(4))
     step(s.between(s.end - 2 * H, None))  # from last midnight: week gains compare with weights 6-8 days back
     assert scope_start(inc, "hf") == datetime.combine((s.end - 2 * H).date(), datetime.min.time(), UTC)
@@ -221,7 +236,9 @@ def test_incremental_evaluation_of_dense_series_decides_what_a_full_one_does(pai
         r[0] for r in inc.execute("SELECT DISTINCT rule FROM alerts").fetchall()}
     step(late_in_gap)  # from day 11, 00:00: the silence since day 1, carried across it, now ends at 03:00
     assert scope_start(inc, "quiet") == s.day(11)
-    assert episode(inc, "quiet", "no_data_72h", s.day(1) + 12 * H + 72 * H)["resolved_at"] == s.day(11) + 3 * H
+    silence = episode(inc, "quiet", "no_data_24h", s.day(1) + 12 * H + 24 * H)
+    assert (silence["rule"], silence["escalated_at"]) == ("no_data_72h", s.day(1) + 12 * H + 72 * H)
+    assert silence["resolved_at"] == s.day(11) + 3 * H
 
     # A scale's buffer from before the first reading: older than every checkpoint, the whole history again.
     step([reading("hf", "scale-hf-old", "body_weight", 78.0 + i * 0.6, s.day0 - (3 - i) * 15 * H)

@@ -1,7 +1,11 @@
 -- Alerts: thresholds from published guidance, overridable per patient, evaluated into episodes.
--- An alert opens once per *episode* (a run of consecutive breaching readings of one rule), not per reading,
--- and resolves at the first reading back in range. Acknowledgement state lives in `alerts` and survives
--- re-evaluation because episodes are keyed by the reading that opened them.
+-- An alert opens once per *episode* (a run of consecutive breaching readings of one family of rules), not
+-- per reading, and resolves at the first reading back in range. A family's rules are levels of one finding
+-- (BP stage 2 / severe, SpO2 low / urgent, level 1 / 2 hypoglycaemia, NEWS2 medium / high, no data 24 / 72 h):
+-- an episode is one alert at the most severe level it reached — a BP of 182/95 opens bp_severe, not also
+-- bp_stage2 — escalated in place (same alert, rule and severity raised, escalated_at set) when a later
+-- reading of the episode is worse. Acknowledgement state lives in `alerts` and survives re-evaluation and
+-- escalation because episodes are keyed by the reading that opened them and the level it opened at.
 
 -- Incremental evaluation: a pipeline run re-evaluates only the patients whose inputs changed — new readings
 -- (marked by the load, in its transaction), a registry entry or a threshold (marked by warehouse/registry.py).
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS alert_checkpoints (
     last_at         TIMESTAMPTZ,           -- the patient's last reading before `day`, if any
     last_reading_id VARCHAR
 );
--- An episode open across a checkpoint (the rule's last evaluation before `day` breached), as it stood then.
+-- An episode open across a checkpoint (the family's last evaluation before `day` breached), as it stood then:
+-- `rule` is the level it had reached by then.
 CREATE TABLE IF NOT EXISTS alert_carry (
     patient_id        VARCHAR NOT NULL,
     day               TIMESTAMPTZ NOT NULL,
@@ -54,6 +59,9 @@ CREATE TABLE IF NOT EXISTS alert_carry (
     breaches          BIGINT NOT NULL,     -- before `day`
     last_observed     VARCHAR
 );
+ALTER TABLE alert_carry ADD COLUMN IF NOT EXISTS family VARCHAR;
+ALTER TABLE alert_carry ADD COLUMN IF NOT EXISTS opened_rule VARCHAR;       -- the level it opened at
+ALTER TABLE alert_carry ADD COLUMN IF NOT EXISTS escalated_at TIMESTAMPTZ;  -- when it reached `rule`, if it rose
 
 -- 00:00 UTC of an instant's day, from its microseconds (time_bucket by day goes through ICU's calendar: ~5 µs
 -- a call, the largest cost of a dense series' evaluation).
@@ -87,16 +95,32 @@ SELECT * FROM (VALUES
     ('no_data_24h',         'hours',      24.0, 3, 'no readings for 24 hours')
 ) AS t(rule, param, default_value, severity, description);
 
+-- Each rule with its severity, description and family: the finding it is a level of (the rules not listed
+-- are families of their own). Levels of a family nest with the default thresholds (182/95 breaches both BP
+-- levels), so only the most severe breaching one is the finding.
+CREATE OR REPLACE VIEW alert_rules AS
+SELECT p.rule, coalesce(any_value(f.family), p.rule) AS family, min(p.severity) AS severity,
+       max(p.description) AS description
+FROM alert_rule_params p
+LEFT JOIN (VALUES ('bp_severe', 'bp'), ('bp_stage2', 'bp'),
+                  ('glucose_level2_low', 'glucose_low'), ('glucose_level1_low', 'glucose_low'),
+                  ('spo2_urgent', 'spo2'), ('spo2_low', 'spo2'),
+                  ('news2_high', 'news2'), ('news2_medium', 'news2'),
+                  ('no_data_72h', 'no_data'), ('no_data_24h', 'no_data')) AS f(rule, family) USING (rule)
+GROUP BY p.rule;
+
 CREATE OR REPLACE VIEW patient_alert_params AS
 SELECT p.patient_id, r.rule, r.param, coalesce(o.threshold, r.default_value) AS value
 FROM patients p
 CROSS JOIN alert_rule_params r
 LEFT JOIN alert_thresholds o ON o.patient_id = p.patient_id AND o.rule = r.rule || '.' || r.param;
 
--- One row per (rule, reading that the rule looks at) from the scope's start: does it breach? Every rule costs
--- a scan, a hash join or an ordered lookup: linear in a patient's series (n log n with the sorts), however
--- dense, so a CGM's year or a scale sending every minute costs what its readings cost.
+-- One row per (family, reading that the family looks at) from the scope's start: the most severe level it
+-- breaches (`rule`, NULL: none). Every family costs a scan, a hash join or an ordered lookup: linear in a
+-- patient's series (n log n with the sorts), however dense, so a CGM's year or a scale sending every minute
+-- costs what its readings cost.
 CREATE OR REPLACE VIEW alert_evaluations AS
+SELECT *, rule IS NOT NULL AS breach FROM (
 WITH prm AS (
     SELECT patient_id,
            max(value) FILTER (rule = 'bp_severe' AND param = 'systolic')  AS bp_sev_s,
@@ -172,86 +196,107 @@ WITH prm AS (
               + coalesce(s_temp, 0) AS score
     FROM news_sets WHERE parameters >= 3  -- "several vitals arrive together"
 )
-SELECT patient_id, 'bp_severe' AS rule, reading_id, measured_at,
-       value >= bp_sev_s OR diastolic >= bp_sev_d AS breach,
-       printf('%.0f/%.0f mm[Hg]', value, diastolic) AS observed
+SELECT patient_id, 'bp' AS family,
+       CASE WHEN value >= bp_sev_s OR diastolic >= bp_sev_d THEN 'bp_severe'
+            WHEN value >= bp_s2_s OR diastolic >= bp_s2_d THEN 'bp_stage2' END AS rule,
+       reading_id, measured_at, printf('%.0f/%.0f mm[Hg]', value, diastolic) AS observed
 FROM r WHERE metric = 'blood_pressure'
 UNION ALL
-SELECT patient_id, 'bp_stage2', reading_id, measured_at, value >= bp_s2_s OR diastolic >= bp_s2_d,
-       printf('%.0f/%.0f mm[Hg]', value, diastolic)
-FROM r WHERE metric = 'blood_pressure'
-UNION ALL
-SELECT patient_id, 'glucose_level2_low', reading_id, measured_at, value < glu_l2, printf('%.0f mg/dL', value)
+SELECT patient_id, 'glucose_low',
+       CASE WHEN value < glu_l2 THEN 'glucose_level2_low' WHEN value < glu_l1 THEN 'glucose_level1_low' END,
+       reading_id, measured_at, printf('%.0f mg/dL', value)
 FROM r WHERE metric = 'blood_glucose'
 UNION ALL
-SELECT patient_id, 'glucose_level1_low', reading_id, measured_at, value < glu_l1, printf('%.0f mg/dL', value)
+SELECT patient_id, 'glucose_level2_high', CASE WHEN value > glu_h2 THEN 'glucose_level2_high' END, reading_id,
+       measured_at, printf('%.0f mg/dL', value)
 FROM r WHERE metric = 'blood_glucose'
 UNION ALL
-SELECT patient_id, 'glucose_level2_high', reading_id, measured_at, value > glu_h2, printf('%.0f mg/dL', value)
-FROM r WHERE metric = 'blood_glucose'
-UNION ALL
-SELECT patient_id, 'spo2_urgent', reading_id, measured_at, value < spo2_u, printf('%.0f %%', value)
+SELECT patient_id, 'spo2', CASE WHEN value < spo2_u THEN 'spo2_urgent' WHEN value < spo2_l THEN 'spo2_low' END,
+       reading_id, measured_at, printf('%.0f %%', value)
 FROM r WHERE metric = 'spo2'
 UNION ALL
-SELECT patient_id, 'spo2_low', reading_id, measured_at, value < spo2_l, printf('%.0f %%', value)
-FROM r WHERE metric = 'spo2'
-UNION ALL
-SELECT patient_id, 'fever', reading_id, measured_at, value >= fever, printf('%.1f Cel', value)
+SELECT patient_id, 'fever', CASE WHEN value >= fever THEN 'fever' END, reading_id, measured_at,
+       printf('%.1f Cel', value)
 FROM r WHERE metric = 'body_temperature'
 UNION ALL
-SELECT patient_id, 'hr_low', reading_id, measured_at, value < hr_lo, printf('%.0f /min', value)
+SELECT patient_id, 'hr_low', CASE WHEN value < hr_lo THEN 'hr_low' END, reading_id, measured_at,
+       printf('%.0f /min', value)
 FROM r WHERE metric = 'heart_rate'
 UNION ALL
-SELECT patient_id, 'hr_high', reading_id, measured_at, value > hr_hi, printf('%.0f /min', value)
+SELECT patient_id, 'hr_high', CASE WHEN value > hr_hi THEN 'hr_high' END, reading_id, measured_at,
+       printf('%.0f /min', value)
 FROM r WHERE metric = 'heart_rate'
 UNION ALL
-SELECT patient_id, 'weight_gain_day', reading_id, measured_at, coalesce(gain_day > wg_day, false),
-       printf('%+.1f kg since previous weight', gain_day)
+SELECT patient_id, 'weight_gain_day', CASE WHEN gain_day > wg_day THEN 'weight_gain_day' END, reading_id,
+       measured_at, printf('%+.1f kg since previous weight', gain_day)
 FROM weights
 UNION ALL
-SELECT patient_id, 'weight_gain_week', reading_id, measured_at, coalesce(gain_week > wg_week, false),
-       printf('%+.1f kg in a week', gain_week)
+SELECT patient_id, 'weight_gain_week', CASE WHEN gain_week > wg_week THEN 'weight_gain_week' END, reading_id,
+       measured_at, printf('%+.1f kg in a week', gain_week)
 FROM weights
 UNION ALL
-SELECT patient_id, 'news2_high', reading_id, measured_at, score >= news_hi, printf('score %d', score) FROM news
-UNION ALL
-SELECT patient_id, 'news2_medium', reading_id, measured_at, score >= news_med, printf('score %d', score) FROM news;
+SELECT patient_id, 'news2',
+       CASE WHEN score >= news_hi THEN 'news2_high' WHEN score >= news_med THEN 'news2_medium' END,
+       reading_id, measured_at, printf('score %d', score)
+FROM news
+);
 
--- Each (patient, rule)'s evaluations in series (measured time, then reading id), after the episode carried
+-- Each (patient, family)'s evaluations in series (measured time, then reading id), after the episode carried
 -- across the scope's start: an island of consecutive breaches is one episode. `position` counts the carried
 -- episode as the breaches it had, so a breach's count so far in its episode is its position minus the
--- episode's base (alert_islands).
+-- episode's base (alert_islands). `reached_at`: when the mark's level was reached — its own time, or for the
+-- carried episode when it rose to the level it carries (opened at it: when it opened).
 CREATE OR REPLACE VIEW alert_marks AS
 SELECT *, sum(CASE WHEN breach THEN 0 ELSE 1 END) OVER so_far AS island, sum(weight) OVER so_far AS position,
        lead(measured_at) OVER series AS next_at, lead(reading_id) OVER series AS next_reading,
        lead(breach) OVER series AS next_breach
 FROM (
-    SELECT patient_id, rule, reading_id, measured_at, breach, CASE WHEN breach THEN observed END AS observed,
-           NULL::VARCHAR AS carried_opener, NULL::TIMESTAMPTZ AS carried_opened_at, 1::BIGINT AS weight
+    SELECT patient_id, family, rule, reading_id, measured_at, breach,
+           CASE WHEN breach THEN observed END AS observed, measured_at AS reached_at,
+           NULL::VARCHAR AS carried_opener, NULL::TIMESTAMPTZ AS carried_opened_at,
+           NULL::VARCHAR AS carried_opened_rule, 1::BIGINT AS weight
     FROM alert_evaluations
     UNION ALL
-    SELECT c.patient_id, c.rule, c.reading_id, c.measured_at, true, c.last_observed, c.opened_reading_id,
-           c.opened_at, c.breaches
+    SELECT c.patient_id, c.family, c.rule, c.reading_id, c.measured_at, true, c.last_observed,
+           coalesce(c.escalated_at, c.opened_at), c.opened_reading_id, c.opened_at, c.opened_rule, c.breaches
     FROM alert_carry c JOIN alert_scope s ON s.patient_id = c.patient_id AND s.from_at = c.day
 )
 -- (window names differ across this file: DuckDB 1.5 rejects a name a previous statement of the script used)
-WINDOW series AS (PARTITION BY patient_id, rule ORDER BY measured_at, reading_id),
+WINDOW series AS (PARTITION BY patient_id, family ORDER BY measured_at, reading_id),
        so_far AS (series ROWS UNBOUNDED PRECEDING);
 
--- Episodes from marks (a table or view of alert_marks' rows; breaches at least): one per island.
+-- Each level an island of marks (a table or view of alert_marks' rows; breaches at least) reached, with the
+-- first mark at it: what the episode was at any point of its series is its most severe level reached by then.
+CREATE OR REPLACE MACRO alert_levels(marks) AS TABLE
+SELECT m.patient_id, m.family, m.island, m.rule, any_value(l.severity) AS severity,
+       min(m.position) AS first_position, arg_min(m.reached_at, m.position) AS reached_at
+FROM query_table(marks::VARCHAR) m JOIN alert_rules l USING (rule)
+WHERE m.breach
+GROUP BY m.patient_id, m.family, m.island, m.rule;
+
+-- Episodes from marks: one per island, at the most severe level it reached (escalated_at: when, if it opened
+-- lower).
 CREATE OR REPLACE MACRO alert_islands(marks) AS TABLE
-SELECT patient_id, rule, island,
-       arg_min(coalesce(carried_opener, reading_id), position) AS opened_reading_id,
-       arg_min(coalesce(carried_opened_at, measured_at), position) AS opened_at,
-       max(measured_at) AS last_breach_at,
-       arg_max(observed, position) AS last_observed,
-       sum(weight)::BIGINT AS breaches,
-       -- resolved by the first in-range reading after the island, if any
-       max(next_at) FILTER (next_breach = false) AS resolved_at,
-       max(next_reading) FILTER (next_breach = false) AS resolved_reading_id,
-       min(position - weight) AS base
-FROM query_table(marks::VARCHAR) WHERE breach
-GROUP BY patient_id, rule, island;
+WITH islands AS (
+    SELECT patient_id, family, island,
+           arg_min(coalesce(carried_opener, reading_id), position) AS opened_reading_id,
+           arg_min(coalesce(carried_opened_at, measured_at), position) AS opened_at,
+           arg_min(coalesce(carried_opened_rule, rule), position) AS opened_rule,
+           max(measured_at) AS last_breach_at,
+           arg_max(observed, position) AS last_observed,
+           sum(weight)::BIGINT AS breaches,
+           -- resolved by the first in-range reading after the island, if any
+           max(next_at) FILTER (next_breach = false) AS resolved_at,
+           max(next_reading) FILTER (next_breach = false) AS resolved_reading_id,
+           min(position - weight) AS base
+    FROM query_table(marks::VARCHAR) WHERE breach
+    GROUP BY patient_id, family, island
+), peaks AS (
+    SELECT patient_id, family, island, arg_min(rule, severity) AS rule, arg_min(reached_at, severity) AS reached_at
+    FROM alert_levels(marks) GROUP BY patient_id, family, island
+)
+SELECT i.*, p.rule, CASE WHEN p.rule <> i.opened_rule THEN p.reached_at END AS escalated_at
+FROM islands i JOIN peaks p USING (patient_id, family, island);
 
 -- Each reading of the scope from its start, after the last reading before the start (the gap spanning it),
 -- with the reading that follows.
@@ -269,23 +314,33 @@ FROM (
 )
 WINDOW readings_in_order AS (PARTITION BY patient_id ORDER BY measured_at, reading_id);
 
--- No data, from a stream (alert_reading_stream's rows): every gap between consecutive readings longer than the
--- threshold, and the current gap.
+-- No data, from a stream (alert_reading_stream's rows): every gap between consecutive readings longer than a
+-- threshold, and the current gap — one episode per gap, opened when the first threshold passed and escalated
+-- when a more severe one did.
 CREATE OR REPLACE MACRO alert_gaps(stream) AS TABLE
-SELECT g.patient_id, prm.rule, g.reading_id AS opened_reading_id,
-       g.measured_at + to_hours(CAST(prm.value AS BIGINT)) AS opened_at, g.measured_at AS last_breach_at,
-       printf('last reading %s', strftime(g.measured_at, '%Y-%m-%d %H:%M UTC')) AS last_observed,
-       1::BIGINT AS breaches, g.next_at AS resolved_at, g.next_reading_id AS resolved_reading_id
-FROM query_table(stream::VARCHAR) g
-JOIN patient_alert_params prm ON prm.patient_id = g.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
--- (in microseconds: comparing intervals normalises both, a quarter of a dense series' evaluation)
-WHERE epoch_us(coalesce(g.next_at, now())) - epoch_us(g.measured_at) > CAST(prm.value AS BIGINT) * 3600000000;
+SELECT patient_id, family, opened_reading_id, opened_rule,
+       last_breach_at + to_hours(CAST(opened_hours AS BIGINT)) AS opened_at, last_breach_at,
+       printf('last reading %s', strftime(last_breach_at, '%Y-%m-%d %H:%M UTC')) AS last_observed,
+       1::BIGINT AS breaches, resolved_at, resolved_reading_id, rule,
+       CASE WHEN rule <> opened_rule THEN last_breach_at + to_hours(CAST(peak_hours AS BIGINT)) END AS escalated_at
+FROM (
+    SELECT g.patient_id, any_value(l.family) AS family, g.reading_id AS opened_reading_id,
+           g.measured_at AS last_breach_at, g.next_at AS resolved_at, g.next_reading_id AS resolved_reading_id,
+           arg_min(prm.rule, (prm.value, l.severity)) AS opened_rule, min(prm.value) AS opened_hours,
+           arg_min(prm.rule, l.severity) AS rule, arg_min(prm.value, l.severity) AS peak_hours
+    FROM query_table(stream::VARCHAR) g
+    JOIN patient_alert_params prm ON prm.patient_id = g.patient_id AND prm.rule IN ('no_data_24h', 'no_data_72h')
+    JOIN alert_rules l ON l.rule = prm.rule
+    -- (in microseconds: comparing intervals normalises both, a quarter of a dense series' evaluation)
+    WHERE epoch_us(coalesce(g.next_at, now())) - epoch_us(g.measured_at) > CAST(prm.value AS BIGINT) * 3600000000
+    GROUP BY g.patient_id, g.reading_id, g.measured_at, g.next_at, g.next_reading_id
+);
 
--- The scope's episodes from its start: islands of consecutive breaching evaluations per (patient, rule), and
+-- The scope's episodes from its start: islands of consecutive breaching evaluations per (patient, family), and
 -- the no-data gaps.
 CREATE OR REPLACE VIEW alert_episodes AS
 SELECT * EXCLUDE (island, base) FROM alert_islands('alert_marks')
-UNION ALL
+UNION ALL BY NAME
 SELECT * FROM alert_gaps('alert_reading_stream');
 
 CREATE TABLE IF NOT EXISTS alerts (
@@ -307,3 +362,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     evaluated_at        TIMESTAMPTZ NOT NULL
 );
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolution VARCHAR;  -- 'back in range' | 'disproved by late readings'
+-- The level the episode opened at (its id is keyed by it), and when it escalated to `rule` if it rose since.
+-- NULL opened_rule: made by a release before families, one alert per rule.
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS opened_rule VARCHAR;
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS escalated_at TIMESTAMPTZ;
