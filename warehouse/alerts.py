@@ -92,6 +92,11 @@ SELECT alert_id, patient_id, rule, severity, description, opened_at, opened_read
        CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END, opened_rule, escalated_at
 FROM _episodes
 ON CONFLICT (alert_id) DO UPDATE SET
+    -- An escalation asks for attention again: an acknowledgement of the lower level no longer stands (the
+    -- audit log keeps who acknowledged what, and when).
+    acknowledged_by = CASE WHEN excluded.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_by END,
+    acknowledged_at = CASE WHEN excluded.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_at END,
+    ack_note = CASE WHEN excluded.severity < alerts.severity THEN NULL ELSE alerts.ack_note END,
     rule = excluded.rule, severity = excluded.severity, description = excluded.description,
     opened_rule = excluded.opened_rule, escalated_at = excluded.escalated_at,
     last_breach_at = excluded.last_breach_at, last_observed = excluded.last_observed,

@@ -101,13 +101,13 @@ TABLES = {
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = t.device_id
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
         WHERE t.event = 'device_status'""",
-    # Transmissions per device and patient-local day: connectivity and adherence are built on this.
+    # Transmissions per device and patient-local day (the registered home zone's, as billing counts them):
+    # connectivity and adherence are built on this.
     "device_days": """
-        SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind,
-               CAST(make_timestamp(epoch_us(r.measured_at) + r.utc_offset_min * 60000000::BIGINT) AS DATE) AS day,
+        SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind, r.local_date AS day,
                count(*) AS readings, count(*) FILTER (r.manual) AS manual_readings,
                min(r.measured_at) AS first_at, max(r.measured_at) AS last_at, max(r.received_at) AS last_received_at
-        FROM clinical.readings r
+        FROM clinical.stg_readings r
         JOIN clinical.devices d ON d.device_id = r.device_id
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = r.device_id
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = r.patient_id

@@ -192,8 +192,9 @@ def test_the_family_episode_lasts_while_any_level_breaches(con, add, now):
 ])
 def test_a_worse_reading_escalates_the_open_alert_in_place(con, add, now, metric, values, diastolic, opened,
                                                            escalated):
-    """The same alert (id, acknowledgement) rises to the worse level, saying when; a reading back at the
-    lower level keeps it there: the episode's worst is what it is."""
+    """The same alert (id) rises to the worse level, saying when, and asks for attention again: the
+    acknowledgement of the lower level no longer stands. A reading back at the lower level keeps it there:
+    the episode's worst is what it is."""
     first, worse, lower = values
     add("p1", metric, first, now - 3 * H, diastolic)
     refresh_alerts(con)
@@ -209,9 +210,13 @@ def test_a_worse_reading_escalates_the_open_alert_in_place(con, add, now, metric
     assert after["alert_id"] == alert["alert_id"]
     assert (after["rule"], after["severity"], after["opened_rule"]) == (escalated, 1, opened)
     assert (after["escalated_at"], after["breaches"], after["resolved_at"]) == (now - 2 * H, 3, None)
-    assert after["acknowledged_by"] == "dr-a" and after["acknowledged_at"] is not None
+    assert (after["acknowledged_by"], after["acknowledged_at"], after["ack_note"]) == (None, None, None)
     assert [(a["alert_id"], a["rule"], a["escalated_at"]) for a in open_alerts(con, ["p1"])] == [
         (alert["alert_id"], escalated, now - 2 * H)]
+    acknowledge(con, alert["alert_id"], "dr-a", "seen the severe one")
+    mark_dirty(con, "p1")
+    refresh_alerts(con, full=False)  # nothing worse since: the new acknowledgement stands
+    assert alerts_of(con, "p1")[0]["acknowledged_by"] == "dr-a"
 
 
 def test_alerts_of_a_release_before_families_keep_their_ids_and_acks(con, add, now):
@@ -450,7 +455,7 @@ def test_a_silence_that_goes_on_escalates_its_alert(con, add, now):
         con.execute(f"UPDATE {table} SET measured_at = measured_at - INTERVAL 48 HOUR WHERE patient_id = 'p1'")
     refresh_alerts(con, full=False)  # p1 is not dirty: only its current silence is looked at
     [a72] = alerts_of(con, "p1")
-    assert (a72["alert_id"], a72["acknowledged_by"]) == (a24["alert_id"], "dr-a")
+    assert (a72["alert_id"], a72["acknowledged_by"]) == (a24["alert_id"], None)  # worse: to be seen again
     assert (a72["rule"], a72["escalated_at"], a72["resolved_at"]) == ("no_data_72h", now - 6 * H, None)
 
 

@@ -179,7 +179,7 @@ def test_import_patients_csv_imports_every_row(settings, tmp_path):
     path = write_csv(tmp_path, "p1,MRN-1,Ada,Lovelace,1950-12-10,Europe/London,heart_failure; hypertension\n"
                                "p2,MRN-2,Alan,Turing,1954-06-23,America/New_York,\n"
                                " p3 ,,,,,,diabetes\n")
-    assert registry.import_patients_csv(settings, path) == {"patients": 3}
+    assert registry.import_patients_csv(settings, path) == {"patients": 3, "patient_ids": ["p1", "p2", "p3"]}
     with clinical(settings) as c:
         assert patient_row(c, "p1") == ("MRN-1", "Ada", "Lovelace", date(1950, 12, 10), "Europe/London",
                                         ["heart_failure", "hypertension"])

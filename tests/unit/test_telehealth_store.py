@@ -12,6 +12,7 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import duckdb
 import pytest
@@ -180,6 +181,18 @@ def test_store_has_every_table_and_the_report_views(store):
     assert {"mart_education_weekly", "mart_appointments_by_modality", "mart_appointments_weekly",
             "mart_device_connectivity", "mart_firmware_spread", "mart_adherence",
             "mart_pipeline_health"} <= {n for n, k in kinds.items() if k == "VIEW"}
+
+
+def test_device_days_are_days_of_the_registered_home_zone(store):
+    """The scale's readings are stamped at UTC-5, its owner lives in Berlin: the days are Berlin's."""
+    key = pseudonym(pseudonym_key(store), "patient", "pt-9x2m-bravo")
+    con = open_telehealth(store)
+    try:
+        days = {d for (d,) in con.execute("SELECT day FROM device_days WHERE person_key = ?", [key]).fetchall()}
+    finally:
+        con.close()
+    assert days == {(NOW - timedelta(days=d, hours=5)).astimezone(ZoneInfo("Europe/Berlin")).date()
+                    for d in (35, 20, 19, 3)}
 
 
 def test_no_identifier_in_any_value_of_any_table_or_view(store):
