@@ -49,7 +49,7 @@ demo: install ## end to end on the embedded default: broker, ingest, simulated f
 # Three workers on two cores (integration tests spend part of their time waiting on the broker and on
 # Airflow); a module's tests stay on one worker, in order (modules share stacks; ~7 min on 2 cores).
 test: lint ## lint, then the whole test suite (unit, integration with a real broker, DAG end to end)
-	$(BIN)/python -m pytest -n 3 --dist loadscope
+	$(BIN)/python -m pytest -n 4 --dist loadscope --durations=20
 
 test-fast: install ## unit tests only (nothing started)
 	$(BIN)/python -m pytest tests/unit

@@ -958,10 +958,11 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, the one line) for a failure; unexpected ones also leave their traceback in a private file."""
     from rpmctl.services.procs import StartError
     from warehouse.audit import AuditTampered
+    from warehouse.db import WarehouseBusy
 
     if isinstance(exc, UserError):
         return exc.code, str(exc)
-    if isinstance(exc, StartError):  # a service did not come up: its message names its log
+    if isinstance(exc, StartError | WarehouseBusy):  # a service that did not start (log named); a busy warehouse
         return INTERNAL, str(exc)
     if isinstance(exc, AuditTampered):
         return TAMPERED, (f"audit log tampered: {exc}; reads of PHI are refused until it is investigated "

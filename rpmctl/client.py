@@ -96,13 +96,20 @@ def login(s: Settings, username: str, password: str, totp: str | None) -> dict:
 
 
 def saved_session() -> dict | None:
+    """The session `rpm login` saved, or None; a file that is not one (garbage, or JSON of another shape) is
+    a usage error naming it."""
     path = session_file()
     try:
-        return json.loads(keys.read_secret(path))
+        saved = json.loads(keys.read_secret(path))
     except FileNotFoundError:
         return None
     except ValueError:
-        raise UserError(f"{path} is not a session file: remove it and run rpm login") from None
+        saved = None
+    # What the calls use: where (url, CA), as whom, with which token — each a non-empty string.
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) and saved[k]
+                                              for k in ("url", "ca", "username", "token")):
+        raise UserError(f"{path} is not a session file: remove it and run rpm login")
+    return saved
 
 
 def logout() -> bool:

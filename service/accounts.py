@@ -13,15 +13,25 @@ One SQLite file in the secrets folder (0600, owned by the service account) holds
 A login that fails ``login_max_failures`` times in a row locks the account for ``login_lockout_minutes``;
 while locked even the right password is refused, and the caller cannot tell a locked account from a wrong
 password or an unknown name (no user enumeration). A TOTP code is accepted once (replay refused).
+
+Concurrency: the file is in WAL mode (a read never waits for a write) and no write transaction ever holds
+the argon2 work — a login reads the account, verifies the password with no lock held, then records the
+outcome in a short transaction that re-reads the account (so the failure count stays exact under
+concurrent attempts). At most ``VERIFY_SLOTS`` verifications run at once (each takes 64 MiB and a core for
+a few hundred ms): a flood of logins cannot starve the CPU, the memory or the sessions of people at work.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
+import os
 import secrets
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +49,13 @@ ROLES = ("clinician", "admin", "auditor")
 MIN_PASSWORD_LENGTH = 12   # NIST SP 800-63B: at least 8, and a verifier may ask for more; a phrase fits
 MAX_PASSWORD_LENGTH = 256  # argon2 takes any length, but an unbounded one is a denial-of-service lever
 TOTP_ISSUER = "rpm-pipeline"
+BUSY_TIMEOUT_S = 10.0      # a write waits this long for another one; every write transaction here is short
+TOUCH_EVERY_S = 5.0        # a session's last use is written at most this often (minutes count, not requests)
+VERIFY_SLOTS = max(2, os.cpu_count() or 2)   # argon2 verifications at once
+VERIFY_WAIT_S = 10.0       # a login waits this long for a slot, then is answered "busy, try again"
+UNKNOWN_ACCOUNT = "unknown-account"  # the audit actor of a login under a name that is no account
+
+log = logging.getLogger("rpm.service")
 
 _HASHER = PasswordHasher()
 # Verified against when the user does not exist, so both paths cost one argon2 verification (no timing oracle).
@@ -80,6 +97,13 @@ class LoginFailed(PermissionError):
         super().__init__("invalid username, password or code (or the account is locked)")
         self.reason = reason          # for the audit log only, never shown to the caller
         self.username = username
+
+
+class LoginBusy(RuntimeError):
+    """Too many logins at once: no slot for the password check within ``VERIFY_WAIT_S`` (nothing counted)."""
+
+    def __init__(self) -> None:
+        super().__init__("too many logins at once: try again in a few seconds")
 
 
 class TotpRequired(LoginFailed):
@@ -141,26 +165,39 @@ def check_password(password: str) -> str:
 
 
 class Accounts:
-    def __init__(self, s: Settings, now=time.time):
+    def __init__(self, s: Settings, now=time.time, *, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 verify_slots: int = VERIFY_SLOTS, verify_wait_s: float = VERIFY_WAIT_S):
         self.s = s
         self.path = Path(s.secrets_dir) / "accounts.sqlite"
         self.now = now
         self.idle_s = s.session_idle_minutes * 60
+        self.busy_timeout_s = busy_timeout_s
+        self._slots = threading.BoundedSemaphore(verify_slots)
+        self.verify_wait_s = verify_wait_s
         self._keyring: Keyring | None = None
-        self._connect().executescript(SCHEMA).close()
+        db = self._connect()
+        try:
+            try:  # persistent: every later connection of any process reads without waiting for a writer
+                db.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:  # another process holds the file: switched next time
+                log.warning("accounts store left in its journal mode for now: %s", exc)
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
 
     # --- storage ---------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.path.exists():  # created private: it holds password hashes and sealed TOTP secrets
-            self.path.touch(mode=0o600)
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self.path.touch(mode=0o600)  # (SQLite gives its -wal and -shm files the same mode)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         db.row_factory = sqlite3.Row
         return db
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        """One transaction (BEGIN IMMEDIATE: a login's check-and-count is not raced by another login)."""
+        """One write transaction (BEGIN IMMEDIATE: a check-and-count is not raced by another writer). Keep it
+        short: it holds the file's only write lock."""
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -170,6 +207,15 @@ class Accounts:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        finally:
+            db.close()
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """Reads without a write lock (WAL: they neither wait for writers nor hold them up)."""
+        db = self._connect()
+        try:
+            yield db
         finally:
             db.close()
 
@@ -238,12 +284,23 @@ class Accounts:
         return user, uri
 
     def list(self) -> list[User]:
-        with self._db() as db:
+        with self._reader() as db:
             return [self._user(r) for r in db.execute("SELECT * FROM users ORDER BY username")]
 
     def get(self, username: str) -> User:
-        with self._db() as db:
+        with self._reader() as db:
             return self._user(self._row(db, username))
+
+    def exists(self, username: str) -> bool:
+        with self._reader() as db:
+            return db.execute("SELECT 1 FROM users WHERE username = ?", [username]).fetchone() is not None
+
+    def name_tag(self, name: str) -> str:
+        """A short keyed hash of a name that is no account: an auditor can tell one name retried from many
+        names sprayed, without the log holding what was typed (often a password in the wrong field)."""
+        ring = self.keyring
+        key = hmac.new(ring.keys[ring.active], b"rpm unknown-account name tag", hashlib.sha256).digest()
+        return hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:12]
 
     def set_disabled(self, username: str, disabled: bool = True) -> User:
         """Disable (or enable) an account; disabling ends its sessions at once."""
@@ -274,39 +331,62 @@ class Accounts:
     def authenticate(self, username: str, password: str, totp: str | None = None) -> User:
         """The account, if the password (and its TOTP code, when it has one) is right and it may log in.
         Raises LoginFailed (one message for every cause) or TotpRequired — after committing the failure
-        count, so a refused attempt still counts toward the lock."""
+        count, so a refused attempt still counts toward the lock — or LoginBusy (nothing checked)."""
+        now = self.now()
+        with self._reader() as db:
+            row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
+        # The argon2 work, with no lock on the file: an unknown name costs the same (no timing oracle).
+        right = self._verify(row["password_hash"] if row is not None else _DUMMY_HASH, password)
+        if row is None:
+            raise LoginFailed("unknown account", username)
+        if row["locked_until"] > now:
+            raise LoginFailed("account locked", username)
+        if row["disabled"]:
+            raise LoginFailed("account disabled", username)
+        if right and row["totp_sealed"] is not None and not totp:
+            raise TotpRequired(username)  # not counted: the CLI asks for the code after a right password
+        step = self._totp_step(username, row["totp_sealed"], totp, now) if right and totp and \
+            row["totp_sealed"] is not None else None
+        rehash = _HASHER.hash(password) if right and _HASHER.check_needs_rehash(row["password_hash"]) else None
         with self._db() as db:
-            outcome = self._attempt(db, username, password, totp, self.now())
+            outcome = self._record(db, row, right, step, rehash, now)
         if isinstance(outcome, LoginFailed):
             raise outcome
         return outcome
 
-    def _attempt(self, db: sqlite3.Connection, username: str, password: str, totp: str | None,
-                 now: float) -> User | LoginFailed:
+    def _verify(self, password_hash: str, password: str) -> bool:
+        if not self._slots.acquire(timeout=self.verify_wait_s):
+            raise LoginBusy()
+        try:
+            return _verify(password_hash, password)
+        finally:
+            self._slots.release()
+
+    def _record(self, db: sqlite3.Connection, checked: sqlite3.Row, right: bool, step: int | None,
+                rehash: str | None, now: float) -> User | LoginFailed:
+        """The outcome of a checked password, against the account as it is now (another login, a lock, a
+        reset or a disable may have come in while the password was being verified)."""
+        username = checked["username"]
         row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
         if row is None:
-            _verify(_DUMMY_HASH, password)
             return LoginFailed("unknown account", username)
         if row["locked_until"] > now:
-            _verify(row["password_hash"], password)
             return LoginFailed("account locked", username)
         if row["disabled"]:
-            _verify(row["password_hash"], password)
             return LoginFailed("account disabled", username)
-        if not _verify(row["password_hash"], password):
+        if (row["password_hash"], row["totp_sealed"]) != (checked["password_hash"], checked["totp_sealed"]):
+            return LoginFailed("account changed during the login", username)  # a reset or rotation
+        if not right:
             self._failed(db, row, now)
             return LoginFailed("wrong password", username)
         if row["totp_sealed"] is not None:
-            if not totp:
-                return TotpRequired(username)
-            step = self._totp_step(username, row["totp_sealed"], totp, now)
             if step is None or step <= row["totp_last_step"]:
                 self._failed(db, row, now)
                 return LoginFailed("wrong or reused TOTP code", username)
             db.execute("UPDATE users SET totp_last_step = ? WHERE username = ?", [step, username])
         db.execute("UPDATE users SET failures = 0, locked_until = 0 WHERE username = ?", [username])
-        if _HASHER.check_needs_rehash(row["password_hash"]):
-            db.execute("UPDATE users SET password_hash = ? WHERE username = ?", [_HASHER.hash(password), username])
+        if rehash is not None:
+            db.execute("UPDATE users SET password_hash = ? WHERE username = ?", [rehash, username])
         return self._user(self._row(db, username))
 
     def _failed(self, db: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
@@ -321,7 +401,7 @@ class Accounts:
         code = code.strip().replace(" ", "")
         for offset in (0, -1, 1):
             at = now + offset * totp.interval
-            if secrets.compare_digest(totp.at(at), code):
+            if secrets.compare_digest(totp.at(at).encode(), code.encode()):
                 return int(at // totp.interval)
         return None
 
@@ -339,24 +419,37 @@ class Accounts:
 
     def session(self, token: str, kind: str, touch: bool = True) -> Session | None:
         """The live session of a token (and its use now counts as activity), or None: unknown, of the other
-        kind, idle too long, or its account disabled since."""
+        kind, idle too long, or its account disabled since. Never fails for a busy file: the lookup is a
+        read, and a touch that cannot be written now is skipped (the next request writes it)."""
         if not token or len(token) > 200:
             return None
         now = self.now()
-        with self._db() as db:
+        digest = _token_hash(token)
+        with self._reader() as db:
             row = db.execute("""SELECT s.*, u.role, u.clinician_id, u.disabled FROM sessions s
-                                JOIN users u USING (username) WHERE token_sha256 = ?""",
-                             [_token_hash(token)]).fetchone()
-            if row is None or row["kind"] != kind:
-                return None
-            if row["disabled"] or row["last_seen"] < now - self.idle_s:
-                db.execute("DELETE FROM sessions WHERE token_sha256 = ?", [row["token_sha256"]])
-                return None
-            if touch:
-                db.execute("UPDATE sessions SET last_seen = ? WHERE token_sha256 = ?", [now, row["token_sha256"]])
-            last = now if touch else row["last_seen"]
-            return Session(row["username"], row["role"], row["clinician_id"], row["kind"], row["csrf"],
-                           last + self.idle_s)
+                                JOIN users u USING (username) WHERE token_sha256 = ?""", [digest]).fetchone()
+        if row is None or row["kind"] != kind:
+            return None
+        if row["disabled"] or row["last_seen"] < now - self.idle_s:
+            self._quietly("DELETE FROM sessions WHERE token_sha256 = ?", [digest])
+            return None
+        last = row["last_seen"]
+        # Only a session still live is touched (logout, disable or expiry in between win).
+        if touch and now - last >= TOUCH_EVERY_S and self._quietly(
+                "UPDATE sessions SET last_seen = ? WHERE token_sha256 = ? AND last_seen >= ?",
+                [now, digest, now - self.idle_s]):
+            last = now
+        return Session(row["username"], row["role"], row["clinician_id"], row["kind"], row["csrf"],
+                       last + self.idle_s)
+
+    def _quietly(self, sql: str, params: Sequence[object]) -> bool:
+        """One short write that may be skipped when the file stays busy past the timeout (True: written)."""
+        try:
+            with self._db() as db:
+                return db.execute(sql, params).rowcount > 0
+        except sqlite3.OperationalError as exc:
+            log.warning("accounts store busy, session bookkeeping skipped: %s", exc)
+            return False
 
     def end_session(self, token: str) -> bool:
         with self._db() as db:

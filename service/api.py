@@ -12,11 +12,12 @@ from datetime import date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat, StrictInt
 
 from core.ids import check_id
-from service.accounts import LoginFailed, TotpRequired
+from service.accounts import UNKNOWN_ACCOUNT, Accounts, LoginFailed, TotpRequired
 from service.auth import ApiSession, accounts, clinician_of, require_role, settings
+from service.redact import changed_fields
 from warehouse import admin
 from warehouse.audit import AuditLog
 
@@ -48,20 +49,26 @@ class SessionToken(BaseModel):
     idle_minutes: int
 
 
+def login_actor(store: Accounts, username: str, known: bool) -> tuple[str, dict]:
+    """Who a login attempt is recorded as: its account, or — for a name that is no account, often a password
+    typed into the wrong field — ``unknown-account`` with a keyed tag of the name, never the name itself."""
+    if known:
+        return username, {}
+    return UNKNOWN_ACCOUNT, {"name_tag": store.name_tag(username)}
+
+
 def login(request: Request, username: str, password: str, totp: str | None, kind: str) -> tuple[str, Any]:
     """Authenticate and start a session; every attempt, right or wrong, is audited."""
     log = AuditLog(settings(request))
+    store = accounts(request)
     try:
-        actor = check_id("account", username)
-    except ValueError:
-        actor = "(not an account name)"
-    try:
-        user = accounts(request).authenticate(username, password, totp)
+        user = store.authenticate(username, password, totp)
     except LoginFailed as exc:
-        log.append(actor, "login", [], {"via": kind}, 0, outcome=f"denied: {exc.reason}")
+        actor, tag = login_actor(store, username, exc.reason != "unknown account")
+        log.append(actor, "login", [], {"via": kind, **tag}, 0, outcome=f"denied: {exc.reason}")
         raise
-    token, session = accounts(request).start_session(user, kind)
-    log.append(actor, "login", [], {"via": kind, "role": user.role}, 0)
+    token, session = store.start_session(user, kind)
+    log.append(user.username, "login", [], {"via": kind, "role": user.role}, 0)
     request.state.user = user.username
     return token, session
 
@@ -181,6 +188,8 @@ def audit(request: Request, session: ApiSession, actor: str | None = None, patie
 
 
 # --- administrator: registry changes, each audited with before and after ----------------------------------------
+# An administrator reads no PHI: an answer names the ids and which fields changed, never a value that was
+# stored (the audit record keeps before and after).
 class PatientChange(BaseModel):
     mrn: Annotated[str | None, Field(max_length=64)] = None
     given_name: Annotated[str | None, Field(max_length=200)] = None
@@ -197,20 +206,28 @@ def _admin(request: Request, session: ApiSession, action: str) -> str:
 
 @router.put("/admin/patients/{patient_id}", tags=["admin"])
 def save_patient(request: Request, session: ApiSession, patient_id: str, body: PatientChange) -> dict:
-    """Create or update a patient (fields left out keep their value)."""
+    """Create or update a patient (fields left out keep their value): whether it was new, and which fields
+    changed."""
     actor = _admin(request, session, "registry:patient")
-    return admin.save_patient(settings(request), actor, _id("patient", patient_id), **body.model_dump())
+    pid = _id("patient", patient_id)
+    if not body.model_dump(exclude_none=True):
+        raise HTTPException(422, "nothing to change: send at least one field")
+    change = admin.save_patient(settings(request), actor, pid, **body.model_dump())
+    return {"patient_id": pid, "created": change["before"] is None,
+            "changed": changed_fields(change["before"], change["after"], ignore=("patient_id",))}
 
 
 class Threshold(BaseModel):
-    value: float
+    value: StrictFloat | StrictInt  # a number, not a string that looks like one
 
 
 @router.put("/admin/patients/{patient_id}/thresholds/{rule}", tags=["admin"])
 def set_threshold(request: Request, session: ApiSession, patient_id: str, rule: str, body: Threshold) -> dict:
     """Override one alert threshold for one patient, within its clinically sensible range (README)."""
     actor = _admin(request, session, "registry:threshold")
-    return admin.set_threshold(settings(request), actor, _id("patient", patient_id), rule, body.value)
+    change = admin.set_threshold(settings(request), actor, _id("patient", patient_id), rule, body.value)
+    return {"patient_id": change["patient_id"], "rule": rule, "value": change["after"],
+            "created": change["before"] is None, "changed": ["value"] if change["before"] != change["after"] else []}
 
 
 @router.put("/admin/care-team/{clinician_id}/{patient_id}", tags=["admin"])
@@ -239,7 +256,8 @@ def assign_device(request: Request, session: ApiSession, device_id: str, body: D
     actor = _admin(request, session, "registry:device")
     if body.since is not None and body.since.tzinfo is None:
         raise HTTPException(422, "since needs a UTC offset, e.g. 2026-11-01T00:00:00+00:00")
-    result = admin.enroll_device(settings(request), actor, _id("device", device_id),
-                                 _id("patient", body.patient_id), since=body.since, must_exist=True)
-    return {"device_id": device_id, "before": result["before"], "after": result["after"]}
+    pid = _id("patient", body.patient_id)
+    result = admin.enroll_device(settings(request), actor, _id("device", device_id), pid, since=body.since,
+                                 must_exist=True)
+    return {"device_id": device_id, "patient_id": pid, "changed": changed_fields(result["before"], result["after"])}
 

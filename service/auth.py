@@ -83,7 +83,7 @@ def clinician_of(request: Request, session: Session, action: str) -> ClinicianSe
 
 def check_csrf(session: Session, submitted: str | None) -> None:
     """A dashboard form must carry its session's CSRF token (a page on another site cannot read it)."""
-    if not submitted or not secrets.compare_digest(submitted, session.csrf):
+    if not submitted or not secrets.compare_digest(submitted.encode(), session.csrf.encode()):
         raise HTTPException(403, "this form did not come from your session (missing or wrong CSRF token): "
                                  "reload the page and try again")
 

@@ -2,11 +2,16 @@
 login that opens a session for them.
 
 Pages read through the same care-team-scoped, audited ``ClinicianSession`` as the API. Their session lives
-in a ``Secure; HttpOnly; SameSite=Strict`` cookie; every form carries the session's CSRF token.
+in a ``Secure; HttpOnly; SameSite=Strict`` cookie; every form carries the session's CSRF token — the login
+form too, before there is a session: a random token in a ``__Host-`` cookie and the same value in the form
+(double submit), so a page on another site cannot log a browser into an account of its choosing.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +26,7 @@ from fastapi.templating import Jinja2Templates
 from core.ids import check_id
 from service import charts
 from service.accounts import LoginFailed, Session, TotpRequired
+from service.api import login, login_actor
 from service.auth import COOKIE, WebSession, accounts, check_csrf, clinician_of, require_role, settings
 from service.panel import CATEGORIES, GROUPS, SORTS, build_panel, counts
 from warehouse.audit import AuditLog
@@ -30,6 +36,11 @@ templates = Jinja2Templates(directory=HERE / "templates")  # autoescaped: a stor
 router = APIRouter(include_in_schema=False)
 
 HOME = {"clinician": "/panel", "auditor": "/audit", "admin": "/account"}
+# __Host-: set only by this host, over HTTPS, for every path — a neighbouring host cannot plant a known value.
+LOGIN_COOKIE = "__Host-rpm_login"
+LOGIN_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
+
+log = logging.getLogger("rpm.service")
 
 
 def mount_static(app: FastAPI) -> None:
@@ -55,29 +66,57 @@ def _safe_next(target: str | None, fallback: str) -> str:
     return target
 
 
+def _login_form(request: Request, status: int = 200, *, next: str | None = None, expired: bool = False,
+                error: str | None = None, need_totp: bool = False, username: str = "") -> Response:
+    """The login page, with its pre-session token in the form and in the cookie (kept while the browser has a
+    well-formed one: two tabs of the login page both work)."""
+    token = request.cookies.get(LOGIN_COOKIE) or ""
+    if not LOGIN_TOKEN.fullmatch(token):
+        token = secrets.token_urlsafe(32)
+    response = render(request, "login.html", status=status, next=_safe_next(next, ""), expired=expired,
+                      error=error, need_totp=need_totp, username=username, login_token=token, session=None)
+    response.set_cookie(LOGIN_COOKIE, token, secure=True, httponly=True, samesite="strict", path="/")
+    return response
+
+
+def _same_token(cookie: str | None, submitted: str | None) -> bool:
+    if not cookie or not submitted:
+        return False
+    return secrets.compare_digest(cookie.encode(), submitted.encode())
+
+
 @router.get("/login")
 def login_form(request: Request, next: str | None = None, expired: str | None = None) -> Response:
-    return render(request, "login.html", next=_safe_next(next, ""), expired=bool(expired), error=None,
-                  need_totp=False, username="", session=None)
+    return _login_form(request, next=next, expired=bool(expired))
 
 
 @router.post("/login")
 def login_submit(request: Request, username: Annotated[str, Form(max_length=64)],
                  password: Annotated[str, Form(max_length=256)],
                  totp: Annotated[str | None, Form(max_length=16)] = None,
-                 next: Annotated[str | None, Form(max_length=2048)] = None) -> Response:
-    from service.api import login
-
+                 next: Annotated[str | None, Form(max_length=2048)] = None,
+                 login_token: Annotated[str | None, Form(max_length=128)] = None) -> Response:
+    if not _same_token(request.cookies.get(LOGIN_COOKIE), login_token):
+        # A post from another site (login CSRF) or a form older than the browser's cookie: no password checked.
+        store = accounts(request)
+        actor, tag = login_actor(store, username, store.exists(username))
+        AuditLog(settings(request)).append(actor, "login", [], {"via": "web", **tag}, 0,
+                                           outcome="denied: missing or wrong login form token")
+        log.warning("login refused: the form did not carry this browser's login token")
+        return _login_form(request, 403, next=next, error="This login form expired or did not come from this "
+                                                          "site: log in again.")
     try:
         token, session = login(request, username, password, totp or None, "web")
     except TotpRequired as exc:
-        return render(request, "login.html", status=401, next=_safe_next(next, ""), expired=False,
-                      error=str(exc), need_totp=True, username=username, session=None)
+        return _login_form(request, 401, next=next, error=str(exc), need_totp=True, username=username)
     except LoginFailed as exc:
-        return render(request, "login.html", status=401, next=_safe_next(next, ""), expired=False,
-                      error=str(exc), need_totp=bool(totp), username=username, session=None)
+        return _login_form(request, 401, next=next, error=str(exc), need_totp=bool(totp), username=username)
+    previous = request.cookies.get(COOKIE)
+    if previous:  # the session this browser held before (another account's, maybe) ends here
+        accounts(request).end_session(previous)
     response = RedirectResponse(_safe_next(next, HOME.get(session.role, "/")), status_code=303)
     response.set_cookie(COOKIE, token, secure=True, httponly=True, samesite="strict", path="/")
+    response.delete_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
     return response
 
 

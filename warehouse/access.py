@@ -31,6 +31,7 @@ ALERT_STATUSES = ("open", "resolved", "all")
 # How far back a clinician may date logged time: this month and the one before (a call on the 31st logged
 # on the 1st still counts where it happened); never into the future.
 BACKDATE_MONTHS = 1
+NOTE_MAX = 1000  # characters of a clinician's note (the service's forms and API allow as many)
 # The panel compares CGM time in ranges over the last 14 days with the 14 before (the consensus window).
 PANEL_GLUCOSE_DAYS = 14
 # The alert rules whose thresholds are levels of each vital (shaded on its chart). Weight rules are gains and
@@ -263,15 +264,23 @@ class ClinicianSession:
 
     # --- writes --------------------------------------------------------------------------------------
     def acknowledge(self, alert_id: str, note: str | None = None) -> dict:
+        """Acknowledge an alert. Every acknowledgement is kept (a second clinician's adds to the first's), and
+        its audit record holds the note and the acknowledgement the alert showed before."""
+        _check_note(note)
         query = {"action": "ack", "alert_id": alert_id}
         with clinical(self.s) as con:
             patient_id = alerts_mod.alert_patient(con, alert_id)
             if patient_id is None:
                 raise KeyError(f"no alert {alert_id}")
             self._require(con, patient_id, "ack", query)
+            shown = con.execute("SELECT acknowledged_by, acknowledged_at, ack_note FROM alerts WHERE alert_id = ?",
+                                [alert_id]).fetchone()
             result = alerts_mod.acknowledge(con, alert_id, self.clinician_id, note)
             publish_snapshot(self.s, con)
-        self.audit.append(self.clinician_id, "ack", [patient_id], query, 1)
+        before = None if shown is None or shown[0] is None else {
+            "acknowledged_by": shown[0], "acknowledged_at": shown[1].isoformat() if shown[1] else None,
+            "ack_note": shown[2]}
+        self.audit.append(self.clinician_id, "ack", [patient_id], {**query, "note": note, "before": before}, 1)
         return result  # type: ignore[return-value]
 
     def log_time(self, patient_id: str, minutes: int, interactive: bool, note: str | None = None,
@@ -280,8 +289,7 @@ class ClinicianSession:
         one (the practice's calendar), never into the future."""
         if not 0 < minutes <= 24 * 60:
             raise ValueError("minutes must be between 1 and 1440 (one entry covers at most a day)")
-        if note is not None and not note.isprintable():
-            raise ValueError("a note may not contain control characters")
+        _check_note(note)
         if on is not None:
             occurred_at = _backdated(on, self.s)
         query = {"action": "log-time", "patient_id": patient_id, "minutes": minutes, "interactive": interactive,
@@ -310,8 +318,8 @@ class _Audit:
                outcome: str = "ok") -> dict:
         return self.log.append(actor, action, patient_ids, {**query, "via": self.via}, rows, outcome=outcome)
 
-    def check_tail(self) -> str | None:
-        return self.log.check_tail()
+    def check(self) -> str | None:
+        return self.log.check()
 
 
 def _alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str], status: str) -> list[dict]:
@@ -323,6 +331,13 @@ def _alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str], status: str)
         FROM alerts WHERE {where}list_contains(?, patient_id)
         ORDER BY resolved_at IS NOT NULL, coalesce(resolved_at, opened_at) DESC, severity, patient_id, rule
         LIMIT 1000""", [patient_ids]))
+
+
+def _check_note(note: str | None) -> None:
+    if note is not None and not note.isprintable():
+        raise ValueError("a note may not contain control characters")
+    if note is not None and len(note) > NOTE_MAX:
+        raise ValueError(f"a note may hold at most {NOTE_MAX} characters")
 
 
 def _practice_tz(s: Settings) -> ZoneInfo:

@@ -3,7 +3,7 @@
 Granting a care team, changing a threshold, moving a device or editing a patient decides who reads which
 patient and which alerts fire, so every change lands in the audit log like a read of PHI: who (an
 authenticated service account or the local operator proven by the kernel), what, and the values before and
-after. A change that cannot be audited is not made (the log's tail is checked first).
+after. A change that cannot be audited is not made (the log is checked first).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def operator() -> str:
 
 def _audited_log(s: Settings) -> AuditLog:
     log = AuditLog(s)
-    problem = log.check_tail()
+    problem = log.check()
     if problem:
         raise AuditTampered(problem)
     return log

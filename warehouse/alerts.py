@@ -20,7 +20,7 @@ from pathlib import Path
 
 import duckdb
 
-from warehouse.db import rows
+from warehouse.db import rows, transaction
 
 RULES_SQL = Path(__file__).parent / "sql" / "030_alerts.sql"
 
@@ -273,13 +273,26 @@ def open_alerts(con: duckdb.DuckDBPyConnection, patient_ids: list[str]) -> list[
 
 
 def acknowledge(con: duckdb.DuckDBPyConnection, alert_id: str, clinician_id: str, note: str | None) -> dict | None:
-    """Mark an alert as seen by a clinician; it stays open until readings return to range."""
-    row = con.execute("""
-        UPDATE alerts SET acknowledged_by = ?, acknowledged_at = ?, ack_note = ?
-        WHERE alert_id = ? RETURNING patient_id, rule, resolved_at""",
-                      [clinician_id, datetime.now(UTC), note, alert_id]).fetchone()
+    """Record that a clinician has seen an alert: appended to its acknowledgements (``alert_acks``, every one
+    kept with its note) and shown on the alert as its latest. The alert stays open until readings return to
+    range."""
+    at = datetime.now(UTC)
+    with transaction(con):
+        row = con.execute("""
+            UPDATE alerts SET acknowledged_by = ?, acknowledged_at = ?, ack_note = ?
+            WHERE alert_id = ? RETURNING patient_id, rule, resolved_at""",
+                          [clinician_id, at, note, alert_id]).fetchone()
+        if row is not None:
+            con.execute("INSERT INTO alert_acks VALUES (?, ?, ?, ?, ?, ?)",
+                        [alert_id, clinician_id, at, note, row[1], row[2] is not None])
     return None if row is None else {"alert_id": alert_id, "patient_id": row[0], "rule": row[1],
                                      "resolved": row[2] is not None}
+
+
+def acknowledgements(con: duckdb.DuckDBPyConnection, alert_id: str) -> list[dict]:
+    """Every acknowledgement of an alert, oldest first."""
+    return rows(con.execute("""SELECT clinician_id, acknowledged_at, note, rule, resolved FROM alert_acks
+                               WHERE alert_id = ? ORDER BY acknowledged_at, clinician_id""", [alert_id]))
 
 
 def alert_patient(con: duckdb.DuckDBPyConnection, alert_id: str) -> str | None:

@@ -14,6 +14,16 @@ was written, the head not yet: the head is rolled forward) and a torn line witho
 head (a write that never completed, so no read was served: it is dropped).
 (Restoring an old copy of *both* the log and its head is only detectable against an external anchor: ship
 ``rpm audit verify --json``'s head to another system.)
+
+Every append also authenticates the chain *before* the tail — a record deleted, edited or swapped in the middle
+refuses the read just as a truncated tail does — at a cost that does not grow with the log: each process
+remembers how far it has verified each log file (its inode, the offset, the chain's last record there and a
+SHA-256 of the bytes up to it) and afterwards authenticates only the records appended since. Its own appends
+move that mark without reading anything; when the file changed in another way (another process appended, or
+someone edited it in place) the verified prefix is hashed again and compared (~50 ms for 100,000 records),
+and a file that is not a strict extension of it is walked from the start. The mark is also kept, under the
+MAC key, in ``audit.verified``, so a new process does not walk the whole chain again either. Tampering once
+found stays found: the process refuses every later append until it is restarted after an investigation.
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ import hmac
 import json
 import os
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from core.identity import caller_name
 from core.keyring import DecryptError, Keyring
@@ -37,6 +50,13 @@ from core.keys import read_secret, write_private
 from core.settings import Settings
 
 GENESIS = "0" * 64
+# The verified prefix is hashed again at least this often even when the file's size and times say nothing
+# changed since (an in-place edit of the same length within one tick of the file system's clock).
+REHASH_EVERY_S = 60.0
+# A process records its verified mark in audit.verified once it has verified this much more than the mark
+# there says (each new process then hashes the prefix and authenticates only the records after it).
+PERSIST_EVERY_BYTES = 1 << 20
+_CHUNK = 1 << 20
 
 
 class _Head(TypedDict):
@@ -49,6 +69,46 @@ class _Head(TypedDict):
 class AuditTampered(RuntimeError):
     """The log does not match its authenticated head (or the head is missing or forged): nothing can be
     appended, so every read of PHI that must be audited is refused until someone investigates."""
+
+
+@dataclass
+class _Verified:
+    """How far this process has authenticated one audit log file."""
+
+    file: tuple[int, int]          # st_dev, st_ino: a rewritten file (key rotation, an editor) is another one
+    offset: int                    # where the authenticated lines end
+    seq: int                       # the last authenticated record (-1: none)
+    mac: str                       # its MAC (GENESIS: none)
+    digest: str                    # SHA-256 of the file's bytes before ``offset``
+    hasher: Any                    # that hash, to be continued (None for a mark read from audit.verified)
+    times: tuple[int, int, int]    # size, mtime_ns, ctime_ns when last verified or appended to by us
+    hashed_at: float               # time.monotonic() of the last hash of the prefix
+    persisted: int                 # the offset audit.verified holds (-1: none of ours)
+
+
+class _Walk(NamedTuple):
+    """What authenticating a run of lines found."""
+
+    records: int                   # records authenticated before the first problem
+    mac: str                       # the last one's MAC (the chain's state)
+    before: str                    # the MAC before it
+    end: int                       # bytes of the authenticated lines (each with its newline)
+    problem: str | None
+
+
+# Per process, by log path: the verified mark, and the tampering found (sticky until the process restarts).
+_verified: dict[Path, _Verified] = {}
+_tampered: dict[Path, str] = {}
+_state_lock = threading.Lock()  # the service's threads share the marks
+
+
+def _found_earlier(problem: str) -> str:
+    return (f"{problem} (found earlier by this process, which serves no PHI until it is restarted after an "
+            "investigation)")
+
+
+def _times(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _canonical(record: dict) -> bytes:
@@ -70,6 +130,7 @@ class AuditLog:
             os.chmod(self.dir, 0o700)
         self.path = self.dir / "audit.log"
         self.head_path = self.dir / "audit.head"
+        self.verified_path = self.dir / "audit.verified"
         # A second copy of the head outside the audit folder: restoring an older copy of both the log and its
         # head (a rollback that hides the newest reads) no longer matches it.
         self.anchor_path = Path(s.secrets_dir) / "audit.anchor"
@@ -181,26 +242,141 @@ class AuditLog:
         raise AuditTampered(f"the log does not end at record {head['seq']}, where its head says it ends "
                             "(records were removed from, or added to, the end)")
 
-    def check_tail(self) -> str | None:
-        """None when the log's last record is the one its authenticated head names (or one crash-interrupted
-        append past it, which the next append completes); else what is wrong. Reads the head and the last
-        line only, so `rpm ops status` can call it on every check."""
+    def check(self) -> str | None:
+        """None when the log authenticates — its chain up to the end (incrementally: what this process has not
+        verified yet) and its last record against the authenticated head (or one crash-interrupted append past
+        it, which the next append completes); else what is wrong. Cheap enough for every registry change;
+        `rpm ops status` runs the full ``verify``."""
         with self._locked(fcntl.LOCK_SH):
             try:
-                self._tail(self._head())
+                self._check(persist=False)
             except AuditTampered as exc:
                 return str(exc)
         return None
+
+    def _check(self, persist: bool) -> tuple[dict, dict | None, int, int]:
+        """The head and ``_tail``'s answer, once the chain up to the tail authenticates; AuditTampered (kept for
+        the life of this process) otherwise. Call with the file lock held."""
+        with _state_lock:
+            found = _tampered.get(self.path)
+            if found is not None:
+                raise AuditTampered(_found_earlier(found))
+            try:
+                self._verify_chain(persist)
+                head = self._head()
+                return (head, *self._tail(head))
+            except AuditTampered as exc:
+                _tampered[self.path] = str(exc)
+                raise
+
+    def _verify_chain(self, persist: bool) -> None:
+        """Authenticate the log's complete lines from the start, reading again only what changed since this
+        process (or the mark in audit.verified) last verified it. Raises AuditTampered."""
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            _verified.pop(self.path, None)  # ``_tail`` judges a missing log against the head
+            return
+        with f:
+            st = os.fstat(f.fileno())
+            file, now = (st.st_dev, st.st_ino), time.monotonic()
+            mark = _verified.get(self.path)
+            if mark is not None and mark.file == file and mark.times == _times(st) \
+                    and now - mark.hashed_at < REHASH_EVERY_S:
+                return  # not written to since we verified it (or appended to it ourselves)
+            if mark is None or mark.file != file or mark.offset > st.st_size:
+                mark = self._load_mark(file, st.st_size)
+            hasher, seq, mac, offset, persisted = hashlib.sha256(), -1, GENESIS, 0, -1
+            if mark is not None and _hash_prefix(f, mark.offset, hasher) == mark.digest:
+                # The file still starts with what was verified: only what follows is authenticated.
+                seq, mac, offset, persisted = mark.seq, mark.mac, mark.offset, mark.persisted
+            else:
+                hasher = hashlib.sha256()
+                f.seek(0)
+            pending = b""
+            while chunk := f.read(4 * _CHUNK):
+                pending += chunk
+                walk = self._walk(pending, seq, mac, GENESIS)
+                if walk.problem is not None:
+                    _verified.pop(self.path, None)
+                    raise AuditTampered(walk.problem)
+                hasher.update(pending[:walk.end])
+                seq, mac, offset, pending = seq + walk.records, walk.mac, offset + walk.end, pending[walk.end:]
+        # (What is left in ``pending`` is a line without its newline: ``_tail`` judges it.)
+        mark = _Verified(file, offset, seq, mac, hasher.hexdigest(), hasher, _times(st), now, persisted)
+        _verified[self.path] = mark
+        if persist:
+            self._persist_mark(mark)
+
+    def _mark_mac(self, file: tuple[int, int], offset: int, seq: int, mac: str, digest: str) -> str:
+        return self._mac(f"verified:{file[0]}:{file[1]}:{offset}:{seq}:{mac}:{digest}".encode())
+
+    def _load_mark(self, file: tuple[int, int], size: int) -> _Verified | None:
+        """The mark another process left in audit.verified, if it authenticates and is about this file."""
+        try:
+            doc = json.loads(self.verified_path.read_bytes())
+            offset, seq, mac, digest = int(doc["offset"]), int(doc["seq"]), str(doc["mac"]), str(doc["sha256"])
+            marked = (int(doc["dev"]), int(doc["ino"]))
+            authentic = hmac.compare_digest(str(doc["mark_mac"]), self._mark_mac(marked, offset, seq, mac, digest))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no mark (or a damaged one): the chain is walked from the start
+        if not authentic or marked != file or offset > size:
+            return None
+        return _Verified(file, offset, seq, mac, digest, None, (-1, -1, -1), 0.0, offset)
+
+    def _persist_mark(self, mark: _Verified) -> None:
+        if mark.offset - mark.persisted < PERSIST_EVERY_BYTES and mark.persisted >= 0:
+            return
+        doc = {"dev": mark.file[0], "ino": mark.file[1], "offset": mark.offset, "seq": mark.seq, "mac": mark.mac,
+               "sha256": mark.digest,
+               "mark_mac": self._mark_mac(mark.file, mark.offset, mark.seq, mark.mac, mark.digest)}
+        try:
+            write_private(self.verified_path, json.dumps(doc).encode())
+        except OSError:
+            return  # only a shortcut for the next process: it walks more
+        mark.persisted = mark.offset
+
+    def _walk(self, data: bytes, seq: int, prev: str, before: str) -> _Walk:
+        """Authenticate the complete lines of ``data`` as the records after ``seq``, whose MAC is ``prev``."""
+        pos = count = 0
+        while (nl := data.find(b"\n", pos)) >= 0:
+            mac, problem = self._authenticate(data[pos:nl], seq + count + 1, prev)
+            if mac is None:
+                return _Walk(count, prev, before, pos, problem)
+            before, prev, count, pos = prev, mac, count + 1, nl + 1
+        return _Walk(count, prev, before, pos, None)
+
+    def _authenticate(self, line: bytes, seq: int, prev: str) -> tuple[str | None, str | None]:
+        """(the MAC of record ``seq`` held by ``line``, None) if it decrypts as that record and follows ``prev``;
+        else (None, what is wrong)."""
+        try:
+            sealed = base64.b64decode(line, validate=True)
+            if Keyring.key_id_of(sealed) not in self.keyring.keys:  # rotated by another process since we loaded
+                self.keyring = Keyring.load(self._settings, "audit")
+            record = json.loads(self.keyring.open(sealed, f"audit:{seq}".encode()))
+            if not isinstance(record, dict):
+                raise ValueError("not a record")
+        except (DecryptError, ValueError) as exc:
+            return None, (f"line {seq + 1}: cannot be authenticated (edited, inserted, reordered or not ours): "
+                          f"{exc}")
+        mac = record.pop("mac", None)
+        if record.get("seq") != seq:
+            return None, (f"line {seq + 1}: sequence {record.get('seq')} where {seq} was expected (a record was "
+                          "deleted or reordered)")
+        if record.get("prev") != prev:
+            return None, f"record {seq}: does not follow record {seq - 1} (chain broken)"
+        if not isinstance(mac, str) or not hmac.compare_digest(self._mac(_canonical(record)), mac):
+            return None, f"record {seq}: MAC mismatch (edited)"
+        return mac, None
 
     def append(self, actor: str, action: str, patient_ids: list[str], query: dict, rows: int,
                outcome: str = "ok") -> dict:
         """Record one access; returns the record (fsynced before this returns).
 
-        Raises AuditTampered, writing nothing, when the log's tail does not match its authenticated head: a
-        read of PHI that cannot be audited must not be served."""
+        Raises AuditTampered, writing nothing, when the log does not authenticate (``check``): a read of PHI
+        that cannot be audited must not be served."""
         with self._locked():
-            head = self._head()
-            ahead, end, size = self._tail(head)
+            head, ahead, end, size = self._check(persist=True)
             if ahead is not None:  # the previous append died between its two writes: finish it
                 head = {"seq": ahead["seq"], "mac": ahead["mac"]}
                 self._write_head(head["seq"], head["mac"])
@@ -215,14 +391,28 @@ class AuditLog:
                 "prev": head["mac"],
             }
             record["mac"] = self._mac(_canonical(record))
-            sealed = self.keyring.seal(_canonical(record), f"audit:{record['seq']}".encode())
+            line = base64.b64encode(self.keyring.seal(_canonical(record), f"audit:{record['seq']}".encode())) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "ab") as f:
-                f.write(base64.b64encode(sealed) + b"\n")
+                f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+                self._appended(os.fstat(f.fileno()), line, record)
             self._write_head(record["seq"], record["mac"])
         return record
+
+    def _appended(self, st: os.stat_result, line: bytes, record: dict) -> None:
+        """Move this process's mark past the record it has just written (nothing to read again)."""
+        with _state_lock:
+            mark = _verified.get(self.path)
+            if mark is None or mark.hasher is None or mark.file != (st.st_dev, st.st_ino) \
+                    or mark.offset + len(line) != st.st_size or mark.seq + 1 != record["seq"]:
+                _verified.pop(self.path, None)  # the next check walks what it has not seen
+                return
+            mark.hasher.update(line)
+            mark.offset, mark.seq, mark.mac, mark.times = st.st_size, record["seq"], record["mac"], _times(st)
+            mark.digest = mark.hasher.hexdigest()
+            self._persist_mark(mark)
 
     def _read(self) -> tuple[bytes | None, list[bytes], bool]:
         """The raw head, the log's complete lines and whether a torn line (no newline) follows them — read
@@ -254,26 +444,29 @@ class AuditLog:
         return out
 
     def verify(self) -> dict:
-        """Walk the chain; ``ok`` is False with the first problem found."""
-        head_raw, lines, torn = self._read()
-        macs, prev, count = [GENESIS], GENESIS, 0
-        for seq, line in enumerate(lines):
+        """Walk the whole chain; ``ok`` is False with the first problem found (and this process then refuses
+        to append, like ``check``) — or with the one this process found earlier, if it did."""
+        result = self._verify()
+        with _state_lock:
+            if not result["ok"]:
+                _tampered.setdefault(self.path, result["problem"])
+            elif self.path in _tampered:
+                result = {"ok": False, "records": result["records"],
+                          "problem": _found_earlier(_tampered[self.path])}
+        return result
+
+    def _verify(self) -> dict:
+        with self._locked(fcntl.LOCK_SH):
             try:
-                record = json.loads(self.keyring.open(base64.b64decode(line), f"audit:{seq}".encode()))
-            except (DecryptError, ValueError) as exc:
-                return {"ok": False, "records": count, "problem": f"line {seq + 1}: cannot be authenticated "
-                        f"(edited, inserted, reordered or not ours): {exc}"}
-            mac = record.pop("mac", None)
-            if record.get("seq") != seq:
-                return {"ok": False, "records": count, "problem": f"line {seq + 1}: sequence {record.get('seq')}"
-                        f" where {seq} was expected (a record was deleted or reordered)"}
-            if record.get("prev") != prev:
-                return {"ok": False, "records": count,
-                        "problem": f"record {seq}: does not follow record {seq - 1} (chain broken)"}
-            if not hmac.compare_digest(self._mac(_canonical(record)), mac or ""):
-                return {"ok": False, "records": count, "problem": f"record {seq}: MAC mismatch (edited)"}
-            prev, count = mac, count + 1
-            macs.append(mac)
+                head_raw: bytes | None = self.head_path.read_bytes()
+            except FileNotFoundError:
+                head_raw = None
+            data = self.path.read_bytes() if self.path.exists() else b""
+        torn = bool(data) and not data.endswith(b"\n")
+        walk = self._walk(data, -1, GENESIS, GENESIS)
+        count, prev = walk.records, walk.mac
+        if walk.problem is not None:
+            return {"ok": False, "records": count, "problem": walk.problem}
         if head_raw is None:
             return {"ok": False, "records": count, "problem": "the head file is missing (removed?)"}
         try:
@@ -284,7 +477,7 @@ class AuditLog:
             return {"ok": False, "records": count, "problem": "the head file is unreadable (altered)"}
         if not hmac.compare_digest(head_mac, self._head_mac(head["seq"], head["mac"])):
             return {"ok": False, "records": count, "problem": "head file was altered"}
-        if count and head == {"seq": count - 2, "mac": macs[-2]} and not torn:
+        if count and head == {"seq": count - 2, "mac": walk.before} and not torn:
             # One record past the head: an append died between its two writes (the next one rolls it forward).
             head = {"seq": count - 1, "mac": prev}
         if head["seq"] != count - 1 or head["mac"] != prev:
@@ -312,7 +505,22 @@ class AuditLog:
                 out.append(base64.b64encode(self.keyring.seal(self.keyring.open(base64.b64decode(line), aad),
                                                               aad)))
             write_private(self.path, b"".join(line + b"\n" for line in out))
+            with _state_lock:
+                _verified.pop(self.path, None)  # another file now: the next check walks it once
         return len(out)
+
+
+def _hash_prefix(f: Any, size: int, hasher: Any) -> str | None:
+    """The SHA-256 of the first ``size`` bytes of ``f`` (fed into ``hasher``), None if the file is shorter."""
+    f.seek(0)
+    left = size
+    while left:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            return None
+        hasher.update(chunk)
+        left -= len(chunk)
+    return str(hasher.hexdigest())
 
 
 def _last_line(path: Path, window: int = 8192) -> tuple[bytes | None, int, int]:

@@ -8,14 +8,15 @@ clinician may see (care-team scope is theirs to enforce): only those are queried
 from __future__ import annotations
 
 import csv
-import os
-import stat
+import io
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import duckdb
+
+from warehouse.exports import write_export
 
 CSV_FIELDS = [
     "patient_id", "month", "period_no", "period_start", "period_end", "days_with_data", "device_code",
@@ -140,14 +141,11 @@ def _csv_value(key: str, value: Any) -> Any:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write a billing report as CSV, one row per patient: codes joined with ';', flags with ' | '."""
-    path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it names patients: owner only
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _csv_value(key, row.get(key)) for key in CSV_FIELDS})
-    return path
+    """Write a billing report as CSV, one row per patient: codes joined with ';', flags with ' | '. It names
+    patients: a new file only its owner reads (warehouse/exports.py)."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_value(key, row.get(key)) for key in CSV_FIELDS})
+    return write_export(path, out.getvalue().encode())

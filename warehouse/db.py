@@ -3,13 +3,17 @@
 DuckDB writes encrypted files only with the OpenSSL crypto of its httpfs extension; the pinned
 ``duckdb-extension-httpfs`` wheel ships the signed binary, loaded from disk (no network). Temporary files
 are encrypted too (``temp_file_encryption``) and kept next to the warehouse, so PHI never spills in plaintext.
-One process writes at a time (DuckDB's file lock): writers retry briefly instead of failing.
+One process writes at a time (DuckDB's file lock), and within a process one instance at a time may attach the
+file while one of them writes ("Unique file handle conflict"): the service's threads take turns (a lock per
+file, held for the connection's life) and writers of other processes are retried — either way a writer
+waits up to LOCK_WAIT_S instead of failing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +27,32 @@ from core import keys
 from core.settings import Settings
 
 LOCK_WAIT_S = 60.0
+
+
+class WarehouseBusy(TimeoutError):
+    """The clinical warehouse stayed held for LOCK_WAIT_S (by another process's writer, or by another thread of
+    this one): nothing was read or written, and trying again later is safe."""
+
+
+# One lock per database file, for this process's instances of it: DuckDB lets only one instance of a process
+# attach a file that one of them attaches for writing. Re-entrant, so a thread may open the file read-only
+# inside its own read-only use of it (DuckDB allows that); a nested writer still fails at once, as before.
+_file_locks: dict[str, threading.RLock] = {}
+_file_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _file_turn(path: Path) -> Iterator[None]:
+    """This thread's turn at a database file among this process's threads (waits up to LOCK_WAIT_S)."""
+    with _file_locks_guard:
+        lock = _file_locks.setdefault(os.path.realpath(path), threading.RLock())
+    if not lock.acquire(timeout=LOCK_WAIT_S):
+        raise WarehouseBusy(f"the clinical warehouse stayed busy with another request for {LOCK_WAIT_S:.0f} s: "
+                            "try again")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @cache
@@ -115,8 +145,11 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
             con.execute(f"ATTACH '{path}' AS clinical (ENCRYPTION_KEY '{key}'{mode})")
             return
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            if "lock" not in str(exc).lower():
                 raise
+            if time.monotonic() > deadline:
+                raise WarehouseBusy(f"the clinical warehouse stayed locked by another process (a pipeline task?) "
+                                    f"for {LOCK_WAIT_S:.0f} s: try again") from exc
             time.sleep(0.1)
         except duckdb.Error:
             # A rotation that crashed after swapping the file but before promoting its key.
@@ -131,7 +164,9 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
 def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = None) -> duckdb.DuckDBPyConnection:
     """A connection with the clinical warehouse attached (and migrated, unless read-only) as ``clinical``.
 
-    ``db_path`` opens another file under the same key instead (a published serving snapshot).
+    ``db_path`` opens another file under the same key instead (a published serving snapshot). In a process
+    with threads, open the clinical file through ``clinical()`` (or ``serving()``), which take the thread's
+    turn at it first.
     """
     db_path = db_path or s.clinical_db
     Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -168,11 +203,14 @@ def rows(cur: duckdb.DuckDBPyConnection) -> list[dict]:
 
 @contextmanager
 def clinical(s: Settings, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = open_clinical(s, read_only)
-    try:
-        yield con
-    finally:
-        con.close()
+    """A connection to the clinical warehouse for the block, this thread's turn at the file held meanwhile (two
+    nurses acknowledging at the same moment: the second waits for the first instead of failing)."""
+    with _file_turn(s.clinical_db):
+        con = open_clinical(s, read_only)
+        try:
+            yield con
+        finally:
+            con.close()
 
 
 @contextmanager

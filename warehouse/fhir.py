@@ -22,8 +22,8 @@ from typing import Any
 
 import duckdb
 
-from core.keys import write_private
 from transforms.vocab import BP_COMPONENT_LOINC, CGM_LOINC, CGM_LOINC_DISPLAY, METRICS
+from warehouse.exports import write_export
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -146,11 +146,7 @@ def quantity(value: float, unit: str, display: str | None = None) -> dict[str, A
 
 def write_bundle(bundle: dict[str, Any], path: Path | str) -> Path:
     """Write the bundle as JSON, readable by its owner only (it is PHI), into a folder that already exists."""
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(2, "no such folder (create it first)", str(out.parent))
-    write_private(out, (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode())
-    return out
+    return write_export(path, (json.dumps(bundle, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _coding(code: str) -> dict[str, str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -12,6 +15,15 @@ from core.ids import check_id
 from warehouse.alerts import mark_dirty
 
 FUTURE_START_TOLERANCE = timedelta(minutes=5)  # clock differences between the admin's machine and ours
+# The programmes this installation monitors: their devices, rules and education follow the condition
+# (heart_failure turns on the weight-gain rules, warehouse/sql/030_alerts.sql; rpmctl/tools/simulator.py).
+CONDITIONS = ("hypertension", "diabetes", "copd", "heart_failure")
+NAME_MAX = 200  # characters of a name (the service's API allows as many)
+MRN_MAX = 64
+EARLIEST_BIRTH = date(1900, 1, 1)
+# The date is already tomorrow somewhere while it is today here: UTC+14 (Kiribati) is the earliest zone.
+EARLIEST_ZONE = timedelta(hours=14)
+IMPORT_MAX_BYTES = 50 * 2**20  # a practice's patient list is kilobytes to a few MB
 
 
 @dataclass(frozen=True)
@@ -88,11 +100,18 @@ def list_devices(con: duckdb.DuckDBPyConnection) -> list[dict]:
 def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str | None = None,
                    given_name: str | None = None, family_name: str | None = None, birth_date: date | None = None,
                    time_zone: str | None = None, conditions: list[str] | None = None) -> None:
-    """Create or update a patient; fields given as None keep their current value."""
+    """Create or update a patient; fields given as None keep their current value. ValueError names a value
+    no one can mean: a birth date in the future or before 1900, a name of control characters or over
+    NAME_MAX characters, a condition outside the programmes (CONDITIONS)."""
     check_id("patient", patient_id)
-    for name, value in (("mrn", mrn), ("given_name", given_name), ("family_name", family_name),
-                        *(("conditions", c) for c in conditions or [])):
-        _check_text(name, value)
+    for name, value, longest in (("mrn", mrn, MRN_MAX), ("given_name", given_name, NAME_MAX),
+                                 ("family_name", family_name, NAME_MAX)):
+        _check_text(name, value, longest)
+    if birth_date is not None:
+        _check_birth_date(birth_date)
+    for condition in conditions or []:
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r}: one of {', '.join(CONDITIONS)}")
     if time_zone is not None:
         ZoneInfo(time_zone)  # raises for an unknown IANA zone: local days must be computable
     con.execute("""
@@ -112,8 +131,8 @@ def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str 
 def add_clinician(con: duckdb.DuckDBPyConnection, clinician_id: str, name: str | None = None,
                   role: str | None = None) -> None:
     check_id("clinician", clinician_id)
-    _check_text("name", name)
-    _check_text("role", role)
+    _check_text("name", name, NAME_MAX)
+    _check_text("role", role, NAME_MAX)
     con.execute("""INSERT INTO clinicians (clinician_id, name, role) VALUES (?, ?, ?)
                    ON CONFLICT (clinician_id) DO UPDATE SET name = coalesce(excluded.name, clinicians.name),
                    role = coalesce(excluded.role, clinicians.role)""", [clinician_id, name, role])
@@ -163,22 +182,58 @@ THRESHOLD_BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+# Levels of one finding (and the two ends of one vital's range), each threshold strictly below the next for
+# every patient: otherwise the "severe" level fires before the milder one (or the milder one never does),
+# "very high" glucose sits below "low" and both fire on every reading, the 24 h no-data rule waits longer
+# than the 72 h one — severities stop meaning anything, and alarm fatigue silences the rules in practice.
+THRESHOLD_ORDER: tuple[tuple[str, ...], ...] = (
+    ("bp_stage2.systolic", "bp_severe.systolic"),
+    ("bp_stage2.diastolic", "bp_severe.diastolic"),
+    ("glucose_level2_low.mg_dl", "glucose_level1_low.mg_dl", "glucose_level2_high.mg_dl"),
+    ("spo2_urgent.percent", "spo2_low.percent"),
+    ("hr_low.per_min", "hr_high.per_min"),
+    ("news2_medium.score", "news2_high.score"),
+    ("no_data_24h.hours", "no_data_72h.hours"),
+)
+
+
 def set_threshold(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, threshold: float,
                   set_by: str | None) -> None:
     """Override one alert threshold for one existing patient (KeyError names an unknown patient or rule,
-    ValueError a threshold outside its clinically sensible range, THRESHOLD_BOUNDS)."""
+    ValueError a threshold outside its clinically sensible range, THRESHOLD_BOUNDS, or one that would put
+    the patient's levels of a finding out of order, THRESHOLD_ORDER)."""
     _require_known(con, patient_id=patient_id)
     _check_text("set_by", set_by)
     known = {f"{r}.{p}" for r, p in con.execute("SELECT rule, param FROM alert_rule_params").fetchall()}
     if rule not in known:
         raise KeyError(f"unknown threshold {rule!r}; one of: {', '.join(sorted(known))}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise ValueError(f"{rule}: a threshold is a number, not {threshold!r}")
     low, high = THRESHOLD_BOUNDS[rule.rsplit(".", 1)[1]]
     if not low <= threshold <= high:
         raise ValueError(f"{rule} = {threshold:g} is outside the sensible range {low:g}..{high:g}")
+    _check_order(con, patient_id, rule, float(threshold))
     con.execute("""INSERT INTO alert_thresholds (patient_id, rule, threshold, set_by) VALUES (?, ?, ?, ?)
                    ON CONFLICT (patient_id, rule) DO UPDATE SET threshold = excluded.threshold,
                    set_by = excluded.set_by, set_at = now()""", [patient_id, rule, threshold, set_by])
     mark_dirty(con, patient_id)
+
+
+def _check_order(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str, threshold: float) -> None:
+    """ValueError unless ``rule`` at ``threshold`` keeps the patient's levels of its finding in order."""
+    for family in THRESHOLD_ORDER:
+        if rule not in family:
+            continue
+        levels = dict(con.execute("""SELECT rule || '.' || param, value FROM patient_alert_params
+                                     WHERE patient_id = ? AND list_contains(?, rule || '.' || param)""",
+                                  [patient_id, list(family)]).fetchall())
+        levels[rule] = threshold
+        for lower, upper in zip(family, family[1:], strict=False):
+            if not levels[lower] < levels[upper]:
+                other = upper if rule == lower else lower
+                raise ValueError(f"{rule} = {threshold:g} would put {patient_id}'s levels out of order: {lower} "
+                                 f"({levels[lower]:g}) must stay below {upper} ({levels[upper]:g}); change "
+                                 f"{other} first")
 
 
 CSV_COLUMNS = ("patient_id", "mrn", "given_name", "family_name", "birth_date", "time_zone", "conditions")
@@ -191,16 +246,15 @@ def import_patients_csv(s, path: str) -> dict:
     from warehouse.db import clinical, transaction
     from warehouse.serving import publish_snapshot
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        try:
-            reader = csv.DictReader(f)
-            missing = {"patient_id"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
-                                 f"expected {', '.join(CSV_COLUMNS)}")
-            rows = list(reader)
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise ValueError(f"{path}: not a UTF-8 CSV file ({exc})") from None
+    try:
+        reader = csv.DictReader(_patient_list_lines(path))
+        missing = {"patient_id"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
+                             f"expected {', '.join(CSV_COLUMNS)}")
+        rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a UTF-8 CSV file ({exc})") from None
     ids = []
     with clinical(s) as con:
         with transaction(con):
@@ -221,10 +275,51 @@ def import_patients_csv(s, path: str) -> dict:
     return {"patients": len(rows), "patient_ids": sorted(set(ids))}
 
 
-def _check_text(field: str, value: str | None) -> None:
+def _patient_list_lines(path: str) -> Iterator[str]:
+    """The lines of a patient list, read one at a time, refusing what cannot be one before reading it: not a
+    regular file (/dev/zero, a pipe, a folder) or larger than IMPORT_MAX_BYTES — a file that grows while read
+    is cut off at that size too (one huge line would otherwise be read whole)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block the open itself
+    too_large = ValueError(f"{path}: larger than a patient list can be (at most {IMPORT_MAX_BYTES // 2**20} MB)")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file (a patient list is a CSV file)")
+        if st.st_size > IMPORT_MAX_BYTES:
+            raise too_large
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        left = IMPORT_MAX_BYTES
+        encoding = "utf-8-sig"  # a spreadsheet's byte-order mark on the first line
+        while line := f.readline(left + 1):
+            left -= len(line)
+            if left < 0:
+                raise too_large
+            yield line.decode(encoding)
+            encoding = "utf-8"
+
+
+def _check_text(field: str, value: str | None, longest: int | None = None) -> None:
     """Free text is shown on terminals: a control character in it could forge a line of output."""
     if value is not None and not (isinstance(value, str) and value.isprintable()):
         raise ValueError(f"{field} {value!r} contains control characters")
+    if value is not None and longest is not None and len(value) > longest:
+        raise ValueError(f"{field} is {len(value):,} characters long: at most {longest}")
+
+
+def _check_birth_date(born: date) -> None:
+    if not isinstance(born, date):  # (a datetime is a date: its day is stored)
+        raise ValueError(f"birth_date {born!r} is not a date (YYYY-MM-DD)")
+    if isinstance(born, datetime):
+        born = born.date()
+    latest = (datetime.now(UTC) + EARLIEST_ZONE).date()
+    if born > latest:
+        raise ValueError(f"birth_date {born.isoformat()} is in the future")
+    if born < EARLIEST_BIRTH:
+        raise ValueError(f"birth_date {born.isoformat()} is before {EARLIEST_BIRTH.isoformat()}")
 
 
 def require_patient(con: duckdb.DuckDBPyConnection, patient_id: str) -> None:

@@ -8,8 +8,7 @@ every pseudonymous key. Without ``publish`` the practice sees its own raw counts
 from __future__ import annotations
 
 import csv
-import os
-import stat
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -18,6 +17,7 @@ from typing import Any
 
 from core.settings import Settings
 from warehouse.db import rows as fetch_rows
+from warehouse.exports import write_export
 from warehouse.telehealth import open_telehealth
 
 # CMS cell-size suppression policy: no cell counting fewer than 11 people (or events about them) is published,
@@ -113,16 +113,12 @@ def _csv_value(value: Any) -> Any:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write report rows as CSV (header from the rows' columns; empty cells for None)."""
-    path = Path(path)
+    """Write report rows as CSV (header from the rows' columns; empty cells for None). Owner only, like every
+    export: a practice report carries pseudonymous keys and small counts (warehouse/exports.py)."""
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    # Owner only, like every export: a practice report carries pseudonymous keys and small counts.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: _csv_value(row.get(c)) for c in columns})
-    return path
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _csv_value(row.get(c)) for c in columns})
+    return write_export(path, out.getvalue().encode())

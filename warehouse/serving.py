@@ -90,7 +90,11 @@ def serving(s: Settings, private: bool = False) -> Iterator[duckdb.DuckDBPyConne
     ``private``: an instance of the caller's own, closed afterwards — for work that ATTACHes databases or
     builds large intermediates, which would otherwise stay with the shared instance."""
     snap = current_snapshot(s)
-    if snap is None or private:
+    if snap is None:  # the live file: a writer thread of this process may hold it
+        with clinical(s, read_only=True) as con:
+            yield con
+        return
+    if private:  # snapshots are only ever opened read-only: instances of them never conflict
         con = open_clinical(s, read_only=True, db_path=snap)
         try:
             yield con

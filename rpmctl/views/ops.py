@@ -1,7 +1,8 @@
 """`rpm ops status`: is the pipeline healthy? Last runs, ingest state and backlog, with a verdict.
 
-- failing: the last pipeline run failed, no run has succeeded while data waits, or the audit log's tail does
-  not match its authenticated head (records removed: every PHI read is refused until it is resolved);
+- failing: the last pipeline run failed, no run has succeeded while data waits, or the audit log does not
+  verify (a record edited, removed or reordered anywhere, or the end not matching the authenticated head:
+  every PHI read is refused until it is resolved);
 - degraded: the broker or ingest service is down (devices' readings queue in the broker or on the device),
   ingest is not connected, the newest landed data waits longer than three schedule intervals, or the last
   successful run is older than that, or an unreadable landing segment waits in landing/rejected/ (its
@@ -57,9 +58,12 @@ def ops_status(s: Settings) -> dict:
                        f"{w['reason']}: {w['detail']} — fix the cause, then `rpm landing replay {w['segment']}`")
     if ingest.get("updated") and ingest_pid and time.time() - ingest["updated"] > 30:
         reasons.append("ingest status has not been updated for 30 s (stuck?)")
-    audit_problem = AuditLog(s).check_tail()
-    if audit_problem:
-        failing.append(f"audit log: {audit_problem} (PHI reads are refused until it is resolved; rpm audit verify)")
+    # The whole chain, not only its tail: a record removed from the middle is as much a failure as a
+    # truncated end (every process that finds it refuses PHI reads).
+    audit = AuditLog(s).verify()
+    if not audit["ok"]:
+        failing.append(f"audit log: {audit['problem']} (PHI reads are refused until it is resolved; "
+                       "rpm audit verify)")
     verdict = "failing" if failing else "degraded" if reasons else "healthy"
     return {"verdict": verdict, "reasons": failing + reasons,
             "broker": {"running": broker_pid is not None, "pid": broker_pid},

@@ -185,9 +185,31 @@ def test_audit_show_cannot_be_made_to_print_a_forged_line(ward):
     ("quarantine", "list", "--reason", "nosuch"),
     ("devices", "add", "bp-10", "--patient", "pt-1", "--kind", "bp", "--since", "0001-01-01T00:00:00+14:00"),
     ("devices", "add", "bp-10", "--patient", "pt-1", "--kind", "bp", "--since", "9999-12-31T23:59:59+00:00"),
-], ids=" ".join)
+    # the second hostile review: demographics no one can mean (F6), a finding's levels inverted (F13)
+    ("patients", "add", "pt-2", "--birth-date", "2099-01-01"),
+    ("patients", "add", "pt-2", "--birth-date", "0001-01-01"),
+    ("patients", "add", "pt-2", "--conditions", "cancer,<b>x</b>"),
+    ("patients", "add", "pt-2", "--given", "A" * 100_000),
+    ("patients", "add", "pt-1", "--family", "B" * 201),
+    ("patients", "threshold", "pt-1", "glucose_level2_high.mg_dl", "40"),
+    ("patients", "threshold", "pt-1", "glucose_level2_low.mg_dl", "400"),
+    ("patients", "threshold", "pt-1", "bp_severe.systolic", "130"),
+    ("patients", "threshold", "pt-1", "no_data_24h.hours", "336"),
+    ("patients", "threshold", "pt-1", "hr_low.per_min", "180"),
+], ids=lambda a: " ".join(a)[:80])
 def test_a_bad_value_is_refused_with_one_line(ward, args):
     assert_one_error(run(ward, *args))
+
+
+def test_demographics_and_thresholds_refused_say_why_and_store_nothing(ward):
+    before = json.loads(run(ward, "patients", "list", "--json").stdout)
+    assert_one_error(run(ward, "patients", "add", "pt-2", "--conditions", "cancer"),
+                     says="unknown condition 'cancer': one of hypertension, diabetes, copd, heart_failure")
+    assert_one_error(run(ward, "patients", "add", "pt-2", "--birth-date", "2099-01-01"), says="in the future")
+    assert_one_error(run(ward, "patients", "add", "pt-2", "--given", "A" * 100_000), says="at most 200")
+    assert_one_error(run(ward, "patients", "threshold", "pt-1", "glucose_level2_high.mg_dl", "40"),
+                     says="glucose_level1_low.mg_dl (70) must stay below glucose_level2_high.mg_dl (40)")
+    assert json.loads(run(ward, "patients", "list", "--json").stdout) == before
 
 
 def test_a_bad_value_is_refused_as_json_under_json(ward):
@@ -198,6 +220,24 @@ def test_a_bad_value_is_refused_as_json_under_json(ward):
 def test_patients_import_of_a_missing_file(ward):
     assert_one_error(run(ward, "patients", "import", "/nonexistent.csv"), says="/nonexistent.csv")
     assert_json_error(run(ward, "patients", "import", "/nonexistent.csv", "--json"), says="/nonexistent.csv")
+
+
+@pytest.mark.parametrize("what", ["/dev/zero", "a pipe", "a folder"])
+def test_patients_import_of_something_that_is_not_a_file_is_refused_at_once(ward, tmp_path, what):
+    """The hostile review's F5: `rpm patients import /dev/zero` grew to 22 GB and was OOM-killed. (Run under
+    a 4 GB address-space limit: a regression fails this test, not the machine.)"""
+    import resource
+
+    path = {"/dev/zero": "/dev/zero", "a pipe": str(tmp_path / "fifo"), "a folder": str(tmp_path)}[what]
+    if what == "a pipe":
+        os.mkfifo(path)  # no writer: a plain open for reading would wait forever
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    proc = subprocess.run([RPM, "patients", "import", path], env={**_clean_env(), **ward.as_env()},
+                          capture_output=True, text=True, timeout=60, preexec_fn=limited)
+    assert_one_error(proc, says=f"{path}: not a regular file")
 
 
 def test_patients_import_of_a_file_that_is_not_text(ward, tmp_path):
@@ -334,6 +374,24 @@ def test_an_emptied_audit_log_stays_reported_however_many_reads_follow(own_ward)
     assert run(s, "patients", "list").returncode == 0
     (Path(s.home) / "audit" / "audit.log").write_bytes(b"")
     _tampered_reads_are_refused(s)
+
+
+def test_a_record_deleted_from_the_middle_of_the_audit_log_stays_reported(own_ward):
+    """The hostile review's F7: `sed -i '10d' audit.log` (tail and head intact) — verify failed, every read
+    was served and `rpm ops status` said HEALTHY."""
+    s = own_ward
+    for _ in range(10):
+        assert run(s, "patients", "list").returncode == 0
+    log = Path(s.home) / "audit" / "audit.log"
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 12
+    log.write_bytes(b"".join(lines[:9] + lines[10:]))
+    _tampered_reads_are_refused(s)
+    ops = run(s, "ops", "status", "--json")
+    status = json.loads(ops.stdout)
+    assert ops.returncode == 2 and status["verdict"] == "failing"
+    assert any(r.startswith("audit log: line 10") for r in status["reasons"]), status["reasons"]
+    assert "pipeline: FAILING" in run(s, "ops", "status").stdout
 
 
 # --- unexpected failures, closed pipes, --help ------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from core.keyring import DecryptError, Keyring
 from core.landing import list_sealed, read_segment
 from core.settings import Settings
-from rpmctl.services import ingest_status
+from rpmctl.services import SERVICE, ingest_status, procs, start_service
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import fresh_settings, login_as, rpm, rpm_json, start_stack
@@ -139,26 +139,45 @@ def test_billing_time_log_and_fhir_export(fleet_loaded, tmp_path):
     assert all(e["resource"]["subject"]["reference"] == "Patient/pt-0001" for e in bundle["entry"])
 
 
-def test_tampering_with_the_audit_log_is_detected(fleet_loaded):
-    s, _ = fleet_loaded
-    for _ in range(4):
-        rpm(s, "clinician", "--as", "dr-lee", "patients")
-    log = s.home / "audit" / "audit.log"
-    lines = log.read_bytes().splitlines(keepends=True)
-    assert len(lines) >= 4
-    log.write_bytes(b"".join(lines[:1] + lines[2:]))  # delete one record
-    result = rpm(s, "audit", "verify", check=False)
-    assert result.returncode == 5 and "TAMPERED" in result.stdout
-    log.write_bytes(b"".join(lines[:-1]))  # drop the newest record
-    assert rpm(s, "audit", "verify", check=False).returncode == 5
-    # A read that cannot be audited is not served: the service answers 503, the CLI one line and exit 5.
+def refused_by_the_service(s: Settings) -> None:
+    """A read that cannot be audited is not served: the service answers 503, the CLI one line and exit 5."""
     for args in (("patients",), ("patient", "pt-0001")):
         refused = rpm(s, "clinician", *args, check=False)
         assert refused.returncode == 5 and refused.stdout == "", refused.stderr
         assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
         assert "audit log" in refused.stderr and "pt-0001" not in refused.stderr
+
+
+def test_tampering_with_the_audit_log_is_detected(fleet_loaded):
+    s, _ = fleet_loaded
+    for _ in range(4):
+        rpm(s, "clinician", "--as", "dr-lee", "patients")
+    healthy = json.loads(rpm(s, "ops", "status", "--json", check=False).stdout)
+    assert not any("audit log" in r for r in healthy["reasons"]), healthy["reasons"]
+    log = s.home / "audit" / "audit.log"
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 4
+    # One record deleted from the middle, the tail and the head untouched (`sed -i '2d'`): the service has read
+    # the log since it started, so only what changed is checked again — and refused.
+    log.write_bytes(b"".join(lines[:1] + lines[2:]))
+    result = rpm(s, "audit", "verify", check=False)
+    assert result.returncode == 5 and "TAMPERED" in result.stdout
+    refused_by_the_service(s)
+    ops = rpm(s, "ops", "status", "--json", check=False)
+    assert ops.returncode == 2 and json.loads(ops.stdout)["verdict"] == "failing"
+    assert any(r.startswith("audit log: line 2") for r in json.loads(ops.stdout)["reasons"]), ops.stdout
+    log.write_bytes(b"".join(lines[:-1]))  # drop the newest record
+    assert rpm(s, "audit", "verify", check=False).returncode == 5
+    refused_by_the_service(s)
     log.write_bytes(b"".join(lines))
     assert rpm(s, "audit", "verify").returncode == 0
+    # The log reads clean again, but the service saw it tampered with: it keeps refusing until it is restarted
+    # (after the investigation), and then serves again.
+    refused_by_the_service(s)
+    procs.stop(s, SERVICE)
+    start_service(s)
+    assert rpm_json(s, "clinician", "--as", "dr-lee", "patients")
+    assert rpm_json(s, "audit", "verify")["ok"] is True
 
 
 def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):

@@ -328,7 +328,10 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_service_keeps_running(
     oversized = _json({"msg_id": f"{CANARY}-oversized", "pad": "x" * (2 * s.max_payload_bytes)})
     refused = publish_once(s, cuff, cuff["topic"], oversized)
     assert refused["puback"] is None, refused
-    assert refused["disconnect"] is not None and "packet too large" in refused["disconnect"].lower(), refused
+    # The broker sends DISCONNECT 'packet too large' and closes; a client still writing the packet may see the
+    # reset before it reads that reason (paho: 'Unspecified error'). Either way: cut off, never acked.
+    assert refused["disconnect"] is not None, refused
+    assert refused["disconnect"].lower() in ("packet too large", "unspecified error"), refused
 
     since = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     scale = rpm_json(s, "devices", "add", "hx-scale", "--patient", "pt-hx", "--kind", "scale", "--since", since)

@@ -49,7 +49,7 @@ def _launcher(base: Path) -> Path:
     /root), where neither the service account nor another user could run it. Returns its bin/ folder."""
     system_python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
     if not system_python.exists():
-        pytest.skip(f"this interpreter is not runnable by other accounts and there is no {system_python}")
+        pytest.fail(f"this interpreter is not runnable by other accounts and there is no {system_python}")
     venv = base / "venv"
     subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
     [site] = venv.glob("lib/python*/site-packages")
@@ -66,17 +66,22 @@ def _launcher(base: Path) -> Path:
 def bin_dir() -> Iterator[Path]:
     """Where `rpm` is, runnable by every account: this environment's, or a launcher's when it is private."""
     if shutil.which("runuser") is None:
-        pytest.skip("needs runuser (util-linux) to run commands as another account")
+        pytest.fail("needs runuser (util-linux) to run commands as another account")
     if os.geteuid() != 0:
-        pytest.skip("needs root: it starts rpm as root and runs commands as another account")
+        pytest.fail("needs root: it starts rpm as root and runs commands as another account (make test as root)")
     mine = Path(sys.executable).parent
     if _as_other([str(mine / "python"), "-c", "import rpmctl.cli"]).returncode == 0:
         yield mine
         return
     base = Path(tempfile.mkdtemp(prefix="rpm-launcher-"))
     os.chmod(base, 0o755)
+    umask = os.umask(0o022)  # readable by every account, whatever umask an earlier test left this worker with
     try:
-        yield _launcher(base)
+        launcher = _launcher(base)
+    finally:
+        os.umask(umask)
+    try:
+        yield launcher
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -236,7 +241,8 @@ def test_root_state_is_handed_over_and_an_unreachable_state_stays_root_with_a_wa
         os.chmod(base, 0o755)
         # State made by root (RPM_RUN_AS=root), with a file another account could read: handed over, private.
         s = _settings(base / "open", run_as="root")
-        (base / "open").mkdir(mode=0o755)
+        (base / "open").mkdir()
+        os.chmod(base / "open", 0o755)  # whatever the umask
         run(bin_dir, s, "init")
         stray = Path(s.warehouse_dir) / "export.csv"
         stray.write_text("pt-0001\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import ssl
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -129,7 +130,35 @@ def test_a_wrong_password_and_an_unknown_name_get_the_same_answer_and_are_audite
     unknown = http.post("/api/v1/session", json={"username": "dr-ghost", "password": "not the password"})
     assert wrong.status_code == unknown.status_code == 401 and wrong.json() == unknown.json()
     logins = [(r["actor"], r["outcome"]) for r in audit_tail(s, 5) if r["action"] == "login"]
-    assert ("dr-lee", "denied: wrong password") in logins and ("dr-ghost", "denied: unknown account") in logins
+    assert ("dr-lee", "denied: wrong password") in logins
+    # A name that is no account (often a password in the wrong field) is not recorded as typed.
+    assert ("unknown-account", "denied: unknown account") in logins
+    assert "dr-ghost" not in json.dumps(audit_tail(s, 5))
+
+
+def test_a_flood_of_anonymous_logins_does_not_stall_a_logged_in_clinician(stack, http):
+    """Hostile review F3: the password check holds no lock on the accounts file, so a logged-in clinician's
+    requests are all answered while anonymous logins pour in (each answered 401, or 503 when busy)."""
+    lee = token(http, "dr-lee")
+    flood: list[int] = []
+
+    def ghost() -> None:
+        with httpx.Client(base_url=str(http.base_url), verify=ssl.create_default_context(
+                cafile=str(stack[0].ca_cert)), timeout=60) as own:
+            for _ in range(2):
+                flood.append(own.post("/api/v1/session", json={"username": "ghost",
+                                                               "password": "xxxxxxxxxxxx"}).status_code)
+
+    threads = [threading.Thread(target=ghost) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    answers = []
+    while any(thread.is_alive() for thread in threads):
+        answers.append(http.get("/api/v1/session", headers=lee).status_code)
+    for thread in threads:
+        thread.join()
+    assert answers and set(answers) == {200}
+    assert len(flood) == 32 and set(flood) <= {401, 503}
 
 
 def test_a_clinician_reads_only_their_care_team_and_a_refusal_is_audited(stack, http):
@@ -239,7 +268,7 @@ def test_an_admin_changes_the_registry_with_a_second_factor_and_every_change_is_
     assert silenced.status_code == 422 and "sensible range" in silenced.json()["detail"]
     ok = http.put("/api/v1/admin/patients/pt-0001/thresholds/bp_severe.systolic", headers=admin,
                   json={"value": 175})
-    assert ok.status_code == 200 and ok.json()["after"] == 175
+    assert ok.status_code == 200 and ok.json()["value"] == 175 and ok.json()["changed"] == ["value"]
     change = audit_tail(s, 1)[0]
     assert (change["actor"], change["action"], change["query"]["before"], change["query"]["after"]) == (
         "ops-admin", "registry:threshold", None, 175)
@@ -247,6 +276,19 @@ def test_an_admin_changes_the_registry_with_a_second_factor_and_every_change_is_
                     json={"patient_id": "pt-0001"}).status_code == 404
     renamed = http.put("/api/v1/admin/patients/pt-0004", headers=admin, json={"given_name": "Alex\u202e"})
     assert renamed.status_code == 422  # a control character could forge a terminal line
+
+    # An administrator reads no PHI: a change answers with which fields changed, never a stored value.
+    assert http.put("/api/v1/admin/patients/pt-0002", headers=admin, json={}).status_code == 422
+    renamed = http.put("/api/v1/admin/patients/pt-0002", headers=admin, json={"given_name": "Alexis"})
+    assert renamed.json() == {"patient_id": "pt-0002", "created": False, "changed": ["given_name"]}
+    stored = audit_tail(s, 1)[0]["query"]
+    assert stored["after"]["given_name"] == "Alexis" and stored["before"]["family_name"]  # the log keeps them
+    assert stored["before"]["family_name"] not in renamed.text and stored["after"]["mrn"] not in renamed.text
+    auditor = token(http, "audit-1")
+    seen = http.get("/api/v1/audit", headers=auditor, params={"action": "registry:patient", "limit": 1}).json()
+    assert seen["records"][0]["query"]["after"]["given_name"] == "[redacted]"
+    assert seen["records"][0]["query"]["changed"] == ["given_name"]
+    assert stored["before"]["family_name"] not in json.dumps(seen)
 
 
 def test_repeated_failures_lock_the_account_over_the_api(stack, http):

@@ -184,7 +184,43 @@ def test_acknowledge_writes_publishes_and_is_audited(ward):
     assert row == ("dr-a", "called the patient", True, None)
     r = audit_records(ward)[-1]
     assert (r["actor"], r["action"], r["patients"], r["rows"], r["outcome"]) == ("dr-a", "ack", ["p1"], 1, "ok")
-    assert r["query"] == {"action": "ack", "alert_id": aid, "via": "cli"}
+    assert r["query"] == {"action": "ack", "alert_id": aid, "note": "called the patient", "before": None,
+                          "via": "cli"}
+
+
+def test_a_second_acknowledgement_keeps_the_first_and_its_note(ward):
+    """The hostile review's F15: rn-b's bare ack after dr-a's erased dr-a's note, which no record kept."""
+    from warehouse.alerts import acknowledgements
+
+    aid = alert_id(ward, "p1")
+    with clinical(ward) as con:
+        registry.add_clinician(con, "rn-b", "B. Nurse", "nurse")
+        registry.assign(con, "rn-b", "p1")
+        publish_snapshot(ward, con)
+    ClinicianSession(ward, "dr-a").acknowledge(aid, "called patient; sent to ER, BP 210/130")
+    ClinicianSession(ward, "rn-b").acknowledge(aid)
+
+    with serving(ward) as con:
+        shown = con.execute("SELECT acknowledged_by, ack_note FROM alerts WHERE alert_id = ?", [aid]).fetchone()
+        history = acknowledgements(con, aid)
+    assert shown == ("rn-b", None)  # the alert shows its latest acknowledgement
+    assert [(a["clinician_id"], a["note"], a["rule"], a["resolved"]) for a in history] == [
+        ("dr-a", "called patient; sent to ER, BP 210/130", "bp_stage2", False), ("rn-b", None, "bp_stage2", False)]
+    first, second = [r for r in audit_records(ward) if r["action"] == "ack"]
+    assert first["query"]["note"] == "called patient; sent to ER, BP 210/130" and first["query"]["before"] is None
+    assert (second["actor"], second["query"]["note"]) == ("rn-b", None)
+    assert second["query"]["before"]["acknowledged_by"] == "dr-a"
+    assert second["query"]["before"]["ack_note"] == "called patient; sent to ER, BP 210/130"
+
+
+@pytest.mark.parametrize("note", ["line\nforged", "x" * 1001])
+def test_an_unprintable_or_overlong_note_is_refused_and_nothing_is_written(ward, note):
+    aid = alert_id(ward, "p1")
+    with pytest.raises(ValueError, match="note"):
+        ClinicianSession(ward, "dr-a").acknowledge(aid, note)
+    with serving(ward) as con:
+        assert con.execute("SELECT count(*) FROM alert_acks").fetchone() == (0,)
+    assert audit_records(ward) == []
 
 
 def test_acknowledge_outside_care_team_is_denied(ward):
@@ -234,3 +270,27 @@ def test_log_time_rejects_non_positive_minutes(ward, minutes):
     assert audit_records(ward) == []
     with clinical(ward) as con:
         assert con.execute("SELECT count(*) FROM interactions").fetchone() == (0,)
+
+
+# --- writes at the same moment (the hostile review's F8: 7 of 8 simultaneous time entries got a 500) -------
+
+
+def test_simultaneous_writes_of_one_care_team_are_all_written_and_audited(ward):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    aid = alert_id(ward, "p1")
+    barrier = Barrier(8)
+
+    def write(i: int) -> dict:
+        session = ClinicianSession(ward, "dr-a", via="api")
+        barrier.wait()
+        return session.acknowledge(aid, f"note {i}") if i % 4 == 0 else session.log_time("p1", 1, False)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(write, range(8)))
+    assert len(results) == 8
+    with serving(ward) as con:
+        assert con.execute("SELECT count(*) FROM interactions WHERE patient_id = 'p1'").fetchone() == (6,)
+    assert sorted(r["action"] for r in audit_records(ward)) == ["ack"] * 2 + ["log-time"] * 6
+    assert AuditLog(ward).verify()["ok"] is True

@@ -634,3 +634,29 @@ def test_open_alerts_most_severe_first_then_oldest_for_requested_patients(con, a
     assert [a["rule"] for a in open_alerts(con, ["p3"])] == ["hr_high"]
     assert open_alerts(con, []) == []
     assert open_alerts(con, ["nobody"]) == []
+
+
+def test_every_acknowledgement_is_kept_the_alert_shows_the_latest(con, add, now):
+    """A later acknowledgement (another clinician, after an escalation, after resolution) adds to the history,
+    never erases an earlier one or its note."""
+    from warehouse.alerts import acknowledgements
+
+    add("p1", "blood_pressure", 150, now - 3 * H, 95)
+    refresh_alerts(con)
+    [alert] = alerts_of(con, "p1")
+    acknowledge(con, alert["alert_id"], "dr-a", "first look")
+    add("p1", "blood_pressure", 185, now - 2 * H, 100)  # escalates: the alert forgets its acknowledgement
+    mark_dirty(con, "p1")
+    refresh_alerts(con, full=False)
+    assert alerts_of(con, "p1")[0]["acknowledged_by"] is None
+    acknowledge(con, alert["alert_id"], "rn-b", None)
+    add("p1", "blood_pressure", 120, now - H, 80)        # resolves
+    mark_dirty(con, "p1")
+    refresh_alerts(con, full=False)
+    acknowledge(con, alert["alert_id"], "dr-c", "seen after it settled")
+    history = acknowledgements(con, alert["alert_id"])
+    assert [(a["clinician_id"], a["note"], a["rule"], a["resolved"]) for a in history] == [
+        ("dr-a", "first look", "bp_stage2", False), ("rn-b", None, "bp_severe", False),
+        ("dr-c", "seen after it settled", "bp_severe", True)]
+    [shown] = alerts_of(con, "p1")
+    assert (shown["acknowledged_by"], shown["ack_note"]) == ("dr-c", "seen after it settled")

@@ -17,6 +17,7 @@ import pytest
 
 from core.keyring import DecryptError, Keyring
 from core.settings import Settings
+from warehouse import audit as audit_mod
 from warehouse.audit import GENESIS, AuditLog, AuditTampered
 
 PATIENTS = ["pat-7f3a91", "pat-0c22e4"]
@@ -259,7 +260,7 @@ def refused_every_time(log: AuditLog, attempts: int = 3) -> None:
             AuditLog(Settings(home=log.dir.parent)).append(ACTOR, "patients", [], {}, rows=0)
     assert (log.path.read_bytes() if log.path.exists() else None) == before
     assert log.verify()["ok"] is False
-    assert log.check_tail() is not None
+    assert log.check() is not None
 
 
 def test_truncating_the_newest_records_is_reported_however_many_reads_follow(log):
@@ -291,7 +292,7 @@ def test_deleting_the_head_is_reported_however_many_reads_follow(log):
 
 def test_the_head_exists_from_the_moment_the_key_does(log):
     """Otherwise deleting the head and emptying the log would look like a log nobody has read yet."""
-    assert log.head_path.exists() and log.check_tail() is None
+    assert log.head_path.exists() and log.check() is None
     log.head_path.unlink()
     refused_every_time(log)
 
@@ -310,7 +311,7 @@ def test_a_crash_between_the_log_and_head_writes_is_completed_by_the_next_append
     crashed = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 3}, rows=1)
     log.head_path.write_bytes(behind)            # the crash: record 3 written, head (and anchor) still at 2
     log.anchor_path.write_bytes(anchor)
-    assert log.check_tail() is None
+    assert log.check() is None
     assert log.verify()["ok"] is True and log.verify()["records"] == 4
     nxt = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 4}, rows=1)
     assert (nxt["seq"], nxt["prev"]) == (4, crashed["mac"])
@@ -335,7 +336,7 @@ def test_a_torn_last_line_after_the_head_is_dropped(log):
     intact = log.path.read_bytes()
     torn = lines(log)[1][:40]                     # the start of a line, no newline
     log.path.write_bytes(intact + torn)
-    assert log.check_tail() is None
+    assert log.check() is None
     assert log.verify()["ok"] is True and len(log.records()) == 3
     assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 3
     assert log.path.read_bytes().startswith(intact) and torn not in log.path.read_bytes()[len(intact):]
@@ -389,4 +390,160 @@ def test_restoring_an_older_copy_of_the_log_and_its_head_is_reported(log, tmp_pa
     assert not result["ok"] and "rolled back" in result["problem"]
     with pytest.raises(AuditTampered, match="rolled back"):
         log.append("dr-a", "patient", ["pt-x"], {}, 1)
-    assert log.check_tail() is not None
+    assert log.check() is not None
+
+
+# --- the whole chain is checked on every append, at the cost of what was appended since -----------------------
+# (the hostile review: `sed -i '10d' audit.log` left `verify` failing but every read served)
+
+
+def as_new_process() -> None:
+    """What a process that has not looked at any log yet knows: nothing (marks in audit.verified aside)."""
+    audit_mod._verified.clear()
+    audit_mod._tampered.clear()
+
+
+def edited_in_place(log: AuditLog, index: int) -> None:
+    """One base64 character of line ``index`` changed where it lies: same file, same size."""
+    offset = sum(len(line) + 1 for line in lines(log)[:index]) + len(lines(log)[index]) // 2
+    with open(log.path, "r+b") as f:
+        f.seek(offset)
+        c = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([_flip(c)]))
+
+
+@pytest.mark.parametrize("tamper", ["delete line 10", "edit in place", "swap two lines", "delete, then restore"])
+def test_a_record_altered_in_the_middle_refuses_every_read(log, tamper):
+    fill(log, 15)  # this process has verified the log and appended to it: its mark is warm
+    original, ls = log.path.read_bytes(), lines(log)
+    if tamper == "delete line 10":
+        write_lines(log, ls[:9] + ls[10:])
+    elif tamper == "edit in place":
+        inode = log.path.stat().st_ino
+        edited_in_place(log, 6)
+        assert (log.path.stat().st_ino, log.path.stat().st_size) == (inode, len(original))
+    elif tamper == "swap two lines":
+        ls[4], ls[5] = ls[5], ls[4]
+        write_lines(log, ls)
+    else:
+        write_lines(log, ls[:9] + ls[10:])
+        with pytest.raises(AuditTampered):
+            log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)
+        log.path.write_bytes(original)  # the evidence removed again: this process does not forget
+    refused_every_time(log)  # this process, a second instance in it, check() and verify() all see it
+    assert "found earlier by this process" in log.check()
+    assert log.path.read_bytes() == (original if tamper == "delete, then restore" else log.path.read_bytes())
+    as_new_process()
+    if tamper == "delete, then restore":
+        assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 15  # restarted: intact again
+    else:
+        refused_every_time(log)
+
+
+def test_the_middle_is_checked_in_a_new_process_too(log):
+    fill(log, 12)
+    ls = lines(log)
+    write_lines(log, ls[:9] + ls[10:])
+    as_new_process()
+    problem = log.check()
+    assert problem is not None and "line 10" in problem
+    with pytest.raises(AuditTampered, match="line 10"):
+        AuditLog(Settings(home=log.dir.parent)).append(ACTOR, "patients", [], {}, rows=0)
+
+
+def test_a_warm_process_authenticates_nothing_again_for_its_own_appends(log, monkeypatch):
+    fill(log, 10)
+    seen = spy_authenticate(monkeypatch)
+    fill(log, 5)
+    assert seen == []
+    assert log.verify()["ok"] is True
+
+
+def spy_authenticate(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = AuditLog._authenticate
+
+    def spy(self, line, seq, prev):
+        seen.append(seq)
+        return real(self, line, seq, prev)
+
+    monkeypatch.setattr(AuditLog, "_authenticate", spy)
+    return seen
+
+
+def _append_in_child(home: str, n: int) -> None:
+    fill(AuditLog(Settings(home=Path(home))), n)
+
+
+def test_records_another_process_appended_are_the_only_ones_authenticated(log, settings, monkeypatch):
+    fill(log, 10)
+    child = multiprocessing.get_context("fork").Process(target=_append_in_child, args=(str(settings.home), 3))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    seen = spy_authenticate(monkeypatch)
+    assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 13
+    assert seen == [10, 11, 12]  # the prefix was hashed, not decrypted again
+
+
+def test_a_new_process_starts_from_the_mark_in_audit_verified(log, monkeypatch):
+    monkeypatch.setattr(audit_mod, "PERSIST_EVERY_BYTES", 0)  # every append leaves its mark
+    fill(log, 10)
+    mark = json.loads(log.verified_path.read_bytes())
+    assert (mark["seq"], mark["offset"]) == (9, log.path.stat().st_size)
+    assert oct(log.verified_path.stat().st_mode & 0o777) == "0o600"
+    as_new_process()
+    seen = spy_authenticate(monkeypatch)
+    assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 10
+    assert seen == []
+
+
+@pytest.mark.parametrize("forgery", ["removed", "offset moved", "garbage", "another file"])
+def test_a_forged_or_missing_mark_only_costs_a_walk_from_the_start(log, monkeypatch, forgery):
+    monkeypatch.setattr(audit_mod, "PERSIST_EVERY_BYTES", 0)
+    fill(log, 8)
+    mark = json.loads(log.verified_path.read_bytes())
+    if forgery == "removed":
+        log.verified_path.unlink()
+    elif forgery == "offset moved":  # claims the whole log is verified, after the last line was deleted
+        write_lines(log, lines(log)[:3] + lines(log)[4:])
+        log.verified_path.write_text(json.dumps({**mark, "offset": log.path.stat().st_size, "seq": 6}))
+    elif forgery == "garbage":
+        log.verified_path.write_bytes(b"\x00not json")
+    else:
+        log.verified_path.write_text(json.dumps({**mark, "ino": mark["ino"] + 1}))
+    as_new_process()
+    seen = spy_authenticate(monkeypatch)
+    if forgery == "offset moved":
+        with pytest.raises(AuditTampered, match="line 4"):
+            log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)
+    else:
+        assert log.append(ACTOR, "patient", [PATIENTS[0]], {}, rows=1)["seq"] == 8
+        assert seen[:8] == list(range(8))
+
+
+def test_an_edit_the_file_times_cannot_show_is_found_by_the_periodic_hash(log, monkeypatch):
+    """Size, mtime and ctime unchanged (an edit within one tick of the clock): the prefix is hashed again at
+    least every REHASH_EVERY_S."""
+    fill(log, 6)
+    edited_in_place(log, 2)
+    st = log.path.stat()
+    mark = audit_mod._verified[log.path]
+    mark.times = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # as if the edit left the times as they were
+    assert log.check() is None  # within the interval, the times are trusted
+    mark.hashed_at -= audit_mod.REHASH_EVERY_S
+    assert "line 3" in log.check()
+
+
+def test_ops_status_is_failing_when_a_middle_record_is_gone(log, settings):
+    from rpmctl.views.ops import ops_status
+
+    fill(log, 12)
+    assert not any("audit log" in r for r in ops_status(settings)["reasons"])
+    ls = lines(log)
+    write_lines(log, ls[:9] + ls[10:])
+    as_new_process()  # ops status is another process than the one that wrote
+    status = ops_status(settings)
+    assert status["verdict"] == "failing"
+    assert any(r.startswith("audit log: line 10") for r in status["reasons"]), status["reasons"]

@@ -86,6 +86,29 @@ def test_cgm_readings_coded_as_blood_glucose_are_recoded_as_interstitial(setting
         assert ("002_cgm_loinc",) in con.execute("SELECT name FROM schema_migrations").fetchall()
 
 
+def test_acknowledgements_made_before_their_history_existed_become_its_first_rows(settings: Settings) -> None:
+    """003: an alert acknowledged under release 0.1 keeps that acknowledgement, now as the first of its
+    history (alert_acks), so the next one adds to it instead of overwriting the only copy."""
+    make_release_0_1_warehouse(settings)
+    con = release_0_1_connection(settings)
+    try:
+        at = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
+        for alert_id, by, resolved in (("a-acked", "dr-a", None), ("a-late", "dr-b", at.replace(hour=8)),
+                                       ("a-open", None, None)):
+            con.execute("""INSERT INTO alerts (alert_id, patient_id, rule, severity, opened_at, opened_reading_id,
+                                               last_breach_at, breaches, evaluated_at, resolved_at,
+                                               acknowledged_by, acknowledged_at, ack_note)
+                           VALUES (?, 'pt-old', 'bp_severe', 1, ?, 'r-1', ?, 1, ?, ?, ?, ?, ?)""",
+                        [alert_id, at, at, at, resolved, by, at if by else None, f"note of {by}" if by else None])
+    finally:
+        con.close()
+    with clinical(settings) as con:
+        assert con.execute("SELECT alert_id, clinician_id, acknowledged_at, note, rule, resolved FROM alert_acks "
+                           "ORDER BY alert_id").fetchall() == [
+            ("a-acked", "dr-a", at, "note of dr-a", "bp_severe", False),
+            ("a-late", "dr-b", at, "note of dr-b", "bp_severe", True)]
+
+
 def test_each_migration_runs_once(settings: Settings) -> None:
     make_release_0_1_warehouse(settings)
     with clinical(settings) as con:

@@ -140,9 +140,9 @@ def test_upsert_patient_keeps_fields_passed_as_none(con):
     registry.upsert_patient(con, "p1", given_name="Augusta")
     assert patient_row(con, "p1") == ("MRN-1", "Augusta", "Lovelace", date(1950, 12, 10), "Europe/London",
                                       ["heart_failure"])
-    registry.upsert_patient(con, "p1", time_zone="America/Chicago", conditions=["heart_failure", "ckd"])
+    registry.upsert_patient(con, "p1", time_zone="America/Chicago", conditions=["heart_failure", "copd"])
     assert patient_row(con, "p1") == ("MRN-1", "Augusta", "Lovelace", date(1950, 12, 10), "America/Chicago",
-                                      ["heart_failure", "ckd"])
+                                      ["heart_failure", "copd"])
     registry.upsert_patient(con, "p2")
     assert patient_row(con, "p2") == (None, None, None, None, None, None)
 
@@ -192,16 +192,22 @@ def test_import_patients_csv_imports_every_row(settings, tmp_path):
 
 
 def test_import_updates_existing_patients_and_keeps_blank_fields(settings, tmp_path):
-    registry.import_patients_csv(settings, write_csv(tmp_path, "p1,MRN-1,Ada,Lovelace,1950-12-10,UTC,a;b\n"))
+    registry.import_patients_csv(settings, write_csv(tmp_path,
+                                                     "p1,MRN-1,Ada,Lovelace,1950-12-10,UTC,copd;diabetes\n"))
     registry.import_patients_csv(settings, write_csv(tmp_path, "p1,,Augusta,,,,\n", name="update.csv"))
     with clinical(settings) as c:
-        assert patient_row(c, "p1") == ("MRN-1", "Augusta", "Lovelace", date(1950, 12, 10), "UTC", ["a", "b"])
+        assert patient_row(c, "p1") == ("MRN-1", "Augusta", "Lovelace", date(1950, 12, 10), "UTC",
+                                        ["copd", "diabetes"])
 
 
 @pytest.mark.parametrize(("bad_row", "why"), [
     ("p11,MRN-11,Bad,Date,1950-02-30,UTC,", "invalid birth_date"),
     ("p11,MRN-11,Bad,Date,10/03/1950,UTC,", "non-ISO birth_date"),
     ("p11,MRN-11,Bad,Zone,1950-02-01,Europe/Londn,", "unknown time zone"),
+    ("p11,MRN-11,Bad,Date,2099-01-01,UTC,", "birth date in the future"),
+    ("p11,MRN-11,Bad,Date,0001-01-01,UTC,", "birth date before 1900"),
+    ("p11,MRN-11,Bad,Condition,1950-02-01,UTC,cancer", "a condition outside the programmes"),
+    (f"p11,MRN-11,{'A' * 201},Name,1950-02-01,UTC,", "a name over 200 characters"),
 ])
 def test_import_is_all_or_nothing_and_names_the_bad_line(settings, tmp_path, bad_row, why):
     registry.import_patients_csv(settings, write_csv(tmp_path, "p0,MRN-0,Old,Patient,1940-01-01,UTC,\n",
@@ -264,3 +270,167 @@ def test_assign_requires_known_patient_and_clinician(con):
         registry.assign(con, "dr-a", "p-missing")
     with pytest.raises(KeyError, match="unknown clinician"):
         registry.assign(con, "dr-missing", "p1")
+
+
+# --- values no one can mean (the hostile review's F6), from every door -------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"birth_date": date(2099, 1, 1)}, "in the future"),
+    ({"birth_date": date(1, 1, 1)}, "before 1900"),
+    ({"birth_date": "1950-01-01"}, "not a date"),
+    ({"given_name": "A" * 100_000}, "given_name is 100,000 characters long: at most 200"),
+    ({"family_name": "B" * 201}, "at most 200"),
+    ({"mrn": "M" * 65}, "at most 64"),
+    ({"conditions": ["cancer"]}, "unknown condition 'cancer': one of hypertension, diabetes, copd, heart_failure"),
+    ({"conditions": ["hypertension", "<b>x</b>"]}, "unknown condition '<b>x</b>'"),
+])
+def test_upsert_patient_refuses_what_no_one_can_mean_and_changes_nothing(con, fields, says):
+    registry.upsert_patient(con, "p1", given_name="Ada", birth_date=date(1950, 12, 10), conditions=["copd"])
+    with pytest.raises(ValueError, match="^" + ".*".join(map(_escape, says.split("*")))):
+        registry.upsert_patient(con, "p1", **fields)
+    with pytest.raises(ValueError):
+        registry.upsert_patient(con, "p-new", **fields)
+    assert patient_row(con, "p1") == (None, "Ada", None, date(1950, 12, 10), None, ["copd"])
+    assert patient_row(con, "p-new") is None
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return ".*" + re.escape(text)
+
+
+def test_the_limits_themselves_are_accepted(con):
+    latest = (datetime.now(UTC) + timedelta(hours=14)).date()  # already today in Kiribati
+    registry.upsert_patient(con, "p1", given_name="A" * 200, family_name="Ō" * 200, mrn="M" * 64,
+                            birth_date=latest, conditions=list(registry.CONDITIONS))
+    registry.upsert_patient(con, "p2", birth_date=date(1900, 1, 1))
+    assert patient_row(con, "p1")[3] == latest and patient_row(con, "p2")[3] == date(1900, 1, 1)
+
+
+def test_a_clinician_name_is_capped_too(con):
+    with pytest.raises(ValueError, match="at most 200"):
+        registry.add_clinician(con, "dr-a", "D" * 201)
+
+
+# --- a patient list that is not one (the hostile review's F5: /dev/zero grew to 22 GB) -----------------------
+
+
+@pytest.mark.parametrize("what", ["a device", "a pipe", "a folder"])
+def test_import_refuses_what_is_not_a_regular_file_before_reading_it(settings, tmp_path, what):
+    """(/dev/null, not /dev/zero: a regression must fail this test, not exhaust the machine's memory —
+    tests/integration/test_cli_errors.py runs /dev/zero itself under a memory limit.)"""
+    import os
+
+    path = {"a device": "/dev/null", "a pipe": str(tmp_path / "fifo"), "a folder": str(tmp_path)}[what]
+    if what == "a pipe":
+        os.mkfifo(path)  # nobody writes to it: opening it for reading would block
+    with pytest.raises(ValueError, match="not a regular file"):
+        registry.import_patients_csv(settings, path)
+    assert not settings.clinical_db.exists()
+
+
+def test_import_refuses_a_file_over_the_limit(settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "IMPORT_MAX_BYTES", 1000)
+    path = tmp_path / "big.csv"
+    path.write_text(HEADER + "".join(f"p{i},MRN-{i},,,,,\n" for i in range(100)))
+    with pytest.raises(ValueError, match="at most 0 MB|larger than a patient list"):
+        registry.import_patients_csv(settings, str(path))
+    assert not settings.clinical_db.exists()
+
+
+def test_import_stops_reading_a_file_that_grows_past_the_limit(settings, tmp_path, monkeypatch):
+    """A file small when checked and huge when read (or /proc-like, size 0): one line without an end is
+    never read whole."""
+    import io
+
+    monkeypatch.setattr(registry, "IMPORT_MAX_BYTES", 1000)
+    path = tmp_path / "grows.csv"
+    path.write_text(HEADER)
+    real_fdopen = registry.os.fdopen
+    read = []
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        endless = io.BytesIO(HEADER.encode() + b"x" * 10_000_000)  # what the file has become
+
+        class Growing:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def readline(self, size=-1):
+                line = endless.readline(size)
+                read.append(len(line))
+                return line
+
+        return Growing()
+
+    monkeypatch.setattr(registry.os, "fdopen", fdopen)
+    with pytest.raises(ValueError, match="larger than a patient list"):
+        registry.import_patients_csv(settings, str(path))
+    assert sum(read) <= 1001
+
+
+def test_import_reads_a_list_with_a_byte_order_mark_and_crlf(settings, tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + HEADER.replace("\n", "\r\n").encode()
+                     + b"p1,MRN-1,Zo\xc3\xab,\"Smith, Jr\",1950-12-10,UTC,copd\r\n")
+    assert registry.import_patients_csv(settings, str(path))["patient_ids"] == ["p1"]
+    with clinical(settings) as c:
+        assert patient_row(c, "p1") == ("MRN-1", "Zoë", "Smith, Jr", date(1950, 12, 10), "UTC", ["copd"])
+
+
+# --- thresholds keep each finding's levels in order (the hostile review's F13) --------------------------------
+
+
+def thresholds(con, patient_id: str = "p1") -> dict[str, float]:
+    return dict(con.execute("SELECT rule, threshold FROM alert_thresholds WHERE patient_id = ?",
+                            [patient_id]).fetchall())
+
+
+@pytest.mark.parametrize(("rule", "value", "says"), [
+    ("glucose_level2_high.mg_dl", 40, "glucose_level1_low.mg_dl (70) must stay below glucose_level2_high.mg_dl (40)"),
+    ("glucose_level2_low.mg_dl", 400, "glucose_level2_low.mg_dl (400) must stay below glucose_level1_low.mg_dl"),
+    ("glucose_level1_low.mg_dl", 54, "glucose_level2_low.mg_dl (54) must stay below glucose_level1_low.mg_dl (54)"),
+    ("bp_severe.systolic", 130, "bp_stage2.systolic (140) must stay below bp_severe.systolic (130)"),
+    ("bp_stage2.diastolic", 125, "bp_stage2.diastolic (125) must stay below bp_severe.diastolic (120)"),
+    ("hr_high.per_min", 30, "hr_low.per_min (40) must stay below hr_high.per_min (30)"),
+    ("hr_low.per_min", 180, "change hr_high.per_min first"),
+    ("spo2_urgent.percent", 95, "spo2_urgent.percent (95) must stay below spo2_low.percent (92)"),
+    ("news2_high.score", 4, "news2_medium.score (5) must stay below news2_high.score (4)"),
+    ("no_data_24h.hours", 336, "no_data_24h.hours (336) must stay below no_data_72h.hours (72)"),
+    ("no_data_72h.hours", 6, "no_data_24h.hours (24) must stay below no_data_72h.hours (6)"),
+])
+def test_a_threshold_that_inverts_a_findings_levels_is_refused(con, rule, value, says):
+    registry.upsert_patient(con, "p1")
+    with pytest.raises(ValueError, match="out of order") as exc:
+        registry.set_threshold(con, "p1", rule, value, "dr")
+    assert says in str(exc.value) and "\n" not in str(exc.value)
+    assert thresholds(con) == {}
+
+
+def test_the_order_is_judged_with_the_patients_own_other_levels(con):
+    """Moving both levels of BP up: severe first, then stage 2 — and not past the severe one set for this
+    patient, though it is below the default severe level."""
+    registry.upsert_patient(con, "p1")
+    registry.upsert_patient(con, "p2")
+    registry.set_threshold(con, "p1", "bp_severe.systolic", 200, "dr")
+    registry.set_threshold(con, "p1", "bp_stage2.systolic", 190, "dr")
+    with pytest.raises(ValueError, match=r"bp_stage2.systolic \(190\) must stay below bp_severe.systolic \(185\)"):
+        registry.set_threshold(con, "p1", "bp_severe.systolic", 185, "dr")
+    registry.set_threshold(con, "p2", "bp_severe.systolic", 150, "dr")
+    with pytest.raises(ValueError, match="out of order"):
+        registry.set_threshold(con, "p2", "bp_stage2.systolic", 160, "dr")  # fine for p1's levels, not p2's
+    assert thresholds(con) == {"bp_severe.systolic": 200, "bp_stage2.systolic": 190}
+    assert thresholds(con, "p2") == {"bp_severe.systolic": 150}
+
+
+@pytest.mark.parametrize("value", ["150", True, None])
+def test_a_threshold_is_a_number(con, value):
+    registry.upsert_patient(con, "p1")
+    with pytest.raises(ValueError, match="is a number"):
+        registry.set_threshold(con, "p1", "bp_stage2.systolic", value, "dr")

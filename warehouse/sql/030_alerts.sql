@@ -366,3 +366,15 @@ ALTER TABLE alerts ADD COLUMN IF NOT EXISTS resolution VARCHAR;  -- 'back in ran
 -- NULL opened_rule: made by a release before families, one alert per rule.
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS opened_rule VARCHAR;
 ALTER TABLE alerts ADD COLUMN IF NOT EXISTS escalated_at TIMESTAMPTZ;
+
+-- Every acknowledgement of an alert, appended and never changed: who saw it, when, at which level, with what
+-- note. `alerts` shows the latest (and forgets it when the alert escalates, to be seen again); a second
+-- clinician's acknowledgement adds a row here instead of erasing the first one's note.
+CREATE TABLE IF NOT EXISTS alert_acks (
+    alert_id        VARCHAR NOT NULL,
+    clinician_id    VARCHAR NOT NULL,
+    acknowledged_at TIMESTAMPTZ NOT NULL,
+    note            VARCHAR,
+    rule            VARCHAR NOT NULL,      -- the level the alert had reached
+    resolved        BOOLEAN NOT NULL       -- acknowledged after it had resolved
+);
