@@ -46,8 +46,8 @@ install: system $(STAMP) ## create .venv and install the pinned dependencies (id
 demo: install ## end to end on the embedded default: broker, ingest, simulated fleet, DAG run, reports
 	$(BIN)/rpm demo
 
-# Three workers on two cores (integration tests spend part of their time waiting on the broker and on
-# Airflow); a module's tests stay on one worker, in order (modules share stacks; ~7 min on 2 cores).
+# Four workers on two cores (integration tests spend much of their time waiting on the broker, the service and
+# Airflow); a module's tests stay on one worker, in order (modules share stacks). The 20 slowest are listed.
 test: lint ## lint, then the whole test suite (unit, integration with a real broker, DAG end to end)
 	$(BIN)/python -m pytest -n 4 --dist loadscope --durations=20
 
