@@ -38,7 +38,7 @@ def ward(settings: Settings, insert_reading) -> Settings:
         registry.set_threshold(con, "p1", "bp_severe.systolic", 170, "dr-a")
         for n in range(4):
             insert_reading(con, "p1", "blood_pressure", 120 + 10 * n, now - (4 - n) * H, diastolic=85)
-        start = now - timedelta(days=2)
+        start = (now - timedelta(days=2)).replace(minute=0, second=0)  # on the hour: 4 readings an hour
         for k in range(2 * 96):
             insert_reading(con, "p2", "blood_glucose", 60 if k % 96 < 8 else 140, start + k * timedelta(minutes=15))
         con.execute("UPDATE readings SET source = 'cgm', loinc = ? WHERE patient_id = 'p2'", [CGM_LOINC])
