@@ -1,5 +1,6 @@
 """The clinical stream as clinicians and admins use it: scope, alerts, acknowledgement, billing, FHIR,
-the audit trail and key rotation — over data that went through the real broker and real DAG runs."""
+the audit trail and key rotation — over data that went through the real broker and a real DAG run (the
+module's fixture); later batches go through the same DAG tasks in this process (tests/steps.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rpmctl.services import SERVICE, ingest_status, procs, start_service
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import fresh_settings, login_as, rpm, rpm_json, start_stack
+from tests.steps import run_pipeline_in_process
 from warehouse.db import httpfs_extension
 from warehouse.serving import backups_dir, serving, serving_dir
 
@@ -90,7 +92,7 @@ def test_alert_opens_once_is_acknowledged_and_resolves(fleet_loaded):
     publish_bp(s, passwords["bp-0001"], 186, 104, minutes_ago=4)
     publish_bp(s, passwords["bp-0001"], 192, 110, minutes_ago=3)  # same episode, not a second alert
     wait_until(lambda: landed(s) >= base + 2, 20, what="ingest to land the readings")
-    rpm(s, "pipeline", "run")
+    run_pipeline_in_process(s)
     alerts = rpm_json(s, "clinician", "--as", "dr-lee", "alerts")
     # One BP alert for pt-0001, at the severe level: opened by these readings, or the open stage-2 episode of
     # its simulated hypertension escalated in place — never a second alert beside it.
@@ -112,7 +114,7 @@ def test_alert_opens_once_is_acknowledged_and_resolves(fleet_loaded):
 
     publish_bp(s, passwords["bp-0001"], 128, 82, minutes_ago=1)
     wait_until(lambda: landed(s) >= base + 3, 20, what="ingest to land the reading")
-    rpm(s, "pipeline", "run")
+    run_pipeline_in_process(s)
     open_now = {a["alert_id"] for a in rpm_json(s, "clinician", "--as", "dr-lee", "alerts")}
     assert severe[0]["alert_id"] not in open_now  # back in range: resolved
     resolved = {a["alert_id"]: a for a in rpm_json(s, "clinician", "alerts", "--status", "resolved")}
@@ -241,7 +243,7 @@ def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
     base = landed(s)
     publish_bp(s, passwords["bp-0001"], 131, 84, minutes_ago=2)
     wait_until(lambda: landed(s) >= base + 1, 10, what="landing after rotation")
-    rpm(s, "pipeline", "run")
+    run_pipeline_in_process(s)
     after = rpm_json(s, "accounting")
     assert after["loaded"] == before["loaded"] + 1 and after["balanced"]
 

@@ -104,10 +104,14 @@ def test_a_device_login_looping_on_the_ingest_client_id_changes_nothing(stack: S
     attacker = threading.Thread(target=loop, daemon=True)
     attacker.start()
     try:
+        # The attacker is in before the stream starts, and keeps at it until it has taken the session over at
+        # least three times (on a busy machine the 200 readings can be sent before a third attempt).
+        wait_until(lambda: attempts["devices: Success"] >= 1, 60, what="the attacker's first takeover attempt")
         with TrackingPublisher(s, victim, victim_pw) as pub:
             stream = Stream(pub, hr_batches(victim, 200, 1, datetime.now(UTC) - timedelta(hours=1)), 0.01)
             stream.start()
             stream.finish()
+            wait_until(lambda: attempts["devices: Success"] >= 3, 60, what="three takeover attempts")
             assert stream.error is None and pub.wait_all() == 200
             acked = pub.acked_payloads()
     finally:

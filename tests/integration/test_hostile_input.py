@@ -34,7 +34,7 @@ from rpmctl.services import procs
 from rpmctl.services.airflow_run import seal_open_segments
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from tests.conftest import rpm, rpm_json
-from tests.steps import claim_segments, load_batch, stage_batch, validate_batch
+from tests.steps import claim_segments, load_batch, run_pipeline_in_process, stage_batch, validate_batch
 from transforms.decode import MAX_BATCH
 from warehouse.db import clinical
 from warehouse.serving import publish_snapshot
@@ -404,7 +404,7 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_service_keeps_running(
         dev.publish(json.dumps(after).encode())
         assert dev.wait_all() == 1
     wait_until(lambda: landed(s) >= acked + 1, 20, what="ingest to land the normal reading")
-    rpm(s, "pipeline", "run")
+    run_pipeline_in_process(s)
     assert procs.read_pid(s, services.INGEST) == ingest_pid
     with clinical(s, read_only=True) as con:
         assert con.execute("SELECT msg_id, patient_id, metric, value FROM readings").fetchall() == [
@@ -483,7 +483,7 @@ def test_mistyped_optional_fields_are_quarantined_not_silently_dropped(stack: Se
             (ap if topic == app["topic"] else dev).publish(_json(doc), topic=topic)
         assert dev.wait_all() + ap.wait_all() == len(sent)
     wait_until(lambda: landed(s) >= len(sent), 20, what="ingest to land the messages")
-    rpm(s, "pipeline", "run")
+    run_pipeline_in_process(s)
 
     with clinical(s, read_only=True) as con:
         loaded = {r[0] for r in con.execute("SELECT msg_id FROM readings UNION ALL "
@@ -508,7 +508,7 @@ def test_a_payload_just_over_the_limit_is_quarantined_not_loaded(stack: Settings
     seen = publish_once(s, cuff, cuff["topic"], payload)
     assert seen["puback"] is not None
     wait_until(lambda: landed(s) >= before + 1, 20, what="ingest to land the oversized message")
-    rpm(s, "pipeline", "run")
+    run_pipeline_in_process(s)
     acc = rpm_json(s, "accounting")
     assert acc["quarantined_by_reason"] == {"payload_too_large": 1}
     assert acc["loaded"] == 0 and acc["balanced"]

@@ -1,4 +1,6 @@
-"""Issue 11, items 4 and 5, through the real broker, real ingest processes and real DAG runs (`rpm pipeline run`).
+"""Issue 11, items 4 and 5, through the real broker and real ingest processes; the run that sets poison segments
+aside is a real DAG run (`rpm pipeline run`: its output and task log name them), the later ones run the same
+DAG tasks in this process (tests/steps.py).
 
 4. A poison segment is set aside, never a wall: unreadable files in landing/sealed/ (garbage, a truncated
    header, a segment sealed under a key the keyring lacks) beside good segments — one run succeeds, loads every
@@ -28,6 +30,7 @@ from rpmctl.admin.devices import wait_for_login
 from rpmctl.services import broker, ingest_status
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from tests.conftest import rpm, rpm_json
+from tests.steps import run_pipeline_in_process
 from warehouse.db import clinical
 
 pytestmark = pytest.mark.integration
@@ -139,7 +142,7 @@ def test_poison_segments_are_set_aside_and_stop_nothing(stack: Settings, tmp_pat
     assert refused.returncode == 2 and "no rejected segment no-such-segment" in refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert rpm_json(s, "landing", "replay", "aa-lostkey-000001") == {"replayed": ["aa-lostkey-000001"]}
-    run_pipeline(s)
+    assert run_pipeline_in_process(s)["rejected"] == []
 
     assert readings(s) == good | {("pt-good", "bp-good", f"lost-{i}") for i in range(4)}
     acc = rpm_json(s, "accounting")
@@ -159,7 +162,7 @@ def test_readings_sent_before_enrollment_are_replayed_into_the_chart(stack: Sett
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=8)
     first = hr_batch(device, "late", start, 6, value=lambda i: 400 if i == 5 else 60 + i)  # the last implausible
     publish(s, device, password, [first, first, {"readings": first["readings"][:2]}])  # a retry and a resend
-    run_pipeline(s)
+    run_pipeline_in_process(s)
 
     acc = rpm_json(s, "accounting")
     assert acc["balanced"] is True and (acc["received"], acc["loaded"], acc["quarantined"]) == (14, 0, 14)
@@ -187,5 +190,5 @@ def test_readings_sent_before_enrollment_are_replayed_into_the_chart(stack: Sett
     assert (again["examined"], again["changed"]) == (0, False)
     assert rpm_json(s, "quarantine", "replay", "--reason", "plausible_heart_rate")["changed"] is False
     assert rpm_json(s, "accounting") == acc
-    run_pipeline(s)  # a run after the replay: nothing pending, nothing moves back
+    run_pipeline_in_process(s)  # a run after the replay: nothing pending, nothing moves back
     assert rpm_json(s, "accounting") == acc
