@@ -164,6 +164,17 @@ def check_password(password: str) -> str:
     return password
 
 
+def _refusal(row: sqlite3.Row | None, username: str, now: float) -> LoginFailed | None:
+    """Why this account may not log in whatever the password (none, locked, disabled), or None."""
+    if row is None:
+        return LoginFailed("unknown account", username)
+    if row["locked_until"] > now:
+        return LoginFailed("account locked", username)
+    if row["disabled"]:
+        return LoginFailed("account disabled", username)
+    return None
+
+
 class Accounts:
     def __init__(self, s: Settings, now=time.time, *, busy_timeout_s: float = BUSY_TIMEOUT_S,
                  verify_slots: int = VERIFY_SLOTS, verify_wait_s: float = VERIFY_WAIT_S):
@@ -337,12 +348,9 @@ class Accounts:
             row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
         # The argon2 work, with no lock on the file: an unknown name costs the same (no timing oracle).
         right = self._verify(row["password_hash"] if row is not None else _DUMMY_HASH, password)
-        if row is None:
-            raise LoginFailed("unknown account", username)
-        if row["locked_until"] > now:
-            raise LoginFailed("account locked", username)
-        if row["disabled"]:
-            raise LoginFailed("account disabled", username)
+        refused = _refusal(row, username, now)
+        if refused is not None:
+            raise refused
         if right and row["totp_sealed"] is not None and not totp:
             raise TotpRequired(username)  # not counted: the CLI asks for the code after a right password
         step = self._totp_step(username, row["totp_sealed"], totp, now) if right and totp and \
@@ -368,12 +376,9 @@ class Accounts:
         reset or a disable may have come in while the password was being verified)."""
         username = checked["username"]
         row = db.execute("SELECT * FROM users WHERE username = ?", [username]).fetchone()
-        if row is None:
-            return LoginFailed("unknown account", username)
-        if row["locked_until"] > now:
-            return LoginFailed("account locked", username)
-        if row["disabled"]:
-            return LoginFailed("account disabled", username)
+        refused = _refusal(row, username, now)
+        if refused is not None:
+            return refused
         if (row["password_hash"], row["totp_sealed"]) != (checked["password_hash"], checked["totp_sealed"]):
             return LoginFailed("account changed during the login", username)  # a reset or rotation
         if not right:

@@ -414,15 +414,19 @@ class AuditLog:
             mark.digest = mark.hasher.hexdigest()
             self._persist_mark(mark)
 
-    def _read(self) -> tuple[bytes | None, list[bytes], bool]:
-        """The raw head, the log's complete lines and whether a torn line (no newline) follows them — read
-        together, with no append in between."""
+    def _read_raw(self) -> tuple[bytes | None, bytes]:
+        """The raw head and the log's bytes, read together, with no append in between."""
         with self._locked(fcntl.LOCK_SH):
             try:
                 head_raw: bytes | None = self.head_path.read_bytes()
             except FileNotFoundError:
                 head_raw = None
             data = self.path.read_bytes() if self.path.exists() else b""
+        return head_raw, data
+
+    def _read(self) -> tuple[bytes | None, list[bytes], bool]:
+        """The raw head, the log's complete lines and whether a torn line (no newline) follows them."""
+        head_raw, data = self._read_raw()
         return head_raw, data.split(b"\n")[:-1], bool(data) and not data.endswith(b"\n")
 
     def records(self) -> list[dict]:
@@ -456,12 +460,7 @@ class AuditLog:
         return result
 
     def _verify(self) -> dict:
-        with self._locked(fcntl.LOCK_SH):
-            try:
-                head_raw: bytes | None = self.head_path.read_bytes()
-            except FileNotFoundError:
-                head_raw = None
-            data = self.path.read_bytes() if self.path.exists() else b""
+        head_raw, data = self._read_raw()
         torn = bool(data) and not data.endswith(b"\n")
         walk = self._walk(data, -1, GENESIS, GENESIS)
         count, prev = walk.records, walk.mac
