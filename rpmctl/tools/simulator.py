@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo
 from core.settings import Settings
 from rpmctl.admin.devices import provision
 from transforms.vocab import SOURCE_KINDS
+from warehouse.registry import CONDITIONS
 
-CONDITIONS = ("hypertension", "diabetes", "copd", "heart_failure")
 ZONES = ("America/New_York", "America/Chicago", "America/Denver", "America/Los_Angeles",
          "America/Phoenix", "Europe/London")
 
