@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Folders inside home unless set explicitly.
@@ -79,6 +79,17 @@ class Settings(BaseSettings):
                                   "with MQTT 5 'packet too large', before they reach the landing disk.")
     ingest_metrics_port: int = Field(9464, description="Prometheus metrics port of the ingest service, on 127.0.0.1; 0 disables.")
 
+    # --- metrics exporter (`rpm metrics`) ------------------------------------------------------------
+    metrics_bind: str = Field("127.0.0.1", description=
+        "Address of `rpm metrics` (pipeline runs, backlog, freshness, audit log and Airflow's metrics for "
+        "Prometheus) and of its StatsD listener: loopback by default; 0.0.0.0 in a container that Prometheus "
+        "and Airflow reach over a network.")
+    metrics_port: int = Field(9466, ge=0, le=65535, description=
+        "HTTP port of `rpm metrics` (/metrics), which `rpm up` starts; 0 disables it.")
+    metrics_statsd_port: int = Field(9125, ge=0, le=65535, description=
+        "UDP port where `rpm metrics` receives Airflow's StatsD metrics (the local stack's Airflow sends them "
+        "there); 0: no listener, and Airflow sends none.")
+
     # --- pipeline -----------------------------------------------------------------------------------
     future_skew_s: int = Field(300, description="A reading measured more than this many seconds after it was received is "
                               "rejected as 'measured in the future' (device clock ahead).")
@@ -92,12 +103,27 @@ class Settings(BaseSettings):
         "How often the scheduled rpm_pipeline DAG runs. Freshness (publish -> visible to a clinician) is about "
         "the seal age + up to one schedule + a ~20 s run: 1 minute keeps its p95 under 2 minutes "
         "(BENCHMARKS.md: p95 82 s at 1 min, 147 s at 2 min).")
+    quarantine_warn: float = Field(0.05, ge=0, le=1, description=
+        "Quarantine rate (quarantined / received) above which a run, or the last hour of runs, makes `rpm ops "
+        "status` degraded and rpm_pipeline's quality_gate task skipped (pink in the Airflow grid).")
+    quarantine_fail: float = Field(0.5, ge=0, le=1, description=
+        "Quarantine rate above which `rpm ops status` is failing and the quality_gate task fails the run (red "
+        "in the Airflow grid; the loaded readings stay loaded). Must be >= quarantine_warn.")
     practice_tz: str = Field("UTC", description=
         "IANA time zone of the practice (e.g. America/Chicago): its calendar month is the billing report's "
         "default month, so a report run on the evening of the 31st is not already next month's (UTC's).")
     landing_retention_days: int = Field(30, description=
         "Sealed landing segments already absorbed by the warehouse are deleted once they are this old "
         "(rpm_daily); segments the ledger does not list are never deleted.")
+    artifact_retention_days: int = Field(14, ge=1, description=
+        "rpm_daily deletes validation reports, Airflow task logs and rotated service logs (broker, ingest, "
+        "service) older than this many days; live logs over 10 MB are rotated first.")
+    telehealth_catalogue_extra: str = Field(
+        "", pattern=r"^((module|survey):[a-z0-9][a-z0-9-]{0,47}(,(module|survey):[a-z0-9][a-z0-9-]{0,47})*)?$",
+        description="The practice's own education modules and surveys, added to the telehealth catalogue "
+        "(transforms/catalogue.py): comma-separated module:<slug> / survey:<slug>, e.g. "
+        "module:heart-healthy-eating,survey:ipaq (slug: lowercase letters, digits, hyphens). Values outside "
+        "the catalogue reach the telehealth store as 'other'.")
 
     # --- clinician service -------------------------------------------------------------------------
     service_port: int = Field(8443, ge=1, le=65535, description=
@@ -151,6 +177,13 @@ class Settings(BaseSettings):
             raise ValueError(f"not an IANA time zone: {value!r} (e.g. America/Chicago, Europe/London, UTC)") from None
         return value
 
+    @model_validator(mode="after")
+    def _quarantine_order(self) -> Settings:
+        if self.quarantine_warn > self.quarantine_fail:
+            raise ValueError(f"quarantine_warn ({self.quarantine_warn}) must not exceed quarantine_fail "
+                             f"({self.quarantine_fail})")
+        return self
+
     @field_validator(*PATH_FIELDS, mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -181,7 +214,9 @@ class Settings(BaseSettings):
             return cls(**cls._from_mapping_only({**values, **overrides}))
         except ValidationError as exc:
             err = exc.errors()[0]
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across fields (_quarantine_order)
+                raise SettingsError(str(err["msg"]).removeprefix("Value error, ")) from None
+            name = str(err["loc"][0])
             var = f"RPM_{name.upper()}"
             shown = f"{var}={source[var]!r}" if name not in overrides and source.get(var) else name
             raise SettingsError(f"{shown}: {err['msg']}") from None

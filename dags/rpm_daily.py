@@ -1,9 +1,10 @@
 """rpm_daily: once a day, housekeeping and the published telehealth reports.
 
-purge landing segments the warehouse has absorbed and that are past retention -> rebuild the pseudonymous
-telehealth reports.
+purge landing segments the warehouse has absorbed and that are past retention -> prune validation reports,
+task logs and service logs past RPM_ARTIFACT_RETENTION_DAYS -> rebuild the pseudonymous telehealth reports ->
+record the run (a failed task records a failed run instead: `rpm ops status` says failing).
 
-Wiring only: every task calls one function of `pipeline.tasks` and returns its small summary. Both tasks are
+Wiring only: every task calls one function of `pipeline.tasks` and returns its small summary. Every task is
 safe to retry: a purge deletes only ledger-listed segments, so a second run finds nothing more to delete.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag, get_current_context, task
 
 from pipeline import tasks  # light at parse time: settings only
 
@@ -22,7 +23,7 @@ from pipeline import tasks  # light at parse time: settings only
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # one writer: DuckDB allows a single writing process
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "on_failure_callback": tasks.on_failure},
     tags=["rpm", "housekeeping"],
     doc_md=__doc__,
 )
@@ -38,8 +39,22 @@ def rpm_daily():
         """Rebuild the de-identified telehealth store the reports read."""
         return tasks.rebuild_reports()
 
+    @task
+    def prune_artifacts() -> dict:
+        """Delete validation reports, Airflow task logs and rotated service logs older than
+        RPM_ARTIFACT_RETENTION_DAYS; rotate live service logs over 10 MB."""
+        return tasks.prune_artifacts()
+
+    @task
+    def record_run() -> dict:
+        """Record the run for ops (each task's seconds), so a recovery after a failed run is seen."""
+        ctx = get_current_context()
+        results = {t: ctx["ti"].xcom_pull(task_ids=t) or {} for t in ("purge_landing", "prune_artifacts",
+                                                                       "rebuild_reports")}
+        return tasks.record_daily(ctx["run_id"], ctx["dag_run"].start_date, results)
+
     # Purge first: the reports never read landing, and a slow report must not hold back freeing disk.
-    purge_landing() >> rebuild_reports()
+    purge_landing() >> prune_artifacts() >> rebuild_reports() >> record_run()
 
 
 rpm_daily()

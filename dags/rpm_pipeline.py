@@ -3,7 +3,9 @@
 claim sealed segments -> decode + normalise (transforms/) -> validate (expectations/, Great Expectations)
 -> load readings, quarantine, duplicates and the segment ledger together, one transaction per group of
 segments (warehouse/) -> evaluate alert episodes -> record the run (counts, task durations, freshness)
--> publish the read-only serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) store.
+-> publish the read-only serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) store
+-> quality gate: a batch whose quarantine rate is above RPM_QUARANTINE_WARN skips the gate, above
+RPM_QUARANTINE_FAIL fails it (and the run), so the grid shows it; what was loaded is published either way.
 
 Wiring only: every task calls one function of `pipeline.tasks` and passes ids and counts, never data. Each
 task is safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).
@@ -14,6 +16,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from pipeline import tasks  # light at parse time: settings only; each task imports its step when it runs
 
@@ -78,11 +81,26 @@ def rpm_pipeline():
         """Rebuild the de-identified telehealth store from the new snapshot."""
         return tasks.publish_telehealth()
 
+    @task  # AirflowFailException and AirflowSkipException are final: no retry repeats a verdict
+    def quality_gate(recorded) -> dict:  # recorded: record_run's XCom
+        """Compare the batch's quarantine rate with RPM_QUARANTINE_WARN (skipped: pink) and
+        RPM_QUARANTINE_FAIL (failed: red, the run is failed and `rpm ops status` says failing). The task log
+        names the rate and the run's validation report."""
+        gate = tasks.quality_gate(recorded)
+        if gate["level"] == "fail":
+            raise AirflowFailException(f"{gate['message']}; validation report: {gate['report']}")
+        if gate["level"] == "warn":
+            raise AirflowSkipException(f"{gate['message']}; validation report: {gate['report']}")
+        return gate
+
     batch = claim()
     staged = decode_normalise(batch)
     checked = validate(batch)
     loaded = load(batch)
-    staged >> checked >> loaded >> evaluate_alerts() >> record_run() >> publish_snapshot() >> publish_telehealth()
+    recorded = record_run()
+    staged >> checked >> loaded >> evaluate_alerts() >> recorded
+    # Published before the gate judges: a bad batch's good readings reach clinicians all the same.
+    recorded >> publish_snapshot() >> publish_telehealth() >> quality_gate(recorded)
 
 
 rpm_pipeline()

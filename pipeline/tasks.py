@@ -23,6 +23,8 @@ from core.settings import Settings
 from pipeline import Sizes
 
 log = logging.getLogger("rpm.pipeline")
+# Task logs run at INFO (rpmctl.services.airflow_run): GX's own INFO chatter would bury our one line per task.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 TIMING_KEYS = ("seconds", "peak_rss_mb")  # what timing adds to a task's result (not the task's own data)
 SIZES = Sizes()
@@ -43,8 +45,20 @@ def timed(name: str, step: Callable[[], dict]) -> dict:
     out = step()
     result = {**out, "seconds": round(time.monotonic() - start, 3), "peak_rss_mb": _peak_rss_mb()}
     _release_free_memory()
-    log.info("%s: %s", name, ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, list | dict)))
+    log.info("%s", log_line(name, result))
     return result
+
+
+def log_line(name: str, result: dict) -> str:
+    """The task's one INFO line in its Airflow log: counts by outcome and rule, sizes, seconds. Results hold ids
+    and counts only (never values or identifiers); a list (segment names) is logged as its length."""
+    def show(value: Any) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {show(v)}" for k, v in sorted(value.items())) + "}"
+        if isinstance(value, list | tuple):
+            return str(len(value))
+        return str(value)
+    return f"rpm {name}: " + " ".join(f"{k}={show(v)}" for k, v in result.items())
 
 
 # --- rpm_pipeline --------------------------------------------------------------------------------------------
@@ -139,6 +153,20 @@ def publish_snapshot(s: Settings | None = None) -> dict:
     return timed("publish_snapshot", lambda: {"snapshot": publish(s).name})
 
 
+def quality_gate(recorded: dict, s: Settings | None = None) -> dict:
+    """Judge the run's batch by its quarantine rate (RPM_QUARANTINE_WARN / _FAIL): the DAG skips the task on
+    "warn" and fails it on "fail", so the Airflow grid shows the run; the readings it loaded stay loaded."""
+    from warehouse.ops import quarantine_gate
+
+    s = s or Settings.from_env()
+    gate = quarantine_gate(s, recorded.get("quarantined"), recorded.get("received"),
+                           f"run {recorded.get('run_id')}")
+    result = {"level": gate.level, "rate": gate.rate, "quarantined": gate.quarantined, "received": gate.received,
+              "message": gate.message, "report": recorded.get("report")}
+    log.info("%s", log_line("quality_gate", result))
+    return result
+
+
 def publish_telehealth(s: Settings | None = None) -> dict:
     from warehouse.telehealth import publish_telehealth as publish
 
@@ -156,9 +184,10 @@ def on_failure(context: Any) -> None:
     s = Settings.from_env()
     ti = context.get("task_instance") or context.get("ti")
     error = context.get("exception")
+    dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(ti, "dag_id", None) or "rpm_pipeline"
     with clinical(s) as con:
         record_failure(con, str(context.get("run_id")), getattr(ti, "task_id", "?"),
-                       f"{type(error).__name__}: {error}")
+                       f"{type(error).__name__}: {error}", dag_id=dag_id)
         publish(s, con)
 
 
@@ -176,6 +205,32 @@ def rebuild_reports(s: Settings | None = None) -> dict:
 
     s = s or Settings.from_env()
     return timed("rebuild_reports", lambda: publish(s))
+
+
+def prune_artifacts(s: Settings | None = None) -> dict:
+    from pipeline.housekeeping import prune_artifacts as prune
+
+    s = s or Settings.from_env()
+    return timed("prune_artifacts", lambda: prune(s))
+
+
+def record_daily(run_id: str, started_at: datetime | None, results: dict[str, dict],
+                 s: Settings | None = None) -> dict:
+    """rpm_daily's run record (a failure is recorded by ``on_failure``), published for `rpm ops status`."""
+    from warehouse.db import clinical
+    from warehouse.ops import record_housekeeping
+    from warehouse.serving import publish_snapshot as publish
+
+    s = s or Settings.from_env()
+
+    def step() -> dict:
+        if not s.clinical_db.exists():
+            return {"recorded": False}  # nothing loaded yet: no warehouse to record in
+        with clinical(s) as con:
+            row = record_housekeeping(con, run_id, started_at, {t: r.get("seconds") for t, r in results.items()})
+            publish(s, con)
+        return {"recorded": True, "run_id": row["run_id"]}
+    return timed("record_daily", step)
 
 
 # --- memory --------------------------------------------------------------------------------------------------

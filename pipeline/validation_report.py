@@ -2,12 +2,18 @@
 
 Rule names, what each protects and counts only — never a reading value, an identifier or a payload. (GX's
 own Data Docs render unexpected values, which are PHI here; this page is built from counts instead.)
+
+``index.html`` lists the runs newest first with their counts, rendered from ``index.jsonl`` (one line per
+report written, so a new run never re-reads every report); rpm_daily prunes both past retention.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import os
 import re
+from datetime import datetime
 from pathlib import Path
 
 from core.settings import Settings
@@ -18,8 +24,16 @@ def reports_dir(s: Settings) -> Path:
     return Path(s.home) / "reports" / "validation"
 
 
+INDEX_SHOWN = 2000  # rows on index.html (a day and a half of 1-minute runs); index.jsonl keeps them all
+COUNTS = ("segments", "messages", "received", "loaded", "quarantined", "duplicates")
+
+
+def report_path(s: Settings, run_id: str) -> Path:
+    return reports_dir(s) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.html"
+
+
 def write_report(s: Settings, run: dict, by_reason: dict[str, int]) -> Path:
-    """Write ``<run>.html`` and refresh ``index.html``; returns the report's path."""
+    """Write ``<run>.html``, add the run to the index and refresh ``index.html``; returns the report's path."""
     protects = {r.name: (suite, r.protects) for suite, rules in
                 (("clinical", clinical.rules(s.future_skew_s)), ("telehealth", telehealth.rules(s.future_skew_s)))
                 for r in rules}
@@ -27,21 +41,94 @@ def write_report(s: Settings, run: dict, by_reason: dict[str, int]) -> Path:
         f"<tr><td>{html.escape(reason)}</td><td>{html.escape(protects.get(reason, ('structure', ''))[0])}</td>"
         f"<td class=n>{n}</td><td>{html.escape(protects.get(reason, ('', 'message could not be read as contract v1'))[1])}</td></tr>"
         for reason, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
-    counts = "".join(f"<tr><th>{k}</th><td class=n>{run.get(k) or 0}</td></tr>"
-                     for k in ("segments", "messages", "received", "loaded", "quarantined", "duplicates"))
+    counts = "".join(f"<tr><th>{k}</th><td class=n>{run.get(k) or 0}</td></tr>" for k in COUNTS)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Validation {html.escape(run['run_id'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
-padding:4px 8px;text-align:left}}.n{{text-align:right}}</style></head><body>
+<style>{_STYLE}</style></head><body>
 <h1>rpm_pipeline validation report</h1><p>Run <code>{html.escape(run['run_id'])}</code> — counts and rule names
 only; no reading values or identifiers.</p><h2>Accounting</h2><table>{counts}</table>
 <h2>Failed rules</h2><table><tr><th>rule</th><th>suite</th><th>items</th><th>protects</th></tr>{rows or
 '<tr><td colspan=4>no item failed validation</td></tr>'}</table><p><a href="index.html">all runs</a></p></body></html>"""
     d = reports_dir(s)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run['run_id'])}.html"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = report_path(s, run["run_id"])
     path.write_text(page)
-    links = "".join(f'<li><a href="{p.name}">{html.escape(p.stem)}</a></li>'
-                    for p in sorted(d.glob("*.html"), reverse=True) if p.name != "index.html")
-    (d / "index.html").write_text(f"<!doctype html><html><head><meta charset=utf-8><title>Validation reports"
-                                  f"</title></head><body><h1>Validation reports</h1><ul>{links}</ul></body></html>")
+    finished = run.get("finished_at")
+    entry = {"run_id": run["run_id"], "file": path.name, "state": run.get("state"),
+             "finished_at": finished.isoformat() if isinstance(finished, datetime) else finished,
+             **{k: run.get(k) or 0 for k in COUNTS}, "rules": dict(by_reason)}
+    with open(d / "index.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    _render_index(d)
     return path
+
+
+def prune_reports(s: Settings, cutoff: float) -> int:
+    """Delete reports last written before ``cutoff`` (epoch seconds) and their index lines; returns how many."""
+    d = reports_dir(s)
+    removed = 0
+    for path in d.glob("*.html"):
+        if path.name != "index.html" and path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True)
+            removed += 1
+    if (d / "index.jsonl").exists():
+        kept = [e for e in _entries(d) if (d / e["file"]).exists()]
+        tmp = d / ".index.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        os.replace(tmp, d / "index.jsonl")
+        _render_index(d)
+    return removed
+
+
+def _entries(d: Path) -> list[dict]:
+    """Index lines, the last one per run (a retried record_run writes its run again), in writing order."""
+    latest: dict[str, dict] = {}
+    try:
+        lines = (d / "index.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash mid-write
+        if isinstance(entry, dict) and isinstance(entry.get("run_id"), str) and isinstance(entry.get("file"), str):
+            latest.pop(entry["run_id"], None)
+            latest[entry["run_id"]] = entry
+    return list(latest.values())
+
+
+def _render_index(d: Path) -> None:
+    entries = sorted(_entries(d), key=lambda e: str(e.get("finished_at") or ""), reverse=True)
+    rows = "".join(
+        f'<tr><td>{html.escape(str(e.get("finished_at") or "-"))}</td>'
+        f'<td><a href="{html.escape(e["file"])}">{html.escape(e["run_id"])}</a></td>'
+        f'<td>{html.escape(str(e.get("state") or "-"))}</td>'
+        + "".join(f"<td class=n>{_int(e.get(k))}</td>" for k in ("received", "loaded", "quarantined", "duplicates"))
+        + f"<td class=n>{_rate(e)}</td></tr>"
+        for e in entries[:INDEX_SHOWN])
+    more = (f"<p>{len(entries) - INDEX_SHOWN} older run(s) not shown; their reports are in this folder.</p>"
+            if len(entries) > INDEX_SHOWN else "")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>Validation reports</title><style>{_STYLE}"
+            "</style></head><body><h1>Validation reports</h1><p>rpm_pipeline runs, newest first.</p><table><tr>"
+            "<th>finished (UTC)</th><th>run</th><th>state</th><th>received</th><th>loaded</th><th>quarantined</th>"
+            f"<th>duplicates</th><th>quarantine rate</th></tr>{rows or '<tr><td colspan=8>no runs yet</td></tr>'}"
+            f"</table>{more}</body></html>")
+    tmp = d / ".index.html.tmp"
+    tmp.write_text(page)
+    os.replace(tmp, d / "index.html")
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+
+
+def _rate(entry: dict) -> str:
+    received = _int(entry.get("received"))
+    return f"{_int(entry.get('quarantined')) / received:.1%}" if received else "-"
+
+
+_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+          "padding:4px 8px;text-align:left}.n{text-align:right}")

@@ -32,7 +32,8 @@ def airflow_env(s: Settings) -> dict[str, str]:
         "AIRFLOW_HOME": str(s.airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        # INFO: each task's one line of counts and seconds (pipeline.tasks.log_line) is its log's useful part.
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "GX_ANALYTICS_ENABLED": "false",
     }
 

@@ -7,19 +7,27 @@
   ingest is not connected, the newest landed data waits longer than three schedule intervals, or the last
   successful run is older than that, or an unreadable landing segment waits in landing/rejected/ (its
   messages reach nobody until the cause is fixed and it is replayed: ``rpm landing replay``);
+- quarantine: the last run's share of quarantined items, or the last hour's, above RPM_QUARANTINE_WARN is
+  degraded, above RPM_QUARANTINE_FAIL failing (a device sending garbage, a broken app release, a wrong unit);
+- Airflow, once `rpm up --airflow` started it (until `rpm down`): a scheduler, DAG processor or triggerer
+  without a recent heartbeat is degraded (no run is scheduled or parsed), naming which and since when;
+  rpm_daily's last run failed: failing (housekeeping and the telehealth reports stopped);
 - healthy otherwise.
 """
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from core.settings import Settings
-from rpmctl.services import INGEST, broker, ingest_status, procs
+from pipeline.validation_report import report_path
+from rpmctl.services import INGEST, airflow_stack, broker, ingest_status, procs
 from rpmctl.views.table import table
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
+from warehouse.ops import quarantine_gate, quarantine_since
 
 
 def ops_status(s: Settings) -> dict:
@@ -43,8 +51,20 @@ def ops_status(s: Settings) -> dict:
     pending = (acc or {}).get("pending", {"sealed_messages": 0, "open_messages": 0})
     budget_s = 3 * s.pipeline_schedule_minutes * 60
     now = datetime.now(UTC)
-    if runs and runs[0]["state"] == "failed":
+    if runs and runs[0]["state"] == "failed" and runs[0]["failed_task"] != "quality_gate":
         failing.append(f"last run {runs[0]['run_id']} failed in {runs[0]['failed_task']}: {runs[0]['error']}")
+    if runs:  # the quality gate's verdict is recomputed here: the thresholds may have changed since
+        _judge(quarantine_gate(s, runs[0]["quarantined"], runs[0]["received"], f"last run {runs[0]['run_id']}"),
+               reasons, failing, report_path(s, runs[0]["run_id"]))
+    q, n = quarantine_since(s, now - timedelta(hours=1)) if runs else (0, 0)
+    _judge(quarantine_gate(s, q, n, "the last hour's runs"), reasons, failing, None)
+    daily = _last_daily(s)
+    if daily and daily["state"] == "failed":
+        failing.append(f"rpm_daily run {daily['run_id'].removeprefix('rpm_daily:')} failed in "
+                       f"{daily['failed_task']}: {daily['error']} (landing purge, retention and telehealth "
+                       "reports wait for the next successful run)")
+    airflow = airflow_heartbeats(s, now)
+    reasons.extend(airflow["problems"])
     last_ok = next((r for r in runs if r["state"] == "success"), None)
     if pending["sealed_messages"] and last_ok is None:
         failing.append(f"{pending['sealed_messages']} landed message(s) waiting and no successful run yet")
@@ -65,16 +85,93 @@ def ops_status(s: Settings) -> dict:
         failing.append(f"audit log: {audit['problem']} (PHI reads are refused until it is resolved; "
                        "rpm audit verify)")
     verdict = "failing" if failing else "degraded" if reasons else "healthy"
+    ingest_running = ingest_pid is not None
     return {"verdict": verdict, "reasons": failing + reasons,
             "broker": {"running": broker_pid is not None, "pid": broker_pid},
-            "ingest": {"running": ingest_pid is not None, "pid": ingest_pid,
-                       **{k: ingest.get(k) for k in ("connected", "received", "landed", "acked", "marked",
-                                                     "write_errors", "segments_sealed")}},
+            # A dead service's last status file still says what it last saw: connected only while it runs.
+            "ingest": {"running": ingest_running, "pid": ingest_pid,
+                       **{k: ingest.get(k) for k in ("received", "landed", "acked", "marked", "write_errors",
+                                                     "segments_sealed")},
+                       "connected": bool(ingest_running and ingest.get("connected"))},
+            "airflow": {k: v for k, v in airflow.items() if k != "problems"},
+            "validation_report": str(report_path(s, runs[0]["run_id"])) if runs else None,
             "backlog": pending, "accounting_balanced": (acc or {}).get("balanced"), "rejected": rejected,
             "runs": [{k: r[k] for k in ("run_id", "state", "finished_at", "segments", "received", "loaded",
                                         "quarantined", "duplicates", "received_to_loaded_p95_s",
                                         "measured_to_loaded_p95_s", "task_seconds", "failed_task")}
                      | {"rejected_segments": r.get("rejected_segments")} for r in runs]}
+
+
+def _judge(gate, reasons: list[str], failing: list[str], report: Path | None) -> None:
+    if gate.level == "ok":
+        return
+    where = f" — validation report {report}" if report is not None and report.exists() else ""
+    (failing if gate.level == "fail" else reasons).append(gate.message + where)
+
+
+def _last_daily(s: Settings) -> dict | None:
+    from warehouse.ops import DAILY_DAG, last_runs
+
+    try:
+        daily = last_runs(s, 1, dag_id=DAILY_DAG)
+    except FileNotFoundError:
+        return None
+    return daily[0] if daily else None
+
+
+# Airflow's own liveness rule (scheduler_health_check_threshold is 30 s): a component whose heartbeat is older
+# than this is not scheduling, parsing or triggering anything.
+HEARTBEAT_STALE_S = 60.0
+_COMPONENTS = (("scheduler", "SchedulerJob", "latest_scheduler_heartbeat"),
+               ("dag_processor", "DagProcessorJob", "latest_dag_processor_heartbeat"),
+               ("triggerer", "TriggererJob", "latest_triggerer_heartbeat"))
+
+
+def airflow_heartbeats(s: Settings, now: datetime) -> dict:
+    """Each Airflow component's last heartbeat, when this state folder's Airflow is meant to run (`rpm up
+    --airflow` until `rpm down`): from the API server's health endpoint, or — the API server down too —
+    straight from the metadata database's job table. ``problems`` names every component not alive."""
+    expected = airflow_stack.wanted(s)
+    out: dict = {"expected": expected, "running": procs.read_pid(s, airflow_stack.NAME) is not None,
+                 "heartbeats": {}, "source": None, "problems": []}
+    if not expected:
+        return out
+    health = airflow_stack.health(s)
+    if health:
+        out["source"] = "api"
+        beats = {name: (health.get(name) or {}).get(key) for name, _, key in _COMPONENTS}
+    else:
+        out["source"] = "metadata"
+        beats = _job_heartbeats(s)
+        out["problems"].append("Airflow API server is not answering (UI and `rpm airflow` are down)")
+    for name, _, _ in _COMPONENTS:
+        beat = beats.get(name)
+        when = datetime.fromisoformat(beat) if isinstance(beat, str) else beat
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)  # the metadata database stores UTC
+        out["heartbeats"][name] = when.isoformat() if when else None
+        label = name.replace("_", " ")
+        if when is None:
+            out["problems"].append(f"Airflow {label} is not alive: no heartbeat recorded")
+        elif (age := (now - when).total_seconds()) > HEARTBEAT_STALE_S:
+            out["problems"].append(f"Airflow {label} is not alive: last heartbeat {when:%Y-%m-%d %H:%M:%S} UTC "
+                                   f"({age / 60:.0f} min ago)")
+    return out
+
+
+def _job_heartbeats(s: Settings) -> dict[str, str | None]:
+    """Latest heartbeat per component from the local SQLite metadata database (read-only), if there is one."""
+    import sqlite3
+
+    db = Path(s.airflow_home) / "airflow.db"
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2) as con:
+            found = dict(con.execute("SELECT job_type, max(latest_heartbeat) FROM job GROUP BY job_type").fetchall())
+    except sqlite3.Error:
+        return {}
+    return {name: found.get(job) for name, job, _ in _COMPONENTS}
 
 
 def render_ops(st: dict) -> str:
@@ -91,6 +188,13 @@ def render_ops(st: dict) -> str:
     if st["rejected"]["segments"]:
         lines.append(f"rejected: {st['rejected']['messages']} message(s) in {st['rejected']['segments']} unreadable "
                      "segment(s) in landing/rejected/ (`rpm landing rejected`)")
+    a = st["airflow"]
+    if a["expected"]:
+        beats = ", ".join(f"{name.replace('_', ' ')} {f'heartbeat {hb[:19]}' if hb else 'no heartbeat'}"
+                          for name, hb in a["heartbeats"].items())
+        lines.append(f"airflow: {'up' if a['running'] else 'DOWN'}; {beats}")
+    if st.get("validation_report"):
+        lines.append(f"last run's validation report: {st['validation_report']}")
     lines.append("last runs:")
     lines.append(table(["finished (UTC)", "state", "run", "loaded", "quarantined", "dup", "rejected",
                         "p95 received->loaded s", "failed task"],

@@ -54,6 +54,26 @@ def test_rpm_pipeline_runs_one_at_a_time_without_backfill_and_retries(dagbag) ->
         assert task.retries >= 1, f"{task.task_id} is not retried"
 
 
+def test_the_quality_gate_judges_after_everything_is_published(dagbag) -> None:
+    """A bad batch's good readings still reach clinicians: the gate runs last, after both publishes."""
+    dag = dagbag.dags["rpm_pipeline"]
+    gate = dag.get_task("quality_gate")
+    assert {"record_run", "publish_telehealth"} <= gate.upstream_task_ids
+    assert gate.downstream_task_ids == set()
+
+
+def test_both_dags_record_a_failed_task_for_ops(dagbag) -> None:
+    """rpm_daily fails as visibly as rpm_pipeline: every task of both has the failure callback that records the
+    failed run (`rpm ops status` reads it), and rpm_daily records its successful runs too."""
+    from pipeline import tasks
+
+    for dag_id in ("rpm_pipeline", "rpm_daily"):
+        for task in dagbag.dags[dag_id].tasks:
+            callbacks = task.on_failure_callback
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            assert tasks.on_failure in callbacks, f"{dag_id}.{task.task_id} has no failure callback"
+
+
 def _top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
     for node in ast.parse(path.read_text(), filename=str(path)).body:  # top-level statements only
         if isinstance(node, ast.Import):
@@ -90,6 +110,7 @@ def test_parsing_the_dags_loads_no_heavy_library_even_indirectly(tmp_path: Path)
 
 def test_rpm_daily_purges_before_rebuilding_reports_once_a_day(dagbag) -> None:
     dag = dagbag.dags["rpm_daily"]
-    assert [t.task_id for t in dag.topological_sort()] == ["purge_landing", "rebuild_reports"]
+    assert [t.task_id for t in dag.topological_sort()] == ["purge_landing", "prune_artifacts", "rebuild_reports",
+                                                           "record_run"]
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert all(t.retries >= 1 for t in dag.tasks)

@@ -1,0 +1,89 @@
+"""rpm_daily's housekeeping of what piles up beside landing: validation reports, Airflow task logs, service logs.
+
+With 1-minute runs a week leaves ~10,000 validation reports and ~100,000 task log files; the services' logs
+grow for as long as they run. Each day, everything last written more than ``artifact_retention_days`` ago is
+deleted, and a live service log over ``LOG_MAX_BYTES`` is rotated in place (copy, then truncate: the services
+write with O_APPEND, so their next line goes to the start of the emptied file; a line written between the copy
+and the truncation is lost — logrotate's ``copytruncate`` trade-off, for logs whose writers cannot reopen).
+
+Landing segments have their own rule (warehouse/retention.py: only once absorbed); serving snapshots keep the
+newest few on every publish (warehouse/serving.py). What is pruned here is deleted, not archived.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from core.settings import Settings
+from pipeline.validation_report import prune_reports
+
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_KEEP = 5  # rotated copies of a live log (name.log.1 .. name.log.5), besides the age limit
+
+
+def prune_artifacts(s: Settings, days: int | None = None, now: float | None = None) -> dict:
+    """Delete what is older than ``days`` (default ``artifact_retention_days``); returns counts per kind."""
+    days = s.artifact_retention_days if days is None else days
+    cutoff = (time.time() if now is None else now) - days * 86400
+    rotated, deleted_logs = _service_logs(s, cutoff)
+    return {"days": days, "validation_reports": prune_reports(s, cutoff),
+            "task_log_files": _prune_tree(Path(s.airflow_home) / "logs", cutoff),
+            "service_logs_rotated": rotated, "service_logs_deleted": deleted_logs}
+
+
+def _prune_tree(root: Path, cutoff: float) -> int:
+    """Files under ``root`` last modified before ``cutoff``, then the folders they leave empty (not ``root``)."""
+    removed = 0
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder, name)
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if Path(folder) != root:
+            try:
+                os.rmdir(folder)  # only if empty
+            except OSError:
+                pass
+    return removed
+
+
+def service_logs(s: Settings) -> list[Path]:
+    """The live logs of the local services: run_dir/*.log (ingest, service, Airflow's supervisor, the metrics
+    exporter, `rpm pipeline run`) and the broker's."""
+    return sorted(Path(s.run_dir).glob("*.log")) + [Path(s.broker_dir) / "mosquitto.log"]
+
+
+def _service_logs(s: Settings, cutoff: float) -> tuple[int, int]:
+    rotated = deleted = 0
+    for log in service_logs(s):
+        if _rotate(log):
+            rotated += 1
+        for old in log.parent.glob(f"{log.name}.*"):
+            if old.name.removeprefix(f"{log.name}.").isdigit() and old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+                deleted += 1
+    return rotated, deleted
+
+
+def _rotate(log: Path) -> bool:
+    try:
+        if log.stat().st_size <= LOG_MAX_BYTES:
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(LOG_KEEP - 1, 0, -1):
+        older = log.with_name(f"{log.name}.{n}")
+        if older.exists():
+            os.replace(older, log.with_name(f"{log.name}.{n + 1}"))
+    with open(log, "rb") as src, open(log.with_name(f"{log.name}.1"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+        os.fchmod(dst.fileno(), 0o600)
+    os.truncate(log, 0)
+    return True

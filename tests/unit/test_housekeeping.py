@@ -1,0 +1,111 @@
+"""What piles up beside landing stays bounded: a week of 1-minute runs — their validation reports, Airflow task
+logs and the services' logs — pruned by rpm_daily to the retention window; the validation index lists the runs
+newest first with their counts, and a pruned run leaves it."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from core.settings import Settings
+from pipeline import housekeeping, tasks
+from pipeline.validation_report import INDEX_SHOWN, report_path, reports_dir, write_report
+
+WEEK_OF_MINUTES = 7 * 24 * 60
+
+
+def run(run_id: str, finished: datetime, received: int = 10, quarantined: int = 1) -> dict:
+    return {"run_id": run_id, "state": "success", "finished_at": finished, "segments": 1, "messages": received,
+            "received": received, "loaded": received - quarantined, "quarantined": quarantined, "duplicates": 0}
+
+
+def age(path: Path, when: float) -> None:
+    os.utime(path, (when, when))
+
+
+def test_a_week_of_one_minute_runs_is_pruned_to_the_retention_window(settings: Settings) -> None:
+    s = settings.replace(artifact_retention_days=2)
+    now = time.time()
+    start = now - WEEK_OF_MINUTES * 60
+    reports = reports_dir(s)
+    reports.mkdir(parents=True)
+    logs = Path(s.airflow_home) / "logs"
+    index_lines = []
+    for minute in range(WEEK_OF_MINUTES):  # what a week of runs leaves, written directly (10k real reports: slow)
+        when = start + minute * 60
+        run_id = f"scheduled__{datetime.fromtimestamp(when, UTC).isoformat()}"
+        page = report_path(s, run_id)
+        page.write_text("<html>report</html>")
+        age(page, when)
+        index_lines.append(f'{{"run_id": "{run_id}", "file": "{page.name}", "received": 10, "quarantined": 1}}\n')
+        task_log = logs / "dag_id=rpm_pipeline" / f"run_id={run_id}" / "task_id=load" / "attempt=1.log"
+        task_log.parent.mkdir(parents=True)
+        task_log.write_text("rpm load: loaded=9 quarantined=1 seconds=0.2\n")
+        age(task_log, when)
+    (reports / "index.jsonl").write_text("".join(index_lines))
+    run_dir = Path(s.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for day in range(7):
+        rotated = run_dir / f"ingest.log.{day + 1}"
+        rotated.write_text("old\n")
+        age(rotated, now - (day + 1) * 86400 - 60)
+    live = run_dir / "ingest.log"
+    with open(live, "wb") as f:
+        f.write(b"x" * (housekeeping.LOG_MAX_BYTES + 1))
+
+    result = tasks.prune_artifacts(s)
+
+    kept_reports = [p for p in reports.glob("*.html") if p.name != "index.html"]
+    kept_logs = list(logs.rglob("*.log"))
+    window = 2 * 24 * 60
+    assert window - 2 <= len(kept_reports) <= window + 1
+    assert window - 2 <= len(kept_logs) <= window + 1
+    assert result["validation_reports"] + len(kept_reports) == WEEK_OF_MINUTES
+    assert result["task_log_files"] + len(kept_logs) == WEEK_OF_MINUTES
+    # Folders of pruned runs go too: the logs tree is as big as the window, not the week.
+    assert len(list((logs / "dag_id=rpm_pipeline").iterdir())) == len(kept_logs)
+    # The index names only what is kept.
+    assert len((reports / "index.jsonl").read_text().splitlines()) == len(kept_reports)
+    assert (reports / "index.html").read_text().count("<tr>") - 1 == min(len(kept_reports), INDEX_SHOWN)
+    # The live log was rotated (its writer keeps appending to the emptied file); old rotated ones deleted.
+    assert live.stat().st_size == 0 and (run_dir / "ingest.log.1").stat().st_size > housekeeping.LOG_MAX_BYTES
+    assert result["service_logs_rotated"] == 1
+    assert sorted(p.name for p in run_dir.glob("ingest.log.*")) == ["ingest.log.1", "ingest.log.2"]
+
+    # The next day's prune of a steady state finds only a day's worth to delete.
+    again = housekeeping.prune_artifacts(s, now=now + 86400)
+    assert abs(again["validation_reports"] - 24 * 60) <= 2
+
+
+def test_the_validation_index_lists_runs_newest_first_with_counts(settings: Settings) -> None:
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    write_report(settings, run("manual__b", t0 + timedelta(minutes=2), received=40, quarantined=40), {"x": 40})
+    write_report(settings, run("scheduled__a", t0 + timedelta(minutes=5), received=10, quarantined=0), {})
+    write_report(settings, run("manual__c", t0 + timedelta(minutes=1)), {})
+    write_report(settings, run("manual__b", t0 + timedelta(minutes=2), received=40, quarantined=40), {"x": 40})
+    index = (reports_dir(settings) / "index.html").read_text()
+    order = re.findall(r'<a href="[^"]+">([^<]+)</a>', index)
+    assert order == ["scheduled__a", "manual__b", "manual__c"]  # by finish time, not name; a retry listed once
+    row_b = index[index.index("manual__b"):].split("</tr>")[0]
+    assert "<td class=n>40</td><td class=n>0</td><td class=n>40</td>" in row_b and "100.0%" in row_b
+
+
+def test_a_garbage_index_line_does_not_break_the_index(settings: Settings) -> None:
+    write_report(settings, run("manual__a", datetime(2026, 12, 1, tzinfo=UTC)), {})
+    with open(reports_dir(settings) / "index.jsonl", "a") as f:
+        f.write('{"run_id": "cut short\n[1, 2]\n{"run_id": "<script>", "file": "x.html", "received": "lots"}\n')
+    write_report(settings, run("manual__b", datetime(2026, 12, 2, tzinfo=UTC)), {})
+    index = (reports_dir(settings) / "index.html").read_text()
+    assert "manual__a" in index and "manual__b" in index and "<script>" not in index
+    assert housekeeping.prune_artifacts(settings)["validation_reports"] == 0
+    assert "&lt;script&gt;" not in (reports_dir(settings) / "index.html").read_text()  # x.html does not exist
+
+
+def test_the_task_log_line_is_counts_and_rules_only(settings: Settings) -> None:
+    line = tasks.log_line("validate", {"checked": 12, "failed": 3, "failures_by_rule": {"value_plausible": 2,
+                                       "unit_accepted": 1}, "segments": ["seg-a", "seg-b"], "seconds": 0.5})
+    assert line == ("rpm validate: checked=12 failed=3 failures_by_rule={unit_accepted: 1, value_plausible: 2} "
+                    "segments=2 seconds=0.5")

@@ -1,0 +1,152 @@
+"""The ops verdict covers what an ops person must act on: a batch that was mostly quarantined, rpm_daily failing,
+Airflow's scheduler or DAG processor without a heartbeat — each named, with since when — and no stale
+"connected" for a dead ingest service. Run records are written by the same functions the DAGs call."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from pipeline import tasks
+from rpmctl.services import airflow_stack
+from rpmctl.views.ops import ops_status, render_ops
+from warehouse.db import clinical
+from warehouse.ops import RunCounts, record_failure, record_run
+from warehouse.serving import publish_snapshot
+
+
+def record(s: Settings, run_id: str, received: int, quarantined: int, *, finished_ago: timedelta | None = None) -> None:
+    """A run whose batch had ``received`` items, ``quarantined`` of them quarantined, recorded as record_run writes
+    it (``received`` is the ledger's sum: set here, there is no ledger in these tests) and published."""
+    with clinical(s) as con:
+        record_run(con, run_id, datetime.now(UTC), RunCounts(loaded=received - quarantined, quarantined=quarantined),
+                   {"load": 0.1})
+        con.execute("UPDATE pipeline_runs SET received = ? WHERE run_id = ?", [received, run_id])
+        if finished_ago is not None:
+            con.execute("UPDATE pipeline_runs SET finished_at = ? WHERE run_id = ?",
+                        [datetime.now(UTC) - finished_ago, run_id])
+        publish_snapshot(s, con)
+
+
+@pytest.fixture
+def s(settings: Settings) -> Settings:
+    return settings
+
+
+def test_a_clean_run_is_healthy_on_quarantine(s: Settings) -> None:
+    record(s, "run-clean", 1000, 10)  # 1 %
+    st = ops_status(s)
+    assert not any("quarantined" in r for r in st["reasons"]), st["reasons"]
+
+
+def test_a_run_above_the_warning_rate_is_degraded_and_named(s: Settings) -> None:
+    record(s, "run-warn", 1000, 80)  # 8 % > 5 %
+    st = ops_status(s)
+    [reason] = [r for r in st["reasons"] if "last run" in r and "quarantined" in r]
+    assert "run-warn" in reason and "80 of 1000" in reason and "8.0%" in reason and "RPM_QUARANTINE_WARN" in reason
+    assert st["verdict"] == "degraded"  # (the broker is not running here either: also degraded, never failing)
+
+
+def test_an_all_bad_batch_is_failing(s: Settings) -> None:
+    record(s, "run-all-bad", 40, 40)
+    st = ops_status(s)
+    assert st["verdict"] == "failing"
+    assert any("run-all-bad" in r and "100.0%" in r and "RPM_QUARANTINE_FAIL" in r for r in st["reasons"])
+
+
+def test_the_last_hour_counts_even_when_the_last_run_was_clean(s: Settings) -> None:
+    """A device flooding garbage between clean batches: each run looks fine or small, the hour does not."""
+    record(s, "run-bad", 100, 60, finished_ago=timedelta(minutes=20))
+    record(s, "run-ok", 1000, 0)
+    st = ops_status(s)
+    assert any("last hour" in r and "60 of 1100" in r and "RPM_QUARANTINE_WARN" in r for r in st["reasons"])
+    assert st["verdict"] == "degraded"  # 5.5 %: above warn, below fail
+
+
+def test_thresholds_are_settings(s: Settings) -> None:
+    record(s, "run-8pc", 1000, 80)
+    assert not any("quarantined" in r for r in ops_status(s.replace(quarantine_warn=0.1))["reasons"])
+    assert ops_status(s.replace(quarantine_warn=0.01, quarantine_fail=0.05))["verdict"] == "failing"
+
+
+def test_a_quality_gate_failure_keeps_the_runs_counts(s: Settings) -> None:
+    """The gate fails after record_run: the failure callback marks the run failed without erasing what it
+    loaded, and the verdict names the rate rather than a bare "failed in quality_gate"."""
+    record(s, "run-gated", 50, 50)
+    with clinical(s) as con:
+        record_failure(con, "run-gated", "quality_gate", "AirflowFailException: run run-gated quarantined ...")
+        row = con.execute("SELECT state, failed_task, received, quarantined FROM pipeline_runs "
+                          "WHERE run_id = 'run-gated'").fetchone()
+        publish_snapshot(s, con)
+    assert row == ("failed", "quality_gate", 50, 50)
+    st = ops_status(s)
+    assert st["verdict"] == "failing"
+    assert not any(r.startswith("last run run-gated failed in quality_gate") for r in st["reasons"])
+    assert any("50 of 50" in r for r in st["reasons"])
+
+
+def test_quality_gate_task_levels(s: Settings) -> None:
+    assert tasks.quality_gate({"run_id": "r", "received": 100, "quarantined": 5}, s)["level"] == "ok"  # = 5 %
+    assert tasks.quality_gate({"run_id": "r", "received": 100, "quarantined": 6}, s)["level"] == "warn"
+    assert tasks.quality_gate({"run_id": "r", "received": 100, "quarantined": 51}, s)["level"] == "fail"
+    assert tasks.quality_gate({"run_id": "r", "received": 0, "quarantined": 0}, s)["level"] == "ok"
+
+
+def test_a_failed_daily_run_is_failing_until_one_succeeds(s: Settings) -> None:
+    """rpm_daily's run ids collide with rpm_pipeline's (both scheduled at midnight): its records are its own."""
+    midnight = "scheduled__2026-12-07T00:00:00+00:00"
+    record(s, midnight, 10, 0)
+    with clinical(s) as con:
+        record_failure(con, midnight, "purge_landing", "OSError: disk full", dag_id="rpm_daily")
+        publish_snapshot(s, con)
+    st = ops_status(s)
+    assert st["verdict"] == "failing"
+    assert any(r.startswith(f"rpm_daily run {midnight} failed in purge_landing") for r in st["reasons"])
+    assert st["runs"][0]["run_id"] == midnight and st["runs"][0]["state"] == "success"  # the pipeline's own
+    tasks.record_daily(midnight, None, {"purge_landing": {"seconds": 0.1}}, s)
+    assert not any("rpm_daily" in r for r in ops_status(s)["reasons"])
+
+
+def test_a_dead_ingest_is_never_shown_connected(s: Settings) -> None:
+    Path(s.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(s.run_dir) / f"ingest-{s.ingest_client_id}.json").write_text(json.dumps(
+        {"connected": True, "subscribed": True, "pid": 999999, "landed": 5}))
+    st = ops_status(s)
+    assert st["ingest"]["running"] is False and st["ingest"]["connected"] is False
+    assert "connected" not in render_ops(st).split("ingest: ")[1].split(";")[0]
+
+
+def _job_table(s: Settings, beats: dict[str, datetime]) -> None:
+    home = Path(s.airflow_home)
+    home.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(home / "airflow.db") as con:
+        con.execute("CREATE TABLE job (id INTEGER PRIMARY KEY, job_type TEXT, state TEXT, latest_heartbeat TEXT)")
+        con.executemany("INSERT INTO job (job_type, state, latest_heartbeat) VALUES (?, 'running', ?)",
+                        [(job, when.strftime("%Y-%m-%d %H:%M:%S.%f")) for job, when in beats.items()])
+
+
+def test_airflow_not_wanted_is_not_judged(s: Settings) -> None:
+    st = ops_status(s)
+    assert st["airflow"]["expected"] is False
+    assert not any("Airflow" in r for r in st["reasons"])
+
+
+def test_a_wanted_airflow_with_a_dead_scheduler_is_degraded_naming_it_and_since_when(s: Settings) -> None:
+    """The API server is down too here (nothing listens): the heartbeats come from the metadata database."""
+    s = s.replace(airflow_port=1)  # nothing answers on port 1
+    now = datetime.now(UTC).replace(tzinfo=None)
+    stale = now - timedelta(minutes=7)
+    _job_table(s, {"SchedulerJob": stale, "DagProcessorJob": now, "TriggererJob": now})
+    Path(s.run_dir).mkdir(parents=True, exist_ok=True)
+    airflow_stack.wanted_file(s).touch()
+    st = ops_status(s)
+    [dead] = [r for r in st["reasons"] if "scheduler is not alive" in r]
+    assert f"{stale:%Y-%m-%d %H:%M}" in dead and "7 min ago" in dead
+    assert not any("dag processor is not alive" in r for r in st["reasons"])
+    assert any("API server is not answering" in r for r in st["reasons"])
+    assert "scheduler heartbeat" in render_ops(st)
