@@ -9,6 +9,7 @@ USAGE = 2        # bad input: an argument, an id, a file, a missing state folder
 UNBALANCED = 3   # `rpm accounting`: the identity does not hold
 DENIED = 4       # access refused (care-team scope, no session)
 TAMPERED = 5     # `rpm audit verify`: the log was altered (and PHI reads refused because of it)
+QUALITY = 6      # `rpm pipeline run`: the batch was loaded, but its quarantine rate is above RPM_QUARANTINE_FAIL
 PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for any tool whose reader went away (`rpm … | head`)
 
 

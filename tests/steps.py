@@ -63,6 +63,7 @@ def run_pipeline_in_process(s: Settings) -> dict:
     results["record_run"] = tasks.record_run(run_id, started_at, recorded, s)
     results["publish_snapshot"] = tasks.publish_snapshot(s)
     results["publish_telehealth"] = tasks.publish_telehealth(s)
+    results["quality_gate"] = tasks.quality_gate(results["record_run"], s)
     with serving(s) as con:  # what this run set aside, as run_once reports it
         rejected = [{"segment": r[0], "reason": r[1]} for r in con.execute(
             "SELECT segment, reason FROM rejected_segments WHERE run_id = ? ORDER BY segment", [run_id]

@@ -70,13 +70,9 @@ def run_once(s: Settings) -> dict:
     warnings.filterwarnings("ignore", message=".*httpx.*starlette.*")
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(dags_folder()))
-    if bag.import_errors:
-        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    dag = bag.get_dag("rpm_pipeline")
-    # dag.test() prints every task's log (a failed task's traceback included) on stdout and stderr, which
-    # belong to the command (`--json`, one-line errors): the run's log goes to run/pipeline-run.log instead,
-    # at the file-descriptor level (Airflow's handlers hold the descriptors).
+    # Parsing the DAGs and dag.test() log (at INFO: a failed task's traceback included) on stdout and stderr,
+    # which belong to the command (`--json`, one-line errors): the run's log goes to run/pipeline-run.log
+    # instead, at the file-descriptor level (Airflow's handlers hold the descriptors).
     log = procs.private_run_dir(s) / "pipeline-run.log"
     procs.rotate_log(log)
     sys.stdout.flush()
@@ -87,7 +83,10 @@ def run_once(s: Settings) -> dict:
     os.dup2(fd, 2)
     os.close(fd)
     try:
-        run = dag.test()
+        bag = DagBag(dag_folder=str(dags_folder()))
+        if bag.import_errors:
+            raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+        run = bag.get_dag("rpm_pipeline").test()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -96,14 +95,22 @@ def run_once(s: Settings) -> dict:
         os.close(saved[0])
         os.close(saved[1])
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
-    if str(run.state) != "success":
-        failed = [t for t, st in states.items() if st == "failed"]
+    failed = [t for t, st in states.items() if st == "failed"]
+    # A failed quality gate is a verdict on the batch, not a broken run: everything was loaded and published.
+    if str(run.state) != "success" and failed != ["quality_gate"]:
         raise RuntimeError(f"rpm_pipeline run {run.run_id} ended {run.state} (failed: {', '.join(failed) or '-'}; "
                            f"tasks {states}); its log: {log}")
+    from pipeline.validation_report import report_path
+    from warehouse.ops import quarantine_gate
     from warehouse.serving import serving
 
     with serving(s) as con:  # what this run set aside: named in its result, not only in the task log
         rejected = [{"segment": r[0], "reason": r[1]} for r in con.execute(
             "SELECT segment, reason FROM rejected_segments WHERE run_id = ? ORDER BY segment", [run.run_id]
         ).fetchall()]
-    return {"run_id": run.run_id, "state": str(run.state), "tasks": states, "rejected": rejected}
+        counts = con.execute("SELECT quarantined, received FROM pipeline_runs WHERE run_id = ?",
+                             [run.run_id]).fetchone() or (0, 0)
+    gate = quarantine_gate(s, counts[0], counts[1], f"run {run.run_id}")
+    return {"run_id": run.run_id, "state": str(run.state), "tasks": states, "rejected": rejected,
+            "quality_gate": {"level": gate.level, "rate": gate.rate, "message": gate.message,
+                             "validation_report": str(report_path(s, run.run_id))}}

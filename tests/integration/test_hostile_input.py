@@ -352,8 +352,14 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_service_keeps_running(
     assert acked == len(corpus)
     wait_until(lambda: landed(s) >= acked, 30, what="ingest to land the corpus")
 
-    run = rpm_json(s, "pipeline", "run")
-    assert run["state"] == "success", run
+    # Every item of the corpus is quarantined: the run loads and publishes what it must (the quarantine, the
+    # ledger), then its quality gate fails it — red in Airflow's grid, exit 6 for a script, the rate named.
+    done = rpm(s, "pipeline", "run", "--json", check=False)
+    assert done.returncode == 6, (done.stdout, done.stderr)
+    run = json.loads(done.stdout)
+    assert run["state"] == "failed" and run["quality_gate"]["level"] == "fail", run
+    assert {t for t, st in run["tasks"].items() if st != "success"} == {"quality_gate"}, run["tasks"]
+    assert "100.0%" in run["quality_gate"]["message"] and "RPM_QUARANTINE_FAIL" in run["quality_gate"]["message"]
 
     # Ingest: same process, every acked message landed once, the oversized one never; door marks as expected.
     assert procs.read_pid(s, services.INGEST) == ingest_pid
