@@ -15,10 +15,14 @@ export RPM_HOME ?= $(CURDIR)/var
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-system: ## apt-get Mosquitto (broker + clients), python3-venv, chromium + chromium-driver (browser tests) when missing; as root, create the service account (RPM_RUN_AS)
+system: ## apt-get Mosquitto (broker + clients), prometheus (promtool), python3-venv, chromium + chromium-driver (browser tests) when missing; as root, create the service account (RPM_RUN_AS)
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "installing mosquitto with apt-get"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	fi
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		echo "installing prometheus (its promtool checks deploy/prometheus/) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	fi
 	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		echo "installing python3-venv with apt-get"; \

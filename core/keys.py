@@ -113,6 +113,25 @@ def warehouse_key_file_next(s: Settings) -> Path:
     return s.warehouse_key_file.with_name("warehouse.key.next")
 
 
+def telehealth_key_file(s: Settings) -> Path:
+    """The telehealth store's own key: holding the clinical key does not open it, nor the reverse."""
+    return Path(s.secrets_dir) / "telehealth.key"
+
+
+def telehealth_key_file_next(s: Settings) -> Path:
+    """Where `rpm keys rotate` stages the telehealth store's new key until the store is rebuilt under it."""
+    return telehealth_key_file(s).with_name("telehealth.key.next")
+
+
+def telehealth_key(s: Settings) -> str:
+    """The telehealth store's encryption key (hex), created on first use like the warehouse key."""
+    path = telehealth_key_file(s)
+    if not path.exists():
+        Path(s.secrets_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, secrets.token_hex(32).encode())
+    return read_secret(path)
+
+
 def service_password(s: Settings, name: str) -> str:
     """Password of an internal broker login (e.g. the ingest service), created on first use."""
     path = Path(s.secrets_dir) / f"{name}.password"

@@ -77,13 +77,14 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(256 * 1024, description="Largest payload accepted. A bigger one is quarantined as payload_too_large; "
                                   "the broker refuses packets over this plus 1 KiB (topic, headers) outright "
                                   "with MQTT 5 'packet too large', before they reach the landing disk.")
-    ingest_metrics_port: int = Field(9464, description="Prometheus metrics port of the ingest service, on 127.0.0.1; 0 disables.")
+    ingest_metrics_port: int = Field(9464, description=
+        "Prometheus port of the ingest service (/metrics, /healthz) on metrics_bind; 0 disables.")
 
-    # --- metrics exporter (`rpm metrics`) ------------------------------------------------------------
+    # --- metrics (Prometheus) -----------------------------------------------------------------------
     metrics_bind: str = Field("127.0.0.1", description=
-        "Address of `rpm metrics` (pipeline runs, backlog, freshness, audit log and Airflow's metrics for "
-        "Prometheus) and of its StatsD listener: loopback by default; 0.0.0.0 in a container that Prometheus "
-        "and Airflow reach over a network.")
+        "Address of the Prometheus endpoints — the ingest service's and `rpm metrics`' (pipeline runs, backlog, "
+        "freshness, audit log, Airflow's metrics) — and of the StatsD listener: loopback by default; 0.0.0.0 "
+        "in containers that Prometheus and Airflow reach over a network.")
     metrics_port: int = Field(9466, ge=0, le=65535, description=
         "HTTP port of `rpm metrics` (/metrics), which `rpm up` starts; 0 disables it.")
     metrics_statsd_port: int = Field(9125, ge=0, le=65535, description=

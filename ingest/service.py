@@ -283,11 +283,13 @@ class IngestService:
         if self.s.ingest_metrics_port <= 0:
             return None
         try:
-            server = MetricsServer(self.s.ingest_metrics_port, snapshot=Snapshot(started_at=self.stats.started_at))
+            server = MetricsServer(self.s.ingest_metrics_port, host=self.s.metrics_bind,
+                                   snapshot=Snapshot(started_at=self.stats.started_at))
         except OSError as exc:  # metrics are advisory, like the status file: never let them stop ingestion
-            log.error("metrics disabled: cannot listen on 127.0.0.1:%d (%s)", self.s.ingest_metrics_port, exc)
+            log.error("metrics disabled: cannot listen on %s:%d (%s)", self.s.metrics_bind,
+                      self.s.ingest_metrics_port, exc)
             return None
-        log.info("metrics on http://127.0.0.1:%d/metrics", server.port)
+        log.info("metrics on http://%s:%d/metrics", self.s.metrics_bind, server.port)
         return server.start()
 
     def _serve(self) -> IngestStats:

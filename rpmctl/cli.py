@@ -8,14 +8,14 @@ import math
 import os
 import sys
 import traceback
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from core import keys
 from core.ids import InvalidId, check_id
 from core.settings import Settings
-from rpmctl.errors import INTERNAL, PIPE_CLOSED, TAMPERED, USAGE, UserError, one_line, printable
+from rpmctl.errors import INTERNAL, PIPE_CLOSED, QUALITY, TAMPERED, USAGE, UserError, one_line, printable
 from rpmctl.views.table import table
 
 
@@ -99,6 +99,24 @@ def _month(text: str) -> str:
     return text
 
 
+_DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+def _duration(text: str) -> timedelta:
+    """How far back: a whole number and a unit, m(inutes), h(ours) or d(ays): 30m, 24h, 7d."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _DURATION_UNITS or not (number.isascii() and number.isdigit()) or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use a whole number and m, h or d "
+                                         "(30m, 24h, 7d)")
+    try:
+        delta = timedelta(**{_DURATION_UNITS[unit]: int(number)})
+    except OverflowError:
+        delta = timedelta.max
+    if delta >= datetime.now(UTC) - datetime.min.replace(tzinfo=UTC):
+        raise argparse.ArgumentTypeError(f"{text!r} reaches further back than dates go")
+    return delta
+
+
 def cmd_init(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.services import init
 
@@ -110,7 +128,7 @@ def cmd_init(s: Settings, a: argparse.Namespace) -> int:
 def cmd_up(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.services import up
 
-    info = up(s)
+    info = up(s, watchdog=True)
     if a.airflow:
         from rpmctl.services import airflow_stack
 
@@ -122,6 +140,10 @@ def cmd_up(s: Settings, a: argparse.Namespace) -> int:
           f"ingest up (pid {info['ingest_pid']}); logs in {info['logs']}")
     print(f"clinician service up (pid {info['service_pid']}): {info['service_url']}/  "
           f"(certificate signed by {s.ca_cert}: import it into the browser, or pass it as the CA)")
+    if info["metrics_pid"]:
+        print(f"metrics up (pid {info['metrics_pid']}): {info['metrics_url']}  (Prometheus; ingest's on port "
+              f"{s.ingest_metrics_port}; deploy/prometheus/)")
+    print(f"watchdog up (pid {info['watchdog_pid']}): restarts a component that crashes (rpm status)")
     from service.accounts import Accounts
 
     users = Accounts(s).list()
@@ -146,13 +168,17 @@ def cmd_down(s: Settings, a: argparse.Namespace) -> int:
 
     if not _has_state(s):  # safe anywhere (`make clean` runs it), but says where it looked
         if a.json:
-            _print_json({"airflow_stopped": False, "service_stopped": False, "ingest_stopped": False,
-                         "broker_stopped": False})
+            _print_json({"watchdog_stopped": False, "airflow_stopped": False, "service_stopped": False,
+                         "ingest_stopped": False, "broker_stopped": False})
         else:
             print(f"nothing to stop: RPM_HOME={s.home} holds no rpm state")
         return 0
-    airflow_stopped = airflow_stack.stop(s)  # first: its tasks may be writing the warehouse
+    from rpmctl.services import supervisor
+
+    watchdog_stopped = supervisor.stop(s)  # before anything it would bring back
+    airflow_stopped = airflow_stack.stop(s)  # then Airflow: its tasks may be writing the warehouse
     info = {"airflow_stopped": airflow_stopped, **down(s)}
+    info["watchdog_stopped"] = watchdog_stopped  # down() found it stopped already
     _print_json(info) if a.json else print(
         ", ".join(f"{k.removesuffix('_stopped')}: {'stopped' if v else 'was not running'}"
                   for k, v in info.items()))
@@ -161,8 +187,10 @@ def cmd_down(s: Settings, a: argparse.Namespace) -> int:
 
 def cmd_status(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.services import airflow_stack, status
+    from rpmctl.views.status import render_status
 
-    _print_json({**status(s), "airflow": airflow_stack.status(s)})
+    st = {**status(s), "airflow": airflow_stack.status(s)}
+    _print_json(st) if a.json else print(render_status(st))
     return 0
 
 
@@ -170,6 +198,15 @@ def cmd_ingest(s: Settings, a: argparse.Namespace) -> int:
     from ingest.service import main
 
     return main(s)
+
+
+def cmd_metrics(s: Settings, a: argparse.Namespace) -> int:
+    from pipeline.metrics import MetricsError, serve
+
+    try:
+        return serve(s)
+    except MetricsError as exc:
+        raise UserError(str(exc)) from None
 
 
 def cmd_devices_add(s: Settings, a: argparse.Namespace) -> int:
@@ -229,16 +266,21 @@ def cmd_pipeline_run(s: Settings, a: argparse.Namespace) -> int:
         result = run_once(s)
     except RuntimeError as exc:
         raise UserError(str(exc), INTERNAL) from None
+    gate = result["quality_gate"]
+    code = QUALITY if gate["level"] == "fail" else 0
     if a.json:
         _print_json(result)
-        return 0
+        return code
     print(f"rpm_pipeline {result['run_id']}: {result['state']} "
           f"({', '.join(f'{k} {v}' for k, v in result['tasks'].items())})")
     if result["rejected"]:
         print(f"warning: set aside {len(result['rejected'])} unreadable landing segment(s) in landing/rejected/: "
               + ", ".join(f"{r['segment']}.seg ({r['reason']})" for r in result["rejected"])
               + "; fix the cause, then `rpm landing replay NAME` (README: Rejected segments)")
-    return 0
+    if gate["level"] != "ok":
+        print(f"{'error' if code else 'warning'}: quality gate: {gate['message']}; loaded and published all the "
+              f"same; which rules: {gate['validation_report']}", file=sys.stderr if code else sys.stdout)
+    return code
 
 
 def cmd_accounting(s: Settings, a: argparse.Namespace) -> int:
@@ -603,7 +645,8 @@ def cmd_keys_rotate(s: Settings, a: argparse.Namespace) -> int:
     _print_json(result) if a.json else print(
         f"landing: {result['landing']['segments_reencrypted']} segments re-encrypted under "
         f"{result['landing']['active']}; warehouse: re-encrypted ({result['warehouse']['tables']} tables, "
-        f"{result['warehouse']['rows']} rows, all verified); audit: {result['audit']['records']} records; "
+        f"{result['warehouse']['rows']} rows, all verified); telehealth store: rebuilt under a new key "
+        f"({result['telehealth']['rows']} rows); audit: {result['audit']['records']} records; "
         f"retired keys: {', '.join(result['retired']) or 'none'}")
     return 0
 
@@ -612,10 +655,20 @@ def cmd_reports(s: Settings, a: argparse.Namespace) -> int:
     from rpmctl.views import reports as report_views
     from warehouse import reports
 
-    rows = reports.report(s, a.report, publish=a.publish)
+    pipeline_only = [flag for flag, given in (("--since", a.since), ("--failed", a.failed)) if given]
+    if pipeline_only and a.report != reports.PIPELINE:
+        raise UserError(f"{' and '.join(pipeline_only)} apply to the pipeline report only")
+    if a.report == reports.PIPELINE and not a.publish:
+        rows = reports.pipeline_runs(s, since=a.since, failed_only=a.failed)
+    else:
+        rows = reports.report(s, a.report, publish=a.publish)
     if a.csv:
         reports.write_csv(rows, a.csv)
-    _print_json(rows) if a.json else print(report_views.render(a.report, rows))
+    if a.json:
+        _print_json(rows)
+    else:
+        print(f"# {reports.route(a.report, a.publish)}")
+        print(report_views.render(a.report, rows, wide=a.wide))
     return 0
 
 
@@ -731,8 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     up_p.add_argument("--airflow", action="store_true",
                       help="also run Airflow (scheduler + UI on 127.0.0.1) with rpm_pipeline scheduled")
     add("down", cmd_down, "stop the ingest service (flushing and sealing) and the broker")
-    add("status", cmd_status, "pids and ingest counters", json_flag=False)
+    add("status", cmd_status, "each component's pid and restarts (the watchdog's and Airflow's), ingest counters")
     add("ingest", cmd_ingest, "run the ingest service in the foreground (what `rpm up` starts)", json_flag=False)
+    add("metrics", cmd_metrics, "run the Prometheus exporter of pipeline runs, backlog, audit log and Airflow's "
+        "StatsD metrics in the foreground (what `rpm up` starts)", json_flag=False)
 
     devices = sub.add_parser("devices", help="device provisioning").add_subparsers(dest="devices_cmd",
                                                                                    required=True)
@@ -864,12 +919,18 @@ def build_parser() -> argparse.ArgumentParser:
     u_rp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     u_rp.add_argument("--new-totp", action="store_true", help="also issue a new authenticator secret")
 
-    rep = add("reports", cmd_reports, "telehealth reports from the de-identified store (no PHI)")
+    rep = add("reports", cmd_reports, "telehealth reports from a HIPAA limited data set for the practice's own "
+              "use (pseudonymous, dates to the day or week); --publish: de-identified aggregates")
     rep.add_argument("report", choices=["education", "appointments", "connectivity", "firmware", "adherence",
                                         "pipeline"])
     rep.add_argument("--publish", action="store_true",
-                     help="for use outside the practice: counts below 11 suppressed, no pseudonymous keys")
+                     help="for use outside the practice: aggregates only (connectivity by device kind), counts "
+                          "below 11 suppressed with the cells that would give them back, no pseudonymous keys")
     rep.add_argument("--csv", help="also write the report to this CSV file")
+    rep.add_argument("--wide", action="store_true", help="pipeline: every column (default: what fits 80 columns)")
+    rep.add_argument("--since", type=_duration, help="pipeline: runs finished within this long, e.g. 30m, 24h, 7d "
+                     "(default: the last 20 runs)")
+    rep.add_argument("--failed", action="store_true", help="pipeline: failed runs only")
 
     ops = sub.add_parser("ops", help="pipeline health").add_subparsers(dest="ops_cmd", required=True)
     add("status", cmd_ops_status, "last runs, ingest state, backlog: healthy / degraded / failing (exit 0/1/2)",

@@ -17,7 +17,7 @@ import pytest
 
 from core.settings import Settings
 from rpmctl import services
-from rpmctl.services import broker, procs
+from rpmctl.services import broker, procs, supervisor
 from rpmctl.services.airflow_run import airflow_env
 
 RPM = str(Path(sys.executable).with_name("rpm"))
@@ -52,10 +52,13 @@ def fresh_settings() -> Iterator[Settings]:
     s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
                  broker_ingest_port=free_port(), broker_tls_bind="127.0.0.1", segment_max_age_s=1.0,
                  ingest_flush_interval_ms=10, ingest_metrics_port=free_port(), service_port=free_port(),
+                 metrics_port=free_port(), metrics_statsd_port=free_port(),
                  run_as="root")
     try:
         yield s
     finally:
+        supervisor.stop(s)  # first, or it would restart what is stopped below (a test that ran `rpm up`)
+        procs.stop(s, services.METRICS, timeout=10)
         procs.stop(s, services.SERVICE, timeout=10)
         procs.stop(s, services.INGEST, timeout=10)
         broker.stop(s)

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 
-from warehouse.exports import write_export
+from warehouse.exports import spreadsheet_safe, write_export
 
 CSV_FIELDS = [
     "patient_id", "month", "period_no", "period_start", "period_end", "days_with_data", "device_code",
@@ -147,5 +147,5 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _csv_value(key, row.get(key)) for key in CSV_FIELDS})
+        writer.writerow({key: spreadsheet_safe(_csv_value(key, row.get(key))) for key in CSV_FIELDS})
     return write_export(path, out.getvalue().encode())

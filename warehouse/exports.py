@@ -4,7 +4,8 @@ Always a new file, readable by its owner only, owned by whoever ran the command 
 a symlink someone planted at the path is replaced, not followed, and an existing file of another account is
 replaced, not written into (it would keep its owner, who could then read what we wrote). Where the folder's
 sticky bit forbids replacing another account's file (/tmp), the export is refused instead, as is a path that
-leads to anything but a regular file (a folder, /dev/null, a pipe): those are never replaced.
+leads to anything but a regular file (a folder, /dev/null, a pipe): those are never replaced. Every text cell
+of a CSV export goes through ``spreadsheet_safe`` first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+
+# A spreadsheet runs a cell that starts like a formula (OWASP "CSV injection"): =, +, -, @, and a leading tab or
+# carriage return that some importers strip before looking.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell a spreadsheet shows instead of running: text that starts like a formula gets a leading
+    apostrophe (numbers are written as numbers: -71.0 is a value, not a formula)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def write_export(path: Path | str, data: bytes) -> Path:

@@ -1,47 +1,65 @@
-"""Telehealth reports from the pseudonymised store: education, appointments, devices, adherence, pipeline.
+"""Telehealth reports: education, appointments, devices, adherence from the telehealth store; pipeline runs.
 
-The questions are answered by the ``mart_…`` views in ``telehealth_sql/``; this module picks a view, orders
-it, and — for anything that leaves the practice (``publish=True``) — applies small-cell suppression and drops
-every pseudonymous key. Without ``publish`` the practice sees its own raw counts.
+The questions are answered by the ``mart_…`` views in ``telehealth_sql/``; this module picks a view and orders
+it. Without ``publish`` the practice sees its own figures from a limited data set (warehouse/telehealth.py). For
+anything that leaves the practice (``publish=True``) a report is an aggregate table: no pseudonymous key, no row
+about one device or person (connectivity is published by device kind instead), every count below 11 suppressed
+and, where a total or a sum would give a suppressed cell back, the next-smallest cell suppressed with it
+(complementary suppression).
+
+The pipeline report is the ops view of the pipeline's runs, from the run records of the serving snapshot (run
+ids and instants are needed to find a run in Airflow, and the telehealth store holds no instant): it holds no
+patient data and is never published.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
 from warehouse.db import rows as fetch_rows
-from warehouse.exports import write_export
-from warehouse.telehealth import open_telehealth
+from warehouse.exports import spreadsheet_safe, write_export
+from warehouse.telehealth import HIPAA_ROUTE, open_telehealth
 
 # CMS cell-size suppression policy: no cell counting fewer than 11 people (or events about them) is published,
 # nor any figure from which such a cell could be computed.
 SUPPRESS_BELOW = 11
 SUPPRESSED = "<11"
 
+PUBLISHED_ROUTE = ("published aggregate: no 45 CFR 164.514(b)(2) identifier, no row per person or device, cells "
+                   "< 11 hidden + complements")
+OPS_ROUTE = "operations records of the pipeline's runs: no patient data"
+
 
 @dataclass(frozen=True)
 class Spec:
-    """One report: its view, its order, and which columns suppression applies to."""
+    """One report: its view, its order, and how suppression applies to it."""
 
     view: str
     order_by: str
     counts: tuple[str, ...] = ()  # people, devices or appointments: shown as "<11" when small
     rates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rate -> the counts it is computed from
-    stats: dict[str, str] = field(default_factory=dict)  # minutes/hours statistic -> the people it summarises
-    limit: int | None = None
+    stats: Mapping[str, str] = field(default_factory=dict)  # minutes/hours statistic -> the people it summarises
+    sums: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # count -> the counts of its row it sums
+    total: tuple[str, str] | None = None  # (column, label) of the rows that sum the other rows of their group
+    group_by: tuple[str, ...] = ()  # the columns that delimit such a group
+    published: Spec | None = None  # what is published instead (the report itself has a row per device)
 
 
 _APPOINTMENT_COUNTS = ("appointments", "scheduled", "attended", "no_show", "cancelled")
 _APPOINTMENT_RATES = {"completion_rate": ("attended", "no_show"), "no_show_rate": ("attended", "no_show")}
+_APPOINTMENT_SUMS = {"appointments": ("scheduled", "attended", "no_show", "cancelled")}
 _MODALITY_ORDER = ("CASE modality WHEN 'video' THEN 0 WHEN 'phone' THEN 1 WHEN 'in_person' THEN 2 "
                    "WHEN 'all' THEN 9 ELSE 5 END, modality")
+_LAST_SEEN_ORDER = ("CASE last_seen WHEN 'today' THEN 0 WHEN '1-2 days' THEN 1 WHEN '3-7 days' THEN 2 "
+                    "WHEN '8-30 days' THEN 3 WHEN 'over 30 days' THEN 4 WHEN 'never' THEN 5 ELSE 9 END")
 
 REPORTS: dict[str, Spec] = {
     "education": Spec(
@@ -50,46 +68,137 @@ REPORTS: dict[str, Spec] = {
         rates={"completion_rate": ("people_completed", "people_engaged")},
         stats={"total_minutes": "people_engaged", "median_minutes_per_person": "people_engaged"}),
     "appointments": Spec("mart_appointments_by_modality", _MODALITY_ORDER, counts=_APPOINTMENT_COUNTS,
-                         rates=_APPOINTMENT_RATES),
+                         rates=_APPOINTMENT_RATES, sums=_APPOINTMENT_SUMS, total=("modality", "all")),
     "appointments_weekly": Spec("mart_appointments_weekly", f"week, {_MODALITY_ORDER}",
-                                counts=_APPOINTMENT_COUNTS, rates=_APPOINTMENT_RATES),
-    # One row per device; its gap counts are events of that device, not counts of people.
-    "connectivity": Spec("mart_device_connectivity",
-                         "last_seen_at NULLS FIRST, device_kind, device_key"),
-    "firmware": Spec("mart_firmware_spread", "device_kind, devices DESC, firmware NULLS LAST",
-                     counts=("devices",)),
+                                counts=_APPOINTMENT_COUNTS, rates=_APPOINTMENT_RATES, sums=_APPOINTMENT_SUMS,
+                                total=("modality", "all"), group_by=("week",)),
+    # One row per device for the practice; published, devices counted by kind and days since last seen.
+    "connectivity": Spec(
+        "mart_device_connectivity", "last_seen_on NULLS FIRST, device_kind, device_key",
+        published=Spec("mart_connectivity_by_kind", f"device_kind, {_LAST_SEEN_ORDER}",
+                       counts=("devices", "devices_low_battery", "devices_silent_now"),
+                       total=("last_seen", "all"), group_by=("device_kind",))),
+    "firmware": Spec("mart_firmware_spread",
+                     "device_kind, firmware IS NOT DISTINCT FROM 'all', devices DESC, firmware NULLS LAST",
+                     counts=("devices",), total=("firmware", "all"), group_by=("device_kind",)),
     "adherence": Spec(
         "mart_adherence", "window_end",
         counts=("enrolled_people", "adherent_people", "people_with_first_reading"),
         rates={"adherence_share": ("adherent_people", "enrolled_people")},
         stats={"median_hours_to_first_reading": "people_with_first_reading",
                "p90_hours_to_first_reading": "people_with_first_reading"}),
-    "pipeline": Spec("mart_pipeline_health", "recency", limit=20),
 }
+PIPELINE = "pipeline"
+PIPELINE_LIMIT = 20  # runs shown without --since
+
+# Every run record but the failure's text (exception messages can quote the ids of the rows they failed on).
+PIPELINE_RUNS = """
+SELECT row_number() OVER (ORDER BY finished_at DESC, run_id DESC) AS recency,
+       run_id, state, started_at, finished_at,
+       date_diff('millisecond', started_at, finished_at) / 1000.0 AS duration_s,
+       * EXCLUDE (run_id, state, started_at, finished_at, error)
+FROM pipeline_runs
+WHERE finished_at >= ? AND (state = 'failed' OR NOT ?)
+ORDER BY recency
+LIMIT ?"""
+_JSON_COLUMNS = ("quarantined_by_rule", "task_seconds")  # stored as JSON text: returned as objects
+
+
+def route(name: str, publish: bool = False) -> str:
+    """The one line that says what a report's rows are, in HIPAA's terms."""
+    if name == PIPELINE:
+        return OPS_ROUTE
+    return PUBLISHED_ROUTE if publish else HIPAA_ROUTE
 
 
 def report(s: Settings, name: str, publish: bool = False) -> list[dict]:
-    """Rows of report ``name`` from the telehealth store.
+    """Rows of report ``name``.
 
-    publish: for release outside the practice — counts below ``SUPPRESS_BELOW`` become ``"<11"``, rates and
-    statistics computed from them become None, and no ``*_key`` column is returned.
+    publish: for release outside the practice — an aggregate form where the report has a row per device, counts
+    below ``SUPPRESS_BELOW`` and their complements shown as ``"<11"``, rates and statistics computed from them
+    None, and no ``*_key`` column.
     """
+    if name == PIPELINE:
+        if publish:
+            raise ValueError("the pipeline report is the practice's operations log, not for publication: "
+                             "run it without --publish")
+        return pipeline_runs(s)
     spec = REPORTS.get(name)
     if spec is None:
-        raise ValueError(f"unknown report {name!r}; one of: {', '.join(REPORTS)}")
+        raise ValueError(f"unknown report {name!r}; one of: {', '.join([*REPORTS, PIPELINE])}")
+    if publish and spec.published:
+        spec = spec.published
     con = open_telehealth(s)
     try:
-        con.execute("SET TimeZone = 'UTC'")  # instants come back in UTC; 30-day windows are 720 h
-        limit = f" LIMIT {int(spec.limit)}" if spec.limit else ""
-        rows = fetch_rows(con.execute(f"SELECT * FROM {spec.view} ORDER BY {spec.order_by}{limit}"))
+        rows = fetch_rows(con.execute(f"SELECT * FROM {spec.view} ORDER BY {spec.order_by}"))
     finally:
         con.close()
-    return [suppress(spec, row) for row in rows] if publish else rows
+    return suppress(spec, rows) if publish else rows
 
 
-def suppress(spec: Spec, row: dict[str, Any]) -> dict[str, Any]:
-    """The published form of one row: small cells hidden, figures derived from them withheld, keys dropped."""
-    hidden = {c for c in spec.counts if row.get(c) is not None and row[c] < SUPPRESS_BELOW}
+def pipeline_runs(s: Settings, since: timedelta | None = None, failed_only: bool = False) -> list[dict]:
+    """The pipeline's run records, newest first: the last PIPELINE_LIMIT, or every one finished within
+    ``since``; ``failed_only``: failed runs only. Instants in UTC; JSON columns as objects."""
+    from warehouse.serving import serving
+
+    start = datetime.now(UTC) - since if since is not None else datetime.min.replace(tzinfo=UTC)
+    limit = PIPELINE_LIMIT if since is None else None
+    with serving(s) as con:
+        rows = fetch_rows(con.execute(PIPELINE_RUNS, [start, failed_only, limit]))
+    for row in rows:
+        for column, value in row.items():
+            if isinstance(value, datetime):
+                row[column] = value.astimezone(UTC)
+            elif column in _JSON_COLUMNS and isinstance(value, str):
+                row[column] = json.loads(value)
+    return rows
+
+
+def suppress(spec: Spec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The published form of a report's rows: small cells hidden with their complements, figures derived from
+    hidden cells withheld, keys dropped."""
+    small = {(i, c) for i, row in enumerate(rows) for c in spec.counts
+             if row.get(c) is not None and row[c] < SUPPRESS_BELOW}
+    hidden = _complement(rows, _sums(spec, rows), small)
+    return [_published_row(spec, row, {c for j, c in hidden if j == i}) for i, row in enumerate(rows)]
+
+
+Cell = tuple[int, str]  # (row index, column)
+
+
+def _sums(spec: Spec, rows: list[dict[str, Any]]) -> list[list[Cell]]:
+    """Groups of cells where the first is the sum of the others: a row's total column and its parts
+    (appointments = scheduled + attended + ...), and down each count column, a total row and its group's rows."""
+    out = [[(i, total), *((i, p) for p in parts)] for i in range(len(rows)) for total, parts in spec.sums.items()]
+    if spec.total is None:
+        return out
+    column, label = spec.total
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(tuple(row[g] for g in spec.group_by), []).append(i)
+    for members in groups.values():
+        parts = [i for i in members if rows[i][column] != label]
+        for t in (i for i in members if rows[i][column] == label):
+            out += [[(t, c), *((i, c) for i in parts)] for c in spec.counts]
+    return out
+
+
+def _complement(rows: list[dict[str, Any]], sums: list[list[Cell]], hidden: set[Cell]) -> set[Cell]:
+    """Complementary suppression: a sum with exactly one hidden cell gives it back (total minus the shown
+    parts), so the smallest shown cell of that sum is hidden too — until no sum has a single hidden cell."""
+    hidden = set(hidden)
+    changed = True
+    while changed:
+        changed = False
+        for cells in sums:
+            shown = [cell for cell in cells if cell not in hidden]
+            if shown and len(shown) == len(cells) - 1:
+                hidden.add(min(shown, key=lambda cell: (rows[cell[0]][cell[1]] or 0, cell)))
+                changed = True
+    return hidden
+
+
+def _published_row(spec: Spec, row: dict[str, Any], hidden: set[str]) -> dict[str, Any]:
     out = {}
     for column, value in row.items():
         if column.endswith("_key"):
@@ -109,12 +218,15 @@ def _csv_value(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, float):
         return repr(value)  # round-trips exactly through float()
-    return value
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return spreadsheet_safe(value)
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write report rows as CSV (header from the rows' columns; empty cells for None). Owner only, like every
-    export: a practice report carries pseudonymous keys and small counts (warehouse/exports.py)."""
+    """Write report rows as CSV (header from the rows' columns; empty cells for None; text that a spreadsheet
+    would run as a formula neutralised). Owner only, like every export: a practice report carries pseudonymous
+    keys and small counts (warehouse/exports.py)."""
     columns = list(dict.fromkeys(c for r in rows for c in r))
     out = io.StringIO(newline="")
     writer = csv.DictWriter(out, fieldnames=columns)

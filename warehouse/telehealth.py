@@ -1,32 +1,55 @@
-"""The telehealth store: reporting data without direct identifiers, rebuilt from the clinical warehouse.
+"""The telehealth store: the practice's reporting data as a HIPAA limited data set, rebuilt from the warehouse.
 
-People, devices and appointments appear only as keyed pseudonyms — HMAC-SHA256 with a secret kept in
-``secrets/pseudonym.key`` (outside both stores) — stable across rebuilds so trends can be followed, and
-useless without the key. No names, MRNs, dates of birth, device serials, registry ids, broker usernames or
-IP addresses are copied; free text fields are not copied either.
+What it holds, and why each choice (README, "The telehealth store and HIPAA"):
 
-The file is rebuilt whole on every publish into a temporary file and swapped in atomically, so a reader
-never sees a half-built store and never blocks the pipeline. Report views (``warehouse/telehealth_sql``)
-are created inside it.
+- no direct identifier (45 CFR 164.514(e)(2)): people, devices and appointments appear only as keyed
+  pseudonyms — HMAC-SHA256 with a secret in ``secrets/pseudonym.key``, kept apart from both stores — stable
+  across rebuilds so trends can be followed, reversible by nobody (a re-identification code, 164.514(c)). No
+  names, MRNs, birth dates, registry or device ids, serials, appointment or message ids, logins, addresses;
+- dates only as coarse as each report needs, never a time of day: education, surveys and appointments by
+  patient-local week, readings and device status by day, enrolment by month; silences as whole hours;
+- conditions as care programmes, and every text field of the event contract through the catalogue
+  (transforms/catalogue.py): a value it does not list is stored as "other" (the raw value stays in the
+  clinical stream);
+- encrypted at rest with its own key (``secrets/telehealth.key``): the file opens for the reporting commands,
+  run as the service account, not for anyone who copies it (nor with the clinical key).
+
+Dates make it a limited data set, not Safe Harbor data: it is for the practice's own operations, and leaves
+the practice only under a data use agreement — or as a published report (warehouse/reports.py: aggregates,
+small cells suppressed).
+
+The file is rebuilt whole on every publish into a temporary file and swapped in atomically, so a reader never
+sees a half-built store and never blocks the pipeline. Report views (``telehealth_sql/``) are created inside it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
-from core.keys import read_secret, write_private
+from core import keys
 from core.settings import Settings
+from transforms import catalogue
+from warehouse.db import httpfs_extension
 from warehouse.serving import serving
 
 SQL_DIR = Path(__file__).parent / "telehealth_sql"
+HIPAA_ROUTE = ("limited data set (45 CFR 164.514(e)): pseudonymous, dates by day or week; practice use or data "
+               "use agreement only")
+
+
+class TelehealthLocked(PermissionError):
+    """The telehealth store does not open with the key on disk (missing, or not the one it was built under)."""
 
 
 def telehealth_db(s: Settings) -> Path:
@@ -36,8 +59,8 @@ def telehealth_db(s: Settings) -> Path:
 def pseudonym_key(s: Settings) -> bytes:
     path = Path(s.secrets_dir) / "pseudonym.key"
     if not path.exists():
-        write_private(path, secrets.token_hex(32).encode())
-    return bytes.fromhex(read_secret(path))
+        keys.write_private(path, secrets.token_hex(32).encode())
+    return bytes.fromhex(keys.read_secret(path))
 
 
 def pseudonym(key: bytes, kind: str, value: str) -> str:
@@ -45,87 +68,129 @@ def pseudonym(key: bytes, kind: str, value: str) -> str:
     return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:20]
 
 
-# Each table: what reporting needs, nothing that identifies. `pseudo` maps (kind, id) -> key.
+def _catalogued(column: str, field: str) -> str:
+    """SQL: ``column`` if the catalogue lists its value for ``field``, else 'other' (NULL stays NULL)."""
+    return (f"CASE WHEN {column} IS NULL THEN NULL "
+            f"WHEN {column} IN (SELECT value FROM catalogue WHERE field = '{field}') THEN {column} "
+            f"ELSE '{catalogue.OTHER}' END")
+
+
+# The Monday of the event's week on the sender's clock (its own UTC offset): a week of the patient's life.
+_LOCAL_WEEK = ("CAST(date_trunc('week', make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT))"
+               " AS DATE)")
+_UTC_DAY = "CAST({} AT TIME ZONE 'UTC' AS DATE)"
+# An appointment's outcome is its latest event; at the same instant an outcome outranks the booking.
+_OUTCOME_RANK = "CASE t.event WHEN 'appointment_scheduled' THEN 0 ELSE 1 END"
+
+# Each table: what reporting needs, nothing that identifies. `pseudo` maps (kind, id) -> key; `catalogue`
+# holds (field, value, stored) from transforms/catalogue.py.
 TABLES = {
-    "people": """
-        SELECT pp.key AS person_key, p.conditions,
-               CAST(min(e.valid_from) AS DATE) AS enrolled_on,
-               CAST(min(r.measured_at) FILTER (NOT r.manual) AS DATE) AS first_reading_on,
+    "people": f"""
+        SELECT pp.key AS person_key, coalesce(pg.programmes, []::VARCHAR[]) AS programmes,
+               CAST(date_trunc('month', min(e.valid_from) AT TIME ZONE 'UTC') AS DATE) AS enrolled_month,
                date_diff('hour', min(e.valid_from), min(r.measured_at) FILTER (NOT r.manual))
                    AS hours_enrolment_to_first_reading,
                coalesce(bool_or(e.valid_to IS NULL) FILTER (WHERE e.device_id IS NOT NULL), false)
                    AS currently_enrolled
         FROM clinical.patients p
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = p.patient_id
+        LEFT JOIN (SELECT u.patient_id, list_sort(list_distinct(list(coalesce(c.stored, '{catalogue.OTHER}'))))
+                              AS programmes
+                   FROM (SELECT patient_id, unnest(conditions) AS condition FROM clinical.patients) u
+                   LEFT JOIN catalogue c ON c.field = 'condition' AND c.value = u.condition
+                   GROUP BY u.patient_id) pg ON pg.patient_id = p.patient_id
         LEFT JOIN clinical.enrollments e ON e.patient_id = p.patient_id
         LEFT JOIN clinical.readings r ON r.patient_id = p.patient_id
-        GROUP BY pp.key, p.conditions""",
+        GROUP BY pp.key, pg.programmes""",
+    # The registry's model and serial are left out: a serial identifies, a model is free text.
     "devices": """
-        SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind, d.model
+        SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind
         FROM clinical.devices d
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = d.device_id
         LEFT JOIN clinical.enrollments e ON e.device_id = d.device_id AND e.valid_to IS NULL
         LEFT JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = e.patient_id""",
-    "education_events": """
-        SELECT ek.key AS event_key, pp.key AS person_key, t.event, t.module, t.minutes,
-               CAST(make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT) AS DATE) AS occurred_on,
-               CAST(date_trunc('week', make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT)) AS DATE)
-                   AS week
+    "education_events": f"""
+        SELECT pp.key AS person_key, t.event, {_catalogued('t.module', 'module')} AS module, t.minutes,
+               {_LOCAL_WEEK} AS week
         FROM clinical.telehealth_events t
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
-        JOIN pseudo ek ON ek.kind = 'event' AND ek.id = t.event_id
         WHERE t.event LIKE 'education_%'""",
-    "appointment_events": """
-        SELECT ek.key AS event_key, pp.key AS person_key, ak.key AS appointment_key, t.event, t.modality,
-               CAST(make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT) AS DATE) AS occurred_on,
-               CAST(date_trunc('week', make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT)) AS DATE)
-                   AS week,
-               t.occurred_at
+    # One row per appointment, its outcome decided here on exact instants (a no-show corrected to attended, a
+    # booking cancelled and booked again the same day) so that no instant needs to be stored. The modality is
+    # the latest one given (a video visit moved to phone is a phone visit).
+    "appointments": f"""
+        SELECT ak.key AS appointment_key, pp.key AS person_key, o.outcome,
+               {_catalogued('o.modality', 'modality')} AS modality, o.week
+        FROM (SELECT t.patient_id, t.appointment_id, replace(t.event, 'appointment_', '') AS outcome,
+                     {_LOCAL_WEEK} AS week,
+                     last_value(t.modality IGNORE NULLS) OVER (
+                         PARTITION BY t.patient_id, t.appointment_id ORDER BY t.occurred_at, {_OUTCOME_RANK}, t.event_id
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS modality
+              FROM clinical.telehealth_events t
+              WHERE t.event LIKE 'appointment_%'
+              QUALIFY row_number() OVER (PARTITION BY t.patient_id, t.appointment_id
+                                         ORDER BY t.occurred_at DESC, {_OUTCOME_RANK} DESC, t.event_id DESC) = 1) o
+        JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = o.patient_id
+        JOIN pseudo ak ON ak.kind = 'appointment' AND ak.id = o.patient_id || '|' || o.appointment_id""",
+    "survey_events": f"""
+        SELECT pp.key AS person_key, {_catalogued('t.survey', 'survey')} AS survey, {_LOCAL_WEEK} AS week
         FROM clinical.telehealth_events t
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
-        JOIN pseudo ek ON ek.kind = 'event' AND ek.id = t.event_id
-        JOIN pseudo ak ON ak.kind = 'appointment' AND ak.id = t.patient_id || '|' || t.appointment_id
-        WHERE t.event LIKE 'appointment_%'""",
-    "survey_events": """
-        SELECT ek.key AS event_key, pp.key AS person_key, t.survey,
-               CAST(make_timestamp(epoch_us(t.occurred_at) + t.utc_offset_min * 60000000::BIGINT) AS DATE) AS occurred_on
-        FROM clinical.telehealth_events t
-        JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
-        JOIN pseudo ek ON ek.kind = 'event' AND ek.id = t.event_id
         WHERE t.event = 'survey_completed'""",
-    "device_status": """
-        SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind, t.battery_pct, t.signal_dbm,
-               t.firmware, t.uptime_s, t.occurred_at AS reported_at
+    # A device's status per UTC day: each field as the day's latest report that carried it.
+    "device_status": f"""
+        SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind,
+               {_UTC_DAY.format('t.occurred_at')} AS day,
+               arg_max(t.battery_pct, t.occurred_at) FILTER (WHERE t.battery_pct IS NOT NULL) AS battery_pct,
+               arg_max(t.signal_dbm, t.occurred_at) FILTER (WHERE t.signal_dbm IS NOT NULL) AS signal_dbm,
+               arg_max(CASE WHEN regexp_full_match(t.firmware, '{catalogue.FIRMWARE_PATTERN}') THEN t.firmware
+                            ELSE '{catalogue.OTHER}' END, t.occurred_at)
+                   FILTER (WHERE t.firmware IS NOT NULL) AS firmware
         FROM clinical.telehealth_events t
         JOIN clinical.devices d ON d.device_id = t.device_id
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = t.device_id
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
-        WHERE t.event = 'device_status'""",
+        WHERE t.event = 'device_status'
+        GROUP BY ALL""",
     # Transmissions per device and patient-local day (the registered home zone's, as billing counts them):
     # connectivity and adherence are built on this.
     "device_days": """
         SELECT dp.key AS device_key, pp.key AS person_key, d.kind AS device_kind, r.local_date AS day,
-               count(*) AS readings, count(*) FILTER (r.manual) AS manual_readings,
-               min(r.measured_at) AS first_at, max(r.measured_at) AS last_at, max(r.received_at) AS last_received_at
+               count(*) AS readings, count(*) FILTER (r.manual) AS manual_readings
         FROM clinical.stg_readings r
         JOIN clinical.devices d ON d.device_id = r.device_id
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = r.device_id
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = r.patient_id
         GROUP BY ALL""",
-    # Silences longer than 24 h between consecutive transmissions of a device, and the current one.
-    "device_gaps": """
-        SELECT dp.key AS device_key, g.gap_start, g.gap_end,
-               date_diff('minute', g.gap_start, coalesce(g.gap_end, now())) / 60.0 AS hours,
+    # Silences longer than 24 h between consecutive transmissions of a device, and the current one (measured
+    # to the rebuild): UTC days and whole hours.
+    "device_gaps": f"""
+        SELECT dp.key AS device_key, {_UTC_DAY.format('g.gap_start')} AS gap_start_on,
+               {_UTC_DAY.format('g.gap_end')} AS gap_end_on,
+               CAST(round(date_diff('minute', g.gap_start, coalesce(g.gap_end, now())) / 60.0) AS INTEGER) AS hours,
                g.gap_end IS NULL AS ongoing
         FROM (SELECT device_id, measured_at AS gap_start,
                      lead(measured_at) OVER (PARTITION BY device_id ORDER BY measured_at) AS gap_end
               FROM clinical.readings WHERE NOT manual) g  -- a hand-typed value is no sign of a connected device
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = g.device_id
         WHERE coalesce(g.gap_end, now()) - g.gap_start > INTERVAL 24 HOUR""",
-    # `error` is free text (exception messages can quote key values): it stays in the clinical store.
-    "pipeline_runs": "SELECT * EXCLUDE (error) FROM clinical.pipeline_runs",
-    "quarantine_daily": """
-        SELECT CAST(quarantined_at AS DATE) AS day, reason, count(*) AS items
+    # The pipeline's runs per UTC day. Run ids and instants stay in the ops records (`rpm reports pipeline`
+    # reads those); the failure text is never copied (exception messages can quote key values).
+    "pipeline_daily": f"""
+        SELECT {_UTC_DAY.format('finished_at')} AS day, count(*) AS runs,
+               count(*) FILTER (WHERE state = 'failed') AS failed_runs,
+               CAST(coalesce(sum(received), 0) AS BIGINT) AS received,
+               CAST(coalesce(sum(loaded), 0) AS BIGINT) AS loaded,
+               CAST(coalesce(sum(quarantined), 0) AS BIGINT) AS quarantined,
+               CAST(coalesce(sum(duplicates), 0) AS BIGINT) AS duplicates
+        FROM clinical.pipeline_runs
+        GROUP BY ALL""",
+    # Reasons are rule names; anything else (never expected) is not copied as text.
+    "quarantine_daily": f"""
+        SELECT {_UTC_DAY.format('quarantined_at')} AS day,
+               CASE WHEN regexp_full_match(reason, '[a-z0-9_]{{1,64}}') THEN reason ELSE '{catalogue.OTHER}' END
+                   AS reason,
+               count(*) AS items
         FROM (SELECT quarantined_at, unnest(reasons) AS reason FROM clinical.quarantine) GROUP BY ALL""",
 }
 
@@ -134,35 +199,98 @@ def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes) -> pd.DataFrame:
     ids = con.execute("""
         SELECT 'patient', patient_id FROM clinical.patients
         UNION SELECT 'device', device_id FROM clinical.devices
-        UNION SELECT 'event', event_id FROM clinical.telehealth_events
         UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM clinical.telehealth_events
               WHERE appointment_id IS NOT NULL""").fetchall()
     return pd.DataFrame({"kind": [k for k, _ in ids], "id": [i for _, i in ids],
                          "key": [pseudonym(key, k, i) for k, i in ids]})
 
 
-def publish_telehealth(s: Settings) -> dict[str, int]:
-    """Rebuild the telehealth store from the current serving snapshot; returns row counts per table."""
-    if not s.clinical_db.exists():
-        return {}  # nothing loaded yet (e.g. rpm_daily before the first rpm_pipeline run)
+@contextmanager
+def _building(s: Settings) -> Iterator[None]:
+    """One rebuild at a time (rpm_pipeline, rpm_daily and a key rotation may overlap): they share the
+    temporary file, and a rotation must not have a rebuild under the old key swapped in after its own."""
+    Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(Path(s.warehouse_dir) / ".telehealth.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _build(s: Settings, key: str) -> dict[str, int]:
+    """Write the store under ``key`` next to the current one and swap it in; row counts per table."""
     target = telehealth_db(s)
     tmp = target.with_name(f".{target.name}.building")
     tmp.unlink(missing_ok=True)
     counts: dict[str, int] = {}
     with serving(s, private=True) as con:
         con.register("pseudo", _pseudonyms(con, pseudonym_key(s)))
-        con.execute(f"ATTACH '{tmp}' AS th")
+        con.register("catalogue", pd.DataFrame(list(catalogue.rows(s.telehealth_catalogue_extra)),
+                                                columns=["field", "value", "stored"]))
+        con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
         for name, sql in TABLES.items():
             con.execute(f"CREATE TABLE th.{name} AS {sql}")
             counts[name] = con.execute(f"SELECT count(*) FROM th.{name}").fetchone()[0]  # type: ignore[index]
-        con.execute("CREATE TABLE th.store_info AS SELECT ?::TIMESTAMPTZ AS built_at", [datetime.now(UTC)])
+        con.execute("CREATE TABLE th.store_info AS SELECT ?::DATE AS built_on, ? AS hipaa_route",
+                    [datetime.now(UTC).date(), HIPAA_ROUTE])
         con.execute("USE th")
         for path in sorted(SQL_DIR.glob("*.sql")):
             con.execute(path.read_text())
         con.execute("USE clinical")
         con.execute("DETACH th")
+    os.chmod(tmp, 0o600)
     os.replace(tmp, target)
     return counts
+
+
+def publish_telehealth(s: Settings) -> dict[str, int]:
+    """Rebuild the telehealth store from the current serving snapshot; returns row counts per table."""
+    if not s.clinical_db.exists():
+        return {}  # nothing loaded yet (e.g. rpm_daily before the first rpm_pipeline run)
+    with _building(s):
+        staged = keys.telehealth_key_file_next(s)
+        if staged.exists():  # a rotation died before promoting its key: finish it
+            return _rebuild_under_staged_key(s)
+        return _build(s, keys.telehealth_key(s))
+
+
+def rotate_key(s: Settings) -> dict[str, int]:
+    """`rpm keys rotate`: rebuild the store under a new key, then promote the key. The new key is on disk
+    (staged) before anything is written under it, and a rotation that died is finished by the next rebuild."""
+    with _building(s):
+        staged = keys.telehealth_key_file_next(s)
+        if not staged.exists():
+            keys.write_private(staged, secrets.token_hex(32).encode())
+        if not s.clinical_db.exists():
+            os.replace(staged, keys.telehealth_key_file(s))
+            return {"tables": 0, "rows": 0}
+        counts = _rebuild_under_staged_key(s)
+    return {"tables": len(counts), "rows": sum(counts.values())}
+
+
+def _rebuild_under_staged_key(s: Settings) -> dict[str, int]:
+    staged = keys.telehealth_key_file_next(s)
+    counts = _build(s, keys.read_secret(staged))
+    os.replace(staged, keys.telehealth_key_file(s))
+    return counts
+
+
+def _attach(con: duckdb.DuckDBPyConnection, path: Path, s: Settings) -> None:
+    """Attach the store with the current key, or the staged one while a rotation swaps it in (the current
+    file is read again last: the rotation may have promoted its key meanwhile)."""
+    current, staged = keys.telehealth_key_file(s), keys.telehealth_key_file_next(s)
+    for key_file in (current, staged, current):
+        if not key_file.exists():
+            continue
+        try:
+            con.execute(f"ATTACH '{path}' AS telehealth (ENCRYPTION_KEY '{keys.read_secret(key_file)}', READ_ONLY)")
+            return
+        except (duckdb.InvalidInputException, duckdb.CatalogException):
+            continue  # wrong key, or a store written before it was encrypted
+    raise TelehealthLocked(f"the telehealth store {path} does not open with {current}: it was built under "
+                           "another key (or none); the next pipeline run rebuilds it (rpm pipeline run)")
 
 
 def open_telehealth(s: Settings) -> duckdb.DuckDBPyConnection:
@@ -170,9 +298,16 @@ def open_telehealth(s: Settings) -> duckdb.DuckDBPyConnection:
     path = telehealth_db(s)
     if not path.exists():
         raise FileNotFoundError(f"no telehealth store at {path}: run `rpm pipeline run` first")
-    # ATTACH on a fresh in-memory connection: duckdb.connect(path) would reuse a cached instance of the
-    # replaced file while any older connection to it is still open in this process.
-    con = duckdb.connect()
-    con.execute(f"ATTACH '{path}' AS telehealth (READ_ONLY)")
-    con.execute("USE telehealth")
+    # A fresh in-memory instance per reader: duckdb.connect(path) would reuse a cached instance of the replaced
+    # file while any older connection to it is still open in this process. Temporary files stay encrypted.
+    con = duckdb.connect(config={"temp_directory": str(Path(s.warehouse_dir) / "tmp"),
+                                 "memory_limit": s.warehouse_memory_limit})
+    try:
+        con.execute(f"LOAD '{httpfs_extension()}'")
+        con.execute("SET temp_file_encryption = true")
+        _attach(con, path, s)
+        con.execute("USE telehealth")
+    except BaseException:
+        con.close()
+        raise
     return con

@@ -11,6 +11,8 @@ Order matters for crash safety:
   the staged key is promoted. A crash anywhere leaves every file under a key that is on disk (db.py tries
   the staged key; a new rotation reuses it);
 - serving snapshots are re-published under the new key and old ones removed;
+- the telehealth store (derived, rebuilt on every run) is rebuilt from the new snapshot under its own new key,
+  staged first like the warehouse's (warehouse/telehealth.py); the pseudonym key is kept, so pseudonyms stay;
 - audit log: re-sealed line by line under a new audit key (the HMAC chain is over plaintext: unchanged).
 """
 
@@ -48,6 +50,7 @@ from service.accounts import Accounts
 from warehouse.audit import AuditLog
 from warehouse.db import clinical, open_clinical
 from warehouse.serving import backups_dir, publish_snapshot, serving_dir
+from warehouse.telehealth import rotate_key as rotate_telehealth_key
 
 FRESH_S = 10.0           # an instance that wrote its status this recently is live (it writes every second)
 SWITCH_TIMEOUT_S = 30.0  # how long every live instance has to report the new landing key
@@ -266,11 +269,12 @@ def rotate_audit(s: Settings) -> dict:
 def rotate_all(s: Settings) -> dict:
     landing = rotate_landing(s)
     warehouse = rotate_warehouse(s)
+    telehealth = rotate_telehealth_key(s)  # rebuilt from the snapshot just re-published under the new key
     audit = rotate_audit(s)
     accounts = Accounts(s).rotate_key()
     verify = AuditLog(s).verify()
     if not verify["ok"]:
         raise RuntimeError(f"audit log does not verify after rotation: {verify['problem']}")
-    return {"landing": landing, "warehouse": warehouse, "audit": audit, "accounts": accounts,
-            "retired": landing["retired"], "audit_chain": "verified"}
+    return {"landing": landing, "warehouse": warehouse, "telehealth": telehealth, "audit": audit,
+            "accounts": accounts, "retired": landing["retired"], "audit_chain": "verified"}
 

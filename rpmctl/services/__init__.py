@@ -1,4 +1,5 @@
-"""`rpm up` / `rpm down`: the broker and the ingest service as background processes."""
+"""`rpm up` / `rpm down`: the broker, the ingest service and the clinician service as background processes,
+and the watchdog that restarts them (rpmctl/services/supervisor.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rpmctl.services import broker, procs
 
 INGEST = "ingest"
 SERVICE = "service"
+METRICS = "metrics"
 
 
 def init(s: Settings) -> None:
@@ -59,16 +61,30 @@ def _ingest_connected(s: Settings) -> bool:
     return bool(st and st.get("connected") and st.get("subscribed") and st.get("pid") == pid)
 
 
-def up(s: Settings) -> dict:
+def up(s: Settings, watchdog: bool = False) -> dict:
+    """Start what is not running. ``watchdog``: also the watchdog that restarts a crashed component (`rpm up`
+    does; tests that kill and restart components themselves do not)."""
     init(s)
     broker.rotate_log(s)
     broker_pid = broker.start(s)
-    ingest_pid = procs.start(s, INGEST, [sys.executable, "-m", "rpmctl.cli", "ingest"], env=s.as_env(),
-                             ready=lambda: _ingest_connected(s))
+    ingest_pid = start_ingest(s)
     service_pid = start_service(s)
-    return {"broker_pid": broker_pid, "ingest_pid": ingest_pid, "service_pid": service_pid,
+    metrics_pid = start_metrics(s)
+    info = {"broker_pid": broker_pid, "ingest_pid": ingest_pid, "service_pid": service_pid,
+            "metrics_pid": metrics_pid, "metrics_url": metrics_url(s) if metrics_pid else None,
             "mqtt_loopback": f"{s.broker_host}:{s.broker_port}", "mqtts": f"0.0.0.0:{s.broker_tls_port}",
             "service_url": service_url(s), "logs": str(s.run_dir)}
+    if watchdog:
+        from rpmctl.services import supervisor  # not at the top: `python -m` runs it after this package
+
+        info["watchdog_pid"] = supervisor.start(s)  # last: everything it watches is up
+    return info
+
+
+def start_ingest(s: Settings) -> int:
+    """The ingest service in the background, returning once it is subscribed: what `rpm ingest` runs."""
+    return procs.start(s, INGEST, [sys.executable, "-m", "rpmctl.cli", "ingest"], env=s.as_env(),
+                       ready=lambda: _ingest_connected(s))
 
 
 def service_url(s: Settings) -> str:
@@ -101,13 +117,44 @@ def start_service(s: Settings) -> int:
                        ready=lambda: _service_ready(s), timeout=30)
 
 
+def _metrics_host(s: Settings) -> str:
+    """Where a local client reaches the exporter: loopback when it listens on every address."""
+    return "127.0.0.1" if s.metrics_bind in ("0.0.0.0", "::") else s.metrics_bind
+
+
+def metrics_url(s: Settings) -> str:
+    return f"http://{_metrics_host(s)}:{s.metrics_port}/metrics"
+
+
+def start_metrics(s: Settings) -> int | None:
+    """The metrics exporter (pipeline, audit log, Airflow's StatsD) in the background: what `rpm metrics`
+    runs. None when RPM_METRICS_PORT=0 disables it."""
+    if s.metrics_port <= 0:
+        return None
+    return procs.start(s, METRICS, [sys.executable, "-m", "rpmctl.cli", "metrics"], env=s.as_env(),
+                       ready=lambda: procs.port_open(_metrics_host(s), s.metrics_port))
+
+
 def down(s: Settings) -> dict:
-    # Ingest first: it flushes, acks and seals before the broker goes away.
-    return {"service_stopped": procs.stop(s, SERVICE), "ingest_stopped": procs.stop(s, INGEST),
-            "broker_stopped": broker.stop(s)}
+    from rpmctl.services import supervisor
+
+    # The watchdog first, so nothing stopped below is brought back; ingest before the broker: it flushes,
+    # acks and seals before the broker goes away.
+    return {"watchdog_stopped": supervisor.stop(s), "metrics_stopped": procs.stop(s, METRICS),
+            "service_stopped": procs.stop(s, SERVICE),
+            "ingest_stopped": procs.stop(s, INGEST), "broker_stopped": broker.stop(s)}
 
 
 def status(s: Settings) -> dict:
-    return {"broker_pid": procs.read_pid(s, broker.NAME), "ingest_pid": procs.read_pid(s, INGEST),
-            "service_pid": procs.read_pid(s, SERVICE), "service_url": service_url(s),
-            "ingest": ingest_status(s)}
+    """Pids, the ingest service's counters, and each component's restarts (``components``)."""
+    from rpmctl.services import supervisor
+    from rpmctl.services.restarts import restart_summary, restarts_of
+
+    restarted = restart_summary(s)
+    components = {c.name: {"pid": procs.read_pid(s, c.proc_name), **restarts_of(restarted, c.name)}
+                  for c in supervisor.local_components()}
+    return {"broker_pid": components["broker"]["pid"], "ingest_pid": components["ingest"]["pid"],
+            "service_pid": components["service"]["pid"], "service_url": service_url(s),
+            "metrics_pid": procs.read_pid(s, METRICS),
+            "ingest": ingest_status(s), "watchdog_pid": procs.read_pid(s, supervisor.NAME),
+            "components": components}

@@ -10,6 +10,11 @@ because standalone (measured, Airflow 3.3):
 - stops its components only on KeyboardInterrupt: launched with SIGINT ignored (a background job of a
   non-interactive shell inherits that) it ignores the stop and stays up over its dead components.
 
+The supervisor restarts a component that exits (a `kill -9` of the scheduler), after a back-off of 1 s
+doubling to 60 s (restarts.Backoff), ends what the dead component left running (a scheduler's LocalExecutor
+workers), and appends the restart to run/restarts.jsonl; `rpm status` shows it. It does not stop the stack
+for one component any more: only `stop` does.
+
 The supervisor and every component share one process group (own session). `stop` asks the supervisor
 (SIGINT), which stops each component gracefully (the scheduler lets a running task finish), then escalates
 with SIGTERM and SIGKILL to the group and every descendant (task runners lead groups of their own), and
@@ -38,6 +43,7 @@ from core import keys
 from core.settings import Settings
 from rpmctl.services import procs
 from rpmctl.services.airflow_run import airflow_env
+from rpmctl.services.restarts import Backoff, describe_exit, record, restart_summary, restarts_of
 
 NAME = "airflow"
 HOST = "127.0.0.1"
@@ -86,6 +92,14 @@ def stack_env(s: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file(s)),
         # Signs UI/API logins and the tokens tasks use on the execution API; the generated default is 24 bytes.
         "AIRFLOW__API_AUTH__JWT_SECRET": _jwt_secret(s),
+        # Metrics over StatsD to `rpm metrics` (pipeline/statsd.py), with DAG and task ids as InfluxDB-style tags
+        # (labels there) rather than inside the legacy per-DAG / per-task metric names.
+        **({"AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": HOST if s.metrics_bind in ("0.0.0.0", "::") else s.metrics_bind,
+            "AIRFLOW__METRICS__STATSD_PORT": str(s.metrics_statsd_port),
+            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+            "AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED": "True",
+            "AIRFLOW__METRICS__LEGACY_NAMES_ON": "False"} if s.metrics_port and s.metrics_statsd_port else {}),
     }
 
 
@@ -248,6 +262,7 @@ def start(s: Settings, timeout: float = 180.0) -> dict:
                        env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL, timeout=timeout)
         started = datetime.now(UTC)
         procs.start(s, NAME, [sys.executable, "-m", "rpmctl.services.airflow_stack"], env=env)
+        wanted_file(s).touch(mode=0o600)
         _wait_healthy(s, started, timeout)
     try:
         dags = _unpause(s, token(s), timeout=60.0)
@@ -261,7 +276,8 @@ def start(s: Settings, timeout: float = 180.0) -> dict:
 
 
 def _wait_healthy(s: Settings, started: datetime, timeout: float) -> None:
-    """Wait for the health endpoint; a component that exits makes the supervisor stop the rest and exit."""
+    """Wait for the health endpoint (the supervisor restarts a component that exits meanwhile); a stack
+    not healthy by ``timeout`` is stopped."""
     log = procs.log_file(s, NAME)
     deadline = time.monotonic() + timeout
     while not _healthy_since(s, started):
@@ -273,9 +289,20 @@ def _wait_healthy(s: Settings, started: datetime, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def wanted_file(s: Settings) -> Path:
+    return Path(s.run_dir) / "airflow.wanted"
+
+
+def wanted(s: Settings) -> bool:
+    """Whether this state folder's Airflow is meant to run: `rpm up --airflow` started it and no `rpm down`
+    stopped it since (a crashed stack is still wanted: `rpm ops status` reports it)."""
+    return wanted_file(s).exists()
+
+
 def stop(s: Settings, timeout: float = 60.0) -> bool:
     """Stop the whole stack: SIGINT (the supervisor stops each component), then SIGTERM and SIGKILL to
     every process left in its group or below it. Returns False when nothing was running."""
+    wanted_file(s).unlink(missing_ok=True)
     leader = _recorded_pid(s)
     if leader is None or not any(_ours(s, p) for p in {leader} | _tree(leader)):
         procs.pid_file(s, NAME).unlink(missing_ok=True)  # stale: never signal a pid reused by someone else
@@ -294,16 +321,20 @@ def stop(s: Settings, timeout: float = 60.0) -> bool:
             time.sleep(0.1)
         if not members:
             break
-    procs.read_pid(s, NAME)  # reaps the supervisor if it is our child, removes the pid file
+    procs.read_pid(s, NAME)  # reaps the supervisor if it is our child
     procs.pid_file(s, NAME).unlink(missing_ok=True)
     return True
 
 
 def status(s: Settings) -> dict:
-    """Running or not, the UI URL, component health and the latest rpm_pipeline runs."""
+    """Running or not, the UI URL, each component's pid and restarts, health and the latest rpm_pipeline
+    runs."""
     pid = procs.read_pid(s, NAME)
     out: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": url(s), "processes": 0,
                            "health": None, "last_runs": None}
+    pids, restarted = component_pids(s) if pid is not None else {}, restart_summary(s)
+    out["components"] = {f"{SUPERVISOR}-{n}": {"pid": pids.get(n), **restarts_of(restarted, f"{SUPERVISOR}-{n}")}
+                         for n in COMPONENTS}
     if pid is None:
         return out
     out["processes"] = len(processes(s))
@@ -386,26 +417,58 @@ def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
 
 # --- supervisor (runs as `python -m rpmctl.services.airflow_stack`, leader of the stack's process group) -------
 
+POLL_S = 1.0
+SUPERVISOR = "airflow"  # the restart log's name for this supervisor
+
+
+def components_file(s: Settings) -> Path:
+    return Path(s.run_dir) / "airflow-components.json"
+
+
+def component_pids(s: Settings) -> dict[str, int]:
+    """Each component's pid, as the running stack's supervisor last wrote it (after every restart)."""
+    try:
+        return json.loads(components_file(s).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+class _Component:
+    """One component under the supervisor: its process, its back-off, and its descendants as last seen."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name, self.argv = name, argv
+        self.backoff = Backoff()
+        self.proc = subprocess.Popen(argv)
+        self.started = time.monotonic()
+        self.down_since: float | None = None  # when its exit was noticed; None while it runs
+        self.descendants: set[psutil.Process] = set()
+
+    def respawn(self) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        self.started, self.down_since, self.descendants = time.monotonic(), None, set()
+
+
 def supervise() -> int:
-    """Run every component until one exits or we are asked to stop; then stop the others and wait."""
+    """Run every component, restarting one that exits (after its back-off, recorded in the restart log),
+    until asked to stop; then stop them all and wait."""
+    s = Settings.from_env()
     airflow = str(Path(sys.executable).with_name("airflow"))
     stop_requested: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Set explicitly: an inherited SIG_IGN would also be inherited by every component.
         signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
-    children = {name: subprocess.Popen([airflow, *argv]) for name, argv in COMPONENTS.items()}
-    print(f"rpm airflow supervisor: started {', '.join(f'{n}={p.pid}' for n, p in children.items())}",
-          flush=True)
-    code = 0
+    stack = [_Component(name, [airflow, *argv]) for name, argv in COMPONENTS.items()]
+    _write_pids(s, stack)
+    print(f"rpm airflow supervisor: started {', '.join(f'{c.name}={c.proc.pid}' for c in stack)}", flush=True)
     while not stop_requested:
-        exited = {n: p.returncode for n, p in children.items() if p.poll() is not None}
-        if exited:
-            print(f"rpm airflow supervisor: {exited} exited; stopping the stack", flush=True)
-            code = 1
-            break
-        time.sleep(0.2)
+        trees = _descendants({c.proc.pid for c in stack})
+        for c in stack:
+            if not stop_requested:
+                _tend(s, c, trees[c.proc.pid], stack)
+        time.sleep(POLL_S)
     for sig, wait in ((signal.SIGINT, 45.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in children.values() if p.poll() is None]
+        alive = [c.proc for c in stack if c.proc.poll() is None]
         if not alive:
             break
         for p in alive:
@@ -413,9 +476,106 @@ def supervise() -> int:
         deadline = time.monotonic() + wait
         while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
             time.sleep(0.1)
+    components_file(s).unlink(missing_ok=True)
     print("rpm airflow supervisor: stopped", flush=True)
-    return code
+    return 0
+
+
+def _tend(s: Settings, c: _Component, tree: set[psutil.Process], stack: list[_Component]) -> None:
+    """Note a component's exit, and restart it once its back-off has passed."""
+    now = time.monotonic()
+    if c.down_since is None:
+        if c.proc.poll() is None:
+            c.backoff.stayed_up(now - c.started)
+            c.descendants = tree
+            return
+        c.down_since = now
+        print(f"rpm airflow supervisor: {c.name} (pid {c.proc.pid}) {describe_exit(c.proc.returncode)}; "
+              f"restarting in {c.backoff.delay():g} s", flush=True)
+        # A killed scheduler leaves its LocalExecutor workers (and their task runners) behind, orphaned and
+        # idle for good; the restarted scheduler resets their task instances anyway.
+        _end(c.descendants)
+    if now - c.down_since < c.backoff.delay():
+        return
+    before, returncode, delay = c.proc.pid, c.proc.returncode, c.backoff.delay()
+    error = None
+    try:
+        c.respawn()
+    except OSError as exc:  # e.g. out of processes: tried again after the next back-off
+        error = f"{type(exc).__name__}: {exc}"
+        c.down_since = time.monotonic()
+    c.backoff.restarted()
+    record(s, f"{SUPERVISOR}-{c.name}", SUPERVISOR, before, None if error else c.proc.pid, returncode,
+           c.backoff.attempt, delay, error)
+    _write_pids(s, stack)
+    print(f"rpm airflow supervisor: {c.name} " + (f"restart failed: {error}" if error else
+                                                   f"restarted as pid {c.proc.pid}"), flush=True)
+
+
+def _descendants(roots: set[int]) -> dict[int, set[psutil.Process]]:
+    """Every live descendant of each root pid, from one pass over the process table."""
+    children: dict[int, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc)
+    out = {}
+    for root in roots:
+        found: set[psutil.Process] = set()
+        todo = [root]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                found.add(child)
+                todo.append(child.pid)
+        out[root] = found
+    return out
+
+
+def _end(leftovers: set[psutil.Process]) -> None:
+    """SIGTERM what a dead component left running, SIGKILL what is still there 5 s later. A psutil.Process
+    is its pid and start time: a pid reused since is not signalled."""
+    running = [p for p in leftovers if p.is_running()]
+    for p in running:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, stubborn = psutil.wait_procs(running, timeout=5)
+    for p in stubborn:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _write_pids(s: Settings, stack: list[_Component]) -> None:
+    path = components_file(s)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({c.name: c.proc.pid for c in stack}))
+    os.replace(tmp, path)
+
+
+# --- one component in the foreground (deploy/systemd: one unit per component) -------------------------------
+
+def run_component(name: str) -> None:
+    """Replace this process with one component, started exactly as the local stack starts it (environment,
+    arguments); ``migrate`` upgrades the metadata DB first. What deploy/systemd's units run."""
+    s = Settings.from_env()
+    env = {**os.environ, **stack_env(s)}
+    if name == "api-server":
+        admin_login(s)  # written 0600 by us before Airflow would write it world-readable
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    os.execve(airflow, [airflow, *(["db", "migrate"] if name == "migrate" else COMPONENTS[name])], env)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        return supervise()
+    if len(argv) != 1 or argv[0] not in (*COMPONENTS, "migrate"):
+        print(f"usage: python -m rpmctl.services.airflow_stack [{' | '.join((*COMPONENTS, 'migrate'))}]",
+              file=sys.stderr)
+        return 2
+    run_component(argv[0])
+    return 0  # not reached: exec
 
 
 if __name__ == "__main__":
-    sys.exit(supervise())
+    sys.exit(main(sys.argv[1:]))

@@ -1,14 +1,24 @@
-"""Background processes with pid files and logs under ``run_dir`` (no supervisor needed locally)."""
+"""Background processes with pid files and logs under ``run_dir``.
+
+A pid file says a service is wanted: `start` writes it, `stop` removes it, and a crash leaves it naming a dead
+process — which is how the watchdog (rpmctl/services/supervisor.py) tells a crash, which it repairs, from a stop
+on purpose, which it leaves alone. Start, stop and the watchdog's restart each hold the service's lock file, so
+a restart never races a stop or another start into two instances or a revived service.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from core.settings import Settings
 
@@ -29,32 +39,61 @@ def log_file(s: Settings, name: str) -> Path:
     return Path(s.run_dir) / f"{name}.log"
 
 
-def read_pid(s: Settings, name: str) -> int | None:
-    """The pid of a running service, or None (a stale pid file is removed)."""
-    path = pid_file(s, name)
+def recorded_pid(s: Settings, name: str) -> int | None:
+    """The pid the pid file names, running or not; None without a pid file."""
     try:
-        pid = int(path.read_text().strip())
+        return int(pid_file(s, name).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    if _alive(pid):
-        return pid
-    path.unlink(missing_ok=True)
-    return None
 
 
-def _alive(pid: int) -> bool:
+def read_pid(s: Settings, name: str) -> int | None:
+    """The pid of a running service, or None. The pid file of a dead service stays until `stop`: it records
+    that the service is wanted (the watchdog restarts it)."""
+    pid = recorded_pid(s, name)
+    return pid if pid is not None and alive(pid) else None
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: one that is our child is reaped here)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # A zombie child of ours is not alive: reap it if it is ours.
+        pass
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
-        return True
+        pass
+    try:  # someone else's child: dead but not yet reaped by its parent is dead too
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+_held: set[Path] = set()  # lock files this process holds (the watchdog restarts through the start functions)
+
+
+@contextmanager
+def lock(s: Settings, name: str) -> Iterator[None]:
+    """Hold the service's lock (run/<name>.lock) across a start, a stop or a restart; re-entrant within a
+    process. The kernel releases it when the holder dies, however it dies."""
+    path = private_run_dir(s) / f"{name}.lock"
+    if path in _held:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held.add(path)
+        try:
+            yield
+        finally:
+            _held.discard(path)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def private_run_dir(s: Settings) -> Path:
@@ -93,7 +132,13 @@ def start(s: Settings, name: str, argv: list[str], env: dict[str, str] | None = 
           ready: Callable[[], bool] | None = None, timeout: float = 20.0,
           log_max_bytes: int = LOG_MAX_BYTES) -> int:
     """Start ``argv`` detached in its own session, logging to run/<name>.log (0600, rotated first when over
-    ``log_max_bytes``); wait until ``ready()``."""
+    ``log_max_bytes``); wait until ``ready()``. Returns the running one's pid when it is already up."""
+    with lock(s, name):
+        return _start(s, name, argv, env, ready, timeout, log_max_bytes)
+
+
+def _start(s: Settings, name: str, argv: list[str], env: dict[str, str] | None,
+           ready: Callable[[], bool] | None, timeout: float, log_max_bytes: int) -> int:
     existing = read_pid(s, name)
     if existing:
         return existing
@@ -120,13 +165,22 @@ def start(s: Settings, name: str, argv: list[str], env: dict[str, str] | None = 
 
 
 def stop(s: Settings, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> bool:
-    """Signal the service and wait for it to exit; escalate to SIGKILL after ``timeout``."""
+    """Signal the service and wait for it to exit; escalate to SIGKILL after ``timeout``. Removes the pid file
+    (no longer wanted) even when the service had died. True if it was running."""
+    if not pid_file(s, name).exists():
+        return False
+    with lock(s, name):
+        return _stop(s, name, sig, timeout)
+
+
+def _stop(s: Settings, name: str, sig: int, timeout: float) -> bool:
     pid = read_pid(s, name)
     if pid is None:
+        pid_file(s, name).unlink(missing_ok=True)
         return False
     os.kill(pid, sig)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5

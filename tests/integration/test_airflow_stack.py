@@ -1,21 +1,26 @@
 """The long-lived local Airflow of `rpm up --airflow`: up on loopback only, DAGs unpaused, a real scheduled
-run of rpm_pipeline through scheduler + executor + API server, and nothing left behind after stop."""
+run of rpm_pipeline through scheduler + executor + API server, a killed scheduler restarted by the supervisor,
+and nothing left behind after stop."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import time
 import urllib.error
 import urllib.parse
+from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from core.settings import Settings
 from rpmctl.services import airflow_stack, procs
+from rpmctl.services.restarts import restarts
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -84,6 +89,35 @@ def wait_for(predicate, what: str, timeout: float = WAIT_S, interval: float = 1.
     return value
 
 
+def scheduler_heartbeat(s: Settings) -> datetime | None:
+    beat = ((airflow_stack.health(s) or {}).get("scheduler") or {}).get("latest_scheduler_heartbeat")
+    return datetime.fromisoformat(beat) if beat else None
+
+
+def kill_the_scheduler_and_see_it_restarted(s: Settings) -> set[int]:
+    """kill -9 the scheduler: the supervisor restarts it (the stack stays up), records it, ends the workers the
+    dead one left behind, and the new one heartbeats. Returns the pids involved."""
+    before = airflow_stack.component_pids(s)["scheduler"]
+    workers = {p.pid for p in psutil.Process(before).children(recursive=True)}
+    assert workers, "the LocalExecutor forks its workers up front"
+    killed_at = datetime.now(UTC)
+    os.kill(before, signal.SIGKILL)
+    entry = wait_for(lambda: next((r for r in restarts(s) if r["component"] == "airflow-scheduler"
+                                   and r["pid_before"] == before), None), "the scheduler's restart", 30, 0.2)
+    assert (entry["supervisor"], entry["signal"], entry["attempt"], entry["backoff_s"]) == (
+        "airflow", "SIGKILL", 1, 1.0)
+    after = entry["pid_after"]
+    assert airflow_stack.component_pids(s)["scheduler"] == after and airflow_stack.is_running(after)
+    wait_for(lambda: not any(airflow_stack.is_running(p) for p in workers), "the dead scheduler's workers to end",
+             15, 0.2)
+    wait_for(lambda: (beat := scheduler_heartbeat(s)) is not None and beat > killed_at,
+             "the restarted scheduler's heartbeat", 120, 0.5)
+    shown = airflow_stack.status(s)["components"]["airflow-scheduler"]
+    assert (shown["pid"], shown["restarts_24h"], shown["last_reason"]) == (after, 1, "killed by SIGKILL")
+    assert airflow_stack.status(s)["running"]
+    return {before, after, *workers}
+
+
 def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         settings: Settings, airflow_db_template: Path) -> None:
     s = settings.replace(airflow_port=free_port(), pipeline_schedule_minutes=1)
@@ -130,6 +164,10 @@ def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         assert run["dag_run_id"] in {r["dag_run_id"] for r in status["last_runs"]}
         print(f"airflow stack healthy after {started_s:.1f}s; manual run succeeded after "
               f"{time.monotonic() - t0:.1f}s")
+
+        t1 = time.monotonic()
+        seen |= kill_the_scheduler_and_see_it_restarted(s)
+        print(f"killed scheduler restarted and heartbeating after {time.monotonic() - t1:.1f}s")
     finally:
         t1 = time.monotonic()
         stopped = airflow_stack.stop(s, timeout=60)

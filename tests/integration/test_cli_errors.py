@@ -306,7 +306,7 @@ def test_down_on_a_fresh_rpm_home_stops_nothing_and_says_where_it_looked(tmp_pat
     assert proc.stdout == f"nothing to stop: RPM_HOME={home} holds no rpm state\n"
     doc = json.loads(run(None, "down", "--json", env={**_clean_env(), "RPM_HOME": str(home)}).stdout)
     assert doc == {"airflow_stopped": False, "ingest_stopped": False, "broker_stopped": False,
-                   "service_stopped": False}
+                   "service_stopped": False, "watchdog_stopped": False}
     assert not home.exists()
 
 

@@ -89,7 +89,8 @@ def bin_dir() -> Iterator[Path]:
 def _settings(base: Path, **kw) -> Settings:
     return Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(),
                     broker_ingest_port=free_port(), broker_tls_bind="127.0.0.1", segment_max_age_s=1.0,
-                    ingest_flush_interval_ms=10, ingest_metrics_port=free_port(), service_port=free_port(), **kw)
+                    ingest_flush_interval_ms=10, ingest_metrics_port=free_port(), service_port=free_port(),
+                    metrics_port=free_port(), metrics_statsd_port=free_port(), **kw)
 
 
 def run(bin_dir: Path, s: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -144,7 +145,7 @@ def test_the_state_and_every_service_belong_to_the_service_account(installation,
         if (st.st_uid, st.st_gid, mode) != (account.pw_uid, account.pw_gid, wanted):
             wrong.append(f"{path.relative_to(home)}: uid {st.st_uid} gid {st.st_gid} {mode:04o}, wanted {wanted:04o}")
     assert wrong == []
-    for name in ("mosquitto", "ingest", "service"):
+    for name in ("mosquitto", "ingest", "service", "metrics", "watchdog"):  # and what the watchdog restarts
         proc = psutil.Process(int((Path(s.run_dir) / f"{name}.pid").read_text()))
         # Real, effective and saved ids: root is gone for good, not set aside.
         assert set(proc.uids()) == {account.pw_uid} and set(proc.gids()) == {account.pw_gid}, name

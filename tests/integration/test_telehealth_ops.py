@@ -17,7 +17,7 @@ from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
 from tests.conftest import rpm, rpm_json
 from tests.integration.test_end_to_end import mosquitto_pub
 from warehouse.db import clinical
-from warehouse.telehealth import telehealth_db
+from warehouse.telehealth import open_telehealth, telehealth_db
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,9 @@ def test_app_events_and_device_status_reach_the_telehealth_store_without_identif
     assert acc["quarantined_by_reason"] == {"appointment_modality_present": 2}
     assert acc["balanced"]
 
-    con = duckdb.connect(str(telehealth_db(s)), read_only=True)
+    with pytest.raises(duckdb.Error, match="encrypted"):  # the store opens with its key only
+        duckdb.connect(str(telehealth_db(s)), read_only=True)
+    con = open_telehealth(s)
     status_rows = con.execute("SELECT battery_pct, firmware, device_kind FROM device_status").fetchall()
     assert status_rows == [(14.0, "2.5.0", "bp")]
     assert con.execute("SELECT module, minutes FROM education_events").fetchall() == [("bp-basics", 11.0)]

@@ -1,5 +1,6 @@
 -- Patient education: who opens the assigned modules, who finishes them, and how long they spend.
--- Runs inside the rebuilt telehealth store (warehouse/telehealth.py): pseudonymous keys only, no PHI.
+-- Runs inside the rebuilt telehealth store (warehouse/telehealth.py): pseudonymous keys, patient-local weeks,
+-- modules from the catalogue (anything else is 'other').
 
 -- One row per person, module and patient-local week (Monday start): what the person did with the module.
 CREATE OR REPLACE VIEW stg_education_person_weeks AS
