@@ -100,6 +100,10 @@ class Settings(BaseSettings):
         "pool grow with the data).")
     pipeline_max_segments: int = Field(5000, description="Most sealed segments one DAG run claims.")
     airflow_port: int = Field(8080, description="Airflow UI/API of `make up`, bound to 127.0.0.1 only.")
+    airflow_url: str = Field("", pattern=r"^(https?://[^\s/]+/?)?$", description=
+        "Airflow API server whose health endpoint `rpm ops status` reads (component heartbeats) when Airflow "
+        "is not the local stack of `rpm up --airflow`, e.g. http://airflow-api-server:8080 under compose; set, "
+        "Airflow is always judged. Empty: the local stack's, judged while it is meant to run.")
     pipeline_schedule_minutes: int = Field(1, description=
         "How often the scheduled rpm_pipeline DAG runs. Freshness (publish -> visible to a clinician) is about "
         "the seal age + up to one schedule + a ~20 s run: 1 minute keeps its p95 under 2 minutes "

@@ -17,20 +17,24 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from core.settings import Settings
 from pipeline.validation_report import report_path
 from rpmctl.services import INGEST, airflow_stack, broker, ingest_status, procs
+from rpmctl.services.restarts import restart_summary
 from rpmctl.views.table import table
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
 from warehouse.ops import quarantine_gate, quarantine_since
 
 
-def ops_status(s: Settings) -> dict:
+def ops_status(s: Settings, now: datetime | None = None) -> dict:
+    """The verdict and what it rests on; ``now``: the instant to judge ages at (default: the clock)."""
     from warehouse.ops import last_runs
 
     reasons: list[str] = []
@@ -50,7 +54,7 @@ def ops_status(s: Settings) -> dict:
     acc = accounting(s) if s.clinical_db.exists() else None
     pending = (acc or {}).get("pending", {"sealed_messages": 0, "open_messages": 0})
     budget_s = 3 * s.pipeline_schedule_minutes * 60
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     if runs and runs[0]["state"] == "failed" and runs[0]["failed_task"] != "quality_gate":
         failing.append(f"last run {runs[0]['run_id']} failed in {runs[0]['failed_task']}: {runs[0]['error']}")
     if runs:  # the quality gate's verdict is recomputed here: the thresholds may have changed since
@@ -65,6 +69,13 @@ def ops_status(s: Settings) -> dict:
                        "reports wait for the next successful run)")
     airflow = airflow_heartbeats(s, now)
     reasons.extend(airflow["problems"])
+    restarted = restart_summary(s, now)
+    for component, r in sorted(restarted.items()):
+        last = datetime.fromisoformat(r["last_restart"])
+        if now - last <= RESTART_RECENT or r["restarts_24h"] >= RESTART_LOOP:
+            reasons.append(f"{component} restarted by its supervisor at {last:%Y-%m-%d %H:%M:%S} UTC "
+                           f"({r['last_reason']}{'; restart failed: ' + r['last_error'] if r.get('last_error') else ''}"
+                           f"); {r['restarts_24h']} restart(s) in 24 h — see its log in {s.run_dir}")
     last_ok = next((r for r in runs if r["state"] == "success"), None)
     if pending["sealed_messages"] and last_ok is None:
         failing.append(f"{pending['sealed_messages']} landed message(s) waiting and no successful run yet")
@@ -93,7 +104,7 @@ def ops_status(s: Settings) -> dict:
                        **{k: ingest.get(k) for k in ("received", "landed", "acked", "marked", "write_errors",
                                                      "segments_sealed")},
                        "connected": bool(ingest_running and ingest.get("connected"))},
-            "airflow": {k: v for k, v in airflow.items() if k != "problems"},
+            "airflow": {k: v for k, v in airflow.items() if k != "problems"}, "restarts": restarted,
             "validation_report": str(report_path(s, runs[0]["run_id"])) if runs else None,
             "backlog": pending, "accounting_balanced": (acc or {}).get("balanced"), "rejected": rejected,
             "runs": [{k: r[k] for k in ("run_id", "state", "finished_at", "segments", "received", "loaded",
@@ -119,6 +130,10 @@ def _last_daily(s: Settings) -> dict | None:
     return daily[0] if daily else None
 
 
+# A supervisor's restart is news for this long; more restarts than RESTART_LOOP in 24 h is a crash loop.
+RESTART_RECENT = timedelta(minutes=15)
+RESTART_LOOP = 5
+
 # Airflow's own liveness rule (scheduler_health_check_threshold is 30 s): a component whose heartbeat is older
 # than this is not scheduling, parsing or triggering anything.
 HEARTBEAT_STALE_S = 60.0
@@ -131,12 +146,12 @@ def airflow_heartbeats(s: Settings, now: datetime) -> dict:
     """Each Airflow component's last heartbeat, when this state folder's Airflow is meant to run (`rpm up
     --airflow` until `rpm down`): from the API server's health endpoint, or — the API server down too —
     straight from the metadata database's job table. ``problems`` names every component not alive."""
-    expected = airflow_stack.wanted(s)
+    expected = bool(s.airflow_url) or airflow_stack.wanted(s)
     out: dict = {"expected": expected, "running": procs.read_pid(s, airflow_stack.NAME) is not None,
                  "heartbeats": {}, "source": None, "problems": []}
     if not expected:
         return out
-    health = airflow_stack.health(s)
+    health = _remote_health(s.airflow_url) if s.airflow_url else airflow_stack.health(s)
     if health:
         out["source"] = "api"
         beats = {name: (health.get(name) or {}).get(key) for name, _, key in _COMPONENTS}
@@ -157,6 +172,16 @@ def airflow_heartbeats(s: Settings, now: datetime) -> dict:
             out["problems"].append(f"Airflow {label} is not alive: last heartbeat {when:%Y-%m-%d %H:%M:%S} UTC "
                                    f"({age / 60:.0f} min ago)")
     return out
+
+
+def _remote_health(base: str) -> dict | None:
+    """Airflow's health endpoint (public, no login) at ``base`` — compose's API server, for instance."""
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}{airflow_stack.HEALTH}", timeout=3) as r:
+            body = json.load(r)
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _job_heartbeats(s: Settings) -> dict[str, str | None]:
@@ -193,6 +218,8 @@ def render_ops(st: dict) -> str:
         beats = ", ".join(f"{name.replace('_', ' ')} {f'heartbeat {hb[:19]}' if hb else 'no heartbeat'}"
                           for name, hb in a["heartbeats"].items())
         lines.append(f"airflow: {'up' if a['running'] else 'DOWN'}; {beats}")
+    if st["restarts"]:
+        lines.append("restarts (24 h): " + ", ".join(f"{c} {r['restarts_24h']}" for c, r in sorted(st["restarts"].items())))
     if st.get("validation_report"):
         lines.append(f"last run's validation report: {st['validation_report']}")
     lines.append("last runs:")

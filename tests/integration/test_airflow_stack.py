@@ -21,6 +21,7 @@ import pytest
 from core.settings import Settings
 from rpmctl.services import airflow_stack, procs
 from rpmctl.services.restarts import restarts
+from rpmctl.views.ops import ops_status
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -94,6 +95,24 @@ def scheduler_heartbeat(s: Settings) -> datetime | None:
     return datetime.fromisoformat(beat) if beat else None
 
 
+def land_garbage(s: Settings, n: int) -> None:
+    """``n`` unreadable messages from an unregistered device, landed and sealed as the ingest service would."""
+    from core.keyring import Keyring
+    from core.landing import SegmentWriter
+
+    writer = SegmentWriter(s.landing_dir, "garbage-0001", keyring=Keyring.load(s, "landing"))
+    for i in range(n):
+        writer.append("rpm/v1/devices/ghost-1/vitals", b"not json %d" % i, datetime.now(UTC))
+    writer.seal()
+
+
+def task_log(s: Settings, jwt: str, run_path: str, task_id: str) -> str:
+    """A task's first attempt's log through the REST API, as the UI shows it."""
+    body = airflow_stack.api(s, "GET", f"{run_path}/taskInstances/{task_id}/logs/1", token=jwt)
+    content = body.get("content") if isinstance(body, dict) else body
+    return "\n".join(str(line.get("event", line)) if isinstance(line, dict) else str(line) for line in content or [])
+
+
 def kill_the_scheduler_and_see_it_restarted(s: Settings) -> set[int]:
     """kill -9 the scheduler: the supervisor restarts it (the stack stays up), records it, ends the workers the
     dead one left behind, and the new one heartbeats. Returns the pids involved."""
@@ -149,15 +168,31 @@ def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         dag = airflow_stack.api(s, "GET", "/api/v2/dags/rpm_pipeline", token=jwt)
         assert dag["is_paused"] is False
 
+        # An all-bad batch: every message is quarantined. The run loads and publishes, then its quality gate
+        # fails it — red in Airflow's own grid — and `rpm ops status` names the run and the rate.
+        # The scheduled run (every minute) may claim the batch before the manual one: whichever does, fails.
+        land_garbage(s, 3)
         run = airflow_stack.trigger(s, "rpm_pipeline", jwt)
         path = f"/api/v2/dags/rpm_pipeline/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
-        state = wait_for(lambda: (st := airflow_stack.api(s, "GET", path, token=jwt)["state"])
-                         in ("success", "failed") and st, f"run {run['dag_run_id']} to finish")
-        if state != "success":
-            tis = airflow_stack.api(s, "GET", f"{path}/taskInstances", token=jwt)["task_instances"]
-            pytest.fail(f"rpm_pipeline ended {state}: "
-                        f"{ {ti['task_id']: ti['state'] for ti in tis} }\n"
+        wait_for(lambda: airflow_stack.api(s, "GET", path, token=jwt)["state"] in ("success", "failed"),
+                 f"run {run['dag_run_id']} to finish")
+        [failed] = airflow_stack.api(s, "GET", "/api/v2/dags/rpm_pipeline/dagRuns?state=failed",
+                                     token=jwt)["dag_runs"]
+        path = f"/api/v2/dags/rpm_pipeline/dagRuns/{urllib.parse.quote(failed['dag_run_id'], safe='')}"
+        tis = {ti["task_id"]: ti["state"] for ti in
+               airflow_stack.api(s, "GET", f"{path}/taskInstances", token=jwt)["task_instances"]}
+        if {t for t, st in tis.items() if st != "success"} != {"quality_gate"}:
+            pytest.fail(f"rpm_pipeline {failed['dag_run_id']}: {tis}\n"
                         + procs.tail(procs.log_file(s, airflow_stack.NAME), 40))
+        # Each task's one INFO line is in its log as the UI shows it (counts and rule names only).
+        load_log = task_log(s, jwt, path, "load")
+        assert "rpm load: loaded=0 quarantined=3 duplicates=0" in load_log, load_log[-2000:]
+        assert "rpm validate:" in task_log(s, jwt, path, "validate")
+        verdict = ops_status(s)
+        assert verdict["verdict"] == "failing"
+        # (A later scheduled run with nothing to claim may be the last one by now: the hour still counts.)
+        assert any("quarantined 3 of 3 received (100.0%), above RPM_QUARANTINE_FAIL" in r
+                   for r in verdict["reasons"]), verdict["reasons"]
         seen |= airflow_stack.processes(s) | env_pids(home)  # task runners come and go
         status = airflow_stack.status(s)
         assert status["running"] and status["last_runs"]
@@ -167,6 +202,8 @@ def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
 
         t1 = time.monotonic()
         seen |= kill_the_scheduler_and_see_it_restarted(s)
+        assert any(r.startswith("airflow-scheduler restarted by its supervisor") and "SIGKILL" in r
+                   for r in ops_status(s)["reasons"])
         print(f"killed scheduler restarted and heartbeating after {time.monotonic() - t1:.1f}s")
     finally:
         t1 = time.monotonic()

@@ -150,3 +150,52 @@ def test_a_wanted_airflow_with_a_dead_scheduler_is_degraded_naming_it_and_since_
     assert not any("dag processor is not alive" in r for r in st["reasons"])
     assert any("API server is not answering" in r for r in st["reasons"])
     assert "scheduler heartbeat" in render_ops(st)
+
+
+def test_a_supervisor_restart_is_reported_with_its_reason(s: Settings) -> None:
+    from rpmctl.services import restarts
+
+    Path(s.run_dir).mkdir(parents=True, exist_ok=True)
+    restarts.record(s, "airflow-scheduler", "airflow", 4242, 4343, -9, 0, 1.0)
+    st = ops_status(s)
+    [line] = [r for r in st["reasons"] if r.startswith("airflow-scheduler restarted")]
+    assert "SIGKILL" in line and "1 restart(s) in 24 h" in line
+    assert st["restarts"]["airflow-scheduler"]["restarts_24h"] == 1
+    assert "restarts (24 h): airflow-scheduler 1" in render_ops(st)
+    # An hour later it is history, not news.
+    later = ops_status(s, now=datetime.now(UTC) + timedelta(hours=1))
+    assert not any(r.startswith("airflow-scheduler restarted") for r in later["reasons"])
+
+
+def test_a_remote_airflow_is_judged_by_its_health_endpoint(s: Settings) -> None:
+    """Under compose, Airflow is another container: RPM_AIRFLOW_URL names its API server, and a dead scheduler
+    there makes the verdict degraded like the local stack's would."""
+    import http.server
+    import threading
+
+    now = datetime.now(UTC)
+    body = json.dumps({"metadatabase": {"status": "healthy"},
+                       "scheduler": {"status": "unhealthy",
+                                     "latest_scheduler_heartbeat": (now - timedelta(minutes=3)).isoformat()},
+                       "dag_processor": {"status": "healthy", "latest_dag_processor_heartbeat": now.isoformat()},
+                       "triggerer": {"status": "healthy", "latest_triggerer_heartbeat": now.isoformat()}}).encode()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            code = 200 if self.path == airflow_stack.HEALTH else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body if code == 200 else b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        st = ops_status(s.replace(airflow_url=f"http://127.0.0.1:{server.server_port}"))
+    finally:
+        server.shutdown()
+    assert st["airflow"]["expected"] and st["airflow"]["source"] == "api"
+    assert [r for r in st["reasons"] if "Airflow" in r] == [
+        r for r in st["reasons"] if r.startswith("Airflow scheduler is not alive: last heartbeat") and "3 min ago" in r]
