@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def _service_logs(s: Settings, cutoff: float) -> tuple[int, int]:
         if _rotate(log):
             rotated += 1
         for old in log.parent.glob(f"{log.name}.*"):
-            if old.name.removeprefix(f"{log.name}.").isdigit() and old.stat().st_mtime < cutoff:
+            if old.name.removeprefix(f"{log.name}.").isdigit() and old.lstat().st_mtime < cutoff:
                 old.unlink(missing_ok=True)
                 deleted += 1
     return rotated, deleted
@@ -74,10 +75,11 @@ def _service_logs(s: Settings, cutoff: float) -> tuple[int, int]:
 
 def _rotate(log: Path) -> bool:
     try:
-        if log.stat().st_size <= LOG_MAX_BYTES:
-            return False
+        st = log.lstat()
     except FileNotFoundError:
         return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size <= LOG_MAX_BYTES:
+        return False  # a symlink planted in place of a log is never followed (copied, then truncated)
     for n in range(LOG_KEEP - 1, 0, -1):
         older = log.with_name(f"{log.name}.{n}")
         if older.exists():

@@ -67,7 +67,7 @@ def prune_reports(s: Settings, cutoff: float) -> int:
     d = reports_dir(s)
     removed = 0
     for path in d.glob("*.html"):
-        if path.name != "index.html" and path.stat().st_mtime < cutoff:
+        if path.name != "index.html" and path.lstat().st_mtime < cutoff:
             path.unlink(missing_ok=True)
             removed += 1
     if (d / "index.jsonl").exists():
