@@ -66,7 +66,7 @@ def run_pipeline(s: Settings) -> str:
     the stage task's WARNING for a set-aside segment is)."""
     proc = rpm(s, "pipeline", "run")
     result = proc.stdout.splitlines()[0]
-    assert re.fullmatch(r"rpm_pipeline \S+: success \((\w+ success, ){7}\w+ success\)", result), result
+    assert re.fullmatch(r"rpm_pipeline \S+: success \((\w+ success, ){8}\w+ success\)", result), result
     task_log = (Path(s.run_dir) / "pipeline-run.log").read_text()  # type: ignore[arg-type]
     return proc.stdout + proc.stderr + task_log
 

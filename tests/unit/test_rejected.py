@@ -140,7 +140,7 @@ def test_each_kind_of_unreadable_segment_is_named_with_its_reason_and_no_payload
         with pytest.raises(UnreadableSegment) as info:
             read_whole_segment(path, ring)
         assert info.value.reason == reason, what
-        assert PHI not in str(info.value) and "72" not in info.value.detail, what
+        assert PHI not in str(info.value) and "heart_rate" not in info.value.detail, what  # (a key id may hold any digits)
     assert "record 1" in str(pytest.raises(UnreadableSegment, read_whole_segment, tampered, ring).value)
     with pytest.raises(UnreadableSegment, match="missing field 'payload'"):
         read_whole_segment(cases["record without payload"][0], ring)
