@@ -66,10 +66,20 @@ def fresh_settings() -> Iterator[Settings]:
 
 
 def start_stack(s: Settings, airflow_db: Path) -> Settings:
-    """Broker + ingest running in the background, Airflow metadata ready: what `rpm up` gives a user."""
+    """Broker + ingest running in the background, Airflow metadata ready: the part of `rpm up` the pipeline's
+    tests use (the clinician service and the metrics exporter are for the modules that test them: each costs
+    a process start per fixture)."""
     s.airflow_home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(airflow_db, s.airflow_home / "airflow.db")
-    services.up(s)
+    return start_ingest(s)
+
+
+def start_ingest(s: Settings) -> Settings:
+    """The broker and the ingest service, as `rpm up` starts them."""
+    services.init(s)
+    broker.rotate_log(s)
+    broker.start(s)
+    services.start_ingest(s)
     return s
 
 
@@ -90,8 +100,7 @@ def running_broker(settings: Settings) -> Settings:
 @pytest.fixture
 def ingest_up(settings: Settings) -> Settings:
     """Broker + ingest running in the background (no Airflow metadata needed)."""
-    services.up(settings)
-    return settings
+    return start_ingest(settings)
 
 
 @pytest.fixture

@@ -84,8 +84,15 @@ def value(families: dict[str, Family], name: str, **labels: str) -> float:
     return families[name].value(**labels)
 
 
-def test_the_exporter_follows_a_fleet_through_a_run_and_exports_what_rules_and_dashboard_query(ingest_up: Settings):
-    s = ingest_up
+
+@pytest.fixture
+def rpm_up(settings: Settings) -> Settings:
+    """Everything `rpm up` starts (the metrics exporter among it)."""
+    services.up(settings)
+    return settings
+
+def test_the_exporter_follows_a_fleet_through_a_run_and_exports_what_rules_and_dashboard_query(rpm_up: Settings):
+    s = rpm_up
     pid = services.status(s)["metrics_pid"]
     assert pid and procs.read_pid(s, services.METRICS) == pid  # `rpm up` started it, with a pid file
 
@@ -145,8 +152,8 @@ def test_the_exporter_follows_a_fleet_through_a_run_and_exports_what_rules_and_d
     assert stopped["metrics_stopped"] is True and not procs.port_open("127.0.0.1", s.metrics_port)
 
 
-def test_a_tampered_audit_log_shows_on_the_next_scrape(ingest_up: Settings):
-    s = ingest_up
+def test_a_tampered_audit_log_shows_on_the_next_scrape(rpm_up: Settings):
+    s = rpm_up
     audit = AuditLog(s)
     for n in range(3):
         audit.append("dr-test", "patients:list", [f"pt-{n}"], {}, 1)
