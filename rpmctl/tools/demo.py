@@ -110,6 +110,7 @@ def run_demo(s: Settings, patients: int, days: int, seed: int) -> int:
                                      ("connectivity", "device connectivity", False),
                                      ("adherence", "monitoring adherence", False)):
             _section(f"telehealth report: {title}")
+            print(f"({reports.route(name, publish)})")
             rows = reports.report(s, name, publish=publish)
             print(report_views.render(name, rows[:8]))
             if len(rows) > 8:
