@@ -12,6 +12,7 @@ newest few on every publish (warehouse/serving.py). What is pruned here is delet
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from core.settings import Settings
 from pipeline.validation_report import prune_reports
+
+log = logging.getLogger("rpm.pipeline")
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_KEEP = 5  # rotated copies of a live log (name.log.1 .. name.log.5), besides the age limit
@@ -36,7 +39,12 @@ def prune_artifacts(s: Settings, days: int | None = None, now: float | None = No
 
 
 def _prune_tree(root: Path, cutoff: float) -> int:
-    """Files under ``root`` last modified before ``cutoff``, then the folders they leave empty (not ``root``)."""
+    """Files under ``root`` last modified before ``cutoff``, then the folders they leave empty (not ``root``).
+    Symlinks are removed as links, never followed; a ``root`` that is itself a symlink is left alone (point
+    Airflow's AIRFLOW__LOGGING__BASE_LOG_FOLDER at another disk instead: then that folder is pruned)."""
+    if root.is_symlink():
+        log.warning("not pruning %s: it is a symlink", root)
+        return 0
     removed = 0
     for folder, _dirs, files in os.walk(root, topdown=False):
         for name in files:
@@ -82,10 +90,14 @@ def _rotate(log: Path) -> bool:
         return False  # a symlink planted in place of a log is never followed (copied, then truncated)
     for n in range(LOG_KEEP - 1, 0, -1):
         older = log.with_name(f"{log.name}.{n}")
-        if older.exists():
-            os.replace(older, log.with_name(f"{log.name}.{n + 1}"))
-    with open(log, "rb") as src, open(log.with_name(f"{log.name}.1"), "wb") as dst:
+        if older.is_symlink() or older.exists():
+            os.replace(older, log.with_name(f"{log.name}.{n + 1}"))  # renames a link, never its target
+    copy = log.with_name(f"{log.name}.1")
+    copy.unlink(missing_ok=True)
+    # Neither end through a symlink: O_NOFOLLOW on the log (copied, then truncated through the same
+    # descriptor), O_EXCL (a fresh file) for the copy.
+    with os.fdopen(os.open(log, os.O_RDWR | os.O_NOFOLLOW), "r+b") as src, os.fdopen(
+            os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as dst:
         shutil.copyfileobj(src, dst)
-        os.fchmod(dst.fileno(), 0o600)
-    os.truncate(log, 0)
+        src.truncate(0)
     return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 import re
 from datetime import datetime
@@ -24,6 +25,8 @@ def reports_dir(s: Settings) -> Path:
     return Path(s.home) / "reports" / "validation"
 
 
+log = logging.getLogger("rpm.pipeline")
+REPORT_FILE = re.compile(r"[A-Za-z0-9_.-]+\.html")  # what report_path names: an index line may name nothing else
 INDEX_SHOWN = 2000  # rows on index.html (a day and a half of 1-minute runs); index.jsonl keeps them all
 COUNTS = ("segments", "messages", "received", "loaded", "quarantined", "duplicates")
 
@@ -56,15 +59,21 @@ only; no reading values or identifiers.</p><h2>Accounting</h2><table>{counts}</t
     entry = {"run_id": run["run_id"], "file": path.name, "state": run.get("state"),
              "finished_at": finished.isoformat() if isinstance(finished, datetime) else finished,
              **{k: run.get(k) or 0 for k in COUNTS}, "rules": dict(by_reason)}
-    with open(d / "index.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
-    _render_index(d)
+    try:  # the index is derived from the reports: a broken one must not fail the run (or what follows it)
+        with open(d / "index.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        _render_index(d)
+    except (OSError, ValueError) as exc:
+        log.warning("validation index not updated (%s: %s); the run's report is %s", type(exc).__name__, exc, path)
     return path
 
 
 def prune_reports(s: Settings, cutoff: float) -> int:
     """Delete reports last written before ``cutoff`` (epoch seconds) and their index lines; returns how many."""
     d = reports_dir(s)
+    if d.is_symlink():
+        log.warning("not pruning %s: it is a symlink", d)
+        return 0
     removed = 0
     for path in d.glob("*.html"):
         if path.name != "index.html" and path.lstat().st_mtime < cutoff:
@@ -83,15 +92,16 @@ def _entries(d: Path) -> list[dict]:
     """Index lines, the last one per run (a retried record_run writes its run again), in writing order."""
     latest: dict[str, dict] = {}
     try:
-        lines = (d / "index.jsonl").read_text().splitlines()
+        lines = (d / "index.jsonl").read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
         try:
             entry = json.loads(line)
         except ValueError:
-            continue  # a line cut short by a crash mid-write
-        if isinstance(entry, dict) and isinstance(entry.get("run_id"), str) and isinstance(entry.get("file"), str):
+            continue  # a line cut short by a crash mid-write, or not ours
+        if (isinstance(entry, dict) and isinstance(entry.get("run_id"), str)
+                and isinstance(entry.get("file"), str) and REPORT_FILE.fullmatch(entry["file"])):
             latest.pop(entry["run_id"], None)
             latest[entry["run_id"]] = entry
     return list(latest.values())
@@ -119,9 +129,11 @@ def _render_index(d: Path) -> None:
 
 
 def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
     try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        return int(value)
+    except (OverflowError, ValueError):  # inf, nan
         return 0
 
 

@@ -139,12 +139,11 @@ def last_runs(s: Settings, n: int = 5, dag_id: str = PIPELINE_DAG) -> list[dict]
                                 "ORDER BY finished_at DESC LIMIT ?", [dag_id, n]))
 
 
-def quarantine_since(s: Settings, since: datetime) -> tuple[int, int]:
-    """(quarantined, received) over rpm_pipeline's runs finished since ``since``."""
+def runs_quarantine_since(s: Settings, since: datetime) -> list[dict]:
+    """rpm_pipeline's runs finished since ``since``, newest first: run_id, finished_at, quarantined, received."""
     from warehouse.serving import serving
 
     with serving(s) as con:
-        row = con.execute("SELECT coalesce(sum(quarantined), 0), coalesce(sum(received), 0) FROM pipeline_runs "
-                          "WHERE coalesce(dag_id, 'rpm_pipeline') = 'rpm_pipeline' AND finished_at >= ?",
-                          [since]).fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
+        return rows(con.execute("SELECT run_id, finished_at, quarantined, received FROM pipeline_runs "
+                                "WHERE coalesce(dag_id, 'rpm_pipeline') = 'rpm_pipeline' AND finished_at >= ? "
+                                "ORDER BY finished_at DESC", [since]))

@@ -7,8 +7,9 @@
   ingest is not connected, the newest landed data waits longer than three schedule intervals, or the last
   successful run is older than that, or an unreadable landing segment waits in landing/rejected/ (its
   messages reach nobody until the cause is fixed and it is replayed: ``rpm landing replay``);
-- quarantine: the last run's share of quarantined items, or the last hour's, above RPM_QUARANTINE_WARN is
-  degraded, above RPM_QUARANTINE_FAIL failing (a device sending garbage, a broken app release, a wrong unit);
+- quarantine: a run of the last hour (or the last run) whose share of quarantined items is above
+  RPM_QUARANTINE_WARN is degraded, above RPM_QUARANTINE_FAIL failing (a device sending garbage, a broken app
+  release, a wrong unit), named with its validation report;
 - Airflow, once `rpm up --airflow` started it (until `rpm down`): a scheduler, DAG processor or triggerer
   without a recent heartbeat is degraded (no run is scheduled or parsed), naming which and since when;
   rpm_daily's last run failed: failing (housekeeping and the telehealth reports stopped);
@@ -25,12 +26,13 @@ from pathlib import Path
 
 from core.settings import Settings
 from pipeline.validation_report import report_path
+from rpmctl.errors import printable
 from rpmctl.services import INGEST, airflow_stack, broker, ingest_status, procs
 from rpmctl.services.restarts import restart_summary
 from rpmctl.views.table import table
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
-from warehouse.ops import quarantine_gate, quarantine_since
+from warehouse.ops import Gate, quarantine_gate, runs_quarantine_since
 
 
 def ops_status(s: Settings, now: datetime | None = None) -> dict:
@@ -57,11 +59,20 @@ def ops_status(s: Settings, now: datetime | None = None) -> dict:
     now = now or datetime.now(UTC)
     if runs and runs[0]["state"] == "failed" and runs[0]["failed_task"] != "quality_gate":
         failing.append(f"last run {runs[0]['run_id']} failed in {runs[0]['failed_task']}: {runs[0]['error']}")
-    if runs:  # the quality gate's verdict is recomputed here: the thresholds may have changed since
-        _judge(quarantine_gate(s, runs[0]["quarantined"], runs[0]["received"], f"last run {runs[0]['run_id']}"),
-               reasons, failing, report_path(s, runs[0]["run_id"]))
-    q, n = quarantine_since(s, now - timedelta(hours=1)) if runs else (0, 0)
-    _judge(quarantine_gate(s, q, n, "the last hour's runs"), reasons, failing, None)
+    # Each run of the last hour (and the last run, however old) is judged again — the thresholds may have
+    # changed since its gate ran: a red batch stays news for an hour, not until the next empty run.
+    hour_ago = now - QUARANTINE_WINDOW
+    judged = {r["run_id"]: r for r in (runs_quarantine_since(s, hour_ago) if runs else [])}
+    if runs:
+        judged.setdefault(runs[0]["run_id"], runs[0])
+    flagged = [(g, rid) for rid, r in judged.items()
+               if (g := quarantine_gate(s, r["quarantined"], r["received"],
+                                        f"run {rid} (finished {r['finished_at']:%Y-%m-%d %H:%M} UTC)")).level != "ok"]
+    if flagged:
+        worst, rid = max(flagged, key=lambda gr: (gr[0].level == "fail", gr[0].rate or 0))
+        more = len(flagged) - 1
+        _judge(worst, reasons, failing, report_path(s, rid),
+               f" (and {more} more run(s) in the last hour above RPM_QUARANTINE_WARN)" if more else "")
     daily = _last_daily(s)
     if daily and daily["state"] == "failed":
         failing.append(f"rpm_daily run {daily['run_id'].removeprefix('rpm_daily:')} failed in "
@@ -109,15 +120,26 @@ def ops_status(s: Settings, now: datetime | None = None) -> dict:
             "backlog": pending, "accounting_balanced": (acc or {}).get("balanced"), "rejected": rejected,
             "runs": [{k: r[k] for k in ("run_id", "state", "finished_at", "segments", "received", "loaded",
                                         "quarantined", "duplicates", "received_to_loaded_p95_s",
-                                        "measured_to_loaded_p95_s", "task_seconds", "failed_task")}
-                     | {"rejected_segments": r.get("rejected_segments")} for r in runs]}
+                                        "measured_to_loaded_p95_s", "failed_task")}
+                     | {"rejected_segments": r.get("rejected_segments"), "task_seconds": _object(r["task_seconds"])}
+                     for r in runs]}
 
 
-def _judge(gate, reasons: list[str], failing: list[str], report: Path | None) -> None:
+def _object(value: object) -> object:
+    """A JSON column (stored as text) as the object it holds, for --json."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+def _judge(gate: Gate, reasons: list[str], failing: list[str], report: Path | None, more: str = "") -> None:
     if gate.level == "ok":
         return
     where = f" — validation report {report}" if report is not None and report.exists() else ""
-    (failing if gate.level == "fail" else reasons).append(gate.message + where)
+    (failing if gate.level == "fail" else reasons).append(gate.message + more + where)
 
 
 def _last_daily(s: Settings) -> dict | None:
@@ -130,6 +152,7 @@ def _last_daily(s: Settings) -> dict | None:
     return daily[0] if daily else None
 
 
+QUARANTINE_WINDOW = timedelta(hours=1)  # how long a batch above the thresholds keeps the verdict down
 # A supervisor's restart is news for this long; more restarts than RESTART_LOOP in 24 h is a crash loop.
 RESTART_RECENT = timedelta(minutes=15)
 RESTART_LOOP = 5
@@ -154,16 +177,14 @@ def airflow_heartbeats(s: Settings, now: datetime) -> dict:
     health = _remote_health(s.airflow_url) if s.airflow_url else airflow_stack.health(s)
     if health:
         out["source"] = "api"
-        beats = {name: (health.get(name) or {}).get(key) for name, _, key in _COMPONENTS}
+        beats = {name: (part.get(key) if isinstance(part := health.get(name), dict) else None)
+                 for name, _, key in _COMPONENTS}
     else:
         out["source"] = "metadata"
         beats = _job_heartbeats(s)
         out["problems"].append("Airflow API server is not answering (UI and `rpm airflow` are down)")
     for name, _, _ in _COMPONENTS:
-        beat = beats.get(name)
-        when = datetime.fromisoformat(beat) if isinstance(beat, str) else beat
-        if when is not None and when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)  # the metadata database stores UTC
+        when = _instant(beats.get(name))
         out["heartbeats"][name] = when.isoformat() if when else None
         label = name.replace("_", " ")
         if when is None:
@@ -174,14 +195,36 @@ def airflow_heartbeats(s: Settings, now: datetime) -> dict:
     return out
 
 
-def _remote_health(base: str) -> dict | None:
-    """Airflow's health endpoint (public, no login) at ``base`` — compose's API server, for instance."""
+def _instant(value: object) -> datetime | None:
+    """A heartbeat as an aware instant; anything else (a number, "yesterday", garbage) is no heartbeat."""
+    if not isinstance(value, str):
+        return None
     try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}{airflow_stack.HEALTH}", timeout=3) as r:
-            body = json.load(r)
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when  # the metadata database stores UTC
+
+
+HEALTH_TIMEOUT_S = 3.0
+HEALTH_MAX_BYTES = 64 * 1024
+
+
+def _remote_health(base: str) -> dict | None:
+    """Airflow's health endpoint (public, no login) at ``base`` — compose's API server, for instance. Bounded in
+    time as a whole (a server trickling bytes cannot hold the verdict) and in size."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    body = b""
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}{airflow_stack.HEALTH}", timeout=HEALTH_TIMEOUT_S) as r:
+            while chunk := r.read1(4096):
+                body += chunk
+                if time.monotonic() > deadline or len(body) > HEALTH_MAX_BYTES:
+                    return None
+        parsed = json.loads(body)
     except (OSError, ValueError):
         return None
-    return body if isinstance(body, dict) else None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _job_heartbeats(s: Settings) -> dict[str, str | None]:
@@ -201,7 +244,8 @@ def _job_heartbeats(s: Settings) -> dict[str, str | None]:
 
 def render_ops(st: dict) -> str:
     mark = {"healthy": "HEALTHY", "degraded": "DEGRADED", "failing": "FAILING"}[st["verdict"]]
-    lines = [f"pipeline: {mark}", *(f"  - {r}" for r in st["reasons"])]
+    # Reasons quote stored text (run ids, restart reasons, errors): escaped, so none can forge a line.
+    lines = [f"pipeline: {mark}", *(f"  - {printable(r)}" for r in st["reasons"])]
     i = st["ingest"]
     up_broker = f"up (pid {st['broker']['pid']})" if st["broker"]["running"] else "DOWN"
     up_ingest = f"up (pid {i['pid']})" if i["running"] else "DOWN"
@@ -219,7 +263,8 @@ def render_ops(st: dict) -> str:
                           for name, hb in a["heartbeats"].items())
         lines.append(f"airflow: {'up' if a['running'] else 'DOWN'}; {beats}")
     if st["restarts"]:
-        lines.append("restarts (24 h): " + ", ".join(f"{c} {r['restarts_24h']}" for c, r in sorted(st["restarts"].items())))
+        lines.append(printable("restarts (24 h): " + ", ".join(f"{c} {r['restarts_24h']}"
+                                                              for c, r in sorted(st["restarts"].items()))))
     if st.get("validation_report"):
         lines.append(f"last run's validation report: {st['validation_report']}")
     lines.append("last runs:")

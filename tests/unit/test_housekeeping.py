@@ -109,3 +109,45 @@ def test_the_task_log_line_is_counts_and_rules_only(settings: Settings) -> None:
                                        "unit_accepted": 1}, "segments": ["seg-a", "seg-b"], "seconds": 0.5})
     assert line == ("rpm validate: checked=12 failed=3 failures_by_rule={unit_accepted: 1, value_plausible: 2} "
                     "segments=2 seconds=0.5")
+
+
+def test_planted_symlinks_are_never_followed(settings: Settings, tmp_path: Path) -> None:
+    """A dangling link where the rotated copy goes, a log that is a link, a logs folder that is a link: nothing
+    outside the state folder is written or deleted."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir = Path(settings.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    live = run_dir / "ingest.log"
+    live.write_bytes(b"x" * (housekeeping.LOG_MAX_BYTES + 1))
+    (run_dir / "ingest.log.1").symlink_to(outside / "pwned.txt")  # dangling: a copy through it would create it
+    victim = outside / "victim.log"
+    victim.write_bytes(b"y" * (housekeeping.LOG_MAX_BYTES + 1))
+    (run_dir / "service.log").symlink_to(victim)
+    old_note = outside / "old-notes.txt"
+    old_note.write_text("keep me")
+    age(old_note, time.time() - 100 * 86400)
+    Path(settings.airflow_home).mkdir(parents=True, exist_ok=True)
+    (Path(settings.airflow_home) / "logs").symlink_to(outside)
+
+    result = housekeeping.prune_artifacts(settings)
+
+    assert not (outside / "pwned.txt").exists()
+    assert victim.stat().st_size == housekeeping.LOG_MAX_BYTES + 1  # not truncated through the link
+    assert old_note.exists() and result["task_log_files"] == 0
+    assert live.stat().st_size == 0 and (run_dir / "ingest.log.1").is_file()
+    assert not (run_dir / "ingest.log.1").is_symlink()
+
+
+def test_a_broken_index_never_fails_a_run_or_the_prune(settings: Settings) -> None:
+    write_report(settings, run("manual__a", datetime(2026, 12, 1, tzinfo=UTC)), {})
+    with open(reports_dir(settings) / "index.jsonl", "ab") as f:
+        f.write(b'{"run_id": "x", "file": "x.html", "received": 1e999}\n\xff\xfe not utf-8\n'
+                b'{"run_id": "y", "file": "../../etc/passwd", "received": 1}\n'
+                b'{"run_id": "z", "file": "javascript:alert(1)//.html", "received": 1}\n')
+    page = write_report(settings, run("manual__b", datetime(2026, 12, 2, tzinfo=UTC)), {})
+    assert page.exists()
+    index = (reports_dir(settings) / "index.html").read_text()
+    assert "manual__b" in index and "passwd" not in index and "javascript" not in index
+    housekeeping.prune_artifacts(settings)
+    assert "manual__a" in (reports_dir(settings) / "index.html").read_text()
