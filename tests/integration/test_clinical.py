@@ -15,6 +15,7 @@ import pytest
 from core.keyring import DecryptError, Keyring
 from core.landing import list_sealed, read_segment
 from core.settings import Settings
+from rpmctl import services
 from rpmctl.services import SERVICE, ingest_status, procs, start_service
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
@@ -39,6 +40,7 @@ def fleet_loaded(airflow_db_template: Path):
     the audit log (restored) and the keys."""
     with fresh_settings() as s:
         start_stack(s, airflow_db_template)
+        services.up(s)  # and the clinician service (with what else `rpm up` starts)
         fleet = build_fleet(patients=4, days=3, seed=5)
         provision_fleet(s, fleet, days=3)
         sent = publish_fleet(s, fleet)

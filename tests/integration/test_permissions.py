@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
+from rpmctl import services
 from rpmctl.services import ingest_status, procs
 from rpmctl.tools.publish import wait_until
 from rpmctl.tools.simulator import build_fleet, provision_fleet, publish_fleet
@@ -95,6 +96,7 @@ def login_umask():
 
 def test_after_up_and_a_pipeline_run_nothing_that_names_someone_is_readable_by_others(stack, tmp_path):
     s = stack
+    services.up(s)  # everything `rpm up` starts: the clinician service and the metrics exporter write too
     fleet = build_fleet(patients=3, days=2, seed=11)
     provision_fleet(s, fleet, days=2)
     sent = publish_fleet(s, fleet)
