@@ -30,6 +30,9 @@ log = logging.getLogger("rpm.ingest.metrics")
 PREFIX = "rpm_ingest_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 COUNTER, GAUGE = "counter", "gauge"
+# Why ingest.service.quick_mark marks a message (its own checks, then core.payload.parse_json_object's).
+# Each is exported at 0 from the first scrape: rate() and the dashboard need a series before the first mark.
+MARK_REASONS = ("unknown_topic", "payload_too_large", "not_utf8", "not_json", "not_a_json_object")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Spec:
     help: str
     value: Callable[[Snapshot, float], Value]  # (snapshot, now) -> value
     label: str | None = None
+    known: tuple[str, ...] = ()  # label values exported (at 0) before they are first counted
 
 
 def _age(since: float | None, now: float, never: float) -> float:
@@ -77,7 +81,7 @@ REGISTRY: tuple[Spec, ...] = (
          lambda s, now: s.acked),
     Spec("messages_marked_malformed_total", COUNTER,
          "Messages landed with a malformed mark (they are kept, never dropped), by reason.",
-         lambda s, now: s.marked, label="reason"),
+         lambda s, now: s.marked, label="reason", known=MARK_REASONS),
     Spec("write_errors_total", COUNTER, "Landing writes or fsyncs that failed (the broker redelivers).",
          lambda s, now: s.write_errors),
     Spec("segments_sealed_total", COUNTER, "Landing segments sealed and handed to the pipeline.",
@@ -116,7 +120,7 @@ class SnapshotCollector:
             if isinstance(value, int | float):
                 family.add_metric([], float(value))
             else:
-                for label_value, sample in value:
+                for label_value, sample in {**dict.fromkeys(spec.known, 0.0), **dict(value)}.items():
                     family.add_metric([label_value], float(sample))
             yield family
 

@@ -9,9 +9,14 @@ legacy names (rpmctl/services/airflow_stack.py), so a DAG or task id arrives as 
 (``airflow_ti_finish_total{dag_id="rpm_pipeline",...}``) instead of a new metric name per task.
 
 Names: ``airflow.`` + the StatsD name with every character other than a letter, digit or ``_`` made ``_``;
-counters end in ``_total``, timers in ``_seconds``. Only names under the ``airflow.`` prefix are kept, and at
-most ``max_series`` series: the port takes unauthenticated datagrams, so what anyone on it sends must not grow
-memory without bound. What is refused is counted in ``rpm_pipeline_statsd_lines_total{outcome}``.
+counters end in ``_total``, timers in ``_seconds``. A name that would put a second HELP/TYPE (or a sample of
+another family) into the exposition is refused: the first family to claim it stays.
+
+The port takes unauthenticated datagrams, so what anyone on it sends must not grow memory or the scrape without
+bound: only names under the ``airflow.`` prefix are kept, names, label keys, label values and the number of
+labels are bounded, and the store holds at most ``max_families`` families, ``max_series`` series (a timer's
+buckets, sum and count each count, as in Prometheus) and ``max_bytes`` of exposition; every cap is checked
+before anything is created. What is refused is counted in ``rpm_pipeline_statsd_lines_total{outcome}``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,15 @@ PREFIX = "airflow"
 # Seconds: task and parse times from milliseconds to an hour-long DAG run.
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
            math.inf)
-OUTCOMES = ("accepted", "malformed", "unsupported", "foreign", "negative_counter", "type_conflict",
-            "too_many_series")
+OUTCOMES = ("accepted", "malformed", "unsupported", "foreign", "negative_counter", "too_long", "too_many_labels",
+            "type_conflict", "name_collision", "too_many_families", "too_many_series")
+# Airflow validates its stat names to at most 250 characters (metrics/validators.py), and DAG and task ids are
+# at most 250 (ID_LEN); its tags are a handful (dag_id, task_id, state, ...).
+MAX_NAME = 250
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 250
+MAX_LABELS = 10
+_SAMPLE_OVERHEAD = 32  # a sample line's value, braces, quotes and newline, roughly
 _NOT_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 Labels = tuple[tuple[str, str], ...]
@@ -86,18 +98,28 @@ def parse_line(line: str) -> Line:
     source, *tags = name_and_tags.split(",")
     if not source.startswith(PREFIX + "."):
         raise Refused("foreign")
+    if len(source) > MAX_NAME:
+        raise Refused("too_long")
+    if len(tags) > MAX_LABELS:
+        raise Refused("too_many_labels")
     labels = []
     for tag in tags:
         key, sep, tag_value = tag.partition("=")
         if not sep or not key:
             raise Refused("malformed")
+        if len(key) > MAX_LABEL_KEY or len(tag_value) > MAX_LABEL_VALUE:
+            raise Refused("too_long")
         label = _name(key)
         # "__…" is reserved to Prometheus, "le" is a histogram's bucket bound.
         labels.append((f"tag{label}" if label.startswith("__") or label == "le" else label, tag_value))
     base, labelled = _name(source), tuple(sorted(labels))
+    if len(dict(labelled)) < len(labelled):  # the same label twice: one series cannot carry both values
+        raise Refused("malformed")
     if kind == "c":
         if value < 0:  # Airflow's decr(): a Prometheus counter never goes down
             raise Refused("negative_counter")
+        if not math.isfinite(value / rate):
+            raise Refused("malformed")
         return Line(base, "counter", source, labelled, value / rate)
     if kind == "g":
         return Line(base, "gauge", source, labelled, value, delta=value_text[:1] in "+-")
@@ -109,10 +131,12 @@ def parse_line(line: str) -> Line:
 class StatsdStore:
     """The samples received so far; ``feed`` from the UDP thread, ``collect`` from scrape threads."""
 
-    def __init__(self, max_series: int = 10_000):
-        self.max_series = max_series
+    def __init__(self, max_series: int = 10_000, max_families: int = 1_000, max_bytes: int = 4_000_000):
+        self.max_series, self.max_families, self.max_bytes = max_series, max_families, max_bytes
         self._families: dict[str, _Family] = {}
+        self._claimed: dict[str, str] = {}  # every name in the exposition -> the family that emits it
         self._series = 0
+        self.size = 0                       # bytes of exposition the families and series held would render
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self._lock = threading.Lock()
 
@@ -130,20 +154,37 @@ class StatsdStore:
             return
         with self._lock:
             family = self._families.get(line.family)
-            if family is None:
-                family = self._families[line.family] = _Family(line.kind, line.source)
-            elif family.kind != line.kind:  # the same name sent as two types: the first one stays
+            if family is not None and family.kind != line.kind:  # the same name sent as two types: the first stays
                 self._outcomes["type_conflict"] += 1
                 return
-            state = family.series.get(line.labels)
+            state = family.series.get(line.labels) if family is not None else None
             if state is None:
-                if self._series >= self.max_series:
-                    self._outcomes["too_many_series"] += 1
+                refused = self._room_for(line, new_family=family is None)
+                if refused:
+                    self._outcomes[refused] += 1
                     return
-                self._series += 1
-                state = family.series[line.labels] = [0.0] * (len(BUCKETS) + 2 if line.kind == "histogram" else 1)
+                if family is None:
+                    family = self._families[line.family] = _Family(line.kind, line.source)
+                    self._claimed.update(dict.fromkeys(exposed_names(line.family, line.kind), line.family))
+                    self.size += _family_size(line)
+                self._series += _series_per_labels(line.kind)
+                self.size += _series_size(line)
+                state = family.series[line.labels] = [0.0] * _series_per_labels(line.kind)
             _update(state, line)
             self._outcomes["accepted"] += 1
+
+    def _room_for(self, line: Line, new_family: bool) -> str | None:
+        """Why a new series (and maybe family) for ``line`` cannot be held, or None; nothing is created here."""
+        size = _series_size(line)
+        if new_family:
+            if any(name in self._claimed for name in exposed_names(line.family, line.kind)):
+                return "name_collision"
+            if len(self._families) >= self.max_families:
+                return "too_many_families"
+            size += _family_size(line)
+        if self._series + _series_per_labels(line.kind) > self.max_series or self.size + size > self.max_bytes:
+            return "too_many_series"
+        return None
 
     def _count(self, outcome: str) -> None:
         with self._lock:
@@ -161,6 +202,35 @@ class StatsdStore:
         yield lines
         for name, (kind, source, series) in sorted(families.items()):
             yield _family(name, kind, source, series)
+
+
+def exposed_names(family: str, kind: str) -> tuple[str, ...]:
+    """Every name a family puts into the exposition, in the Prometheus text format and in OpenMetrics (where a
+    counter's HELP/TYPE name has no ``_total``): two families must never share one."""
+    if kind == "counter":
+        return family, f"{family}_total", f"{family}_created"
+    if kind == "histogram":
+        return family, f"{family}_bucket", f"{family}_sum", f"{family}_count", f"{family}_created"
+    return (family,)
+
+
+def _series_per_labels(kind: str) -> int:
+    return len(BUCKETS) + 2 if kind == "histogram" else 1
+
+
+def _escaped(text: str) -> int:
+    return 2 * len(text.encode())  # UTF-8 bytes, doubled at worst by escaping
+
+
+def _family_size(line: Line) -> int:
+    """An upper bound on the bytes of a family's HELP and TYPE lines (its names are ASCII)."""
+    return 2 * (len(line.family) + 24) + 80 + _escaped(line.source)
+
+
+def _series_size(line: Line) -> int:
+    """An upper bound on the bytes of one label set's sample lines (a timer's carry ``_bucket`` and ``le``)."""
+    labels = sum(len(k) + _escaped(v) + 4 for k, v in line.labels)
+    return _series_per_labels(line.kind) * (len(line.family) + 24 + labels + _SAMPLE_OVERHEAD)
 
 
 def _update(state: list[float], line: Line) -> None:

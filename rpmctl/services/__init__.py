@@ -36,9 +36,10 @@ def ingest_status(s: Settings, client_id: str | None = None) -> dict | None:
     """The status an ingest instance last wrote (this settings' instance by default)."""
     path = Path(s.run_dir) / f"ingest-{client_id or s.ingest_client_id}.json"
     try:
-        return json.loads(path.read_text())
+        st = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+    return st if isinstance(st, dict) else None
 
 
 def ingest_statuses(s: Settings) -> dict[str, dict]:
@@ -146,7 +147,8 @@ def down(s: Settings) -> dict:
 
 
 def status(s: Settings) -> dict:
-    """Pids, the ingest service's counters, and each component's restarts (``components``)."""
+    """Pids, the ingest service's counters, each component's restarts (``components``), and what no
+    supervisor watches any more (``supervision_problems``: a dead watchdog or Airflow supervisor)."""
     from rpmctl.services import supervisor
     from rpmctl.services.restarts import restart_summary, restarts_of
 
@@ -157,4 +159,4 @@ def status(s: Settings) -> dict:
             "service_pid": components["service"]["pid"], "service_url": service_url(s),
             "metrics_pid": procs.read_pid(s, METRICS),
             "ingest": ingest_status(s), "watchdog_pid": procs.read_pid(s, supervisor.NAME),
-            "components": components}
+            "components": components, "supervision_problems": supervisor.supervision_problems(s)}

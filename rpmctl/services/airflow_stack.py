@@ -253,6 +253,7 @@ def start(s: Settings, timeout: float = 180.0) -> dict:
     login = admin_login(s)
     already = procs.read_pid(s, NAME)
     if already is None:
+        _end_stack(s, 30.0)  # what a dead supervisor (kill -9) left running would hold the port
         if procs.port_open(HOST, s.airflow_port):
             # Its health answers would pass for ours.
             raise procs.StartError(f"{HOST}:{s.airflow_port} is already in use: set RPM_AIRFLOW_PORT")
@@ -303,7 +304,21 @@ def stop(s: Settings, timeout: float = 60.0) -> bool:
     """Stop the whole stack: SIGINT (the supervisor stops each component), then SIGTERM and SIGKILL to
     every process left in its group or below it. Returns False when nothing was running."""
     wanted_file(s).unlink(missing_ok=True)
-    leader = _recorded_pid(s)
+    return _end_stack(s, timeout)
+
+
+def restart(s: Settings) -> int | None:
+    """The watchdog's start for a stack whose supervisor died: end what it left running, start it again;
+    the stack stays wanted even when this attempt fails (the watchdog tries again after its back-off)."""
+    try:
+        return start(s)["pid"]
+    finally:
+        wanted_file(s).touch(mode=0o600)
+
+
+def _end_stack(s: Settings, timeout: float) -> bool:
+    """Stop the supervisor and its components (or what a dead supervisor left), leaving ``wanted`` alone."""
+    leader = procs.recorded_pid(s, NAME)
     if leader is None or not any(_ours(s, p) for p in {leader} | _tree(leader)):
         procs.pid_file(s, NAME).unlink(missing_ok=True)  # stale: never signal a pid reused by someone else
         return False
@@ -331,13 +346,18 @@ def status(s: Settings) -> dict:
     runs."""
     pid = procs.read_pid(s, NAME)
     out: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": url(s), "processes": 0,
-                           "health": None, "last_runs": None}
-    pids, restarted = component_pids(s) if pid is not None else {}, restart_summary(s)
+                           "health": None, "last_runs": None, "wanted": wanted(s),
+                           "supervisor_dead": pid is None and wanted(s)}
+    # A component's pid as long as it runs in the stack — also when its supervisor died (kill -9) and left it
+    # running unsupervised: shown, not hidden.
+    members, restarted = processes(s), restart_summary(s)
+    pids = {n: p for n, p in component_pids(s).items() if p in members}
     out["components"] = {f"{SUPERVISOR}-{n}": {"pid": pids.get(n), **restarts_of(restarted, f"{SUPERVISOR}-{n}")}
                          for n in COMPONENTS}
+    out["components"][WATCHDOG_NAME] = {"pid": pid, **restarts_of(restarted, WATCHDOG_NAME)}
     if pid is None:
         return out
-    out["processes"] = len(processes(s))
+    out["processes"] = len(members)
     out["health"] = health(s)
     try:
         runs = api(s, "GET", "/api/v2/dags/rpm_pipeline/dagRuns?order_by=-run_after&limit=5", token=token(s))
@@ -355,10 +375,11 @@ def processes(s: Settings) -> set[int]:
 
     (Matching on AIRFLOW_HOME in /proc/<pid>/environ misses components: setproctitle overwrites it.)
     """
-    leader = _recorded_pid(s)
-    if leader is None or not _ours(s, leader):
+    leader = procs.recorded_pid(s, NAME)
+    if leader is None:
         return set()
-    return _tree(leader)
+    members = _tree(leader)  # (the group outlives a dead leader: its components, orphaned)
+    return members if any(_ours(s, p) for p in {leader} | members) else set()
 
 
 def _tree(pgid: int) -> set[int]:
@@ -380,13 +401,6 @@ def is_running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def _recorded_pid(s: Settings) -> int | None:
-    try:
-        return int(procs.pid_file(s, NAME).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _ours(s: Settings, pid: int) -> bool:
@@ -419,6 +433,7 @@ def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
 
 POLL_S = 1.0
 SUPERVISOR = "airflow"  # the restart log's name for this supervisor
+WATCHDOG_NAME = f"{SUPERVISOR}-supervisor"  # the restart log's name for the supervisor itself (the watchdog's)
 
 
 def components_file(s: Settings) -> Path:
@@ -428,9 +443,12 @@ def components_file(s: Settings) -> Path:
 def component_pids(s: Settings) -> dict[str, int]:
     """Each component's pid, as the running stack's supervisor last wrote it (after every restart)."""
     try:
-        return json.loads(components_file(s).read_text())
-    except (FileNotFoundError, ValueError):
+        pids = json.loads(components_file(s).read_text())
+    except (OSError, ValueError):
         return {}
+    if not isinstance(pids, dict):
+        return {}
+    return {n: p for n, p in pids.items() if type(p) is int and 0 < p <= procs.PID_MAX}
 
 
 class _Component:

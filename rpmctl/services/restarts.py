@@ -102,27 +102,46 @@ def _signal_name(returncode: int | None) -> str | None:
 
 def restarts(s: Settings, since: datetime | None = None) -> list[dict]:
     """Every recorded restart, oldest first (only those at or after ``since`` when given)."""
-    out = []
-    for entry in _entries(s):
-        if since is None or datetime.fromisoformat(entry["time"]) >= since:
-            out.append(entry)
-    return out
+    return [entry for entry, at in _entries(s) if since is None or at >= since]
 
 
-def _entries(s: Settings) -> Iterator[dict]:
+# Each field a record holds and the types it may have; a line with another type is not a record of ours.
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "supervisor": (str,), "pid_before": (int,), "pid_after": (int,), "exit_code": (int,), "signal": (str,),
+    "reason": (str,), "attempt": (int,), "backoff_s": (int, float), "error": (str,)}
+
+
+def _entries(s: Settings) -> Iterator[tuple[dict, datetime]]:
+    """Each well-formed record with its time. Skipped: a line cut short by a full disk, and any line that is
+    not a record as `record` writes it (no component, a time without its zone, a field of the wrong type)."""
     path = log_path(s)
     for file in (path.with_name(f"{path.name}.1"), path):
         try:
-            lines = file.read_text().splitlines()
+            lines = file.read_bytes().splitlines()
         except FileNotFoundError:
             continue
         for line in lines:
             try:
                 entry = json.loads(line)
-                datetime.fromisoformat(entry["time"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a full disk
-            yield entry
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                continue
+            if (at := _valid(entry)) is not None:
+                yield entry, at
+
+
+def _valid(entry: object) -> datetime | None:
+    """The record's time when ``entry`` is a record of ours, else None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("component"), str) or not entry["component"]:
+        return None
+    for key, types in _FIELDS.items():
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            return None
+    try:
+        at = datetime.fromisoformat(entry["time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return at if at.tzinfo is not None else None
 
 
 def restart_summary(s: Settings, now: datetime | None = None) -> dict[str, dict]:
@@ -133,9 +152,9 @@ def restart_summary(s: Settings, now: datetime | None = None) -> dict[str, dict]
     "last_error": None}, …}`` — a component missing from it has never been restarted."""
     cutoff = (now or datetime.now(UTC)) - WINDOW
     out: dict[str, dict] = {}
-    for entry in _entries(s):
+    for entry, at in _entries(s):
         item = out.setdefault(entry["component"], {"restarts_24h": 0})
-        if datetime.fromisoformat(entry["time"]) >= cutoff:
+        if at >= cutoff:
             item["restarts_24h"] += 1
         item.update(last_restart=entry["time"], last_reason=entry.get("reason"), last_error=entry.get("error"))
     return out

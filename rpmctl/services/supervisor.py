@@ -1,5 +1,6 @@
 """The watchdog `rpm up` starts: it brings back a crashed broker, ingest service, clinician service or metrics
-exporter, with back-off, and records each restart.
+exporter — and the Airflow supervisor while `rpm up --airflow` wants the stack — with back-off, and records
+each restart.
 
 `rpm up` starts every component detached and returns, so no parent is left to notice one dying. The watchdog
 is a small process of its own (pid file ``run/watchdog.pid``, log ``run/watchdog.log``) that polls each
@@ -7,7 +8,9 @@ component's pid file every second. The pid file is the operator's intent (rpmctl
 component whose pid file names a dead process crashed and is restarted through the same start function `rpm
 up` uses; one without a pid file was stopped on purpose (`rpm down`, ``procs.stop``) and is left alone. The
 check is repeated under the component's lock right before the restart, so a stop that raced the poll wins.
-`rpm down` stops the watchdog before anything else.
+A pid file naming a live process that is not ours (procs.ours: the pid reused) counts as a crash too.
+`rpm down` stops the watchdog before anything else. Nothing restarts the watchdog itself: `rpm status` and
+`supervision_problems` name a dead one.
 
 The wait before a restart follows restarts.Backoff (1 s doubling to 60 s). A restart that fails (the
 component exits again while starting, or never becomes ready) is recorded with its error and tried again after
@@ -43,6 +46,7 @@ class Component(NamedTuple):
     name: str  # as `rpm status` and the restart log show it
     proc_name: str  # its pid file and log under run_dir
     start: Callable[[Settings], int | None]  # what `rpm up` calls: starts it, waits until ready, returns the pid
+    wanted: Callable[[Settings], bool] | None = None  # besides its pid file (the Airflow stack: airflow.wanted)
 
 
 def local_components() -> list[Component]:
@@ -56,6 +60,15 @@ def local_components() -> list[Component]:
         Component("service", services.SERVICE, services.start_service),
         Component("metrics", services.METRICS, services.start_metrics),
     ]
+
+
+def watched_components() -> list[Component]:
+    """What the watchdog keeps up: `rpm up`'s components, and the Airflow stack's supervisor while `rpm up
+    --airflow` wants it (the supervisor restarts the stack's own components)."""
+    from rpmctl.services import airflow_stack
+
+    return [*local_components(),
+            Component(airflow_stack.WATCHDOG_NAME, airflow_stack.NAME, airflow_stack.restart, airflow_stack.wanted)]
 
 
 @dataclass
@@ -85,10 +98,10 @@ class Watchdog:
     def _check(self, c: Component, w: _Watch) -> None:
         now = self.clock()
         pid = procs.recorded_pid(self.s, c.proc_name)
-        if pid is None:  # stopped on purpose, or never started: not ours to keep up
-            self.watches[c.name] = _Watch(backoff=w.backoff)
+        if pid is None or (c.wanted is not None and not c.wanted(self.s)):
+            self.watches[c.name] = _Watch(backoff=w.backoff)  # stopped on purpose, or never started: left alone
             return
-        dead, returncode = _ended(pid)
+        dead, returncode = _ended(self.s, c.proc_name, pid)
         if not dead:
             if pid != w.up_pid:
                 w.up_pid, w.up_since = pid, now
@@ -123,15 +136,16 @@ class Watchdog:
             w.down_pid, w.up_pid, w.up_since = None, new_pid, self.clock()
 
 
-def _ended(pid: int) -> tuple[bool, int | None]:
-    """(dead, how it ended): the return code is known only for our own children (those we restarted)."""
+def _ended(s: Settings, proc_name: str, pid: int) -> tuple[bool, int | None]:
+    """(dead, how it ended): the return code is known only for our own children (those we restarted). A live
+    process that is not ours is dead for this purpose: the pid was reused."""
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return not procs.alive(pid), None
-    if done == 0:
-        return False, None
-    return True, os.waitstatus_to_exitcode(status)
+    except ChildProcessError:  # not our child
+        done = status = 0
+    if done:
+        return True, os.waitstatus_to_exitcode(status)
+    return not (procs.alive(pid) and procs.ours(s, proc_name, pid)), None
 
 
 def _say(line: str) -> None:
@@ -165,7 +179,7 @@ def run(s: Settings) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _signum, _frame: stopping.set())
-    dog = Watchdog(s, local_components())
+    dog = Watchdog(s, watched_components())
     started_at, polls = datetime.now(UTC).isoformat(timespec="seconds"), 0
     _say(f"watching {', '.join(c.name for c in dog.components)}")
     while True:
@@ -193,6 +207,27 @@ def stop(s: Settings) -> bool:
     stopped = procs.stop(s, NAME)
     heartbeat_path(s).unlink(missing_ok=True)
     return stopped
+
+
+def supervision_problems(s: Settings) -> list[str]:
+    """What nothing supervises any more, one line each: a dead watchdog while `rpm up`'s components are
+    wanted (a crash of one stays down), a dead Airflow supervisor while `rpm up --airflow` wants the stack
+    (its components run unsupervised, or not at all). Empty when all is watched."""
+    from rpmctl.services import airflow_stack
+
+    out = []
+    watchdog = procs.read_pid(s, NAME)
+    dead_dog = procs.recorded_pid(s, NAME)
+    if watchdog is None and dead_dog is not None and any(
+            procs.pid_file(s, c.proc_name).exists() for c in local_components()):
+        out.append(f"watchdog (pid {dead_dog}) is not running: a component that crashes stays down until "
+                   "`rpm up` starts the watchdog again")
+    if airflow_stack.wanted(s) and procs.read_pid(s, airflow_stack.NAME) is None:
+        pid = procs.recorded_pid(s, airflow_stack.NAME)
+        out.append(f"Airflow supervisor{f' (pid {pid})' if pid else ''} is not running: the stack's components "
+                   "are not restarted; " + ("the watchdog restarts the stack after its back-off" if watchdog
+                                           else "`rpm up --airflow` starts it again"))
+    return out
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pipeline.validation_report import report_path
 from rpmctl.errors import printable
 from rpmctl.services import INGEST, airflow_stack, broker, ingest_status, procs
 from rpmctl.services.restarts import restart_summary
+from rpmctl.services.supervisor import supervision_problems
 from rpmctl.views.table import table
 from warehouse.accounting import accounting
 from warehouse.audit import AuditLog
@@ -80,6 +81,7 @@ def ops_status(s: Settings, now: datetime | None = None) -> dict:
                        "reports wait for the next successful run)")
     airflow = airflow_heartbeats(s, now)
     reasons.extend(airflow["problems"])
+    reasons.extend(supervision_problems(s))  # a dead watchdog or Airflow supervisor: nothing restarts anything
     restarted = restart_summary(s, now)
     for component, r in sorted(restarted.items()):
         last = datetime.fromisoformat(r["last_restart"])

@@ -96,6 +96,11 @@ def test_the_exporter_follows_a_fleet_through_a_run_and_exports_what_rules_and_d
     pid = services.status(s)["metrics_pid"]
     assert pid and procs.read_pid(s, services.METRICS) == pid  # `rpm up` started it, with a pid file
 
+    # A fresh ingest, before any traffic, already exports every rpm_ingest_* metric the rules and the dashboard
+    # query: a series that appears only with its first event leaves rate() and alerts blind until then.
+    fresh = sample_names(ingest_metrics(s))
+    assert {m for m in referenced_metrics() if m.startswith("rpm_ingest_")} - fresh == set()
+
     fleet = build_fleet(patients=2, days=1, seed=5)
     provision_fleet(s, fleet, days=1)
     sent = publish_fleet(s, fleet)

@@ -10,17 +10,19 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 from core.settings import Settings
 from rpmctl import services
-from rpmctl.services import procs, supervisor
+from rpmctl.services import airflow_stack, procs, supervisor
 from rpmctl.services.airflow_run import seal_open_segments
 from rpmctl.services.restarts import restarts
 from rpmctl.services.supervisor import Component, Watchdog
 from rpmctl.tools.publish import DevicePublisher, wait_until
+from rpmctl.views.status import render_status
 from tests.conftest import rpm, rpm_json
 from tests.integration.test_ingest import add_device, sealed_records
 
@@ -40,9 +42,19 @@ def polled_twice_more(s: Settings):
 
 def test_a_killed_ingest_is_restarted_reconnects_lands_what_follows_and_down_leaves_nothing(settings: Settings):
     s = settings
-    up = rpm_json(s, "up")
+    # Left behind: a pid file naming someone else's live process, one holding -1. `rpm up` starts the real
+    # components, never signals the stranger, and names both files.
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    procs.private_run_dir(s)
+    procs.pid_file(s, services.SERVICE).write_text(f"{stranger.pid}\n")
+    procs.pid_file(s, services.METRICS).write_text("-1\n")
+    started = rpm(s, "up", "--json")
+    up = json.loads(started.stdout)
+    assert f"names pid {stranger.pid}, which is not this state folder's service" in started.stderr
+    assert "metrics.pid: '-1' is not a process id" in started.stderr
     components = {"broker": up["broker_pid"], "ingest": up["ingest_pid"], "service": up["service_pid"],
                   "metrics": up["metrics_pid"]}
+    assert stranger.pid not in components.values() and all(components.values())
     watchdog = up["watchdog_pid"]
     assert watchdog and procs.read_pid(s, supervisor.NAME) == watchdog
     password = add_device(s, "hr-watch")
@@ -98,6 +110,9 @@ def test_a_killed_ingest_is_restarted_reconnects_lands_what_follows_and_down_lea
     assert [p for p in everyone if procs.alive(p)] == []
     assert sorted(p.name for p in s.run_dir.glob("*.pid")) == []  # nothing is wanted any more
     assert [r["pid_before"] for r in restarts(s)] == [first, second]
+    assert stranger.poll() is None  # never signalled
+    stranger.kill()
+    stranger.wait()
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -180,6 +195,89 @@ def test_the_watchdog_waits_its_back_off_retries_a_failing_start_and_respects_a_
     dog.poll()
     assert restarts(s)[-1]["pid_before"] == pid and restarts(s)[-1]["backoff_s"] == 1.0
     procs.stop(s, "sleeper")
+
+
+def test_the_watchdog_keeps_the_airflow_supervisor_up_only_while_wanted_and_replaces_a_stranger(
+        settings: Settings):
+    """The Airflow supervisor is watched while `rpm up --airflow` wants it (run/airflow.wanted); a pid file that
+    names someone else's live process counts as a crash: the component is started, the stranger left alone."""
+    s = settings
+    [watched] = [c for c in supervisor.watched_components() if c.proc_name == airflow_stack.NAME]
+    assert (watched.name, watched.start, watched.wanted) == (
+        "airflow-supervisor", airflow_stack.restart, airflow_stack.wanted)
+    # The real stack takes a minute to start: a sleeper stands in for it, behind the same wanted gate.
+    component = Component(watched.name, "fake-airflow", lambda s: procs.start(s, "fake-airflow", SLEEPER),
+                          airflow_stack.wanted)
+    clock = Clock()
+    dog = Watchdog(s, [component], clock=clock)
+    pid = component.start(s)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: dead_child(pid), 10, what="the stand-in to die")
+    for _ in range(2):
+        dog.poll()
+        clock.now += 61
+    assert restarts(s) == []  # not wanted: `rpm up --airflow` never ran, or `rpm down` stopped it
+
+    airflow_stack.wanted_file(s).touch()
+    dog.poll()
+    clock.now += 1
+    dog.poll()
+    [entry] = restarts(s)
+    assert (entry["component"], entry["pid_before"]) == ("airflow-supervisor", pid)
+    assert procs.read_pid(s, "fake-airflow") == entry["pid_after"]
+
+    assert procs.stop(s, "fake-airflow")
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        procs.pid_file(s, "fake-airflow").write_text(f"{stranger.pid}\n")
+        dog.poll()
+        clock.now += 2  # the back-off after one restart
+        dog.poll()
+        last = restarts(s)[-1]
+        assert last["pid_before"] == stranger.pid and last["pid_after"] not in (None, stranger.pid)
+        assert procs.read_pid(s, "fake-airflow") == last["pid_after"] and stranger.poll() is None
+    finally:
+        procs.stop(s, "fake-airflow", timeout=10)
+        stranger.kill()
+        stranger.wait()
+
+
+FAKE_STACK = """
+import json, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+json.dump({"scheduler": child.pid}, open(sys.argv[1] + ".tmp", "w"))
+__import__("os").replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+
+
+def test_a_dead_airflow_supervisor_is_shown_with_what_it_left_running_and_stop_ends_that(settings: Settings):
+    """kill -9 of the Airflow supervisor leaves its components running unsupervised: `rpm status` shows them
+    and names the dead supervisor (instead of hiding the rows), and stopping the stack ends them."""
+    s = settings
+    Path(s.airflow_home).mkdir(parents=True, exist_ok=True)
+    components = airflow_stack.components_file(s)
+    leader = procs.start(s, airflow_stack.NAME, [sys.executable, "-c", FAKE_STACK, str(components)],
+                         env={"AIRFLOW_HOME": str(s.airflow_home)}, ready=components.exists)
+    airflow_stack.wanted_file(s).touch()
+    orphan = airflow_stack.component_pids(s)["scheduler"]
+    os.kill(leader, signal.SIGKILL)
+    wait_until(lambda: not procs.alive(leader), 10, what="the supervisor to die")
+
+    st = airflow_stack.status(s)
+    assert (st["running"], st["supervisor_dead"]) == (False, True)
+    assert st["components"]["airflow-scheduler"]["pid"] == orphan
+    assert st["components"]["airflow-supervisor"]["pid"] is None
+    [problem] = supervisor.supervision_problems(s)
+    assert problem.startswith(f"Airflow supervisor (pid {leader}) is not running")
+    text = render_status({**services.status(s), "airflow": st})
+    rows = {line.split()[0]: line.split()[1:3] for line in text.splitlines() if line.startswith("airflow-")}
+    assert rows["airflow-scheduler"] == [str(orphan), "up"] and rows["airflow-supervisor"] == ["-", "DOWN"]
+    assert f"PROBLEM: {problem}" in text
+
+    assert airflow_stack.stop(s, timeout=10)
+    wait_until(lambda: not airflow_stack.is_running(orphan), 10, what="the orphan to end")
+    assert supervisor.supervision_problems(s) == [] and not procs.pid_file(s, airflow_stack.NAME).exists()
 
 
 def test_the_systemd_units_airflow_entry_point_migrates_and_names_its_components(settings: Settings):

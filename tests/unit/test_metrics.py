@@ -13,8 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from core.settings import Settings
-from ingest.metrics import CONTENT_TYPE, REGISTRY, MetricsServer, Snapshot, render
-from ingest.service import IngestService
+from ingest.metrics import CONTENT_TYPE, MARK_REASONS, REGISTRY, MetricsServer, Snapshot, render
+from ingest.service import IngestService, quick_mark
 from tests.promtext import parse
 
 P = "rpm_ingest_"
@@ -45,7 +45,8 @@ def test_values_reflect_the_snapshot() -> None:
     assert f[P + "messages_acked_total"].value() == 9
     assert f[P + "messages_marked_malformed_total"].value(reason="not_json") == 2
     assert f[P + "messages_marked_malformed_total"].value(reason="unknown_topic") == 1
-    assert len(f[P + "messages_marked_malformed_total"].samples) == 2
+    assert {dict(k)["reason"] for k in f[P + "messages_marked_malformed_total"].samples} == set(MARK_REASONS)
+    assert f[P + "messages_marked_malformed_total"].value(reason="not_utf8") == 0
     assert f[P + "write_errors_total"].value() == 1
     assert f[P + "segments_sealed_total"].value() == 3
     assert f[P + "inflight_messages"].value() == 2
@@ -60,7 +61,16 @@ def test_before_the_first_message_the_age_is_nan_and_no_segment_means_zero() -> 
     assert math.isnan(f[P + "last_message_age_seconds"].value())
     assert f[P + "oldest_unsealed_segment_age_seconds"].value() == 0
     assert f[P + "connected"].value() == 0
-    assert f[P + "messages_marked_malformed_total"].samples == {}  # a reason appears when first seen
+    # Every reason is there at 0 before the first mark, so the dashboard's rate() has a series to read.
+    assert f[P + "messages_marked_malformed_total"].samples == {(("reason", r),): 0 for r in MARK_REASONS}
+
+
+def test_every_reason_ingest_marks_a_message_with_is_known_to_the_metrics() -> None:
+    topic = "rpm/v1/devices/ox-1/vitals"
+    reasons = {quick_mark("elsewhere/x", b"{}"), quick_mark(topic, b"{}" * 10, max_payload_bytes=4),
+               quick_mark(topic, b"\xff"), quick_mark(topic, b"not json"), quick_mark(topic, b"[1]")}
+    assert reasons == set(MARK_REASONS)
+    assert quick_mark(topic, b"{}") is None
 
 
 def test_ages_never_go_negative_when_the_clock_steps_back() -> None:

@@ -280,3 +280,19 @@ def test_stored_text_cannot_forge_a_line_of_the_verdict(s: Settings) -> None:
 def test_json_holds_task_seconds_as_an_object(s: Settings) -> None:
     record(s, "run-1", 10, 0)
     assert ops_status(s)["runs"][0]["task_seconds"] == {"load": 0.1}
+
+
+def test_a_dead_watchdog_is_reported(s: Settings) -> None:
+    """`rpm up` left a watchdog; it died (kill -9): nothing restarts a crashed component any more — said so."""
+    import subprocess
+
+    from rpmctl import services
+    from rpmctl.services import procs as procs_
+
+    services.init(s)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    procs_.pid_file(s, "watchdog").write_text(f"{gone.pid}\n")
+    procs_.pid_file(s, services.INGEST).write_text(f"{gone.pid}\n")  # `rpm up` state exists
+    st = ops_status(s)
+    assert any("watchdog" in r for r in st["reasons"]), st["reasons"]

@@ -97,6 +97,14 @@ def test_every_alert_has_a_severity_and_says_what_to_do():
             assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
 
 
+def test_an_alert_on_a_counter_that_stops_also_fires_when_its_series_is_gone():
+    # `increase(x[..]) == 0` is empty, not 0, once x is absent (e.g. `rpm metrics` restarted while Airflow is
+    # down): such a rule must also say absent(x). rules_test.yml checks one firing that way.
+    for expr in rule_exprs():
+        for counter in re.findall(r"increase\((\w+)\[[^\]]*\]\)\s*==\s*0", expr):
+            assert f"absent({counter})" in expr, expr
+
+
 def test_grafana_provisions_one_data_source_that_every_panel_uses():
     sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert [(d["uid"], d["type"]) for d in sources["datasources"]] == [(DATASOURCE_UID, "prometheus")]

@@ -5,18 +5,31 @@ prometheus_client's own exposition writer and parser."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.landing import SegmentWriter
 from core.settings import Settings
 from pipeline.metrics import AuditWatch, PipelineCollector, segment_created
-from pipeline.statsd import Refused, StatsdStore, parse_line
+from pipeline.statsd import (
+    MAX_LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_NAME,
+    Refused,
+    StatsdStore,
+    parse_line,
+)
 from tests.promtext import Family, parse
 from warehouse.db import clinical
 from warehouse.ops import RunCounts, record_failure, record_run
@@ -67,7 +80,12 @@ def test_airflow_statsd_lines_become_prometheus_samples_with_their_tags_as_label
     ("airflow.x", "malformed"), ("airflow.x:abc|c", "malformed"), ("airflow.x:1|c|@0", "malformed"),
     ("airflow.x:nan|g", "malformed"), ("airflow.x,dag_id:1|c", "malformed"),
     ("other.x:1|c", "foreign"), ("airflow.dag_processing.processes:-1|c", "negative_counter"),
-    ("airflow.x:1|s", "unsupported"),
+    ("airflow.x:1|s", "unsupported"), ("airflow.x,a-b=1,a_b=2:1|c", "malformed"),
+    ("airflow.x:1e300|c|@1e-10", "malformed"),
+    ("airflow." + "k" * (MAX_NAME - 7) + ":1|c", "too_long"),
+    ("airflow.x," + "k" * (MAX_LABEL_KEY + 1) + "=v:1|c", "too_long"),
+    ("airflow.x,k=" + "v" * (MAX_LABEL_VALUE + 1) + ":1|c", "too_long"),
+    ("airflow.x," + ",".join(f"k{i}=v" for i in range(MAX_LABELS + 1)) + ":1|c", "too_many_labels"),
 ])
 def test_lines_that_are_not_kept_are_refused_with_the_reason(line: str, outcome: str):
     with pytest.raises(Refused) as refused:
@@ -84,6 +102,86 @@ def test_what_anyone_sends_to_the_port_cannot_grow_memory_without_bound():
     assert sum(1 for name, _ in got if name == "airflow_flood_total") == 3
     outcomes = {dict(k[1])["outcome"]: v for k, v in got.items() if k[0] == P + "statsd_lines_total"}
     assert (outcomes["accepted"], outcomes["too_many_series"], outcomes["type_conflict"]) == (3, 7, 1)
+
+
+def test_the_longest_name_and_labels_allowed_are_kept():
+    labels = ",".join(f"{i:0{MAX_LABEL_KEY}d}={'v' * MAX_LABEL_VALUE}" for i in range(MAX_LABELS))
+    line = parse_line(f"airflow.{'k' * (MAX_NAME - 8)},{labels}:1|ms")
+    assert (len(line.source), len(line.labels)) == (MAX_NAME, MAX_LABELS)
+
+
+def test_a_flood_of_distinct_long_names_leaves_the_store_and_the_scrape_bounded():
+    store = StatsdStore(max_families=10, max_bytes=300_000)
+    empty = len(render(StatsdStore()))  # the outcome counters alone
+    fed = 0
+
+    def flood(start: int, n: int) -> None:
+        nonlocal fed
+        for i in range(start, start + n):
+            name = f"airflow.{i:06d}{'k' * (MAX_NAME - 14)}"
+            store.feed(f"{name}:1|c".encode())                                 # a new family each
+            store.feed(f"airflow.t,dag={i}{'v' * 240}:1|ms".encode())         # a new timer series each
+            store.feed(f"airflow.k{i}{'c' * 8100}:1|c".encode())               # far over the name limit
+            fed += 3
+
+    flood(0, 1_000)
+    text = render(store)
+    assert len(text.encode()) <= store.size + empty <= store.max_bytes + empty
+    families = {f.name for f in text_string_to_metric_families(text)} - {P + "statsd_lines"}
+    assert len(families) <= 10 + 1  # and the one timer
+    outcomes = {dict(k[1])["outcome"]: v for k, v in samples(text).items() if k[0] == P + "statsd_lines_total"}
+    assert outcomes["too_long"] == 1_000
+    assert outcomes["too_many_families"] > 0 and outcomes["too_many_series"] > 0
+    assert sum(outcomes.values()) == fed
+
+    # Once full, three times as much traffic holds no more memory, and the scrape stays the same.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        flood(1_000, 3_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 10_000, grown
+    assert len(render(store)) - len(text) < 100  # only the outcome counts changed
+
+
+def exposition_problems(store: StatsdStore) -> list[str]:
+    """What promtool and prometheus_client's strict OpenMetrics parser say against the store's exposition."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(store)
+    text = generate_latest(registry).decode()
+    problems = []
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    if len(helps) != len(set(helps)):
+        problems.append(f"a name has two HELP lines: {sorted(helps)}")
+    exe = shutil.which("promtool")
+    assert exe, "promtool not found: `make system` installs Debian's prometheus package, which provides it"
+    proc = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    if proc.returncode not in (0, 3):  # 3: lint advice only (e.g. a gauge Airflow named *_total)
+        problems.append(proc.stdout + proc.stderr)
+    try:
+        list(parse_openmetrics(generate_openmetrics(registry).decode()))
+    except ValueError as exc:
+        problems.append(f"OpenMetrics: {exc}")
+    return problems
+
+
+@pytest.mark.parametrize("lines", [
+    ("airflow.x:1|c", "airflow.x_total:5|g"), ("airflow.x_total:5|g", "airflow.x:1|c"),
+    ("airflow.y:1|ms", "airflow.y_seconds_count:5|g"), ("airflow.y_seconds_bucket:5|c", "airflow.y:1|ms"),
+    ("airflow.z:1|c", "airflow.z_created:2|g"), ("airflow.w_seconds_sum:1|g", "airflow.w:1|ms"),
+])
+def test_a_name_another_family_already_exposes_is_refused_so_the_exposition_stays_valid(lines: tuple[str, str]):
+    store = StatsdStore()
+    for line in lines:
+        store.feed(line.encode())
+    assert exposition_problems(store) == []
+    got = samples(render(store))
+    assert (got[(P + "statsd_lines_total", (("outcome", "accepted"),))],
+            got[(P + "statsd_lines_total", (("outcome", "name_collision"),))]) == (1, 1)
+    store.feed(lines[0].encode())  # the first family goes on counting
+    assert samples(render(store))[(P + "statsd_lines_total", (("outcome", "accepted"),))] == 2
 
 
 def test_odd_names_and_label_values_still_give_a_valid_exposition():

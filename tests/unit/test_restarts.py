@@ -77,3 +77,25 @@ def test_a_crash_loop_keeps_the_log_bounded_with_the_newest_records(tmp_path: Pa
     assert log.with_name(log.name + ".1").exists() and not log.with_name(log.name + ".2").exists()
     kept = restarts.restarts(s)
     assert len(kept) > 3000 and [r["pid_before"] for r in kept] == list(range(n - len(kept), n))
+
+
+def test_lines_that_are_not_records_are_skipped_by_every_reader(tmp_path: Path):
+    """A line without a component, a time without its zone, a field of the wrong type, a byte that is not
+    UTF-8: skipped — `rpm status` and `rpm ops status` read the log and must not fail on it."""
+    s = Settings(home=tmp_path / "var")
+    Path(s.run_dir).mkdir(parents=True)
+    now = datetime.now(UTC)
+    record(s, "ingest", "watchdog", 10, 11, None, 1, 1.0)
+    good = json.loads(restarts.log_path(s).read_text())
+    bad = [{"time": now.isoformat()},  # no component
+           {**good, "time": now.replace(tzinfo=None).isoformat()},  # naive
+           {**good, "component": ["ingest"]}, {**good, "component": {"x": 1}}, {**good, "component": ""},
+           {**good, "reason": ["killed"]}, {**good, "error": {"a": 1}}, {**good, "pid_before": "10"},
+           {**good, "attempt": True}, {**good, "time": 12345}, {**good, "time": "yesterday"}, [good], "x", 1e999]
+    with restarts.log_path(s).open("ab") as f:
+        f.write(b"".join(json.dumps(b).encode() + b"\n" for b in bad))
+        f.write(b'{"time": "' + now.isoformat().encode() + b'", "component": "\xff"}\n' + b"[" * 100_000 + b"\n")
+    assert restarts.restarts(s) == [good]
+    assert restarts.restarts(s, since=now - timedelta(hours=1)) == [good]
+    assert restart_summary(s) == {"ingest": {"restarts_24h": 1, "last_restart": good["time"],
+                                             "last_reason": good["reason"], "last_error": None}}
