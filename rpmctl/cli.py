@@ -658,6 +658,8 @@ def cmd_reports(s: Settings, a: argparse.Namespace) -> int:
     pipeline_only = [flag for flag, given in (("--since", a.since), ("--failed", a.failed)) if given]
     if pipeline_only and a.report != reports.PIPELINE:
         raise UserError(f"{' and '.join(pipeline_only)} apply to the pipeline report only")
+    if a.csv is not None and not a.csv.strip():
+        raise UserError("--csv needs a file name")
     if a.report == reports.PIPELINE and not a.publish:
         rows = reports.pipeline_runs(s, since=a.since, failed_only=a.failed)
     else:
@@ -665,10 +667,10 @@ def cmd_reports(s: Settings, a: argparse.Namespace) -> int:
     if a.csv:
         reports.write_csv(rows, a.csv)
     if a.json:
-        _print_json(rows)
+        print(report_views.to_json(rows))
     else:
         print(f"# {reports.route(a.report, a.publish)}")
-        print(report_views.render(a.report, rows, wide=a.wide))
+        print(report_views.render(a.report, rows, wide=a.wide, since=a.since, failed=a.failed))
     return 0
 
 
@@ -920,12 +922,14 @@ def build_parser() -> argparse.ArgumentParser:
     u_rp.add_argument("--new-totp", action="store_true", help="also issue a new authenticator secret")
 
     rep = add("reports", cmd_reports, "telehealth reports from a HIPAA limited data set for the practice's own "
-              "use (pseudonymous, dates to the day or week); --publish: de-identified aggregates")
+              "use (pseudonymous, dates to the day or week); --publish: suppressed aggregate tables")
     rep.add_argument("report", choices=["education", "appointments", "connectivity", "firmware", "adherence",
                                         "pipeline"])
     rep.add_argument("--publish", action="store_true",
-                     help="for use outside the practice: aggregates only (connectivity by device kind), counts "
-                          "below 11 suppressed with the cells that would give them back, no pseudonymous keys")
+                     help="aggregate tables for use outside the practice (by week, device kind or firmware; "
+                          "rare firmware as 'other'): counts below 11 shown as <11, cells that would give them "
+                          "back as 'suppressed', no pseudonymous keys. Not an expert determination: week dates "
+                          "remain, so check your release rules")
     rep.add_argument("--csv", help="also write the report to this CSV file")
     rep.add_argument("--wide", action="store_true", help="pipeline: every column (default: what fits 80 columns)")
     rep.add_argument("--since", type=_duration, help="pipeline: runs finished within this long, e.g. 30m, 24h, 7d "

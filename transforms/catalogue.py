@@ -13,7 +13,7 @@ field              catalogued values
 module             EDUCATION_MODULES (slugs of the education content the apps offer)
 survey             SURVEYS (validated instruments: PHQ-2/9, GAD-2/7, CAT for COPD, KCCQ-12 for heart failure)
 modality           MODALITIES of the contract (video, phone, in_person); the telehealth suite quarantines others
-firmware           a dotted version number (``FIRMWARE_RE``: 1.9.0, 2.4.1.7): digits and dots cannot carry a name
+firmware           FIRMWARE: the versions released for each device kind (bp: 2.4.1, 2.5.0; ...)
 condition          the registry's conditions, each mapped to a care programme (PROGRAMME_OF); none: "other"
 =================  ==========================================================================================
 
@@ -46,10 +46,18 @@ EDUCATION_MODULES = frozenset({
 })
 SURVEYS = frozenset({"phq-2", "phq-9", "gad-2", "gad-7", "cat", "kccq-12"})
 
-# Firmware is reported per device kind; a version string is enough to spread updates, and a number cannot
-# carry a name or a formula. Anything else ("2.4.1-build Jane", "=cmd") is stored as "other".
-FIRMWARE_PATTERN = r"[0-9]{1,4}(\.[0-9]{1,4}){1,3}"
-FIRMWARE_RE = re.compile(FIRMWARE_PATTERN)
+# Firmware is reported per device kind, to follow an update through the fleet: only the versions released for
+# the kind count. A pattern would not do: "digits and dots" lets an SSN (123.45.6789), a phone number
+# (555.867.5309), a birth date (1950.01.01) or an IP address through. A version missing here ("2.4.1-build Jane",
+# "=cmd", a new release) is stored as "other"; add a release to its kind's list when the vendor ships it.
+FIRMWARE = {
+    "bp": frozenset({"2.4.1", "2.5.0"}),
+    "glu": frozenset({"1.9.3"}),
+    "cgm": frozenset({"7.1.0", "7.2.2"}),
+    "ox": frozenset({"3.0.8"}),
+    "scale": frozenset({"1.2.0", "1.3.1"}),
+    "thermo": frozenset({"0.9.5"}),
+}
 
 # The registry's conditions (warehouse/registry.CONDITIONS) as coarse care programmes: what RPM programmes a
 # practice runs, never a finer diagnosis. A condition missing here (an older registry's) is "other".
@@ -74,8 +82,10 @@ def listed(extra: str = "") -> dict[str, frozenset[str]]:
 
 
 def rows(extra: str = "") -> Iterator[tuple[str, str, str]]:
-    """(field, value, stored as) for every listed value and condition: the table the store's build joins on."""
+    """(field, value, stored as) for every listed value, condition and firmware version (field
+    ``firmware:<device kind>``): the table the store's build joins on."""
     for field, values in listed(extra).items():
         yield from ((field, v, v) for v in sorted(values))
     yield from (("condition", c, p) for c, p in PROGRAMME_OF.items())
+    yield from ((f"firmware:{kind}", v, v) for kind, versions in FIRMWARE.items() for v in sorted(versions))
 

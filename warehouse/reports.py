@@ -3,9 +3,10 @@
 The questions are answered by the ``mart_…`` views in ``telehealth_sql/``; this module picks a view and orders
 it. Without ``publish`` the practice sees its own figures from a limited data set (warehouse/telehealth.py). For
 anything that leaves the practice (``publish=True``) a report is an aggregate table: no pseudonymous key, no row
-about one device or person (connectivity is published by device kind instead), every count below 11 suppressed
-and, where a total or a sum would give a suppressed cell back, the next-smallest cell suppressed with it
-(complementary suppression).
+about one device or person (connectivity is published by device kind instead, firmware with its rare versions
+merged into "other"), every count below 11 suppressed, and more cells suppressed with them (complementary
+suppression) until the published cells, totals and sums — with what a reader knows of the table's structure —
+tell no more about a suppressed count than that it is below 11 (``audit``).
 
 The pipeline report is the ops view of the pipeline's runs, from the run records of the serving snapshot (run
 ids and instants are needed to find a run in Airflow, and the telehealth store holds no instant): it holds no
@@ -32,9 +33,10 @@ from warehouse.telehealth import HIPAA_ROUTE, open_telehealth
 # nor any figure from which such a cell could be computed.
 SUPPRESS_BELOW = 11
 SUPPRESSED = "<11"
+WITHHELD = "suppressed"  # a count of 11 or more hidden so that a small one cannot be computed back
 
-PUBLISHED_ROUTE = ("published aggregate: no 45 CFR 164.514(b)(2) identifier, no row per person or device, cells "
-                   "< 11 hidden + complements")
+PUBLISHED_ROUTE = ("published aggregate, no expert determination: counts per week or kind, none per person or "
+                   "device, < 11 suppressed")
 OPS_ROUTE = "operations records of the pipeline's runs: no patient data"
 
 
@@ -48,6 +50,8 @@ class Spec:
     rates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rate -> the counts it is computed from
     stats: Mapping[str, str] = field(default_factory=dict)  # minutes/hours statistic -> the people it summarises
     sums: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # count -> the counts of its row it sums
+    within: Mapping[str, str] = field(default_factory=dict)  # count -> the count of its row it cannot exceed
+    exists: str | None = None  # a count that is >= 1 in every row (a row is there because something was counted)
     total: tuple[str, str] | None = None  # (column, label) of the rows that sum the other rows of their group
     group_by: tuple[str, ...] = ()  # the columns that delimit such a group
     published: Spec | None = None  # what is published instead (the report itself has a row per device)
@@ -60,31 +64,38 @@ _MODALITY_ORDER = ("CASE modality WHEN 'video' THEN 0 WHEN 'phone' THEN 1 WHEN '
                    "WHEN 'all' THEN 9 ELSE 5 END, modality")
 _LAST_SEEN_ORDER = ("CASE last_seen WHEN 'today' THEN 0 WHEN '1-2 days' THEN 1 WHEN '3-7 days' THEN 2 "
                     "WHEN '8-30 days' THEN 3 WHEN 'over 30 days' THEN 4 WHEN 'never' THEN 5 ELSE 9 END")
+_FIRMWARE_ORDER = "device_kind, firmware IS NOT DISTINCT FROM 'all', devices DESC, firmware NULLS LAST"
 
 REPORTS: dict[str, Spec] = {
     "education": Spec(
         "mart_education_weekly", "week, module",
         counts=("people_viewed", "people_completed", "people_engaged"),
+        within={"people_viewed": "people_engaged", "people_completed": "people_engaged"}, exists="people_engaged",
         rates={"completion_rate": ("people_completed", "people_engaged")},
         stats={"total_minutes": "people_engaged", "median_minutes_per_person": "people_engaged"}),
     "appointments": Spec("mart_appointments_by_modality", _MODALITY_ORDER, counts=_APPOINTMENT_COUNTS,
-                         rates=_APPOINTMENT_RATES, sums=_APPOINTMENT_SUMS, total=("modality", "all")),
+                         rates=_APPOINTMENT_RATES, sums=_APPOINTMENT_SUMS, total=("modality", "all"),
+                         exists="appointments"),
     "appointments_weekly": Spec("mart_appointments_weekly", f"week, {_MODALITY_ORDER}",
                                 counts=_APPOINTMENT_COUNTS, rates=_APPOINTMENT_RATES, sums=_APPOINTMENT_SUMS,
-                                total=("modality", "all"), group_by=("week",)),
+                                total=("modality", "all"), group_by=("week",), exists="appointments"),
     # One row per device for the practice; published, devices counted by kind and days since last seen.
     "connectivity": Spec(
         "mart_device_connectivity", "last_seen_on NULLS FIRST, device_kind, device_key",
         published=Spec("mart_connectivity_by_kind", f"device_kind, {_LAST_SEEN_ORDER}",
                        counts=("devices", "devices_low_battery", "devices_silent_now"),
-                       total=("last_seen", "all"), group_by=("device_kind",))),
-    "firmware": Spec("mart_firmware_spread",
-                     "device_kind, firmware IS NOT DISTINCT FROM 'all', devices DESC, firmware NULLS LAST",
-                     counts=("devices",), total=("firmware", "all"), group_by=("device_kind",)),
+                       within={"devices_low_battery": "devices", "devices_silent_now": "devices"},
+                       total=("last_seen", "all"), group_by=("device_kind",), exists="devices")),
+    # Published, a version run by fewer than 11 devices of its kind is merged into "other".
+    "firmware": Spec("mart_firmware_spread", _FIRMWARE_ORDER, counts=("devices",),
+                     total=("firmware", "all"), group_by=("device_kind",),
+                     published=Spec("mart_firmware_by_kind", _FIRMWARE_ORDER, counts=("devices",),
+                                    total=("firmware", "all"), group_by=("device_kind",), exists="devices")),
     "adherence": Spec(
         "mart_adherence", "window_end",
         counts=("enrolled_people", "adherent_people", "people_with_first_reading"),
         rates={"adherence_share": ("adherent_people", "enrolled_people")},
+        within={"adherent_people": "enrolled_people"},
         stats={"median_hours_to_first_reading": "people_with_first_reading",
                "p90_hours_to_first_reading": "people_with_first_reading"}),
 }
@@ -115,8 +126,8 @@ def report(s: Settings, name: str, publish: bool = False) -> list[dict]:
     """Rows of report ``name``.
 
     publish: for release outside the practice — an aggregate form where the report has a row per device, counts
-    below ``SUPPRESS_BELOW`` and their complements shown as ``"<11"``, rates and statistics computed from them
-    None, and no ``*_key`` column.
+    below ``SUPPRESS_BELOW`` shown as ``"<11"`` and their complements as ``"suppressed"``, rates and statistics
+    computed from them None, and no ``*_key`` column.
     """
     if name == PIPELINE:
         if publish:
@@ -159,11 +170,16 @@ def suppress(spec: Spec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     hidden cells withheld, keys dropped."""
     small = {(i, c) for i, row in enumerate(rows) for c in spec.counts
              if row.get(c) is not None and row[c] < SUPPRESS_BELOW}
-    hidden = _complement(rows, _sums(spec, rows), small)
-    return [_published_row(spec, row, {c for j, c in hidden if j == i}) for i, row in enumerate(rows)]
+    hidden = _complement(spec, rows, small)
+    return [_published_row(spec, row, {c for j, c in small if j == i}, {c for j, c in hidden if j == i})
+            for i, row in enumerate(rows)]
 
 
 Cell = tuple[int, str]  # (row index, column)
+
+
+class SuppressionError(Exception):
+    """A report's rows contradict the structure suppression assumes of them (a total that is not the sum)."""
 
 
 def _sums(spec: Spec, rows: list[dict[str, Any]]) -> list[list[Cell]]:
@@ -183,28 +199,117 @@ def _sums(spec: Spec, rows: list[dict[str, Any]]) -> list[list[Cell]]:
     return out
 
 
-def _complement(rows: list[dict[str, Any]], sums: list[list[Cell]], hidden: set[Cell]) -> set[Cell]:
-    """Complementary suppression: a sum with exactly one hidden cell gives it back (total minus the shown
-    parts), so the smallest shown cell of that sum is hidden too — until no sum has a single hidden cell."""
-    hidden = set(hidden)
-    changed = True
-    while changed:
-        changed = False
-        for cells in sums:
-            shown = [cell for cell in cells if cell not in hidden]
-            if shown and len(shown) == len(cells) - 1:
-                hidden.add(min(shown, key=lambda cell: (rows[cell[0]][cell[1]] or 0, cell)))
-                changed = True
+def _constraints(spec: Spec, rows: list[dict[str, Any]]) -> list[tuple[str, list[Cell]]]:
+    """What a reader knows ties the cells together: ("sum", [total, *parts]) and ("within", [part, whole])."""
+    out = [("sum", cells) for cells in _sums(spec, rows)]
+    return out + [("within", [(i, part), (i, whole)]) for i in range(len(rows)) for part, whole in spec.within.items()]
+
+
+def audit(spec: Spec, rows: list[dict[str, Any]], small: set[Cell],
+          hidden: set[Cell]) -> dict[Cell, tuple[int, int | None]]:
+    """The range a reader of the published table can narrow each hidden small cell to.
+
+    The reader sees every shown cell, knows the sums and ``within`` bounds, that a "<11" cell is 0-10 (1-10 for
+    a row's ``exists`` count) and a "suppressed" one at least 11. Each range is a pair of linear programs: for
+    a table with row and column totals their optima are whole numbers, so the range is exact."""
+    from scipy.optimize import linprog  # type: ignore[import-untyped]  # imported here: ~0.3 s, publishing only
+
+    cells = sorted(small | hidden)
+    index = {cell: k for k, cell in enumerate(cells)}
+    equal: tuple[list, list] = ([], [])
+    below: tuple[list, list] = ([], [])
+    for kind, group in _constraints(spec, rows):
+        if not index.keys() & set(group):
+            continue
+        coef, rhs = [0.0] * len(cells), 0.0
+        signs = [1, *[-1] * (len(group) - 1)]  # total - parts = 0; part - whole <= 0
+        for cell, sign in zip(group, signs, strict=True):
+            if cell in index:
+                coef[index[cell]] += sign
+            else:
+                rhs -= sign * (rows[cell[0]][cell[1]] or 0)
+        target = equal if kind == "sum" else below
+        target[0].append(coef)
+        target[1].append(rhs)
+    bounds = [(1 if c == spec.exists else 0, SUPPRESS_BELOW - 1) if (i, c) in small else (SUPPRESS_BELOW, None)
+              for i, c in cells]
+    lp = {"A_eq": equal[0] or None, "b_eq": equal[1] or None, "A_ub": below[0] or None, "b_ub": below[1] or None,
+          "bounds": bounds, "method": "highs"}
+    ranges = {}
+    for cell in sorted(small):
+        objective = [0.0] * len(cells)
+        objective[index[cell]] = 1.0
+        low = linprog(objective, **lp)
+        high = linprog([-x for x in objective], **lp)
+        if low.status != 0 or high.status not in (0, 3):  # 3: unbounded above
+            raise SuppressionError(f"report {spec.view}: cell {cell} is not consistent with its totals")
+        ranges[cell] = (round(low.fun), None if high.status == 3 else round(-high.fun))
+    return ranges
+
+
+def _protected(span: tuple[int, int | None]) -> bool:
+    """A small cell is protected when the table allows it every value a "<11" allows: 1 to 10."""
+    low, high = span
+    return low <= 1 and (high is None or high >= SUPPRESS_BELOW - 1)
+
+
+def _complement(spec: Spec, rows: list[dict[str, Any]], small: set[Cell]) -> set[Cell]:
+    """Complementary suppression: while some small cell can be narrowed below "1 to 10", hide a shown cell tied
+    to it by a sum or bound (else any shown cell of its connected part of the table). A small cell
+    whose whole connected part is hidden has the widest range the structure allows, and is left at that."""
+    constraints = [group for _, group in _constraints(spec, rows)]
+    counted = {(i, c) for i, row in enumerate(rows) for c in spec.counts if row.get(c) is not None}
+    parent = {cell: cell for cell in counted}
+
+    def root(cell: Cell) -> Cell:
+        while parent[cell] != cell:
+            parent[cell] = parent[parent[cell]]
+            cell = parent[cell]
+        return cell
+
+    for group in constraints:
+        for cell in group[1:]:
+            parent[root(cell)] = root(group[0])
+    parts: dict[Cell, set[Cell]] = {}
+    for cell in counted:
+        parts.setdefault(root(cell), set()).add(cell)
+
+    def cost(cell: Cell) -> tuple:
+        # A "suppressed" cell is known to be >= 11, so it can only give a small cell as much room as it has
+        # above 11: the smallest cell with room for a whole "<11" range, else the one with the most room.
+        value = rows[cell[0]][cell[1]]
+        roomy = value >= 2 * SUPPRESS_BELOW - 1
+        return (not roomy, value if roomy else -value, cell)
+
+    hidden: set[Cell] = set()
+    for part in sorted(parts.values(), key=min):
+        part_small = small & part
+        if not part_small:
+            continue
+        ties = [g for g in constraints if g[0] in part]
+        while True:
+            ranges = audit(spec, rows, part_small, hidden & part)
+            weak = [cell for cell, span in sorted(ranges.items()) if not _protected(span)]
+            if not weak:
+                break
+            shown = part - part_small - hidden
+            near = {c for g in ties if weak[0] in g for c in g} & shown
+            if not (near or shown):
+                break
+            hidden.add(min(near or shown, key=cost))
     return hidden
 
 
-def _published_row(spec: Spec, row: dict[str, Any], hidden: set[str]) -> dict[str, Any]:
+def _published_row(spec: Spec, row: dict[str, Any], small: set[str], withheld: set[str]) -> dict[str, Any]:
     out = {}
+    hidden = small | withheld
     for column, value in row.items():
         if column.endswith("_key"):
             continue
-        if column in hidden:
+        if column in small:
             value = SUPPRESSED
+        elif column in withheld:
+            value = WITHHELD
         elif hidden.intersection(spec.rates.get(column, ())) or spec.stats.get(column) in hidden:
             value = None
         out[column] = value

@@ -143,11 +143,12 @@ TABLES = {
                {_UTC_DAY.format('t.occurred_at')} AS day,
                arg_max(t.battery_pct, t.occurred_at) FILTER (WHERE t.battery_pct IS NOT NULL) AS battery_pct,
                arg_max(t.signal_dbm, t.occurred_at) FILTER (WHERE t.signal_dbm IS NOT NULL) AS signal_dbm,
-               arg_max(CASE WHEN regexp_full_match(t.firmware, '{catalogue.FIRMWARE_PATTERN}') THEN t.firmware
-                            ELSE '{catalogue.OTHER}' END, t.occurred_at)
+               arg_max(coalesce(fw.stored, '{catalogue.OTHER}'), t.occurred_at)
                    FILTER (WHERE t.firmware IS NOT NULL) AS firmware
         FROM clinical.telehealth_events t
         JOIN clinical.devices d ON d.device_id = t.device_id
+        -- a version released for the device's own kind, else 'other'
+        LEFT JOIN catalogue fw ON fw.field = 'firmware:' || d.kind AND fw.value = t.firmware
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = t.device_id
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = t.patient_id
         WHERE t.event = 'device_status'

@@ -16,7 +16,7 @@ def test_the_simulators_modules_surveys_and_firmware_are_catalogued():
     listed = catalogue.listed()
     assert {m for ms in MODULES.values() for m in ms} <= listed["module"]
     assert "phq-2" in listed["survey"]  # the simulator's survey
-    assert all(catalogue.FIRMWARE_RE.fullmatch(v) for vs in FIRMWARE.values() for v in vs)
+    assert all(set(versions) <= catalogue.FIRMWARE[kind] for kind, versions in FIRMWARE.items())
     assert listed["modality"] == set(MODALITIES)
 
 
@@ -26,9 +26,18 @@ def test_every_registry_condition_is_a_care_programme():
 
 
 @pytest.mark.parametrize("text", ['=HYPERLINK("http://x","Jane Roe")', "2.4.1 Jane", "Jane-1950-01-01", "1",
-                                  "2.4.1-beta", "+1.2", " 1.2", "1.2\n"])
-def test_firmware_that_is_not_a_version_number_is_not_catalogued(text):
-    assert catalogue.FIRMWARE_RE.fullmatch(text) is None
+                                  "2.4.1-beta", "+1.2", " 2.4.1", "2.4.1\n",
+                                  # shaped like version numbers: SSN, phone, birth date, IP address
+                                  "123.45.6789", "555.867.5309", "1950.01.01", "10.20.30.40"])
+def test_firmware_that_is_not_a_released_version_is_not_catalogued(text):
+    firmware = {(field, value) for field, value, _ in catalogue.rows() if field.startswith("firmware:")}
+    assert not [kind for kind in catalogue.FIRMWARE if (f"firmware:{kind}", text) in firmware]
+
+
+def test_firmware_is_catalogued_for_its_own_device_kind_only():
+    stored = {(field, value): as_ for field, value, as_ in catalogue.rows() if field.startswith("firmware:")}
+    assert stored[("firmware:bp", "2.4.1")] == "2.4.1"
+    assert ("firmware:scale", "2.4.1") not in stored  # a cuff's release on a scale: "other"
 
 
 def test_built_in_values_are_slugs():

@@ -12,9 +12,11 @@ import csv
 import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -23,9 +25,10 @@ import pytest
 from core.settings import Settings
 from rpmctl.views.reports import render
 from tests.conftest import RPM
+from warehouse import telehealth
 from warehouse.db import clinical
 from warehouse.registry import enroll, upsert_patient
-from warehouse.reports import REPORTS, SUPPRESS_BELOW, Spec, report, suppress, write_csv
+from warehouse.reports import REPORTS, SUPPRESS_BELOW, Spec, audit, report, suppress, write_csv
 from warehouse.reports import pipeline_runs as pipeline_runs_of
 from warehouse.serving import publish_snapshot
 from warehouse.telehealth import open_telehealth, pseudonym, pseudonym_key, publish_telehealth
@@ -125,18 +128,18 @@ def connectivity(con: duckdb.DuckDBPyConnection) -> None:
     for h in (800, 740, 680, 600, 580, 530, 2):
         add_reading(con, "p01", "scale-p01", hours_ago(h))
     add_event(con, "p01", "device_status", hours_ago(100), device_id="scale-p01", battery_pct=80.0,
-              firmware="1.8.2", signal_dbm=-60.0)
+              firmware="1.2.0", signal_dbm=-60.0)
     add_event(con, "p01", "device_status", hours_ago(1), device_id="scale-p01", battery_pct=15.0,
-              firmware="1.9.0")
+              firmware="1.3.1")
     add_event(con, "p01", "device_status", hours_ago(0.5), device_id="scale-p01", signal_dbm=-80.0)
     # scale-p02: two readings 100 h apart, silent for the last 100 h.
     for h in (200, 100):
         add_reading(con, "p02", "scale-p02", hours_ago(h))
     # scale-p03: reports status, never a reading; 20 % is not low.
-    add_event(con, "p03", "device_status", hours_ago(30), device_id="scale-p03", battery_pct=20.0, firmware="1.9.0")
+    add_event(con, "p03", "device_status", hours_ago(30), device_id="scale-p03", battery_pct=20.0, firmware="1.3.1")
     for i, pid in enumerate(PEOPLE):
         add_event(con, pid, "device_status", hours_ago(5), device_id=f"cuff-{pid}", battery_pct=70.0,
-                  signal_dbm=-70.0, firmware="2.4.1" if i < 11 else "2.3.9")
+                  signal_dbm=-70.0, firmware="2.4.1" if i < 11 else "2.5.0")
 
 
 def education(con: duckdb.DuckDBPyConnection) -> None:
@@ -297,10 +300,12 @@ def test_appointments_weekly_follow_the_outcome_week(s):
 
 
 def test_appointments_published(s):
+    """video's 27 = 2 + 13 + 11 + 1 would bound its two small cells to 3 between them, and 'all' minus video
+    would bound phone's and in-person's: at this volume every count of 11 or more is withheld too."""
     rows = by(report(s, "appointments", publish=True), "modality")
-    assert tuple(rows["video"][c] for c in COUNTS) == (27, "<11", 13, 11, "<11")
-    assert (rows["video"]["completion_rate"], rows["video"]["no_show_rate"]) == pytest.approx((13 / 24, 11 / 24))
-    assert tuple(rows["all"][c] for c in COUNTS) == (33, "<11", 15, 12, "<11")
+    assert tuple(rows["video"][c] for c in COUNTS) == ("suppressed", "<11", "suppressed", "suppressed", "<11")
+    assert (rows["video"]["completion_rate"], rows["video"]["no_show_rate"]) == (None, None)
+    assert tuple(rows["all"][c] for c in COUNTS) == ("suppressed", "<11", "suppressed", "suppressed", "<11")
     for small in ("phone", "in_person"):
         assert tuple(rows[small][c] for c in COUNTS) == ("<11",) * 5
         assert (rows[small]["completion_rate"], rows[small]["no_show_rate"]) == (None, None)
@@ -330,7 +335,7 @@ def test_connectivity_internal_view(s):
     assert one["last_seen_on"] == (NOW - timedelta(minutes=30)).date()  # a status report is a sign of life
     assert one["days_since_last_seen"] == days_since(NOW - timedelta(minutes=30))
     assert (one["battery_pct"], one["low_battery"], one["signal_dbm"], one["firmware"]) == (15.0, True, -80.0,
-                                                                                          "1.9.0")
+                                                                                          "1.3.1")
     two = device("scale-p02")
     assert (two["gaps_over_24h_30d"], two["gaps_over_72h_30d"], two["ongoing_gap"]) == (2, 2, True)
     assert two["days_since_last_seen"] == days_since(NOW - timedelta(hours=100))
@@ -375,11 +380,24 @@ def test_connectivity_is_published_by_device_kind_not_per_device(s):
 
 def test_firmware_spread(s):
     raw = {(r["device_kind"], r["firmware"]): r["devices"] for r in report(s, "firmware")}
-    assert raw == {("bp", "2.4.1"): 11, ("bp", "2.3.9"): 1, ("bp", None): 1, ("bp", "all"): 13,
-                   ("scale", "1.9.0"): 2, ("scale", None): 3, ("scale", "all"): 5}
+    assert raw == {("bp", "2.4.1"): 11, ("bp", "2.5.0"): 1, ("bp", None): 1, ("bp", "all"): 13,
+                   ("scale", "1.3.1"): 2, ("scale", None): 3, ("scale", "all"): 5}
+    # Published, a version run by fewer than 11 devices of the kind is "other": its label would name them.
     published = {(r["device_kind"], r["firmware"]): r["devices"] for r in report(s, "firmware", publish=True)}
-    assert published == {("bp", "2.4.1"): 11, ("bp", "2.3.9"): "<11", ("bp", None): "<11", ("bp", "all"): 13,
-                         ("scale", "1.9.0"): "<11", ("scale", None): "<11", ("scale", "all"): "<11"}
+    assert published == {("bp", "2.4.1"): 11, ("bp", "other"): "<11", ("bp", None): "<11",
+                         ("bp", "all"): "suppressed",
+                         ("scale", "other"): "<11", ("scale", None): "<11", ("scale", "all"): "<11"}
+
+
+def test_firmware_versions_of_fewer_than_11_devices_are_published_as_other():
+    """The view merges below the same cell size that suppression uses."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE mart_device_connectivity AS SELECT 'bp' AS device_kind, "
+                "CASE WHEN i < 11 THEN '2.4.1' WHEN i < 21 THEN '2.5.0' ELSE NULL END AS firmware FROM range(22) t(i)")
+    sql = (Path(telehealth.__file__).parent / "telehealth_sql" / "030_connectivity.sql").read_text()
+    con.execute(sql[sql.index("CREATE OR REPLACE VIEW mart_firmware_by_kind"):])
+    got = dict(con.execute("SELECT firmware, devices FROM mart_firmware_by_kind").fetchall())
+    assert got == {"2.4.1": SUPPRESS_BELOW, "other": SUPPRESS_BELOW - 1, None: 1, "all": 22}
 
 
 # --- adherence --------------------------------------------------------------------------------------------------
@@ -442,6 +460,15 @@ def test_pipeline_report_fits_80_columns_and_prints_run_ids_whole(s):
     assert max(len(line) for line in text.splitlines()) <= 80
     assert LONG_RUN_ID in text and "run-2" in text
     assert text.splitlines()[0].split()[:2] == ["run", "id"] and "more columns: --wide" in text
+    # A 42-character run id still leaves room for when each run finished and which task failed.
+    header = next(line for line in text.splitlines() if "state" in line)
+    assert "finished" in header and "failed in" in header
+    failed = next(line for line in text.splitlines() if line.startswith("run-2 "))
+    assert failed.split()[1:5] == ["failed", *(NOW - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M").split(), "load"]
+    longer = [{**r, "run_id": f"scheduled__{r['run_id']}__backfill"} for r in rows]  # 64 characters: own line
+    two = render("pipeline", longer)
+    assert max(len(line) for line in two.splitlines()) <= 80 and f"\n{longer[0]['run_id']}\n  failed " in two
+    assert "failed in" in two and " load" in two
     wide = render("pipeline", rows, wide=True)
     assert LONG_RUN_ID in wide and max(len(line) for line in wide.splitlines()) > 80
     assert "task_seconds" in wide and "load=1.5 validate=0.2" in wide  # objects shown as key=value
@@ -463,6 +490,10 @@ def test_rpm_reports_pipeline_on_a_terminal_and_as_json(s):
     assert "run-2" in failed.stdout and "run-1" not in failed.stdout
     recent = json.loads(rpm(s, "pipeline", "--since", "24h", "--json").stdout)
     assert [r["run_id"] for r in recent] == ["run-2", "run-1"]
+    assert "T" in recent[1]["finished_at"]  # ISO 8601
+    assert datetime.fromisoformat(recent[1]["finished_at"]) == NOW - timedelta(hours=2)
+    none = rpm(s, "pipeline", "--failed", "--since", "1m")
+    assert none.returncode == 0 and none.stdout.splitlines()[1:] == ["no failed runs in the last 1m"]
     assert recent[1]["task_seconds"] == {"load": 1.5, "validate": 0.25} and recent[1]["duration_s"] == 42.5
     assert max(map(len, rpm(s, "pipeline", "--wide").stdout.splitlines())) > 80
 
@@ -473,6 +504,7 @@ def test_rpm_reports_pipeline_on_a_terminal_and_as_json(s):
     (("pipeline", "--since", "99999999999d"), "further back than dates go"),
     (("education", "--since", "7d", "--failed"), "--since and --failed apply to the pipeline report only"),
     (("pipeline", "--publish"), "not for publication"),
+    (("pipeline", "--csv", ""), "--csv needs a file name"),
 ])
 def test_rpm_reports_refuses_bad_input_in_one_line(s, args, says):
     proc = rpm(s, *args)
@@ -484,8 +516,11 @@ def test_rpm_reports_says_which_hipaa_route_its_rows_follow(s):
     practice = rpm(s, "appointments").stdout.splitlines()[0]
     assert practice.startswith("# limited data set (45 CFR 164.514(e))") and "data use agreement only" in practice
     published = rpm(s, "appointments", "--publish").stdout.splitlines()[0]
-    assert published.startswith("# published aggregate: no 45 CFR 164.514(b)(2) identifier")
+    assert published.startswith("# published aggregate, no expert determination: counts per week or kind")
+    assert "de-identified" not in published and "164.514(b)" not in published  # claims no Safe Harbor status
     assert max(len(practice), len(published)) < 120
+    helptext = " ".join(rpm(s, "--help").stdout.split())
+    assert "de-identified" not in helptext and "Not an expert determination: week dates remain" in helptext
 
 
 # --- suppression, rendering, CSV --------------------------------------------------------------------------------
@@ -516,37 +551,124 @@ def with_total(*rows: dict) -> list[dict]:
     return [*rows, visit("all", *(sum(r[c] for r in rows) for c in counts))]  # type: ignore[arg-type]
 
 
-def test_a_total_does_not_give_back_a_lone_suppressed_cell():
-    """in_person has 5 appointments: alone hidden, 'all' minus video minus phone would be 5. The next-smallest
-    cell of that column (phone's 15) is hidden with it; so is the smallest other cell of each row that the
-    hiding left with a single hidden cell."""
-    rows = with_total(visit("video", 0, 20, 15, 15), visit("phone", 0, 11, 2, 2), visit("in_person", 0, 2, 3, 0))
-    out = {r["modality"]: r for r in suppress(APPOINTMENTS, rows)}
-    assert out["in_person"]["appointments"] == "<11" and out["phone"]["appointments"] == "<11"
-    assert out["video"]["appointments"] == 50 and out["all"]["appointments"] == 70
-    assert out["all"]["scheduled"] == "<11"  # every modality's scheduled is 0: all hidden, the total too
-    for column in ("appointments", "scheduled", "attended", "no_show", "cancelled"):
-        shown = {m: out[m][column] for m in ("video", "phone", "in_person")}
-        assert out["all"][column] == "<11" or list(shown.values()).count("<11") != 1, column
-    for row in out.values():  # within each row, appointments = scheduled + attended + no_show + cancelled
-        cells = [row[c] for c in ("appointments", "scheduled", "attended", "no_show", "cancelled")]
-        assert cells.count("<11") != 1, row
-    assert out["phone"]["attended"] == "<11"  # 11, hidden as the complement of phone's row
-    assert out["phone"]["completion_rate"] is None and out["video"]["completion_rate"] == 20 / 35
+def reader_ranges(spec: Spec, published: list[dict]) -> dict[tuple[int, str], tuple[float, float]]:
+    """What a reader of a published table can work out about each "<11" cell, from the table alone: the
+    narrowest range its sums and bounds allow, knowing "<11" is 0-10 (1-10 for a row's existence count) and
+    "suppressed" at least 11. Written apart from warehouse/reports.py's own audit."""
+    from scipy.optimize import linprog
+
+    hidden = [(i, c) for i, r in enumerate(published) for c in spec.counts if isinstance(r[c], str)]
+    index = {cell: k for k, cell in enumerate(hidden)}
+    ties = [("eq", [(i, total), *((i, p) for p in parts)]) for i in range(len(published))
+            for total, parts in spec.sums.items()]
+    ties += [("le", [(i, part), (i, whole)]) for i in range(len(published)) for part, whole in spec.within.items()]
+    if spec.total:
+        column, label = spec.total
+        for t_ in (i for i, r in enumerate(published) if r[column] == label):
+            group = [i for i, r in enumerate(published) if r[column] != label
+                     and all(r[g] == published[t_][g] for g in spec.group_by)]
+            ties += [("eq", [(t_, c), *((i, c) for i in group)]) for c in spec.counts]
+    a: dict[str, list] = {"eq": [], "le": []}
+    b: dict[str, list] = {"eq": [], "le": []}
+    for kind, cells in ties:
+        row, rhs = [0.0] * len(hidden), 0.0
+        for k, (i, c) in enumerate(cells):
+            sign = 1 if k == 0 else -1
+            if (i, c) in index:
+                row[index[i, c]] += sign
+            else:
+                rhs -= sign * published[i][c]
+        a[kind].append(row)
+        b[kind].append(rhs)
+    bounds = [((1 if c == spec.exists else 0, 10) if published[i][c] == "<11" else (11, None)) for i, c in hidden]
+    lp = {"A_eq": a["eq"] or None, "b_eq": b["eq"] or None, "A_ub": a["le"] or None, "b_ub": b["le"] or None,
+          "bounds": bounds, "method": "highs"}
+    out = {}
+    for cell in hidden:
+        if published[cell[0]][cell[1]] == "<11":
+            e = [0.0] * len(hidden)
+            e[index[cell]] = 1.0
+            low, high = linprog(e, **lp), linprog([-x for x in e], **lp)
+            assert low.status == 0, cell  # the true table is one the reader must consider
+            out[cell] = (low.fun, -high.fun if high.status == 0 else float("inf"))
+    return out
 
 
-def test_a_row_sum_does_not_give_back_a_lone_suppressed_cell():
-    """video's 40 appointments = 12 scheduled + 12 attended + 12 no-show + 4 cancelled: with the 4 hidden alone,
-    40 - 36 gives it back, so the smallest other part of the row is hidden with it."""
-    rows = with_total(visit("video", 12, 12, 12, 4), visit("phone", 20, 20, 20, 20))
-    out = {r["modality"]: r for r in suppress(APPOINTMENTS, rows)}
-    assert out["video"]["cancelled"] == "<11"
-    assert [out["video"][c] for c in ("scheduled", "attended", "no_show")].count("<11") == 1
-    assert out["video"]["appointments"] == 40 and out["all"]["appointments"] == 120
-    # The column sums stay safe too: each column with a hidden video cell hides another cell.
-    for column in ("scheduled", "attended", "no_show", "cancelled"):
-        cells = [out[m][column] for m in ("video", "phone", "all")]
-        assert cells.count("<11") != 1, column
+def appointment_table(rng: random.Random) -> list[dict]:
+    return with_total(*(visit(m, rng.choice([0, 1, 2, 5, 12, 30]), rng.choice([3, 8, 12, 20, 40]),
+                              rng.choice([0, 1, 2, 4, 11, 15]), rng.choice([0, 1, 3, 12, 25]))
+                        for m in ("video", "phone", "in_person")))
+
+
+def connectivity_table(rng: random.Random) -> list[dict]:
+    rows = []
+    for kind in ("bp", "glu"):
+        bands = []
+        for band_ in ("today", "1-2 days", "3-7 days", "8-30 days", "over 30 days", "never"):
+            devices = rng.choice([0, 0, 1, 2, 5, 12, 25, 40])
+            if devices:  # a band's row exists only for a device in it
+                bands.append({"device_kind": kind, "last_seen": band_, "devices": devices,
+                              "devices_low_battery": rng.randint(0, min(devices, rng.choice([0, 1, 3, 12]))),
+                              "devices_silent_now": devices if band_ not in ("today", "1-2 days")
+                              else rng.randint(0, min(devices, 2))})
+        counts = ("devices", "devices_low_battery", "devices_silent_now")
+        rows += [*bands, {"device_kind": kind, "last_seen": "all", **{c: sum(b[c] for b in bands) for c in counts}}]
+    return rows
+
+
+def assert_no_small_cell_narrowed(spec: Spec, rows: list[dict]) -> None:
+    published = suppress(spec, rows)
+    for (i, c), (low, high) in reader_ranges(spec, published).items():
+        true = rows[i][c]
+        assert low <= true <= high
+        assert low <= 1 + 1e-6 and high >= 10 - 1e-6 or all(
+            isinstance(published[j][d], str) for j in range(len(rows)) for d in spec.counts
+            if rows[j].get(spec.group_by[0]) == rows[i].get(spec.group_by[0]) if spec.group_by), (
+            f"{c} of {rows[i]} narrowed to {low}..{high} in {published}")
+    for row, out in zip(rows, published, strict=True):  # "suppressed" is never a small count
+        assert all(row[c] >= SUPPRESS_BELOW for c in spec.counts if out[c] == "suppressed")
+
+
+def test_the_reviewers_table_gives_no_small_cell_back():
+    """Published as before, phone's 12 appointments and 12 attended gave its other cells (0), and 16 no-shows
+    minus in-person's 15 gave video's 1."""
+    rows = with_total(visit("video", 1, 12, 1, 0), visit("phone", 0, 12, 0, 0), visit("in_person", 2, 12, 15, 0))
+    published = by(suppress(APPOINTMENTS, rows), "modality")
+    assert "<11" in (published["phone"]["appointments"], published["phone"]["attended"]) or \
+        "suppressed" in (published["phone"]["appointments"], published["phone"]["attended"])
+    assert published["video"]["no_show"] == "<11" and "suppressed" in (
+        published["all"]["no_show"], published["in_person"]["no_show"])
+    assert_no_small_cell_narrowed(APPOINTMENTS, rows)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_no_small_appointment_count_can_be_computed_back(seed):
+    rng = random.Random(seed)
+    for _ in range(8):
+        assert_no_small_cell_narrowed(APPOINTMENTS, appointment_table(rng))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_no_small_device_count_can_be_computed_back(seed):
+    """A band's row exists only for a device in it, and no band has more low-battery or silent devices than
+    devices: a reader uses both."""
+    spec = REPORTS["connectivity"].published
+    assert spec is not None
+    rng = random.Random(seed)
+    for _ in range(8):
+        assert_no_small_cell_narrowed(spec, connectivity_table(rng))
+
+
+def test_the_audit_knows_a_suppressed_cell_is_at_least_11():
+    """5 + 40 + 30 = 75: with 5 alone hidden the total gives it back; with 12 hidden beside it, the reader
+    knows 12 is >= 11 ("suppressed", not "<11"), so 5 lies in 1..6; with 40 beside it, in 1..10."""
+    spec = Spec("v", "x", counts=("n",), total=("g", "all"), exists="n")
+    rows = [{"g": "a", "n": 5}, {"g": "b", "n": 40}, {"g": "c", "n": 30}, {"g": "all", "n": 75}]
+    assert audit(spec, rows, {(0, "n")}, set()) == {(0, "n"): (5, 5)}
+    assert audit(spec, rows, {(0, "n")}, {(1, "n")}) == {(0, "n"): (1, 10)}
+    near = [{**r, "n": 12} if r["g"] == "b" else {**r, "n": 47} if r["g"] == "all" else r for r in rows]
+    assert audit(spec, near, {(0, "n")}, {(1, "n")}) == {(0, "n"): (1, 6)}
+    assert [r["n"] for r in suppress(spec, near)] == ["<11", 12, "suppressed", 47]  # 30 has the room
 
 
 @pytest.mark.parametrize("name", sorted(REPORTS))
@@ -555,7 +677,7 @@ def test_published_reports_carry_no_keys_and_no_small_counts(s, name):
     for row in report(s, name, publish=True):
         assert not [c for c in row if c.endswith("_key")]
         for c in spec.counts:
-            assert row[c] == "<11" or row[c] >= SUPPRESS_BELOW
+            assert row[c] in ("<11", "suppressed") or row[c] >= SUPPRESS_BELOW
 
 
 def test_unknown_report():
@@ -564,13 +686,14 @@ def test_unknown_report():
 
 
 def test_render_aligns_columns(s):
-    rows = report(s, "appointments", publish=True)
+    rows = suppress(APPOINTMENTS, with_total(visit("video", 0, 20, 15, 15), visit("phone", 20, 11, 12, 12),
+                                             visit("in_person", 11, 12, 13, 14)))
     text = render("appointments", rows)
     lines = [line for i, line in enumerate(text.splitlines()) if i != 1]  # without the rule under the header
     assert len(lines) == 1 + len(rows)
     header = lines[0]
     assert header.split() == list(rows[0])
-    assert "54.2%" in text and "<11" in text  # rates as percentages
+    assert "47.8%" in text and "<11" in text and "suppressed" in text  # rates as percentages
     end = header.index("cancelled") + len("cancelled")  # right-aligned numbers end under their header
     assert all(line[end - 1] != " " and line[end] == " " for line in lines[1:])
     assert all(line.startswith(r["modality"] + " ") for line, r in zip(lines[1:], rows, strict=True))
@@ -584,9 +707,11 @@ def test_csv_round_trip(s, tmp_path):
         back = list(csv.DictReader(f))
     assert [r["modality"] for r in back] == [r["modality"] for r in rows]
     video = back[0]
-    assert (video["appointments"], video["scheduled"], video["cancelled"]) == ("27", "<11", "<11")
-    assert float(video["completion_rate"]) == rows[0]["completion_rate"]
+    assert (video["appointments"], video["scheduled"], video["cancelled"]) == ("suppressed", "<11", "<11")
     assert back[1]["completion_rate"] == ""  # None
+    raw = report(s, "appointments")
+    with write_csv(raw, tmp_path / "raw.csv").open(newline="") as f:
+        assert float(next(csv.DictReader(f))["completion_rate"]) == raw[0]["completion_rate"]
 
     devices = report(s, "connectivity")
     path = write_csv(devices, tmp_path / "devices.csv")

@@ -3,9 +3,9 @@ opens only with its own key; keys are stable, rebuilds atomic, rotation loses no
 
 A registry full of identifiers (names, MRNs, dates of birth, serials, device and app ids, appointment and
 message ids) is published, with app events and device status carrying free text (a spreadsheet formula with a
-name and a diagnosis in an education module, a name in a survey and in a firmware version); then every column
-of every table and view of the store is checked: its type, every value against every identifier, and every
-catalogued field against the catalogue.
+name and a diagnosis in an education module, a name in a survey, an SSN shaped like a firmware version); then
+every column of every table and view of the store is checked: its type, every value against every identifier,
+and every catalogued field against the catalogue.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ RUN_ID = "scheduled__2026-11-27T10:00:00"  # an instant: stays in the ops record
 # Free text an app or a device may send where the contract expects a catalogued value.
 HOSTILE_MODULE = '=HYPERLINK("http://x","Jane Roe DOB 1950-01-01 HIV+")'
 HOSTILE_SURVEY = "Jane Roe phq-9 answers"
-HOSTILE_FIRMWARE = "2.4.1 (Zebediah's cuff)"
-HOSTILE_TEXT = ["HYPERLINK", "Jane Roe", "1950-01-01", "HIV", "phq-9 answers", "Zebediah's cuff", "model-x"]
+HOSTILE_FIRMWARE = "123.45.6789"  # digits and dots, shaped like a version number: an SSN
+HOSTILE_TEXT = ["HYPERLINK", "Jane Roe", "1950-01-01", "HIV", "phq-9 answers", HOSTILE_FIRMWARE, "model-x"]
 
 _n = itertools.count()
 
@@ -193,7 +193,7 @@ def allowed(column: str, value: object, extra: str = "") -> bool:
     if value is None or value == catalogue.OTHER:
         return True
     if column == "firmware":
-        return value == "all" or catalogue.FIRMWARE_RE.fullmatch(str(value)) is not None
+        return value == "all" or any(value in versions for versions in catalogue.FIRMWARE.values())
     if column == "programmes":
         return set(value) <= set(catalogue.PROGRAMMES)  # type: ignore[call-overload]
     return value in catalogue.listed(extra)[column] or column == "modality" and value in ("all", "unknown")
@@ -233,7 +233,7 @@ def test_store_has_every_table_and_the_report_views(store):
     assert set(TABLES) <= {n for n, k in kinds.items() if k == "BASE TABLE"}
     assert {"mart_education_weekly", "mart_appointments_by_modality", "mart_appointments_weekly",
             "mart_device_connectivity", "mart_connectivity_by_kind", "mart_firmware_spread", "mart_adherence",
-            "mart_pipeline_daily"} <= {n for n, k in kinds.items() if k == "VIEW"}
+            "mart_pipeline_daily", "mart_firmware_by_kind"} <= {n for n, k in kinds.items() if k == "VIEW"}
 
 
 def test_no_column_holds_a_time_of_day(store):
