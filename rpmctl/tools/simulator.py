@@ -260,7 +260,8 @@ def _telehealth(fleet: Fleet, end: datetime, days: int, rng: random.Random) -> N
                                        "occurred_at": at(day, 19.5 + rng.random()), "minutes": rng.randint(8, 25)})
         for k in range(rng.randint(1, 2)):
             apt, modality = f"apt-{pid[3:]}-{k}", rng.choices(("video", "phone", "in_person"), (5, 3, 2))[0]
-            apt_day = rng.uniform(1, days - 1)
+            # Its outcome (at 14:30 on apt_day) is in the past however short the history: never a future event.
+            apt_day = rng.uniform(min(1.0, days - 0.7), days - 0.7)
             events.append({"event": "appointment_scheduled", "appointment_id": apt, "modality": modality,
                            "occurred_at": at(apt_day - 1, 10), "scheduled_for": at(apt_day, 14)})
             outcome = rng.choices(("appointment_attended", "appointment_no_show", "appointment_cancelled"),
