@@ -36,7 +36,7 @@ def rpm_daily():
 
     @task
     def rebuild_reports() -> dict:
-        """Rebuild the de-identified telehealth store the reports read."""
+        """Rebuild the telehealth store the reports read (a limited data set: README, the telehealth store and HIPAA)."""
         return tasks.rebuild_reports()
 
     @task

@@ -78,7 +78,7 @@ def rpm_pipeline():
 
     @task
     def publish_telehealth() -> dict:
-        """Rebuild the de-identified telehealth store from the new snapshot."""
+        """Rebuild the telehealth store (a limited data set: pseudonyms, dates by day or week) from the new snapshot."""
         return tasks.publish_telehealth()
 
     @task  # AirflowFailException and AirflowSkipException are final: no retry repeats a verdict

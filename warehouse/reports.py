@@ -87,10 +87,10 @@ REPORTS: dict[str, Spec] = {
                        within={"devices_low_battery": "devices", "devices_silent_now": "devices"},
                        total=("last_seen", "all"), group_by=("device_kind",), exists="devices")),
     # Published, a version run by fewer than 11 devices of its kind is merged into "other".
+    # Never published (UNPUBLISHED): its rows add up to each kind's device count, which the published
+    # connectivity report suppresses — the two together would give a hidden cell back.
     "firmware": Spec("mart_firmware_spread", _FIRMWARE_ORDER, counts=("devices",),
-                     total=("firmware", "all"), group_by=("device_kind",),
-                     published=Spec("mart_firmware_by_kind", _FIRMWARE_ORDER, counts=("devices",),
-                                    total=("firmware", "all"), group_by=("device_kind",), exists="devices")),
+                     total=("firmware", "all"), group_by=("device_kind",)),
     "adherence": Spec(
         "mart_adherence", "window_end",
         counts=("enrolled_people", "adherent_people", "people_with_first_reading"),
@@ -100,6 +100,10 @@ REPORTS: dict[str, Spec] = {
                "p90_hours_to_first_reading": "people_with_first_reading"}),
 }
 PIPELINE = "pipeline"
+# Reports for the practice only, and why.
+UNPUBLISHED = {PIPELINE: "the practice's operations log",
+               "firmware": ("the practice's device inventory (per kind, its rows add up to the device counts the "
+                            "published connectivity report suppresses)")}
 PIPELINE_LIMIT = 20  # runs shown without --since
 
 # Every run record but the failure's text (exception messages can quote the ids of the rows they failed on).
@@ -129,10 +133,9 @@ def report(s: Settings, name: str, publish: bool = False) -> list[dict]:
     below ``SUPPRESS_BELOW`` shown as ``"<11"`` and their complements as ``"suppressed"``, rates and statistics
     computed from them None, and no ``*_key`` column.
     """
+    if publish and name in UNPUBLISHED:
+        raise ValueError(f"the {name} report is {UNPUBLISHED[name]}, not for publication: run it without --publish")
     if name == PIPELINE:
-        if publish:
-            raise ValueError("the pipeline report is the practice's operations log, not for publication: "
-                             "run it without --publish")
         return pipeline_runs(s)
     spec = REPORTS.get(name)
     if spec is None:

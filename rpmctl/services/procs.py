@@ -88,8 +88,8 @@ def read_pid(s: Settings, name: str) -> int | None:
 
 def ours(s: Settings, name: str, pid: int) -> bool:
     """Whether ``pid`` runs this state folder's ``name``: `start` launched it for this pid file, or (started
-    before that marker existed) its command line names the state folder's broker config, or it runs rpmctl
-    with this RPM_HOME. Anyone else's process — the pid reused, a pid file written by hand — is not."""
+    before that marker existed) it is Mosquitto run with this state folder's config, or Python running an
+    rpmctl module with this RPM_HOME. Anyone else's process — the pid reused, a pid file written by hand — is not."""
     try:
         proc = psutil.Process(pid)
         cmdline = proc.cmdline()
@@ -103,9 +103,12 @@ def ours(s: Settings, name: str, pid: int) -> bool:
         return env[OWNER_VAR] == _owner_mark(s, name)
     from rpmctl.services import broker  # broker imports this module
 
-    if str(broker.conf_path(s)) in cmdline[1:]:
+    # The exact command lines `start` uses: a program that merely mentions the config or a module is not one.
+    program, args = (os.path.basename(cmdline[0]), cmdline[1:]) if cmdline else ("", [])
+    if program == "mosquitto" and args[:2] == ["-c", str(broker.conf_path(s))]:
         return True
-    return env.get("RPM_HOME") == str(s.home) and any(a.startswith("rpmctl.") for a in cmdline[1:])
+    return (program.startswith("python") and args[:1] == ["-m"] and len(args) > 1
+            and args[1].startswith("rpmctl.") and env.get("RPM_HOME") == str(s.home))
 
 
 def _owner_mark(s: Settings, name: str) -> str:

@@ -123,7 +123,8 @@ def ops_status(s: Settings, now: datetime | None = None) -> dict:
             "runs": [{k: r[k] for k in ("run_id", "state", "finished_at", "segments", "received", "loaded",
                                         "quarantined", "duplicates", "received_to_loaded_p95_s",
                                         "measured_to_loaded_p95_s", "failed_task")}
-                     | {"rejected_segments": r.get("rejected_segments"), "task_seconds": _object(r["task_seconds"])}
+                     | {"rejected_segments": r.get("rejected_segments"), "task_seconds": _object(r["task_seconds"]),
+                        "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None}
                      for r in runs]}
 
 
@@ -177,6 +178,8 @@ def airflow_heartbeats(s: Settings, now: datetime) -> dict:
     if not expected:
         return out
     health = _remote_health(s.airflow_url) if s.airflow_url else airflow_stack.health(s)
+    if s.airflow_url:
+        out["running"] = health is not None  # another host's Airflow: up when its API server answers
     if health:
         out["source"] = "api"
         beats = {name: (part.get(key) if isinstance(part := health.get(name), dict) else None)
@@ -191,6 +194,9 @@ def airflow_heartbeats(s: Settings, now: datetime) -> dict:
         label = name.replace("_", " ")
         if when is None:
             out["problems"].append(f"Airflow {label} is not alive: no heartbeat recorded")
+        elif when - now > timedelta(minutes=5):
+            out["problems"].append(f"Airflow {label}'s last heartbeat is in the future ({when:%Y-%m-%d %H:%M:%S} "
+                                   "UTC): a clock is wrong, its liveness cannot be judged")
         elif (age := (now - when).total_seconds()) > HEARTBEAT_STALE_S:
             out["problems"].append(f"Airflow {label} is not alive: last heartbeat {when:%Y-%m-%d %H:%M:%S} UTC "
                                    f"({age / 60:.0f} min ago)")
@@ -272,7 +278,8 @@ def render_ops(st: dict) -> str:
     lines.append("last runs:")
     lines.append(table(["finished (UTC)", "state", "run", "loaded", "quarantined", "dup", "rejected",
                         "p95 received->loaded s", "failed task"],
-                       ([f"{r['finished_at']:%Y-%m-%d %H:%M:%S}", r["state"], r["run_id"], r["loaded"],
+                       ([r["finished_at"][:19].replace("T", " ") if r["finished_at"] else None, r["state"],
+                         r["run_id"], r["loaded"],
                          r["quarantined"], r["duplicates"], r.get("rejected_segments"),
                          None if r["received_to_loaded_p95_s"] is None else round(r["received_to_loaded_p95_s"]),
                          r["failed_task"]] for r in st["runs"]), empty="  (none yet)"))

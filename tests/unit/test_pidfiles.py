@@ -106,16 +106,26 @@ def test_another_state_folders_process_is_not_ours(s: Settings, tmp_path: Path):
 
 
 def test_a_process_started_before_the_marker_is_recognised_by_its_command_line_and_home(s: Settings):
-    legacy = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); import time; time.sleep(600)",
-                               "-m", "rpmctl.cli"], env={**os.environ, **s.as_env()}, start_new_session=True,
-                              stdout=subprocess.PIPE, text=True)
+    """Exactly `start`'s command lines: Python running an rpmctl module with this RPM_HOME, Mosquitto with this
+    state folder's config. A program that only mentions the config file or a module name is not ours."""
+    from rpmctl.services import broker
+
+    env = {k: v for k, v in {**os.environ, **s.as_env()}.items() if k != procs.OWNER_VAR}
+    legacy = subprocess.Popen([sys.executable, "-m", "rpmctl.cli", "metrics"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker.prepare(s)
+    mimics = [subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for argv in (["tail", "-f", str(broker.conf_path(s))], ["grep", "-r", "rpmctl.cli", "-"])]
     try:
-        assert legacy.stdout is not None and legacy.stdout.readline() == "up\n"
         assert procs.ours(s, services.INGEST, legacy.pid)
         assert not procs.ours(Settings(home=Path(s.home).parent / "elsewhere"), services.INGEST, legacy.pid)
+        for mimic in mimics:
+            assert not procs.ours(s, broker.NAME, mimic.pid) and not procs.ours(s, services.SERVICE, mimic.pid)
     finally:
-        legacy.kill()
-        legacy.wait()
+        for p in (legacy, *mimics):
+            p.kill()
+            p.wait()
 
 
 def test_a_dead_watchdog_and_a_dead_airflow_supervisor_are_named(s: Settings):

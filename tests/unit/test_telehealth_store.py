@@ -233,7 +233,7 @@ def test_store_has_every_table_and_the_report_views(store):
     assert set(TABLES) <= {n for n, k in kinds.items() if k == "BASE TABLE"}
     assert {"mart_education_weekly", "mart_appointments_by_modality", "mart_appointments_weekly",
             "mart_device_connectivity", "mart_connectivity_by_kind", "mart_firmware_spread", "mart_adherence",
-            "mart_pipeline_daily", "mart_firmware_by_kind"} <= {n for n, k in kinds.items() if k == "VIEW"}
+            "mart_pipeline_daily"} <= {n for n, k in kinds.items() if k == "VIEW"}
 
 
 def test_no_column_holds_a_time_of_day(store):

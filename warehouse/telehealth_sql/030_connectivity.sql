@@ -72,15 +72,3 @@ SELECT device_kind, CASE WHEN grouping(firmware) = 1 THEN 'all' ELSE firmware EN
        count(*) AS devices
 FROM mart_device_connectivity
 GROUP BY GROUPING SETS ((device_kind, firmware), (device_kind));
-
--- The published form: a version that fewer than 11 devices of the kind run is merged into 'other' — a rare
--- version names a small group of devices even where its count is suppressed. 11 is the CMS cell size,
--- warehouse/reports.SUPPRESS_BELOW (a test holds them equal).
-CREATE OR REPLACE VIEW mart_firmware_by_kind AS
-SELECT device_kind, CASE WHEN grouping(version) = 1 THEN 'all' ELSE version END AS firmware,
-       CAST(sum(devices) AS BIGINT) AS devices
-FROM (SELECT device_kind, CASE WHEN firmware IS NOT NULL AND count(*) < 11 THEN 'other' ELSE firmware END AS version,
-             count(*) AS devices
-      FROM mart_device_connectivity
-      GROUP BY device_kind, firmware)
-GROUP BY GROUPING SETS ((device_kind, version), (device_kind));
