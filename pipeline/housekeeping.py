@@ -19,6 +19,7 @@ import stat
 import time
 from pathlib import Path
 
+from core.logfiles import shift_rotated
 from core.settings import Settings
 from pipeline.validation_report import prune_reports
 
@@ -88,10 +89,7 @@ def _rotate(log: Path) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size <= LOG_MAX_BYTES:
         return False  # a symlink planted in place of a log is never followed (copied, then truncated)
-    for n in range(LOG_KEEP - 1, 0, -1):
-        older = log.with_name(f"{log.name}.{n}")
-        if older.is_symlink() or older.exists():
-            os.replace(older, log.with_name(f"{log.name}.{n + 1}"))  # renames a link, never its target
+    shift_rotated(log, LOG_KEEP)
     copy = log.with_name(f"{log.name}.1")
     copy.unlink(missing_ok=True)
     # Neither end through a symlink: O_NOFOLLOW on the log (copied, then truncated through the same

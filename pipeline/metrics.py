@@ -22,11 +22,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -206,6 +207,16 @@ def _counter(name: str, help: str, value: float | None = None, labels: list[str]
     return CounterMetricFamily(name, help, value=value, labels=labels)
 
 
+M = TypeVar("M", GaugeMetricFamily, CounterMetricFamily)
+
+
+def _samples(family: M, samples: Iterable[tuple[str, float]]) -> M:
+    """``family`` with one sample per (label value, value): the families here have a single label."""
+    for label, value in samples:
+        family.add_metric([label], value)
+    return family
+
+
 def package_version() -> str:
     try:
         return version("rpm-pipeline")
@@ -280,16 +291,10 @@ def _run_families(f: RunFigures) -> Iterator[Metric]:
         for state in sorted({st for d, st in f.runs if d == dag} | set(STATES)):
             runs.add_metric([dag, state], f.runs.get((dag, state), 0))
     yield runs
-    last = _gauge(P + "last_success_timestamp_seconds", "When the DAG's newest successful run finished (Unix "
-                  "seconds).", labels=["dag_id"])
-    for dag, t in sorted(f.last_success.items()):
-        last.add_metric([dag], t)
-    yield last
-    ok = _gauge(P + "last_run_ok", "1 when the DAG's newest recorded run succeeded, 0 when it failed.",
-                labels=["dag_id"])
-    for dag, good in sorted(f.last_ok.items()):
-        ok.add_metric([dag], 1.0 if good else 0.0)
-    yield ok
+    yield _samples(_gauge(P + "last_success_timestamp_seconds", "When the DAG's newest successful run finished "
+                          "(Unix seconds).", labels=["dag_id"]), sorted(f.last_success.items()))
+    yield _samples(_gauge(P + "last_run_ok", "1 when the DAG's newest recorded run succeeded, 0 when it failed.",
+                          labels=["dag_id"]), ((dag, 1.0 if good else 0.0) for dag, good in sorted(f.last_ok.items())))
     for outcome, help in (
             ("received", "Items (readings, telehealth events, unreadable messages) rpm_pipeline runs took in: "
                          "loaded + quarantined + duplicates."),
@@ -298,23 +303,15 @@ def _run_families(f: RunFigures) -> Iterator[Metric]:
             ("duplicates", "Redelivered items rpm_pipeline runs recognised as already loaded (normal under "
                            "at-least-once delivery).")):
         yield _counter(P + outcome, help, f.items.get(outcome, 0))
-    rules = _counter(P + "quarantine_rule_failures", "Validation (Great Expectations) rule failures in "
-                     "rpm_pipeline runs, by rule; an item failing two rules counts twice, and items quarantined "
-                     "before validation (unreadable messages) are not among them.", labels=["rule"])
-    for rule, n in sorted(f.rule_failures.items()):
-        rules.add_metric([rule], n)
-    yield rules
-    fresh = _gauge(P + "freshness_p95_seconds", "95th percentile lag of the newest run that loaded readings: "
-                   "measured_to_received (device buffering), received_to_loaded (the pipeline), "
-                   "measured_to_loaded (end to end).", labels=["span"])
-    for span, sec in f.freshness_p95.items():
-        fresh.add_metric([span], sec)
-    yield fresh
-    tasks = _gauge(P + "task_duration_seconds", "Seconds each task took in the newest successful rpm_pipeline "
-                   "run.", labels=["task"])
-    for task, sec in sorted(f.task_seconds.items()):
-        tasks.add_metric([task], sec)
-    yield tasks
+    yield _samples(_counter(P + "quarantine_rule_failures", "Validation (Great Expectations) rule failures in "
+                            "rpm_pipeline runs, by rule; an item failing two rules counts twice, and items "
+                            "quarantined before validation (unreadable messages) are not among them.",
+                            labels=["rule"]), sorted(f.rule_failures.items()))
+    yield _samples(_gauge(P + "freshness_p95_seconds", "95th percentile lag of the newest run that loaded readings: "
+                          "measured_to_received (device buffering), received_to_loaded (the pipeline), "
+                          "measured_to_loaded (end to end).", labels=["span"]), f.freshness_p95.items())
+    yield _samples(_gauge(P + "task_duration_seconds", "Seconds each task took in the newest successful "
+                          "rpm_pipeline run.", labels=["task"]), sorted(f.task_seconds.items()))
     if f.run_seconds is not None:
         yield _gauge(P + "run_duration_seconds", "Seconds the newest successful rpm_pipeline run took, start to "
                      "record.", f.run_seconds)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from core.logfiles import shift_rotated
 from core.settings import Settings
 from rpmctl.errors import printable
 
@@ -200,10 +201,7 @@ def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP)
             return False
     except FileNotFoundError:
         return False
-    for n in range(keep - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{n}")
-        if older.exists():
-            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    shift_rotated(path, keep)
     os.replace(path, path.with_name(f"{path.name}.1"))
     return True
 
