@@ -463,8 +463,8 @@ def _open_block(cipher: _AESGCM | None, data: bytes, segment: bytes, index: int,
     count, start, end = block
     if cipher is None:
         return data[start:end]
-    try:
-        return cipher.decrypt(_nonce(index), data[start:end], _block_aad(segment, index, first, count))
+    try:  # a view: the ciphertext is not copied before its one C-level decryption
+        return cipher.decrypt(_nonce(index), memoryview(data)[start:end], _block_aad(segment, index, first, count))
     except InvalidTag as exc:
         raise DecryptError("authentication failed: wrong key, altered data or a block from elsewhere") from exc
 
@@ -770,15 +770,14 @@ def read_segment_columns(path: Path, keyring: Keyring | None = None) -> LandedCo
     marks: list[str | None] = []
     for index, block in enumerate(scan.blocks):
         first = len(payloads)
-        where = f"block {index} (records {first}-{first + block[0] - 1})"
         try:
             plain = _open_block(cipher, data, segment, index, first, block)
         except DecryptError as exc:
-            raise UnreadableSegment(path, DECRYPT_FAILED, f"{where}: {_describe(exc)}") from exc
+            raise UnreadableSegment(path, DECRYPT_FAILED, f"{_where(index, first, block)}: {_describe(exc)}") from exc
         try:
             r, t, p, m = _decode_block(plain, block[0])
         except (ValueError, IndexError, struct.error) as exc:
-            raise UnreadableSegment(path, BAD_RECORD, f"{where}: {_describe(exc)}") from exc
+            raise UnreadableSegment(path, BAD_RECORD, f"{_where(index, first, block)}: {_describe(exc)}") from exc
         received += r
         topics += t
         payloads += p
@@ -801,6 +800,10 @@ def read_segment_columns(path: Path, keyring: Keyring | None = None) -> LandedCo
     if scan.end != len(data):
         raise UnreadableSegment(path, BAD_RECORD, f"{len(data) - scan.end} bytes after the trailer")
     return LandedColumns(list(range(total)), topics, received, payloads, marks)
+
+
+def _where(index: int, first: int, block: tuple[int, int, int]) -> str:
+    return f"block {index} (records {first}-{first + block[0] - 1})"
 
 
 def _read_whole_v1(path: Path, keyring: Keyring | None) -> list[LandedRecord]:
