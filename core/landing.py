@@ -191,6 +191,16 @@ def _count_v2(f: BinaryIO, header_len: int) -> int:
     return records
 
 
+def block_sizes(path: Path) -> list[int]:
+    """Records per complete block of a v2 segment, from the clear block heads (no key): how ingest grouped
+    its fsyncs. Empty for a v1 segment."""
+    with open_regular(path) as f:
+        data = f.read()
+    if data[:len(_PREFIX)] != _PREFIX:
+        return []
+    return [count for count, _, _ in _scan_v2(data).blocks]
+
+
 def _le(values: array) -> bytes:
     if _SWAP:
         values.byteswap()
@@ -302,8 +312,12 @@ class SegmentWriter:
         self._reset_pending()
         self._file_bytes = 0
         self.bytes = 0  # in the file, plus an estimate for records not yet written (for the size-based seal)
-        self._write(_HEAD.pack(_PREFIX, len(header_bytes)), header_bytes)
-        _fsync_dir(self.path.parent)
+        try:
+            self._write(_HEAD.pack(_PREFIX, len(header_bytes)), header_bytes)
+            _fsync_dir(self.path.parent)
+        except OSError:
+            self.close_unsealed()
+            raise
 
     def _reset_pending(self) -> None:
         self._received: list[int] = []

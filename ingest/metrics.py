@@ -30,7 +30,8 @@ log = logging.getLogger("rpm.ingest.metrics")
 PREFIX = "rpm_ingest_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 COUNTER, GAUGE = "counter", "gauge"
-# Why ingest.service.quick_mark marks a message (its own checks, then core.payload.parse_json_object's).
+# Why ingest.service.quick_mark marks a message (its own checks, then, for a payload not shaped like a JSON
+# object, core.payload.parse_json_object's).
 # Each is exported at 0 from the first scrape: rate() and the dashboard need a series before the first mark.
 MARK_REASONS = ("unknown_topic", "payload_too_large", "not_utf8", "not_json", "not_a_json_object")
 

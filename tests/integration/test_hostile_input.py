@@ -59,6 +59,15 @@ class Hostile:
     reasons: dict[int, list[str]]  # item_no -> every rule it broke, as the quarantine records them
 
 
+def known_at_the_door(e: Hostile) -> bool:
+    """Whether ingest marks it: one reason it can tell without parsing — a payload shaped like a JSON object
+    ({ ... }) is left for the pipeline to parse, so a number too long to read inside one is not marked."""
+    body = e.payload.strip(b" \t\r\n")
+    object_shaped = body[:1] == b"{" and body[-1:] == b"}"
+    return len(e.reasons) == 1 and e.reasons[0][0] in DOOR_REASONS and not (
+        object_shaped and e.reasons[0][0] == "not_json")
+
+
 def _json(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False).encode()  # NaN/Infinity become JSON's non-standard literals
 
@@ -365,7 +374,7 @@ def test_hostile_corpus_is_refused_or_quarantined_and_the_service_keeps_running(
     assert procs.read_pid(s, services.INGEST) == ingest_pid
     counters = services.ingest_status(s) or {}
     assert (counters["landed"], counters["write_errors"]) == (acked, 0)
-    assert counters["marked"] == sum(e.reasons[0][0] in DOOR_REASONS and len(e.reasons) == 1 for e in corpus)
+    assert counters["marked"] == sum(known_at_the_door(e) for e in corpus)
 
     # Accounting: one message per ack, one item per reading/event (an unreadable message is one), all quarantined.
     items = sum(len(e.reasons) for e in corpus)

@@ -11,7 +11,7 @@ import pytest
 
 from core import keys
 from core.keyring import DecryptError, Keyring
-from core.landing import list_sealed, open_dir, read_header, read_segment, segment_key_ids
+from core.landing import block_sizes, list_sealed, open_dir, read_header, read_segment, segment_key_ids
 from core.settings import Settings
 from rpmctl import services
 from rpmctl.admin.devices import wait_for_login
@@ -114,6 +114,26 @@ def test_messages_published_while_ingest_is_down_are_delivered_after_restart(ing
     seal_open_segments(s)
     got = sorted(json.loads(r.payload)["msg_id"] for r in sealed_records(s))
     assert got == sorted(f"offline-{i}" for i in range(120))
+
+
+def test_a_queued_burst_is_landed_in_fsync_groups_and_every_message_acked(ingest_up: Settings):
+    """Drained from the session at full speed, messages are fsynced (and acked) in groups — one landing block
+    per group, not one fsync per message — and each one is acked only once its block is durable."""
+    s = ingest_up
+    password = add_device(s, "glu-9")
+    procs.stop(s, services.INGEST)
+    with DevicePublisher(s, "glu-9", password) as pub:
+        for i in range(1500):
+            pub.publish(json.dumps({"msg_id": f"burst-{i}", "metric": "blood_glucose", "value": 90}).encode())
+        pub.wait_all()
+    services.up(s)
+    wait_until(lambda: (services.ingest_status(s) or {}).get("acked", 0) >= 1500, 30,
+               what="the queued burst to be acked")
+    seal_open_segments(s)
+    assert sorted(json.loads(r.payload)["msg_id"] for r in sealed_records(s)) == sorted(
+        f"burst-{i}" for i in range(1500))
+    blocks = [n for p in list_sealed(s.landing_dir) for n in block_sizes(p)]
+    assert sum(blocks) == 1500 and len(blocks) < 1500 // 4, blocks
 
 
 def test_killed_ingest_loses_nothing_it_acked(ingest_up: Settings):
