@@ -479,15 +479,24 @@ class IngestService:
             client.loop_write()
 
     def _read_available(self) -> None:
-        """Every packet the socket holds now (paho's loop_read takes one), bounded per turn."""
+        """Every packet the socket holds now (paho's loop_read takes one), bounded per turn — and cut short
+        when a group can be committed: reading on while an fsync has returned would hold its acks back and
+        let the un-acked window fill, so reading and fsyncing would take turns instead of overlapping."""
         client = self.client
         if not hasattr(client, "drained"):
             client.loop_read()
             return
         client.drained = False
-        for _ in range(MAX_PACKETS_PER_WAKE):
+        for i in range(MAX_PACKETS_PER_WAKE):
             if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.drained or client.socket() is None:
                 return
+            if i % 16 == 15 and self._commit_ready():
+                return
+
+    def _commit_ready(self) -> bool:
+        if self._fsync is not None:
+            return self._fsync.done()
+        return len(self._pending) >= GROUP_MIN_RECORDS
 
     def _serve(self) -> IngestStats:
         recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id, self.keyring)
