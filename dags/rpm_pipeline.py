@@ -7,6 +7,9 @@ segments (warehouse/) -> evaluate alert episodes -> record the run (counts, task
 -> quality gate: a batch whose quarantine rate is above RPM_QUARANTINE_WARN skips the gate, above
 RPM_QUARANTINE_FAIL fails it (and the run), so the grid shows it; what was loaded is published either way.
 
+A run starts when ingest seals a landing segment (an asset event from the triggerer: pipeline/seal_trigger.py),
+or every RPM_PIPELINE_SCHEDULE_MINUTES when nothing was sealed.
+
 Wiring only: every task calls one function of `pipeline.tasks` and passes ids and counts, never data. Each
 task is safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).
 """
@@ -18,15 +21,17 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipeline import tasks  # light at parse time: settings only; each task imports its step when it runs
+# Light at parse time: settings only; each task imports its step when it runs.
+from pipeline import seal_trigger, tasks
 
 
 @dag(
     dag_id="rpm_pipeline",
-    schedule=tasks.schedule(),  # RPM_PIPELINE_SCHEDULE_MINUTES
+    # A newly sealed landing segment (the triggerer watches landing/sealed/), or RPM_PIPELINE_SCHEDULE_MINUTES.
+    schedule=seal_trigger.schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
-    max_active_runs=1,  # one writer: DuckDB allows a single writing process
+    max_active_runs=1,  # one writer: DuckDB allows a single writing process (seals meanwhile queue one run)
     default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "on_failure_callback": tasks.on_failure},
     tags=["rpm", "clinical"],
     doc_md=__doc__,
