@@ -207,17 +207,19 @@ TABLES = {
 }
 
 
-def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes, appointments_of: str | None = None) -> pd.DataFrame:
-    """Every patient's and device's pseudonym, and the appointments' (of the patients in the table named
-    ``appointments_of`` only, when given)."""
-    scope = f"AND patient_id IN (SELECT patient_id FROM {appointments_of})" if appointments_of else ""
-    ids = con.execute(f"""
-        SELECT 'patient', patient_id FROM clinical.patients
-        UNION SELECT 'device', device_id FROM clinical.devices
-        UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM clinical.telehealth_events
-              WHERE appointment_id IS NOT NULL {scope}""").fetchall()
-    return pd.DataFrame({"kind": [k for k, _ in ids], "id": [i for _, i in ids],
-                         "key": [pseudonym(key, k, i) for k, i in ids]})
+# Every (kind, id) a pseudonym is made for: patients, devices, appointments (an appointment id is the app's
+# own, so it is scoped by patient).
+_IDS = """SELECT 'patient', patient_id FROM clinical.patients
+          UNION SELECT 'device', device_id FROM clinical.devices
+          UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM clinical.telehealth_events
+                WHERE appointment_id IS NOT NULL"""
+
+
+def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes, ids: str = _IDS) -> pd.DataFrame:
+    """The pseudonym of every (kind, id) that ``ids`` (SQL) selects."""
+    rows = con.execute(ids).fetchall()
+    return pd.DataFrame({"kind": [k for k, _ in rows], "id": [i for _, i in rows],
+                         "key": [pseudonym(key, k, i) for k, i in rows]}, dtype=str)  # text even when empty
 
 
 def _catalogue_rows(s: Settings) -> list[tuple[str, str, str]]:
@@ -265,10 +267,8 @@ def _digest(con: duckdb.DuckDBPyConnection, s: Settings, key: str) -> str:
         h.update(path.read_bytes())
     h.update(repr(_catalogue_rows(s)).encode())
     h.update(hashlib.sha256(pseudonym_key(s)).digest() + hashlib.sha256(key.encode()).digest())
-    for table in ("patients", "devices", "enrollments"):  # small: the registry, not the readings
-        row = con.execute(f"SELECT md5(coalesce(string_agg(CAST(t AS VARCHAR), '|' ORDER BY CAST(t AS VARCHAR)), ''))"
-                          f" FROM clinical.{table} t").fetchone()
-        h.update(str(row[0] if row else "").encode())
+    for table in ("patients", "devices", "enrollments"):  # the registry (keyed rows: none cancels another)
+        h.update(repr(con.execute(f"SELECT count(*), bit_xor(hash(t)) FROM clinical.{table} t").fetchone()).encode())
     return h.hexdigest()
 
 
@@ -359,6 +359,12 @@ _PERSON_SOURCES = {"clinical.stg_readings": "th_stg_readings", "clinical.reading
 _DEVICE_SOURCES = {"clinical.readings": "th_device_readings", "clinical.telehealth_events": "th_device_events"}
 
 
+# The columns TABLES read (a column missing here fails the update loudly, never silently).
+_READING_COLUMNS = "patient_id, device_id, measured_at, utc_offset_min, manual"
+_EVENT_COLUMNS = ("event_id, patient_id, device_id, event, occurred_at, utc_offset_min, module, minutes, "
+                  "appointment_id, modality, survey, battery_pct, signal_dbm, firmware")
+
+
 def _scoped(sql: str, sources: dict[str, str]) -> str:
     for relation, scoped in sources.items():
         sql = sql.replace(relation, scoped)
@@ -390,24 +396,36 @@ def _update(s: Settings, key: str, state: dict) -> dict[str, int] | None:
                     {"r": since["readings"], "e": since["events"]})
         con.execute("CREATE TEMP TABLE th_dirty_patients AS SELECT DISTINCT patient_id FROM th_new")
         con.execute("CREATE TEMP TABLE th_dirty_devices AS SELECT DISTINCT device_id FROM th_new")
-        con.execute("""CREATE TEMP VIEW th_person_readings AS SELECT * FROM clinical.readings
-                       WHERE patient_id IN (SELECT patient_id FROM th_dirty_patients)""")
-        con.execute("""CREATE TEMP VIEW th_stg_readings AS
-                       SELECT * FROM with_local_time('th_person_readings')""")
-        for scoped, table, column in (("th_person_events", "telehealth_events", "patient_id"),
-                                      ("th_patients", "patients", "patient_id"),
-                                      ("th_enrollments", "enrollments", "patient_id"),
-                                      ("th_device_readings", "readings", "device_id"),
-                                      ("th_device_events", "telehealth_events", "device_id")):
+        # The history of what changed, read once: the rows of the patients and of the devices with new rows
+        # (a device's history may hold another patient's readings, from before it was re-issued).
+        for scoped, table, columns in (("th_readings", "readings", _READING_COLUMNS),
+                                       ("th_events", "telehealth_events", _EVENT_COLUMNS)):
+            con.execute(f"""CREATE TEMP TABLE {scoped} AS SELECT {columns} FROM clinical.{table}
+                            WHERE patient_id IN (SELECT patient_id FROM th_dirty_patients)
+                               OR device_id IN (SELECT device_id FROM th_dirty_devices)""")
+        for view, source, column in (("th_person_readings", "th_readings", "patient_id"),
+                                     ("th_person_events", "th_events", "patient_id"),
+                                     ("th_patients", "clinical.patients", "patient_id"),
+                                     ("th_enrollments", "clinical.enrollments", "patient_id"),
+                                     ("th_device_readings", "th_readings", "device_id"),
+                                     ("th_device_events", "th_events", "device_id")):
             dirty = "th_dirty_patients" if column == "patient_id" else "th_dirty_devices"
-            con.execute(f"CREATE TEMP VIEW {scoped} AS SELECT * FROM clinical.{table} "
+            con.execute(f"CREATE TEMP VIEW {view} AS SELECT * FROM {source} "
                         f"WHERE {column} IN (SELECT {column} FROM {dirty})")
-        con.register("pseudo", _pseudonyms(con, pseudonym_key(s), appointments_of="th_dirty_patients"))
+        con.execute("CREATE TEMP VIEW th_stg_readings AS SELECT * FROM with_local_time('th_person_readings')")
+        con.register("pseudo", _pseudonyms(con, pseudonym_key(s), """
+            SELECT 'patient', patient_id FROM th_dirty_patients
+            UNION SELECT 'patient', patient_id FROM th_readings UNION SELECT 'patient', patient_id FROM th_events
+            UNION SELECT 'device', device_id FROM th_readings UNION SELECT 'device', device_id FROM th_events
+            UNION SELECT 'device', device_id FROM clinical.devices  -- every device's current silence
+            UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM th_person_events
+                  WHERE appointment_id IS NOT NULL"""))
         _register_catalogue(con, s)
         shutil.copyfile(target, tmp)  # readers keep the current file; the copy is small next to the warehouse
         con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
         con.execute("BEGIN")
-        person_keys = "(SELECT key FROM pseudo WHERE kind = 'patient' AND id IN (SELECT patient_id FROM th_dirty_patients))"
+        person_keys = ("(SELECT key FROM pseudo WHERE kind = 'patient' "
+                       "AND id IN (SELECT patient_id FROM th_dirty_patients))")
         device_keys = "(SELECT key FROM pseudo WHERE kind = 'device' AND id IN (SELECT device_id FROM th_dirty_devices))"
         for name in _PERSON_TABLES:
             con.execute(f"DELETE FROM th.{name} WHERE person_key IN {person_keys}")

@@ -188,3 +188,17 @@ def test_a_registry_change_rebuilds_the_store(home: Settings, tmp_path: Path):
     publish(home)
     assert built_by(home) == "rebuild"
     assert_same_as_rebuild(home, tmp_path)
+
+
+def test_a_new_install_with_nothing_registered_updates_its_empty_store(tmp_path: Path):
+    """The first runs of an install may load nothing but quarantine (an unregistered device): no pseudonym
+    at all, still an update."""
+    s = Settings(home=tmp_path / "var")
+    with clinical(s) as con:
+        run_record(con, 3)
+    publish(s)
+    with clinical(s) as con:
+        run_record(con, 1)
+    publish(s)
+    assert built_by(s) == "update"
+    assert_same_as_rebuild(s, tmp_path)
