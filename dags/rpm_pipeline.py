@@ -3,7 +3,7 @@
 claim sealed segments -> decode + normalise (transforms/) -> validate (expectations/, Great Expectations)
 -> load readings, quarantine, duplicates and the segment ledger together, one transaction per group of
 segments (warehouse/) -> evaluate alert episodes -> record the run (counts, task durations, freshness)
--> publish the read-only serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) store
+-> publish the read-only serving snapshot clinicians query -> update the telehealth (pseudonymised) store
 -> quality gate: a batch whose quarantine rate is above RPM_QUARANTINE_WARN skips the gate, above
 RPM_QUARANTINE_FAIL fails it (and the run), so the grid shows it; what was loaded is published either way.
 
@@ -83,7 +83,8 @@ def rpm_pipeline():
 
     @task
     def publish_telehealth() -> dict:
-        """Rebuild the telehealth store (a limited data set: pseudonyms, dates by day or week) from the new snapshot."""
+        """Update the telehealth store (a limited data set: pseudonyms, dates by day or week) from the new
+        snapshot with what this run loaded; rpm_daily rebuilds it whole."""
         return tasks.publish_telehealth()
 
     @task  # AirflowFailException and AirflowSkipException are final: no retry repeats a verdict

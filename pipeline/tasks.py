@@ -168,6 +168,7 @@ def quality_gate(recorded: dict, s: Settings | None = None) -> dict:
 
 
 def publish_telehealth(s: Settings | None = None) -> dict:
+    """Update the telehealth store with what this run loaded (a full rebuild when an update cannot be trusted)."""
     from warehouse.telehealth import publish_telehealth as publish
 
     s = s or Settings.from_env()
@@ -204,7 +205,9 @@ def rebuild_reports(s: Settings | None = None) -> dict:
     from warehouse.telehealth import publish_telehealth as publish
 
     s = s or Settings.from_env()
-    return timed("rebuild_reports", lambda: publish(s))
+    # rpm_pipeline updates the store run by run; once a day it is rebuilt whole (the repair path), which
+    # also re-measures what an update could only take on trust.
+    return timed("rebuild_reports", lambda: publish(s, full=True))
 
 
 def prune_artifacts(s: Settings | None = None) -> dict:

@@ -18,8 +18,12 @@ Dates make it a limited data set, not Safe Harbor data: it is for the practice's
 the practice only under a data use agreement — or as a published report (warehouse/reports.py: aggregates,
 small cells suppressed).
 
-The file is rebuilt whole on every publish into a temporary file and swapped in atomically, so a reader never
-sees a half-built store and never blocks the pipeline. Report views (``telehealth_sql/``) are created inside it.
+Every publish writes a temporary file and swaps it in atomically, so a reader never sees a half-built store
+and never blocks the pipeline. A pipeline run *updates* a copy of the store with what it loaded — the rows of
+the patients and devices with new readings or events are rebuilt from their whole history, the ops tables
+whole, every current silence remeasured — and holds exactly what a full rebuild would (tested); anything an
+update cannot see (a registry or key change, rows deleted) rebuilds it whole, as rotation and rpm_daily do.
+Report views (``telehealth_sql/``) are created inside it.
 """
 
 from __future__ import annotations
