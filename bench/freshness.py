@@ -110,7 +110,7 @@ def rpm(s: Settings, *args: str, timeout: float = 600) -> str:
     proc = subprocess.run([RPM, *args], env={**os.environ, **s.as_env()}, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
-        detail = proc.stderr.strip()[-2000:]
+        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]  # `--json` errors go to stdout
         raise RuntimeError(f"rpm {' '.join(args[:2])} exited {proc.returncode}: {detail}")
     return proc.stdout
 
@@ -595,7 +595,10 @@ def report(out: Outcome, s: Settings, args: argparse.Namespace) -> dict[str, Any
 
 def run(args: argparse.Namespace, on_done: Callable[[dict[str, Any]], None]) -> None:
     out = Outcome()
-    with bench_home("freshness", keep=args.keep, airflow_port=free_port(), segment_max_age_s=args.seal_age,
+    # Every listener on a free port: the clinician service and the metrics exporter too (a shared machine may
+    # run another stack on the defaults).
+    with bench_home("freshness", keep=args.keep, airflow_port=free_port(), service_port=free_port(),
+                    metrics_port=free_port(), metrics_statsd_port=free_port(), segment_max_age_s=args.seal_age,
                     pipeline_schedule_minutes=args.schedule_minutes) as s:
         try:
             measure(s, args, out)
