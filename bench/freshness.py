@@ -597,7 +597,9 @@ def run(args: argparse.Namespace, on_done: Callable[[dict[str, Any]], None]) -> 
     out = Outcome()
     # Every listener on a free port: the clinician service and the metrics exporter too (a shared machine may
     # run another stack on the defaults).
-    with bench_home("freshness", keep=args.keep, airflow_port=free_port(), service_port=free_port(),
+    # Run by root, the stack stays root's: this process reads the state's keys too (probes, the clinician).
+    run_as = {} if os.geteuid() else {"run_as": "root"}
+    with bench_home("freshness", keep=args.keep, airflow_port=free_port(), service_port=free_port(), **run_as,
                     metrics_port=free_port(), metrics_statsd_port=free_port(), segment_max_age_s=args.seal_age,
                     pipeline_schedule_minutes=args.schedule_minutes) as s:
         try:
