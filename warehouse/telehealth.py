@@ -250,8 +250,8 @@ def _building(s: Settings) -> Iterator[None]:
 # the store depends on (this code and its SQL, the catalogue, the registry, both keys), and per stream the latest
 # load instant absorbed with the count of rows up to it. Any mismatch means a full rebuild: a registry change, a
 # new key, a store replaced or restored, rows deleted or loaded out of order (the count up to the instant moved).
-# The file is written after the store is swapped in, so at worst it is older than the store: the next update
-# then redoes patients it had already done, which changes nothing.
+# The file is written after the store is swapped in: killed in between, it still names the previous store
+# file, and the next run rebuilds the store whole.
 
 _STREAMS = {"readings": "clinical.readings", "events": "clinical.telehealth_events"}
 
