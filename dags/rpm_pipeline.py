@@ -21,14 +21,13 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-# Light at parse time: settings only; each task imports its step when it runs.
-from pipeline import seal_trigger, tasks
+from pipeline import tasks  # light at parse time: settings only; each task imports its step when it runs
 
 
 @dag(
     dag_id="rpm_pipeline",
     # A newly sealed landing segment (the triggerer watches landing/sealed/), or RPM_PIPELINE_SCHEDULE_MINUTES.
-    schedule=seal_trigger.schedule(),
+    schedule=tasks.schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # one writer: DuckDB allows a single writing process (seals meanwhile queue one run)
