@@ -1,6 +1,6 @@
 """Freshness of the long-lived stack: a device's publish -> the reading visible to a clinician's query.
 
-Issue 6 item 3, target p95 <= 2 minutes. The run records (warehouse/ops.py) only see received -> loaded; a
+Issue 15 item 6, target p95 <= 45 s (issue 6 asked for 2 minutes). The run records (warehouse/ops.py) only see received -> loaded; a
 clinician sees a reading once a serving snapshot containing it is published. So this script runs the whole
 stack as a user does (`rpm up --airflow` in an isolated RPM_HOME, the scheduled rpm_pipeline DAG), publishes
 probe readings with unique ``measured_at`` over MQTT, and polls the clinician path
@@ -9,9 +9,10 @@ Afterwards it splits every probe's latency into the budget's parts from the ware
 loaded_at, run_id), the landing folder (when the segment was sealed) and Airflow's REST API (when each task
 of the run started and ended):
 
-    publish -> received (ingest) -> sealed (segment_max_age_s) -> next run due (the schedule) -> its first
-    task starts -> loaded (claim, decode, validate, load) -> snapshot published (alerts, record, publish)
-    -> seen (the clinician's poll)
+    publish -> received (ingest) -> sealed (segment_max_age_s) -> run due (the seal's asset event, or the
+    schedule) -> its first task starts (at once, or after the run in flight: max_active_runs=1) -> loaded
+    (claim, decode, validate, load) -> snapshot published (alerts, record, publish) -> seen (the clinician's
+    poll)
 
     python -m bench.freshness [--minutes M] [--interval S] [--schedule-minutes K] [--json PATH]
 """
@@ -47,12 +48,13 @@ DEVICES: dict[str, tuple[str, str]] = {  # device id -> (kind, metric)
     "fresh-ox-1": ("ox", "spo2"),
     "fresh-th-1": ("thermo", "body_temperature"),
 }
+TARGET_P95_S = 45.0  # issue 15 item 6 (issue 6 asked for 120 s with the schedule alone)
 TASKS = ("claim", "decode_normalise", "validate", "load", "evaluate_alerts", "record_run", "publish_snapshot",
          "publish_telehealth")
 BUDGET = (  # (label, start field, end field) of Probe: consecutive, so the parts add up to publish -> visible
     ("publish -> received by ingest", "published_at", "received_at"),
     ("received -> segment sealed", "received_at", "sealed_at"),
-    ("sealed -> next run due (schedule)", "sealed_at", "run_due_at"),
+    ("sealed -> run due (seal event or schedule)", "sealed_at", "run_due_at"),
     ("run due -> its claim task starts", "run_due_at", "claim_started_at"),
     ("claim starts -> loaded (claim..load)", "claim_started_at", "loaded_at"),
     ("loaded -> snapshot published", "loaded_at", "snapshot_at"),
@@ -108,7 +110,7 @@ def rpm(s: Settings, *args: str, timeout: float = 600) -> str:
     proc = subprocess.run([RPM, *args], env={**os.environ, **s.as_env()}, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
-        detail = proc.stderr.strip()[-2000:]
+        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]  # `--json` errors go to stdout
         raise RuntimeError(f"rpm {' '.join(args[:2])} exited {proc.returncode}: {detail}")
     return proc.stdout
 
@@ -443,8 +445,8 @@ def freshness_table(out: Outcome, s: Settings, poll_s: float) -> dict[str, Any]:
     visible = [p.span("published_at", "visible_at") for p in probes]
     p95 = percentile([v for v in visible if v is not None], 95)
     unseen = sum(v is None for v in visible)
-    verdict = "met" if unseen == 0 and p95 <= 120 else "NOT met"
-    print(f"target p95 <= 120 s: {verdict} (p95 {p95:.1f} s; {unseen} probe(s) never seen; "
+    verdict = "met" if unseen == 0 and p95 <= TARGET_P95_S else "NOT met"
+    print(f"target p95 <= {TARGET_P95_S:g} s: {verdict} (p95 {p95:.1f} s; {unseen} probe(s) never seen; "
           f"{out.quarantined} quarantined; poll p50 {percentile(out.poll_seconds, 50):.2f} s "
           f"every ~{poll_s:g} s)")
     return {"rows": rows, "p95_s": p95, "unseen": unseen, "target_met": verdict == "met"}
@@ -593,7 +595,12 @@ def report(out: Outcome, s: Settings, args: argparse.Namespace) -> dict[str, Any
 
 def run(args: argparse.Namespace, on_done: Callable[[dict[str, Any]], None]) -> None:
     out = Outcome()
-    with bench_home("freshness", keep=args.keep, airflow_port=free_port(), segment_max_age_s=args.seal_age,
+    # Every listener on a free port: the clinician service and the metrics exporter too (a shared machine may
+    # run another stack on the defaults).
+    # Run by root, the stack stays root's: this process reads the state's keys too (probes, the clinician).
+    run_as = {} if os.geteuid() else {"run_as": "root"}
+    with bench_home("freshness", keep=args.keep, airflow_port=free_port(), service_port=free_port(), **run_as,
+                    metrics_port=free_port(), metrics_statsd_port=free_port(), segment_max_age_s=args.seal_age,
                     pipeline_schedule_minutes=args.schedule_minutes) as s:
         try:
             measure(s, args, out)

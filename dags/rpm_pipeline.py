@@ -3,9 +3,12 @@
 claim sealed segments -> decode + normalise (transforms/) -> validate (expectations/, Great Expectations)
 -> load readings, quarantine, duplicates and the segment ledger together, one transaction per group of
 segments (warehouse/) -> evaluate alert episodes -> record the run (counts, task durations, freshness)
--> publish the read-only serving snapshot clinicians query -> rebuild the telehealth (pseudonymised) store
+-> publish the read-only serving snapshot clinicians query -> update the telehealth (pseudonymised) store
 -> quality gate: a batch whose quarantine rate is above RPM_QUARANTINE_WARN skips the gate, above
 RPM_QUARANTINE_FAIL fails it (and the run), so the grid shows it; what was loaded is published either way.
+
+A run starts when ingest seals a landing segment (an asset event from the triggerer: pipeline/seal_trigger.py),
+or every RPM_PIPELINE_SCHEDULE_MINUTES when nothing was sealed.
 
 Wiring only: every task calls one function of `pipeline.tasks` and passes ids and counts, never data. Each
 task is safe to retry, and re-running the whole run changes nothing (the ledger skips absorbed segments).
@@ -23,10 +26,11 @@ from pipeline import tasks  # light at parse time: settings only; each task impo
 
 @dag(
     dag_id="rpm_pipeline",
-    schedule=tasks.schedule(),  # RPM_PIPELINE_SCHEDULE_MINUTES
+    # A newly sealed landing segment (the triggerer watches landing/sealed/), or RPM_PIPELINE_SCHEDULE_MINUTES.
+    schedule=tasks.schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
-    max_active_runs=1,  # one writer: DuckDB allows a single writing process
+    max_active_runs=1,  # one writer: DuckDB allows a single writing process (seals meanwhile queue one run)
     default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "on_failure_callback": tasks.on_failure},
     tags=["rpm", "clinical"],
     doc_md=__doc__,
@@ -78,7 +82,8 @@ def rpm_pipeline():
 
     @task
     def publish_telehealth() -> dict:
-        """Rebuild the telehealth store (a limited data set: pseudonyms, dates by day or week) from the new snapshot."""
+        """Update the telehealth store (a limited data set: pseudonyms, dates by day or week) from the new
+        snapshot with what this run loaded; rpm_daily rebuilds it whole."""
         return tasks.publish_telehealth()
 
     @task  # AirflowFailException and AirflowSkipException are final: no retry repeats a verdict

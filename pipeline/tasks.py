@@ -15,12 +15,15 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
 from pipeline import Sizes
+
+if TYPE_CHECKING:
+    from airflow.sdk import AssetOrTimeSchedule
 
 log = logging.getLogger("rpm.pipeline")
 # Task logs run at INFO (rpmctl.services.airflow_run): GX's own INFO chatter would bury our one line per task.
@@ -32,9 +35,12 @@ SIZES = Sizes()
 RECORDED_TASKS = ("claim", "decode_normalise", "validate", "load", "evaluate_alerts")
 
 
-def schedule() -> timedelta:
-    """How often rpm_pipeline runs (RPM_PIPELINE_SCHEDULE_MINUTES); read when Airflow parses the DAG."""
-    return timedelta(minutes=Settings.from_env().pipeline_schedule_minutes)
+def schedule() -> AssetOrTimeSchedule:
+    """When rpm_pipeline runs: as soon as ingest seals a landing segment, else every
+    RPM_PIPELINE_SCHEDULE_MINUTES (pipeline/seal_trigger.py); read when Airflow parses the DAG."""
+    from pipeline.seal_trigger import schedule as seal_or_time
+
+    return seal_or_time(Settings.from_env())
 
 
 def timed(name: str, step: Callable[[], dict]) -> dict:
@@ -168,6 +174,7 @@ def quality_gate(recorded: dict, s: Settings | None = None) -> dict:
 
 
 def publish_telehealth(s: Settings | None = None) -> dict:
+    """Update the telehealth store with what this run loaded (a full rebuild when an update cannot be trusted)."""
     from warehouse.telehealth import publish_telehealth as publish
 
     s = s or Settings.from_env()
@@ -204,7 +211,9 @@ def rebuild_reports(s: Settings | None = None) -> dict:
     from warehouse.telehealth import publish_telehealth as publish
 
     s = s or Settings.from_env()
-    return timed("rebuild_reports", lambda: publish(s))
+    # rpm_pipeline updates the store run by run; once a day it is rebuilt whole (the repair path), which
+    # also re-measures what an update could only take on trust.
+    return timed("rebuild_reports", lambda: publish(s, full=True))
 
 
 def prune_artifacts(s: Settings | None = None) -> dict:

@@ -18,8 +18,12 @@ Dates make it a limited data set, not Safe Harbor data: it is for the practice's
 the practice only under a data use agreement — or as a published report (warehouse/reports.py: aggregates,
 small cells suppressed).
 
-The file is rebuilt whole on every publish into a temporary file and swapped in atomically, so a reader never
-sees a half-built store and never blocks the pipeline. Report views (``telehealth_sql/``) are created inside it.
+Every publish writes a temporary file and swaps it in atomically, so a reader never sees a half-built store
+and never blocks the pipeline. A pipeline run *updates* a copy of the store with what it loaded — the rows of
+the patients and devices with new readings or events are rebuilt from their whole history, the ops tables
+whole, every current silence remeasured — and holds exactly what a full rebuild would (tested); anything an
+update cannot see (a registry or key change, rows deleted) rebuilds it whole, as rotation and rpm_daily do.
+Report views (``telehealth_sql/``) are created inside it.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -81,6 +87,25 @@ _LOCAL_WEEK = ("CAST(date_trunc('week', make_timestamp(epoch_us(t.occurred_at) +
 _UTC_DAY = "CAST({} AT TIME ZONE 'UTC' AS DATE)"
 # An appointment's outcome is its latest event; at the same instant an outcome outranks the booking.
 _OUTCOME_RANK = "CASE t.event WHEN 'appointment_scheduled' THEN 0 ELSE 1 END"
+
+# Silences longer than 24 h between consecutive transmissions of a device, and the current one (measured
+# to the rebuild): UTC days and whole hours. `{gaps}` is (device_id, gap_start, gap_end), gap_end NULL for the
+# silence since the device's latest transmission.
+_DEVICE_GAPS = f"""
+        SELECT dp.key AS device_key, {_UTC_DAY.format('g.gap_start')} AS gap_start_on,
+               {_UTC_DAY.format('g.gap_end')} AS gap_end_on,
+               CAST(round(date_diff('minute', g.gap_start, coalesce(g.gap_end, now())) / 60.0) AS INTEGER) AS hours,
+               g.gap_end IS NULL AS ongoing
+        FROM ({{gaps}}) g
+        JOIN pseudo dp ON dp.kind = 'device' AND dp.id = g.device_id
+        WHERE coalesce(g.gap_end, now()) - g.gap_start > INTERVAL 24 HOUR"""
+# A hand-typed value is no sign of a connected device.
+_ALL_GAPS = """SELECT device_id, measured_at AS gap_start,
+                     lead(measured_at) OVER (PARTITION BY device_id ORDER BY measured_at) AS gap_end
+              FROM clinical.readings WHERE NOT manual"""
+# Only the current silences: they grow with the clock, so an update recomputes them for every device.
+_ONGOING_GAPS = """SELECT device_id, max(measured_at) AS gap_start, NULL::TIMESTAMPTZ AS gap_end
+              FROM clinical.readings WHERE NOT manual GROUP BY device_id"""
 
 # Each table: what reporting needs, nothing that identifies. `pseudo` maps (kind, id) -> key; `catalogue`
 # holds (field, value, stored) from transforms/catalogue.py.
@@ -163,18 +188,8 @@ TABLES = {
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = r.device_id
         JOIN pseudo pp ON pp.kind = 'patient' AND pp.id = r.patient_id
         GROUP BY ALL""",
-    # Silences longer than 24 h between consecutive transmissions of a device, and the current one (measured
-    # to the rebuild): UTC days and whole hours.
-    "device_gaps": f"""
-        SELECT dp.key AS device_key, {_UTC_DAY.format('g.gap_start')} AS gap_start_on,
-               {_UTC_DAY.format('g.gap_end')} AS gap_end_on,
-               CAST(round(date_diff('minute', g.gap_start, coalesce(g.gap_end, now())) / 60.0) AS INTEGER) AS hours,
-               g.gap_end IS NULL AS ongoing
-        FROM (SELECT device_id, measured_at AS gap_start,
-                     lead(measured_at) OVER (PARTITION BY device_id ORDER BY measured_at) AS gap_end
-              FROM clinical.readings WHERE NOT manual) g  -- a hand-typed value is no sign of a connected device
-        JOIN pseudo dp ON dp.kind = 'device' AND dp.id = g.device_id
-        WHERE coalesce(g.gap_end, now()) - g.gap_start > INTERVAL 24 HOUR""",
+    # Silences longer than 24 h (_DEVICE_GAPS).
+    "device_gaps": _DEVICE_GAPS.replace("{gaps}", _ALL_GAPS),
     # The pipeline's runs per UTC day. Run ids and instants stay in the ops records (`rpm reports pipeline`
     # reads those); the failure text is never copied (exception messages can quote key values).
     "pipeline_daily": f"""
@@ -196,14 +211,23 @@ TABLES = {
 }
 
 
-def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes) -> pd.DataFrame:
-    ids = con.execute("""
-        SELECT 'patient', patient_id FROM clinical.patients
-        UNION SELECT 'device', device_id FROM clinical.devices
-        UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM clinical.telehealth_events
-              WHERE appointment_id IS NOT NULL""").fetchall()
-    return pd.DataFrame({"kind": [k for k, _ in ids], "id": [i for _, i in ids],
-                         "key": [pseudonym(key, k, i) for k, i in ids]})
+# Every (kind, id) a pseudonym is made for: patients, devices, appointments (an appointment id is the app's
+# own, so it is scoped by patient).
+_IDS = """SELECT 'patient', patient_id FROM clinical.patients
+          UNION SELECT 'device', device_id FROM clinical.devices
+          UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM clinical.telehealth_events
+                WHERE appointment_id IS NOT NULL"""
+
+
+def _pseudonyms(con: duckdb.DuckDBPyConnection, key: bytes, ids: str = _IDS) -> pd.DataFrame:
+    """The pseudonym of every (kind, id) that ``ids`` (SQL) selects."""
+    rows = con.execute(ids).fetchall()
+    return pd.DataFrame({"kind": [k for k, _ in rows], "id": [i for _, i in rows],
+                         "key": [pseudonym(key, k, i) for k, i in rows]}, dtype=str)  # text even when empty
+
+
+def _catalogue_rows(s: Settings) -> list[tuple[str, str, str]]:
+    return list(catalogue.rows(s.telehealth_catalogue_extra))
 
 
 @contextmanager
@@ -220,41 +244,227 @@ def _building(s: Settings) -> Iterator[None]:
         os.close(fd)
 
 
+# --- what the store was last built from ----------------------------------------------------------------------
+# An update needs to know what the store already holds. Beside the store (not in it: the store holds no instant),
+# a small state file names the store file it describes, a digest of everything besides readings and events that
+# the store depends on (this code and its SQL, the catalogue, the registry, both keys), and per stream the latest
+# load instant absorbed with the count of rows up to it. Any mismatch means a full rebuild: a registry change, a
+# new key, a store replaced or restored, rows deleted or loaded out of order (the count up to the instant moved).
+# The file is written after the store is swapped in: killed in between, it still names the previous store
+# file, and the next run rebuilds the store whole.
+
+_STREAMS = {"readings": "clinical.readings", "events": "clinical.telehealth_events"}
+
+
+def _state_file(s: Settings) -> Path:
+    return Path(s.warehouse_dir) / ".telehealth-state.json"
+
+
+def _file_identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _digest(con: duckdb.DuckDBPyConnection, s: Settings, key: str) -> str:
+    h = hashlib.sha256()
+    for path in [Path(__file__), *sorted(SQL_DIR.glob("*.sql"))]:
+        h.update(path.read_bytes())
+    h.update(repr(_catalogue_rows(s)).encode())
+    h.update(hashlib.sha256(pseudonym_key(s)).digest() + hashlib.sha256(key.encode()).digest())
+    for table in ("patients", "devices", "enrollments"):  # the registry (keyed rows: none cancels another)
+        h.update(repr(con.execute(f"SELECT count(*), bit_xor(hash(t)) FROM clinical.{table} t").fetchone()).encode())
+    return h.hexdigest()
+
+
+def _watermarks(con: duckdb.DuckDBPyConnection, since: dict | None = None) -> dict[str, dict]:
+    """Per stream: the latest load instant (epoch µs) and the row count up to it; with ``since`` (the state of
+    the last build), also the count now up to that build's instant, which must not have moved."""
+    out = {}
+    for stream, table in _STREAMS.items():
+        before = (since or {}).get(stream, {}).get("through")
+        row = con.execute(f"""SELECT epoch_us(max(loaded_at)), count(*),
+                                     count(*) FILTER (WHERE loaded_at <= make_timestamptz($before::BIGINT))
+                              FROM {table}""", {"before": before}).fetchone()
+        assert row is not None
+        out[stream] = {"through": row[0], "count": row[1], "count_then": row[2]}
+    return out
+
+
+def _read_state(s: Settings) -> dict | None:
+    try:
+        state = json.loads(_state_file(s).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _write_state(s: Settings, digest: str, marks: dict[str, dict], built_by: str) -> None:
+    state = {"store": _file_identity(telehealth_db(s)), "digest": digest, "built_by": built_by,
+             "streams": {k: {"through": v["through"], "count": v["count"]} for k, v in marks.items()}}
+    tmp = _state_file(s).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, _state_file(s))
+
+
+# --- building -----------------------------------------------------------------------------------------------
+
+def _register_catalogue(con: duckdb.DuckDBPyConnection, s: Settings) -> None:
+    con.register("catalogue", pd.DataFrame(_catalogue_rows(s), columns=["field", "value", "stored"]))
+
+
+def _finish(con: duckdb.DuckDBPyConnection, counts: dict[str, int]) -> None:
+    for name in TABLES:
+        counts[name] = con.execute(f"SELECT count(*) FROM th.{name}").fetchone()[0]  # type: ignore[index]
+    con.execute("USE clinical")
+    con.execute("DETACH th")
+
+
+def _swap(s: Settings, tmp: Path) -> None:
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, telehealth_db(s))
+
+
 def _build(s: Settings, key: str) -> dict[str, int]:
-    """Write the store under ``key`` next to the current one and swap it in; row counts per table."""
+    """Write the whole store under ``key`` next to the current one and swap it in; row counts per table."""
     target = telehealth_db(s)
     tmp = target.with_name(f".{target.name}.building")
     tmp.unlink(missing_ok=True)
     counts: dict[str, int] = {}
     with serving(s, private=True) as con:
+        marks = _watermarks(con)
+        digest = _digest(con, s, key)
         con.register("pseudo", _pseudonyms(con, pseudonym_key(s)))
-        con.register("catalogue", pd.DataFrame(list(catalogue.rows(s.telehealth_catalogue_extra)),
-                                                columns=["field", "value", "stored"]))
+        _register_catalogue(con, s)
         con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
         for name, sql in TABLES.items():
             con.execute(f"CREATE TABLE th.{name} AS {sql}")
-            counts[name] = con.execute(f"SELECT count(*) FROM th.{name}").fetchone()[0]  # type: ignore[index]
         con.execute("CREATE TABLE th.store_info AS SELECT ?::DATE AS built_on, ? AS hipaa_route",
                     [datetime.now(UTC).date(), HIPAA_ROUTE])
         con.execute("USE th")
         for path in sorted(SQL_DIR.glob("*.sql")):
             con.execute(path.read_text())
-        con.execute("USE clinical")
-        con.execute("DETACH th")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, target)
+        _finish(con, counts)
+    _swap(s, tmp)
+    _write_state(s, digest, marks, "rebuild")
     return counts
 
 
-def publish_telehealth(s: Settings) -> dict[str, int]:
-    """Rebuild the telehealth store from the current serving snapshot; returns row counts per table."""
+# An update narrows the tables' sources to what the new rows touched: the tables keyed by person are rebuilt
+# for the patients with new readings or events, those keyed by device for the devices that sent them (a
+# device's silences span its whole history), the small daily ops tables whole. The registry-only `devices`
+# table cannot change without a registry change, which rebuilds the whole store.
+_PERSON_TABLES = ("people", "education_events", "appointments", "survey_events", "device_days")
+_DEVICE_TABLES = ("device_status", "device_gaps")
+_WHOLE_TABLES = ("pipeline_daily", "quarantine_daily")
+_PERSON_SOURCES = {"clinical.stg_readings": "th_stg_readings", "clinical.readings": "th_person_readings",
+                   "clinical.telehealth_events": "th_person_events", "clinical.patients": "th_patients",
+                   "clinical.enrollments": "th_enrollments"}
+_DEVICE_SOURCES = {"clinical.readings": "th_device_readings", "clinical.telehealth_events": "th_device_events"}
+
+
+# The columns TABLES read (a column missing here fails the update loudly, never silently).
+_READING_COLUMNS = "patient_id, device_id, measured_at, utc_offset_min, manual"
+_EVENT_COLUMNS = ("event_id, patient_id, device_id, event, occurred_at, utc_offset_min, module, minutes, "
+                  "appointment_id, modality, survey, battery_pct, signal_dbm, firmware")
+
+
+def _scoped(sql: str, sources: dict[str, str]) -> str:
+    for relation, scoped in sources.items():
+        sql = sql.replace(relation, scoped)
+    return sql
+
+
+def _update(s: Settings, key: str, state: dict) -> dict[str, int] | None:
+    """Apply what was loaded since the last build to a copy of the store and swap it in; None when only a
+    full rebuild can be trusted (see the state file above)."""
+    target = telehealth_db(s)
+    if not target.exists() or state.get("store") != _file_identity(target):
+        return None
+    tmp = target.with_name(f".{target.name}.building")
+    tmp.unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    with serving(s, private=True) as con:
+        marks = _watermarks(con, state.get("streams"))
+        if any(m["count_then"] != state.get("streams", {}).get(k, {}).get("count") for k, m in marks.items()):
+            return None  # rows up to the last build's instant were deleted, rewritten or loaded late
+        digest = _digest(con, s, key)
+        if digest != state.get("digest"):
+            return None
+        since = {k: state["streams"][k]["through"] for k in _STREAMS}
+        con.execute("""CREATE TEMP TABLE th_new AS
+                       SELECT patient_id, device_id FROM clinical.readings
+                       WHERE loaded_at > coalesce(make_timestamptz($r::BIGINT), '-infinity'::TIMESTAMPTZ)
+                       UNION SELECT patient_id, device_id FROM clinical.telehealth_events
+                       WHERE loaded_at > coalesce(make_timestamptz($e::BIGINT), '-infinity'::TIMESTAMPTZ)""",
+                    {"r": since["readings"], "e": since["events"]})
+        con.execute("CREATE TEMP TABLE th_dirty_patients AS SELECT DISTINCT patient_id FROM th_new")
+        con.execute("CREATE TEMP TABLE th_dirty_devices AS SELECT DISTINCT device_id FROM th_new")
+        # The history of what changed, read once: the rows of the patients and of the devices with new rows
+        # (a device's history may hold another patient's readings, from before it was re-issued).
+        for scoped, table, columns in (("th_readings", "readings", _READING_COLUMNS),
+                                       ("th_events", "telehealth_events", _EVENT_COLUMNS)):
+            con.execute(f"""CREATE TEMP TABLE {scoped} AS SELECT {columns} FROM clinical.{table}
+                            WHERE patient_id IN (SELECT patient_id FROM th_dirty_patients)
+                               OR device_id IN (SELECT device_id FROM th_dirty_devices)""")
+        for view, source, column in (("th_person_readings", "th_readings", "patient_id"),
+                                     ("th_person_events", "th_events", "patient_id"),
+                                     ("th_patients", "clinical.patients", "patient_id"),
+                                     ("th_enrollments", "clinical.enrollments", "patient_id"),
+                                     ("th_device_readings", "th_readings", "device_id"),
+                                     ("th_device_events", "th_events", "device_id")):
+            dirty = "th_dirty_patients" if column == "patient_id" else "th_dirty_devices"
+            con.execute(f"CREATE TEMP VIEW {view} AS SELECT * FROM {source} "
+                        f"WHERE {column} IN (SELECT {column} FROM {dirty})")
+        con.execute("CREATE TEMP VIEW th_stg_readings AS SELECT * FROM with_local_time('th_person_readings')")
+        con.register("pseudo", _pseudonyms(con, pseudonym_key(s), """
+            SELECT 'patient', patient_id FROM th_dirty_patients
+            UNION SELECT 'patient', patient_id FROM th_readings UNION SELECT 'patient', patient_id FROM th_events
+            UNION SELECT 'device', device_id FROM th_readings UNION SELECT 'device', device_id FROM th_events
+            UNION SELECT 'device', device_id FROM clinical.devices  -- every device's current silence
+            UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM th_person_events
+                  WHERE appointment_id IS NOT NULL"""))
+        _register_catalogue(con, s)
+        shutil.copyfile(target, tmp)  # readers keep the current file; the copy is small next to the warehouse
+        con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
+        con.execute("BEGIN")
+        person_keys = ("(SELECT key FROM pseudo WHERE kind = 'patient' "
+                       "AND id IN (SELECT patient_id FROM th_dirty_patients))")
+        device_keys = "(SELECT key FROM pseudo WHERE kind = 'device' AND id IN (SELECT device_id FROM th_dirty_devices))"
+        for name in _PERSON_TABLES:
+            con.execute(f"DELETE FROM th.{name} WHERE person_key IN {person_keys}")
+            con.execute(f"INSERT INTO th.{name} BY NAME {_scoped(TABLES[name], _PERSON_SOURCES)}")
+        for name in _DEVICE_TABLES:
+            ongoing = " OR ongoing" if name == "device_gaps" else ""
+            con.execute(f"DELETE FROM th.{name} WHERE device_key IN {device_keys}{ongoing}")
+            con.execute(f"INSERT INTO th.{name} BY NAME {_scoped(TABLES[name], _DEVICE_SOURCES)}")
+        # Every other device's current silence, which only the clock changed.
+        con.execute(f"""INSERT INTO th.device_gaps BY NAME {_DEVICE_GAPS.replace('{gaps}', _ONGOING_GAPS)}
+                        AND g.device_id NOT IN (SELECT device_id FROM th_dirty_devices)""")
+        for name in _WHOLE_TABLES:
+            con.execute(f"DELETE FROM th.{name}")
+            con.execute(f"INSERT INTO th.{name} BY NAME {TABLES[name]}")
+        con.execute("UPDATE th.store_info SET built_on = ?", [datetime.now(UTC).date()])
+        con.execute("COMMIT")
+        _finish(con, counts)
+    _swap(s, tmp)
+    _write_state(s, digest, marks, "update")
+    return counts
+
+
+def publish_telehealth(s: Settings, full: bool = False) -> dict[str, int]:
+    """Bring the telehealth store up to the current serving snapshot: an update with what was loaded since its
+    last build, or a full rebuild (``full``, or when an update cannot be trusted); row counts per table."""
     if not s.clinical_db.exists():
         return {}  # nothing loaded yet (e.g. rpm_daily before the first rpm_pipeline run)
     with _building(s):
         staged = keys.telehealth_key_file_next(s)
         if staged.exists():  # a rotation died before promoting its key: finish it
             return _rebuild_under_staged_key(s)
-        return _build(s, keys.telehealth_key(s))
+        key = keys.telehealth_key(s)
+        state = None if full else _read_state(s)
+        counts = _update(s, key, state) if state is not None else None
+        return counts if counts is not None else _build(s, key)
 
 
 def rotate_key(s: Settings) -> dict[str, int]:

@@ -95,12 +95,12 @@ def scheduler_heartbeat(s: Settings) -> datetime | None:
     return datetime.fromisoformat(beat) if beat else None
 
 
-def land_garbage(s: Settings, n: int) -> None:
+def land_garbage(s: Settings, n: int, name: str = "garbage-0001") -> None:
     """``n`` unreadable messages from an unregistered device, landed and sealed as the ingest service would."""
     from core.keyring import Keyring
     from core.landing import SegmentWriter
 
-    writer = SegmentWriter(s.landing_dir, "garbage-0001", keyring=Keyring.load(s, "landing"))
+    writer = SegmentWriter(s.landing_dir, name, keyring=Keyring.load(s, "landing"))
     for i in range(n):
         writer.append("rpm/v1/devices/ghost-1/vitals", b"not json %d" % i, datetime.now(UTC))
     writer.seal()
@@ -111,6 +111,38 @@ def task_log(s: Settings, jwt: str, run_path: str, task_id: str) -> str:
     body = airflow_stack.api(s, "GET", f"{run_path}/taskInstances/{task_id}/logs/1", token=jwt)
     content = body.get("content") if isinstance(body, dict) else body
     return "\n".join(str(line.get("event", line)) if isinstance(line, dict) else str(line) for line in content or [])
+
+
+def dag_runs(s: Settings, jwt: str) -> list[dict]:
+    return airflow_stack.api(s, "GET", "/api/v2/dags/rpm_pipeline/dagRuns?limit=100", token=jwt)["dag_runs"]
+
+
+def a_seal_starts_a_run_and_seals_during_it_queue_one_more(s: Settings, jwt: str) -> None:
+    """The schedule is hourly, so only the seal can start the next run; three more seals while it runs start
+    one run after it (max_active_runs=1), not three, and never two at once."""
+    before = {r["dag_run_id"] for r in dag_runs(s, jwt)}
+    sealed_at = time.monotonic()
+    land_garbage(s, 1, "garbage-0002")
+    first = wait_for(lambda: next((r for r in dag_runs(s, jwt) if r["dag_run_id"] not in before), None),
+                     "a run started by the sealed segment", 120, 0.5)
+    started_s = time.monotonic() - sealed_at
+    assert first["run_type"] == "asset_triggered", first
+    for i in range(3):
+        land_garbage(s, 1, f"garbage-{i + 3:04d}")
+    active_max = 0
+
+    def settled() -> list[dict] | None:
+        nonlocal active_max
+        new = [r for r in dag_runs(s, jwt) if r["dag_run_id"] not in before]
+        active_max = max(active_max, sum(r["state"] in ("queued", "running") for r in new))
+        # Settled: the first run and the one its seals queued have ended, and nothing else is queued.
+        done = len(new) >= 2 and all(r["state"] in ("success", "failed") for r in new)
+        return new if done else None
+
+    new = wait_for(settled, "the seal's run and the one queued behind it to end", WAIT_S, 0.5)
+    assert active_max == 1  # never a second run queued or running beside the first
+    assert len(new) == 2 and {r["run_type"] for r in new} == {"asset_triggered"}, new
+    print(f"a sealed segment started a run after {started_s:.1f}s; three seals during it queued one more")
 
 
 def kill_the_scheduler_and_see_it_restarted(s: Settings) -> set[int]:
@@ -201,6 +233,9 @@ def test_airflow_stack_runs_rpm_pipeline_on_loopback_and_stops_cleanly(
         assert run["dag_run_id"] in {r["dag_run_id"] for r in status["last_runs"]}
         print(f"airflow stack healthy after {started_s:.1f}s; the all-bad batch's run failed its gate after "
               f"{time.monotonic() - t0:.1f}s")
+        wait_for(lambda: all(r["state"] in ("success", "failed") for r in dag_runs(s, jwt)),
+                 "every run so far to end")
+        a_seal_starts_a_run_and_seals_during_it_queue_one_more(s, jwt)
 
         t1 = time.monotonic()
         seen |= kill_the_scheduler_and_see_it_restarted(s)

@@ -1,0 +1,204 @@
+"""The telehealth store updated run by run holds exactly what a full rebuild of the same warehouse holds.
+
+A pipeline run updates the store with what it loaded (warehouse/telehealth.py) instead of rebuilding it from
+every reading. Each batch below is loaded into one warehouse whose store is only ever updated; a copy of the
+whole RPM_HOME then rebuilds its store from scratch, and every table must match row for row. The batches
+cover what moves each table: new readings (one late, splitting an old silence; one typed by hand), a device
+going quiet, education, surveys, an appointment whose outcome changes, device status, quarantine, runs — and
+around them a key rotation, a landing purge, and readings deleted under the store (which only a rebuild can
+follow).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from core import keys
+from core.settings import Settings
+from warehouse.db import clinical
+from warehouse.registry import enroll, upsert_patient
+from warehouse.retention import purge_landing
+from warehouse.serving import publish_snapshot
+from warehouse.telehealth import TABLES, open_telehealth, publish_telehealth, rotate_key
+
+# Whole hours before the test starts: a silence's length is stored in whole hours measured to the build, and a
+# test shorter than half an hour rounds the same in both builds.
+NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+PATIENTS = {"pt-a": "America/New_York", "pt-b": "Europe/Berlin", "pt-c": None}
+DEVICES = {"cuff-a": ("pt-a", "bp"), "scale-b": ("pt-b", "scale"), "ox-c": ("pt-c", "ox"),
+           "app-a": ("pt-a", "app"), "app-b": ("pt-b", "app")}
+_n = itertools.count()
+
+
+def reading(con: duckdb.DuckDBPyConnection, device_id: str, hours_ago: float, manual: bool = False) -> None:
+    """One reading as the loader writes it: loaded now (the load instant orders what each update absorbs)."""
+    n = next(_n)
+    patient = DEVICES[device_id][0]
+    con.execute("""
+        INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, unit, unit_sent,
+                              measured_at, utc_offset_min, received_at, loaded_at, msg_id, segment, record_no,
+                              item_no, manual)
+        VALUES (?, ?, ?, 'heart_rate', '8867-4', 70, '/min', '/min', ?, -300, ?, now(), ?, 'seg', ?, 0, ?)""",
+                [f"rd-{n:06d}", patient, device_id, NOW - timedelta(hours=hours_ago), NOW, f"m{n}", n, manual])
+
+
+def event(con: duckdb.DuckDBPyConnection, device_id: str, name: str, hours_ago: float, **fields: object) -> None:
+    n = next(_n)
+    row = {"event_id": f"ev-{n:06d}", "patient_id": DEVICES[device_id][0], "device_id": device_id,
+           "channel": "status" if name == "device_status" else "events", "event": name,
+           "occurred_at": NOW - timedelta(hours=hours_ago), "utc_offset_min": -300, "received_at": NOW,
+           "msg_id": f"m{n}", "segment": "seg", "record_no": n, "item_no": 0, **fields}
+    con.execute(f"INSERT INTO telehealth_events ({', '.join(row)}, loaded_at) "
+                f"VALUES ({', '.join('?' * len(row))}, now())", list(row.values()))
+
+
+def run_record(con: duckdb.DuckDBPyConnection, quarantined: int) -> None:
+    n = next(_n)
+    con.execute("""INSERT INTO pipeline_runs (run_id, state, started_at, finished_at, received, loaded,
+                                              quarantined, duplicates)
+                   VALUES (?, 'success', now(), now(), 10, ?, ?, 0)""", [f"run-{n}", 10 - quarantined, quarantined])
+    for i in range(quarantined):
+        con.execute("""INSERT INTO quarantine (row_key, segment, record_no, item_no, reasons, raw, received_at,
+                                               quarantined_at)
+                       VALUES (?, 'seg', ?, 0, ['value_in_range'], 'x', now(), now())""", [f"q{n}:{i}", n])
+
+
+def snapshot_of_store(s: Settings) -> dict[str, list[tuple]]:
+    """Every row of every table of the store, in a stable order."""
+    con = open_telehealth(s)
+    try:
+        return {name: sorted(con.execute(f"SELECT * FROM {name}").fetchall(), key=repr) for name in TABLES}
+    finally:
+        con.close()
+
+
+def built_by(s: Settings) -> str:
+    return json.loads((Path(s.warehouse_dir) / ".telehealth-state.json").read_text())["built_by"]
+
+
+def rebuilt_copy(s: Settings, where: Path) -> Settings:
+    """The same RPM_HOME copied aside, its store rebuilt from scratch."""
+    shutil.rmtree(where, ignore_errors=True)
+    shutil.copytree(s.home, where)
+    copy = Settings(home=where)
+    publish_telehealth(copy, full=True)
+    return copy
+
+
+def publish(s: Settings) -> None:
+    publish_snapshot(s)
+    publish_telehealth(s)
+
+
+def assert_same_as_rebuild(s: Settings, tmp_path: Path) -> None:
+    updated = snapshot_of_store(s)
+    assert any(updated.values())
+    assert updated == snapshot_of_store(rebuilt_copy(s, tmp_path / "rebuilt"))
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Settings:
+    s = Settings(home=tmp_path / "var")
+    with clinical(s) as con:
+        for patient, zone in PATIENTS.items():
+            upsert_patient(con, patient, time_zone=zone, conditions=["hypertension"])
+        for device, (patient, kind) in DEVICES.items():
+            enroll(con, device, patient, kind=kind, valid_from=NOW - timedelta(days=60))
+        for hours in (24 * 50, 24 * 40, 24 * 39, 24 * 10):
+            reading(con, "cuff-a", hours)
+            reading(con, "scale-b", hours + 3)
+        reading(con, "ox-c", 24 * 30)
+        event(con, "app-a", "appointment_scheduled", 24 * 5, appointment_id="apt-1", modality="video")
+        run_record(con, 1)
+    publish(s)
+    assert built_by(s) == "rebuild"
+    return s
+
+
+def test_updates_over_several_batches_match_a_full_rebuild(home: Settings, tmp_path: Path):
+    s = home
+    batches = [
+        # New readings today; a late one inside the 10-day silence of the cuff; a hand-typed one.
+        lambda con: [reading(con, "cuff-a", 2), reading(con, "cuff-a", 24 * 25), reading(con, "scale-b", 5, True)],
+        # Education, a survey, the appointment attended, device status, a run with quarantine.
+        lambda con: [event(con, "app-a", "education_viewed", 30, module="salt-and-blood-pressure", minutes=4.0),
+                     event(con, "app-a", "education_completed", 29, module="salt-and-blood-pressure", minutes=6.0),
+                     event(con, "app-b", "survey_completed", 20, survey="phq-2"),
+                     event(con, "app-a", "appointment_attended", 24, appointment_id="apt-1", modality="phone"),
+                     event(con, "cuff-a", "device_status", 3, battery_pct=15.0, signal_dbm=-80.0, firmware="2.4.1"),
+                     run_record(con, 2)],
+        # Only another patient's reading: the others' rows stay as they were.
+        lambda con: [reading(con, "ox-c", 1), run_record(con, 0)],
+    ]
+    for load in batches:
+        with clinical(s) as con:
+            load(con)
+        publish(s)
+        assert built_by(s) == "update"
+        assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_run_with_nothing_new_keeps_the_store_and_the_current_silences(home: Settings, tmp_path: Path):
+    publish(home)
+    assert built_by(home) == "update"
+    gaps = snapshot_of_store(home)["device_gaps"]
+    assert any(row[-1] for row in gaps)  # ox-c has been silent for 30 days: an ongoing silence
+    assert_same_as_rebuild(home, tmp_path)
+
+
+def test_key_rotation_and_landing_purge_then_updates_continue(home: Settings, tmp_path: Path):
+    s = home
+    old_key = keys.telehealth_key(s)
+    rotate_key(s)
+    assert keys.telehealth_key(s) != old_key and built_by(s) == "rebuild"
+    with clinical(s) as con:
+        reading(con, "cuff-a", 1)
+    publish(s)
+    assert built_by(s) == "update"  # under the new key
+    assert_same_as_rebuild(s, tmp_path)
+    purge_landing(s, older_than_days=0)
+    with clinical(s) as con:
+        reading(con, "scale-b", 1)
+    publish(s)
+    assert built_by(s) == "update"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def test_readings_deleted_under_the_store_make_the_next_run_rebuild_it(home: Settings, tmp_path: Path):
+    """A retention of readings (or a repair) removes rows an update cannot see go: the count up to the last
+    build's load instant moved, so the store is rebuilt."""
+    with clinical(home) as con:
+        con.execute("DELETE FROM readings WHERE measured_at < ?", [NOW - timedelta(days=45)])
+        reading(con, "cuff-a", 1)
+    publish(home)
+    assert built_by(home) == "rebuild"
+    assert_same_as_rebuild(home, tmp_path)
+
+
+def test_a_registry_change_rebuilds_the_store(home: Settings, tmp_path: Path):
+    with clinical(home) as con:
+        upsert_patient(con, "pt-a", time_zone="Asia/Tokyo")  # every one of its readings changes local day
+    publish(home)
+    assert built_by(home) == "rebuild"
+    assert_same_as_rebuild(home, tmp_path)
+
+
+def test_a_new_install_with_nothing_registered_updates_its_empty_store(tmp_path: Path):
+    """The first runs of an install may load nothing but quarantine (an unregistered device): no pseudonym
+    at all, still an update."""
+    s = Settings(home=tmp_path / "var")
+    with clinical(s) as con:
+        run_record(con, 3)
+    publish(s)
+    with clinical(s) as con:
+        run_record(con, 1)
+    publish(s)
+    assert built_by(s) == "update"
+    assert_same_as_rebuild(s, tmp_path)
