@@ -95,7 +95,7 @@ def test_first_run_sorts_every_reading_into_exactly_one_outcome(settings: Settin
 
     assert out["batch"].segments == [SEG]
     assert out["staged"] == {"segments": 1, "messages": 8, "candidates": 8, "events": 0, "unreadable": 1,
-                             "bulk_decoded": 7, "rejected": 0}  # every readable vitals message took the bulk path
+                             "rejected": 0}
     assert out["failures"] == {"plausible_heart_rate": 1}
     assert out["loaded"] == {"loaded": 5, "quarantined": 3, "duplicates": 1, "segments": 1}
     assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
