@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.common import Timer, bench_home, machine, parser, print_table, write_json
-from bench.landing import register, write_landing
+from bench.landing import BLOCK_RECORDS, register, write_landing
 from bench.pipeline import DATA_TASKS, accounting, run_pipeline, task_seconds
 from core.keyring import Keyring
 from core.landing import SegmentWriter
@@ -93,6 +93,8 @@ class Segments:
                                         keyring=self.keyring)  # type: ignore[arg-type]
             self.counts["segments"] += 1
         self.writer.append(f"rpm/v1/devices/{device_id}/vitals", json.dumps(payload).encode(), self.received_at)
+        if self.writer.records % BLOCK_RECORDS == 0:
+            self.writer.flush_block()
         self.counts["messages"] += 1
         self.counts["items"] += items
 

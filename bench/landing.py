@@ -23,6 +23,9 @@ from core.settings import Settings
 KINDS = ("bp", "ox", "scale", "thermo", "glu")
 CGM_BATCH = 12
 MESSAGES_PER_SEGMENT = 6_250  # ~2 MB encrypted, what a busy fleet lands in one 10-second segment
+# Ingest writes one landing block per fsync group, at most every 25 ms (RPM_INGEST_FLUSH_INTERVAL_MS):
+# 625 messages/s (the segment above) make blocks of ~16 messages.
+BLOCK_RECORDS = 16
 
 
 def device_ids(patients: int) -> list[tuple[str, str, str]]:
@@ -106,6 +109,8 @@ def write_landing(s: Settings, readings: int, patients: int, seed: int = 7, pref
             writer = SegmentWriter(s.landing_dir, f"{prefix}-{stats['segments']:06d}", keyring=keyring)  # type: ignore[arg-type]
             stats["segments"] += 1
         writer.append(topic, payload, end)
+        if writer.records % BLOCK_RECORDS == 0:
+            writer.flush_block()
         stats["messages"] += 1
         stats["items"] += items
 

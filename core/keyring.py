@@ -17,7 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from core.keys import read_secret, write_private
 from core.settings import Settings
@@ -96,6 +98,14 @@ class Keyring:
             return self._cipher(name).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], aad)
         except InvalidTag as exc:
             raise DecryptError("authentication failed: wrong key or altered data") from exc
+
+    def derive(self, kid: str, salt: bytes, info: bytes) -> bytes:
+        """A 256-bit subkey of key ``kid`` (HKDF-SHA256): one per landing segment, so a segment may number its
+        nonces instead of drawing them at random, and no key seals enough data to reach the AES-GCM bounds."""
+        key = self.keys.get(kid)
+        if key is None:
+            raise DecryptError(f"unknown key id {kid[:40]!r}")
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
 
     @staticmethod
     def key_id_of(sealed: bytes) -> str:

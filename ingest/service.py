@@ -293,7 +293,7 @@ class IngestService:
         return server.start()
 
     def _serve(self) -> IngestStats:
-        recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)
+        recovered = recover_open_segments(self.s.landing_dir, self.s.ingest_client_id, self.keyring)
         if recovered:
             log.info("recovered %d segment(s) left open by a previous run", len(recovered))
         self._connect_with_retry()
@@ -354,7 +354,7 @@ class IngestService:
                     delay = min(delay * 2, 1.0)
                     continue
                 # Space is back: seal what the failed writer had already acked, so the pipeline sees it.
-                recover_open_segments(self.s.landing_dir, self.s.ingest_client_id)
+                recover_open_segments(self.s.landing_dir, self.s.ingest_client_id, self.keyring)
                 log.info("landing writable again; reconnecting")
             try:
                 self.connect()

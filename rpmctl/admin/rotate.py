@@ -154,7 +154,7 @@ def rotate_landing(s: Settings) -> dict:
         time.sleep(0.05)
     for i in instances:
         if i.state == "stopped":  # its open segment was acked up to its last fsync: seal it for the pipeline
-            recover_open_segments(s.landing_dir, i.client_id)
+            recover_open_segments(s.landing_dir, i.client_id, ring)
     count = 0
     for path in list_sealed(s.landing_dir):
         if not _key_ids(path) - {active}:

@@ -4,7 +4,6 @@ module's fixture); later batches go through the same DAG tasks in this process (
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +12,7 @@ import duckdb
 import pytest
 
 from core.keyring import DecryptError, Keyring
-from core.landing import list_sealed, read_segment
+from core.landing import list_sealed, read_segment, segment_key_ids
 from core.settings import Settings
 from rpmctl import services
 from rpmctl.services import SERVICE, ingest_status, procs, start_service
@@ -196,7 +195,7 @@ def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
     with serving(s) as con:
         people = con.execute("SELECT patient_id, mrn, given_name, family_name FROM patients").fetchall()
     # Ciphertext is random bytes, so a short needle can match it by chance (base64 text even more so):
-    # encrypted pages are searched for needles of 6+ characters, landing records after base64 decoding.
+    # encrypted pages and landing headers are searched for needles of 6+ characters, landing blocks for all.
     needles = {v.encode() for row in people for v in row if v and len(v) >= 4}
     long_needles = {n for n in needles if len(n) >= 6}
     assert long_needles
@@ -207,9 +206,9 @@ def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
         assert len(stores) >= 3 and segments
         hits = [f"{f.name}: {n!r}" for f in stores for n in long_needles if n in f.read_bytes()]
         for seg in segments:
-            lines = seg.read_bytes().splitlines()
-            sealed = b"".join(base64.b64decode(line) for line in lines[1:])
-            hits += [f"{seg.name}: {n!r}" for n in needles if n in sealed or (len(n) >= 6 and n in lines[0])]
+            data = seg.read_bytes()
+            head = 12 + int.from_bytes(data[8:12], "little")  # magic, version, header length, header
+            hits += [f"{seg.name}: {n!r}" for n in needles if n in data[head:] or (len(n) >= 6 and n in data[:head])]
         return hits
 
     assert plaintext_hits() == []
@@ -231,7 +230,7 @@ def test_key_rotation_re_encrypts_everything_and_loses_nothing(fleet_loaded):
     stale = Keyring(s.home / "unused.json", old_kid, {old_kid: bytes(32)})
     with pytest.raises(DecryptError):
         list(read_segment(segment, stale))
-    assert Keyring.key_id_of(base64.b64decode(segment.read_bytes().splitlines()[1])) == ring.active
+    assert segment_key_ids(segment) == {ring.active}
     con = duckdb.connect()
     con.execute(f"LOAD '{httpfs_extension()}'")
     for old_file in (s.clinical_db, backup, *serving_dir(s).glob("*.duckdb")):

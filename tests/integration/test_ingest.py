@@ -11,7 +11,7 @@ import pytest
 
 from core import keys
 from core.keyring import DecryptError, Keyring
-from core.landing import list_sealed, open_dir, read_segment
+from core.landing import list_sealed, open_dir, read_header, read_segment, segment_key_ids
 from core.settings import Settings
 from rpmctl import services
 from rpmctl.admin.devices import wait_for_login
@@ -73,10 +73,11 @@ def test_landing_segments_are_encrypted_at_rest(ingest_up: Settings):
     [segment] = list_sealed(s.landing_dir)
     on_disk = segment.read_bytes()
     assert b"fever-marker-xyz" not in on_disk and b"thermo-9" not in on_disk
-    assert b"fever-marker-xyz" not in base64.b64decode(on_disk.splitlines()[1])  # not merely base64
+    assert base64.b64encode(secret)[8:40] not in on_disk  # not merely base64 either
+    assert read_header(segment)["encoding"] == "aesgcm-hkdf-v2"
     assert [r.payload for r in read_segment(segment, Keyring.load(s, "landing"))] == [secret]
     # A different key (or an altered byte) fails authentication instead of returning garbage.
-    kid = Keyring.key_id_of(base64.b64decode(on_disk.splitlines()[1]))
+    [kid] = segment_key_ids(segment)
     wrong = Keyring(s.home / "unused.json", kid, {kid: bytes(32)})
     with pytest.raises(DecryptError):
         list(read_segment(segment, wrong))

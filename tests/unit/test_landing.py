@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from core.landing import (
     SegmentWriter,
     list_sealed,
     open_dir,
+    read_header,
     read_segment,
     recover_open_segments,
     reencrypt_segment,
@@ -63,9 +65,11 @@ def test_sealing_moves_the_segment_out_of_open(tmp_path: Path) -> None:
 
 def test_header_names_format_and_encoding(tmp_path: Path) -> None:
     sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
-    header = json.loads(sealed.read_bytes().split(b"\n", 1)[0])
-    assert header == {"rpm_landing": 1, "segment": "ingest-1-20261127T120000000000-000001",
-                      "created_at": "2026-11-27T12:00:00.123456Z", "encoding": "plain"}
+    assert sealed.read_bytes()[:8] == b"\x93RPMLND\x02"  # binary: a text tool never mistakes it for JSON lines
+    header = read_header(sealed)
+    assert len(bytes.fromhex(header.pop("salt"))) == 16
+    assert header == {"rpm_landing": 2, "segment": "ingest-1-20261127T120000000000-000001",
+                      "created_at": "2026-11-27T12:00:00.123456Z", "encoding": "plain", "key_id": None}
 
 
 def test_writer_never_overwrites_an_existing_segment(tmp_path: Path) -> None:
@@ -74,11 +78,17 @@ def test_writer_never_overwrites_an_existing_segment(tmp_path: Path) -> None:
         SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000001")
 
 
-def test_torn_final_line_is_skipped(tmp_path: Path) -> None:
-    sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
-    with open(sealed, "ab") as f:
-        f.write(b'{"n": 4, "topic": "rpm/v1/devices/bp-001/vitals", "received_at": "2026-')
-    records = list(read_segment(sealed))
+# A block cut short by a crash: its frame announces more bytes than the file holds.
+TORN_BLOCK = struct.pack("<cII", b"B", 5, 4000) + b"\x17" * 100
+
+
+def test_torn_final_block_is_skipped(tmp_path: Path) -> None:
+    w = _write(tmp_path, "ingest-1-20261127T120000000000-000001")
+    w.sync()
+    w.close_unsealed()
+    with open(w.path, "ab") as f:
+        f.write(TORN_BLOCK)
+    records = list(read_segment(w.path))
     assert [r.n for r in records] == [0, 1, 2, 3]
 
 
@@ -88,12 +98,12 @@ def test_recover_seals_an_open_segment_and_truncates_its_torn_tail(tmp_path: Pat
     w.close_unsealed()
     intact = w.path.read_bytes()
     with open(w.path, "ab") as f:
-        f.write(b'{"n": 4, "topic": "rpm/v1/dev')  # crash mid-write
+        f.write(TORN_BLOCK)  # crash mid-write
 
     recovered = recover_open_segments(tmp_path, "ingest-1")
 
     assert recovered == [sealed_dir(tmp_path) / w.path.name]
-    assert recovered[0].read_bytes() == intact
+    assert recovered[0].read_bytes().startswith(intact)  # every fsynced block kept as it was, then the trailer
     assert [r.payload for r in read_segment(recovered[0])] == [m[1] for m in MESSAGES]
     assert not w.path.exists()
 
@@ -104,7 +114,7 @@ def test_recover_deletes_a_header_only_segment(tmp_path: Path) -> None:
     torn = SegmentWriter(tmp_path, "ingest-1-20261127T120000000000-000003")
     torn.close_unsealed()
     with open(torn.path, "ab") as f:
-        f.write(b'{"n": 0, "topic": ')  # the only record never completed: nothing was acked
+        f.write(TORN_BLOCK)  # the only block never completed: nothing was acked
 
     assert recover_open_segments(tmp_path, "ingest-1") == []
     assert list(open_dir(tmp_path).iterdir()) == []
@@ -113,28 +123,39 @@ def test_recover_deletes_a_header_only_segment(tmp_path: Path) -> None:
 
 def test_recover_only_touches_its_own_instance_segments(tmp_path: Path) -> None:
     mine = _write(tmp_path, "ingest-1-20261127T120000000000-000001")
+    mine.sync()
     mine.close_unsealed()
     other = _write(tmp_path, "ingest-2-000001")
+    other.sync()
     other.close_unsealed()
 
     assert recover_open_segments(tmp_path, "ingest-1") == [sealed_dir(tmp_path) / mine.path.name]
     assert other.path.exists()
 
 
+def _split_header(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 8)
+    return json.loads(data[12:12 + length]), data[12 + length:]
+
+
 def test_unknown_encoding_is_refused(tmp_path: Path) -> None:
     sealed = _write(tmp_path, "ingest-1-20261127T120000000000-000001").seal()
-    header, rest = sealed.read_bytes().split(b"\n", 1)
-    doc = json.loads(header)
+    doc, rest = _split_header(sealed)
     doc["encoding"] = "aes-256-gcm-v9"
-    sealed.write_bytes(json.dumps(doc).encode() + b"\n" + rest)
+    header = json.dumps(doc).encode()
+    sealed.write_bytes(b"\x93RPMLND\x02" + struct.pack("<I", len(header)) + header + rest)
     with pytest.raises(ValueError, match="unsupported landing format"):
         list(read_segment(sealed))
 
 
 def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / f"x{SEGMENT_SUFFIX}"
-    path.write_bytes(json.dumps({"rpm_landing": 2, "encoding": "plain"}).encode() + b"\n")
+    path.write_bytes(json.dumps({"rpm_landing": 2, "encoding": "plain"}).encode() + b"\n")  # v2 is binary
     with pytest.raises(ValueError, match="unsupported landing format"):
+        list(read_segment(path))
+    path.write_bytes(b"\x93RPMLND\x03" + _write(tmp_path, "y").seal().read_bytes()[8:])
+    with pytest.raises(ValueError, match="version 3 is not supported"):
         list(read_segment(path))
 
 
@@ -145,8 +166,16 @@ def keyring(settings: Settings) -> Keyring:
     return Keyring.load(settings, "landing")
 
 
-def _lines(path: Path) -> list[bytes]:
-    return path.read_bytes().splitlines(keepends=True)
+def _frames(path: Path) -> tuple[bytes, list[bytes]]:
+    """A v2 segment's header bytes and its frames (blocks, then the trailer), each with its 9-byte frame head."""
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 8)
+    off, frames = 12 + length, []
+    while off < len(data):
+        _, _, size = struct.unpack_from("<cII", data, off)
+        frames.append(data[off:off + 9 + size])
+        off += 9 + size
+    return data[:12 + length], frames
 
 
 def test_encrypted_round_trip_and_no_plaintext_on_disk(tmp_path: Path, keyring: Keyring) -> None:
@@ -155,8 +184,8 @@ def test_encrypted_round_trip_and_no_plaintext_on_disk(tmp_path: Path, keyring: 
         w.append(topic, payload, received_at, mark)
     sealed = w.seal()
 
-    header = json.loads(_lines(sealed)[0])
-    assert header["encoding"] == "aesgcm-v1"
+    header = read_header(sealed)
+    assert (header["encoding"], header["key_id"]) == ("aesgcm-hkdf-v2", keyring.active)
     on_disk = sealed.read_bytes()
     assert b"heart_rate" not in on_disk and b"bp-001" not in on_disk
     assert base64.b64encode(MESSAGES[0][1]) not in on_disk
@@ -175,37 +204,38 @@ def test_encrypted_segment_is_refused_without_the_keyring(tmp_path: Path, keyrin
 
 
 def _encrypted(tmp_path: Path, keyring: Keyring, name: str = "ingest-1-20261127T120000000000-000001") -> Path:
+    """Two records per block (ingest: one block per fsync group)."""
     w = SegmentWriter(tmp_path, name, keyring=keyring)
-    for m in MESSAGES:
+    for i, m in enumerate(MESSAGES):
         w.append(*m)
+        if i % 2:
+            w.flush_block()
     return w.seal()
 
 
-def test_altered_record_fails_authentication(tmp_path: Path, keyring: Keyring) -> None:
+def test_altered_block_fails_authentication(tmp_path: Path, keyring: Keyring) -> None:
     sealed = _encrypted(tmp_path, keyring)
-    lines = _lines(sealed)
-    blob = bytearray(base64.b64decode(lines[1]))
-    blob[-1] ^= 0x01
-    lines[1] = base64.b64encode(bytes(blob)) + b"\n"
-    sealed.write_bytes(b"".join(lines))
+    header, frames = _frames(sealed)
+    block = bytearray(frames[1])
+    block[-1] ^= 0x01
+    sealed.write_bytes(header + frames[0] + bytes(block) + frames[2])
     with pytest.raises(DecryptError):
         list(read_segment(sealed, keyring))
 
 
-def test_reordered_records_fail_authentication(tmp_path: Path, keyring: Keyring) -> None:
+def test_reordered_blocks_fail_authentication(tmp_path: Path, keyring: Keyring) -> None:
     sealed = _encrypted(tmp_path, keyring)
-    lines = _lines(sealed)
-    lines[1], lines[2] = lines[2], lines[1]
-    sealed.write_bytes(b"".join(lines))
+    header, frames = _frames(sealed)
+    sealed.write_bytes(header + frames[1] + frames[0] + frames[2])
     with pytest.raises(DecryptError):
         list(read_segment(sealed, keyring))
 
 
-def test_record_moved_into_another_segment_fails_authentication(tmp_path: Path, keyring: Keyring) -> None:
+def test_block_moved_into_another_segment_fails_authentication(tmp_path: Path, keyring: Keyring) -> None:
     a = _encrypted(tmp_path, keyring, "ingest-1-20261127T120000000000-000001")
     b = _encrypted(tmp_path, keyring, "ingest-1-20261127T120000000000-000002")
-    lines_a, lines_b = _lines(a), _lines(b)
-    b.write_bytes(lines_b[0] + lines_a[1])  # same position, other segment
+    (_, frames_a), (header_b, frames_b) = _frames(a), _frames(b)
+    b.write_bytes(header_b + frames_a[0] + frames_b[1] + frames_b[2])  # same position, other segment
     with pytest.raises(DecryptError):
         list(read_segment(b, keyring))
 
@@ -217,8 +247,8 @@ def test_encrypted_torn_tail_is_skipped_and_recovered(tmp_path: Path, keyring: K
     w.sync()
     w.close_unsealed()
     with open(w.path, "ab") as f:
-        f.write(b"azE3OTk")  # crash in the middle of a base64 record
-    [sealed] = recover_open_segments(tmp_path, "ingest-1")
+        f.write(TORN_BLOCK)  # crash in the middle of a block
+    [sealed] = recover_open_segments(tmp_path, "ingest-1", keyring)  # the trailer is sealed under its subkey
     assert [r.payload for r in read_segment(sealed, keyring)] == [m[1] for m in MESSAGES[:2]]
 
 

@@ -4,7 +4,6 @@ prometheus_client's own exposition writer and parser."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tracemalloc
@@ -18,7 +17,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.landing import SegmentWriter
+from core.landing import SegmentWriter, read_header
 from core.settings import Settings
 from pipeline.metrics import AuditWatch, PipelineCollector, segment_created
 from pipeline.statsd import (
@@ -292,5 +291,5 @@ def test_before_the_first_snapshot_only_landing_is_reported(settings: Settings):
 
 def test_a_segment_whose_name_carries_no_stamp_is_dated_by_its_header(settings: Settings):
     path = _segment(settings, "hand-made", 1)
-    header_time = datetime.fromisoformat(json.loads(path.read_bytes().splitlines()[0])["created_at"])
+    header_time = datetime.fromisoformat(read_header(path)["created_at"])
     assert segment_created(path) == pytest.approx(header_time.timestamp())

@@ -8,14 +8,15 @@ environment (an OSError) is not poison: the task fails and nothing is moved.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
+import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from core import landing
 from core.keyring import Keyring
 from core.landing import (
     BAD_HEADER,
@@ -87,6 +88,22 @@ def foreign_segment(s: Settings, name: str, messages) -> tuple[Path, Keyring]:
     return w.seal(), other
 
 
+def authentic_garbage(s: Settings, ring: Keyring, name: str, now: datetime) -> Path:
+    """A sealed segment whose one block is authentic (sealed under its subkey) but whose plaintext does not
+    parse: its record sizes do not add up (what a writer bug would leave)."""
+    w = SegmentWriter(s.landing_dir, name, keyring=ring)  # type: ignore[arg-type]
+    w.append(TOPIC, PHI.encode(), now)
+    w.flush_block()
+    cipher = w._cipher
+    assert cipher is not None
+    plain = struct.pack("<II", 0, 0) + struct.pack("<q", 0) + struct.pack("<III", 0, 0, 999) + PHI.encode()
+    body = cipher.encrypt(landing._nonce(1), plain, landing._block_aad(name.encode(), 1, 1, 1))
+    w._write(struct.pack("<cII", b"B", 1, len(body)), body)  # block 1, record 1: an authentic position
+    w.blocks, w._written = 2, 2
+    w._chain.update(body[-16:])
+    return w.seal()
+
+
 def drop_in_sealed(s: Settings, name: str, data: bytes) -> Path:
     path = sealed_dir(s.landing_dir) / f"{name}.seg"  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,19 +123,12 @@ def test_each_kind_of_unreadable_segment_is_named_with_its_reason_and_no_payload
         {"metric": "heart_rate", "value": 72, "note": PHI}).encode() + b"\n"), BAD_HEADER)
     cases["unknown key"] = (foreign_segment(settings, "x-000004", readings(2, now, "k"))[0], UNKNOWN_KEY)
     tampered = write_segment("x-000005", readings(3, now, "t"))
-    lines = tampered.read_bytes().split(b"\n")
-    sealed = bytearray(base64.b64decode(lines[2]))
-    sealed[-1] ^= 1  # one flipped bit in the second record's tag
-    lines[2] = base64.b64encode(bytes(sealed))
-    tampered.write_bytes(b"\n".join(lines))
-    cases["altered record"] = (tampered, DECRYPT_FAILED)
-    broken = SegmentWriter(settings.landing_dir, "x-000006", keyring=ring)  # type: ignore[arg-type]
-    broken.append(TOPIC, b"{}", now)
-    broken.seal()
-    record = json.dumps({"n": 1, "topic": TOPIC, "received_at": now.isoformat(), "note": PHI}).encode()
-    with open(sealed_dir(settings.landing_dir) / "x-000006.seg", "ab") as f:  # type: ignore[arg-type]
-        f.write(base64.b64encode(ring.seal(record, b"rpm-landing:x-000006:1")) + b"\n")  # authentic, but no payload
-    cases["record without payload"] = (sealed_dir(settings.landing_dir) / "x-000006.seg", BAD_RECORD)  # type: ignore[arg-type]
+    data = bytearray(tampered.read_bytes())
+    block_at = 12 + struct.unpack_from("<I", data, 8)[0]  # after the magic, header length and header
+    data[block_at + 9 + struct.unpack_from("<cII", data, block_at)[2] - 1] ^= 1  # one bit of the block's tag
+    tampered.write_bytes(bytes(data))
+    cases["altered block"] = (tampered, DECRYPT_FAILED)
+    cases["block that does not parse"] = (authentic_garbage(settings, ring, "x-000006", now), BAD_RECORD)
     plain = SegmentWriter(settings.landing_dir, "x-000007")  # type: ignore[arg-type]  # no keyring: not encrypted
     plain.append(TOPIC, json.dumps({"metric": "blood_pressure", "note": PHI}).encode(), now)
     cases["not encrypted"] = (plain.seal(), UNAUTHENTICATED)
@@ -141,17 +151,24 @@ def test_each_kind_of_unreadable_segment_is_named_with_its_reason_and_no_payload
             read_whole_segment(path, ring)
         assert info.value.reason == reason, what
         assert PHI not in str(info.value) and "heart_rate" not in info.value.detail, what  # (a key id may hold any digits)
-    assert "record 1" in str(pytest.raises(UnreadableSegment, read_whole_segment, tampered, ring).value)
-    with pytest.raises(UnreadableSegment, match="missing field 'payload'"):
-        read_whole_segment(cases["record without payload"][0], ring)
+    assert "block 0 (records 0-2)" in str(pytest.raises(UnreadableSegment, read_whole_segment, tampered, ring).value)
+    with pytest.raises(UnreadableSegment, match=r"block 1 \(records 1-1\): ValueError: block sizes add up"):
+        read_whole_segment(cases["block that does not parse"][0], ring)
 
 
-def test_a_torn_final_line_is_not_poison(settings: Settings, write_segment, now: datetime) -> None:
-    """A crash while writing leaves a torn last line that was never acked: the rest reads as before."""
-    path = write_segment("x-000001", readings(3, now, "t"))
-    with open(path, "ab") as f:
-        f.write(b"eyJ0b3JuIjog")  # no newline: never fsynced, never acked
-    assert [r.n for r in read_whole_segment(path, Keyring.load(settings, "landing"))] == [0, 1, 2]
+def test_a_torn_final_block_is_not_poison(settings: Settings, now: datetime) -> None:
+    """A crash while writing leaves a torn last block that was never acked: recovery drops it and seals the
+    rest, which reads as before."""
+    ring = Keyring.load(settings, "landing")
+    w = SegmentWriter(settings.landing_dir, "x-000001", keyring=ring)  # type: ignore[arg-type]
+    for topic, payload in readings(3, now, "t"):
+        w.append(topic, payload, now)
+    w.sync()
+    w.close_unsealed()
+    with open(w.path, "ab") as f:
+        f.write(struct.pack("<cII", b"B", 2, 500) + b"\x01" * 40)  # never fsynced, never acked
+    [path] = landing.recover_open_segments(settings.landing_dir, "x", ring)  # type: ignore[arg-type]
+    assert [r.n for r in read_whole_segment(path, ring)] == [0, 1, 2]
 
 
 def test_reject_moves_the_file_untouched_with_its_reason_and_restore_puts_it_back(settings: Settings) -> None:
