@@ -24,7 +24,7 @@ from core.landing import (
     SEGMENT_SUFFIX,
     RejectedSegment,
     UnreadableSegment,
-    read_whole_segment,
+    read_segment_columns,
     reject_segment,
     rejected_dir,
     sealed_dir,
@@ -32,7 +32,7 @@ from core.landing import (
 from core.settings import Settings
 from pipeline import Sizes
 from transforms.events import EVENT_COLUMNS
-from transforms.normalise import CANDIDATE_COLUMNS, Items, Normalised, candidates_sql, decode_records
+from transforms.normalise import CANDIDATE_COLUMNS, Items, Normalised, candidates_sql, decode_columns
 from warehouse.db import transaction
 from warehouse.ledger import Batch, reconcile_rejected, record_rejection
 from warehouse.load import STAGING_TABLES
@@ -64,7 +64,7 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
         if not path.exists() and (rejected_dir(s.landing_dir) / path.name).exists():
             continue  # set aside by an earlier attempt of this task (its row was written or is reconciled)
         try:
-            records = read_whole_segment(path, keyring)  # ≤ 16 MiB: whole, so nothing of a poison one is staged
+            columns = read_segment_columns(path, keyring)  # whole, so nothing of a poison one is staged
         except UnreadableSegment as exc:
             info = reject_segment(s.landing_dir, path, exc.reason, exc.detail,
                                   origin=f"batch {batch.batch_id}")
@@ -74,8 +74,8 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
             if on_reject is not None:
                 on_reject(info)
             continue
-        decode_records(name, records, s.max_payload_bytes, into=out.normalised)
-        out.messages[name] = len(records)
+        decode_columns(name, columns, s.max_payload_bytes, into=out.normalised)
+        out.messages[name] = len(columns.n)
         if sum(out.messages.values()) >= chunk_messages:
             yield out
             out = Decoded()

@@ -19,9 +19,9 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any
 
-from core.landing import LandedRecord
+from core.landing import LandedColumns, LandedRecord, from_us, to_us
 from core.payload import MAX_PAYLOAD_BYTES, NonFinite
 from transforms.decode import decode_message
 from transforms.vocab import CGM_LOINC, METRICS
@@ -38,7 +38,6 @@ CANDIDATE_COLUMNS = [
     "utc_offset_min", "has_time", "received_at", "seconds_ahead", "reading_id", "extra", "raw", "manual",
     "mistyped",
 ]
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -322,14 +321,6 @@ def reading_id(device_id: str, metric: str, measured_at: datetime) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def epoch_us(ts: datetime) -> int:
-    """Microseconds since 1970 of an aware instant (exact: integer arithmetic)."""
-    return (ts - EPOCH) // _MICROSECOND
-
-
-_MICROSECOND = __import__("datetime").timedelta(microseconds=1)
-
-
 def candidate_rows(con: Any, items: Items) -> list[dict[str, Any]]:
     """Candidate rows of ``items`` as dicts, in order (one item or a few: replay, tests; the stage inserts
     from ``candidates_sql`` without materialising rows in Python)."""
@@ -368,7 +359,7 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
               received_at: datetime, con: Any = None) -> dict[str, Any]:
     """The candidate row of one item (``con``: a DuckDB connection to compute it on, else a new one)."""
     items = Items()
-    items.add(item, items.message(segment, record_no, device_id, epoch_us(received_at), None), item_no, True)
+    items.add(item, items.message(segment, record_no, device_id, to_us(received_at), None), item_no, True)
     own = con is None
     con = _connection() if own else con
     try:
@@ -377,14 +368,6 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
         if own:
             con.close()
     return row
-
-
-class _Origin(TypedDict):
-    """Where a landed message came from: the fields every row built from it carries."""
-
-    segment: str
-    record_no: int
-    received_at: datetime
 
 
 class EventRow(dict):
@@ -401,45 +384,53 @@ class Normalised:
 
 def decode_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
                    into: Normalised | None = None) -> Normalised:
+    """``decode_columns`` of landed records (tests, replay of a few messages)."""
+    recs = list(records)
+    return decode_columns(segment, LandedColumns([r.n for r in recs], [r.topic for r in recs],
+                                                 [to_us(r.received_at) for r in recs], [r.payload for r in recs],
+                                                 [r.mark for r in recs]), max_payload_bytes, into)
+
+
+def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+                   into: Normalised | None = None) -> Normalised:
     """Every landed message of a segment, decoded: vitals items into columns, events as rows, and a
     structural reject per unreadable message or batch item (appended to ``into`` when given)."""
     from transforms.events import event_candidate
 
     out = into if into is not None else Normalised(Items(), [], [])
-    add = out.items.add
-    for rec in records:
-        msg = decode_message(rec.topic, rec.payload, max_payload_bytes)
+    items = out.items
+    add, message = items.add, items.message
+    for n, topic, received_us, payload in zip(cols.n, cols.topic, cols.received_at_us, cols.payload, strict=True):
+        msg = decode_message(topic, payload, max_payload_bytes)
         if msg.reason is not None:
-            out.rejects.append(StructuralReject(
-                f"{segment}:{rec.n}:0", segment, rec.n, 0, msg.device_id, rec.received_at, msg.reason, msg.detail,
-                rec.payload))
+            out.rejects.append(StructuralReject(f"{segment}:{n}:0", segment, n, 0, msg.device_id, from_us(received_us),
+                                                msg.reason, msg.detail, payload))
             continue
         device = msg.device_id
         assert device is not None
         if msg.channel == "vitals":
-            n = out.items.message(segment, rec.n, device, epoch_us(rec.received_at),
-                                  None if msg.batch else rec.payload)
-            escaped, batch = b"\\u" in rec.payload, msg.batch
+            m = message(segment, n, device, received_us, None if msg.batch else payload)
+            escaped, batch = b"\\u" in payload, msg.batch
             for i, item in enumerate(msg.items):
                 if isinstance(item, dict):
-                    add(item, n, i, batch, escaped)
+                    add(item, m, i, batch, escaped)
                 else:
-                    out.rejects.append(_not_an_object(segment, rec, device, i, item, "reading"))
+                    out.rejects.append(_not_an_object(segment, n, from_us(received_us), device, i, item, "reading"))
             continue
-        base: _Origin = {"segment": segment, "record_no": rec.n, "received_at": rec.received_at}
+        received_at = from_us(received_us)
         for i, item in enumerate(msg.items):
             if isinstance(item, dict):
                 out.events.append(EventRow(event_candidate(item, channel=msg.channel, device_id=device, item_no=i,
-                                                           **base)))
+                                                           segment=segment, record_no=n, received_at=received_at)))
             else:
-                out.rejects.append(_not_an_object(segment, rec, device, i, item, "event"))
+                out.rejects.append(_not_an_object(segment, n, received_at, device, i, item, "event"))
     return out
 
 
-def _not_an_object(segment: str, rec: LandedRecord, device: str, i: int, item: Any, kind: str) -> StructuralReject:
-    return StructuralReject(f"{segment}:{rec.n}:{i}", segment, rec.n, i, device, rec.received_at,
-                            f"{kind}_not_an_object", type(item).__name__,
-                            json.dumps(item, default=str).encode())  # ASCII: lossless
+def _not_an_object(segment: str, n: int, received_at: datetime, device: str, i: int, item: Any,
+                   kind: str) -> StructuralReject:
+    return StructuralReject(f"{segment}:{n}:{i}", segment, n, i, device, received_at, f"{kind}_not_an_object",
+                            type(item).__name__, json.dumps(item, default=str).encode())  # ASCII: lossless
 
 
 def normalise_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
