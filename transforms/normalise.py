@@ -56,6 +56,8 @@ class StructuralReject:
 
 def number(v: Any) -> float | None:
     """A finite JSON number as float; strings, booleans, NaN/Infinity and overflowing values are not."""
+    if type(v) is float:  # the common case first (bool and NonFinite are other types)
+        return v if v - v == 0 else None  # inf - inf and nan - nan are nan
     if isinstance(v, bool) or isinstance(v, NonFinite) or not isinstance(v, int | float):
         return None
     try:
@@ -132,6 +134,7 @@ MESSAGE_COLUMNS = ["msg", "segment", "record_no", "device_id", "received_us", "p
 ITEM_COLUMNS = ["msg", "item_no", "msg_id", "metric", "unit", "source", "value_sent", "diastolic_sent",
                 "measured_text", "manual", "mistyped", "extra", "raw"]
 _NAN = float("nan")
+_EXACT = 2**53
 
 
 class Items:
@@ -182,14 +185,22 @@ class Items:
             else:
                 v = d = None
         else:
-            v, d = number(get("value")), None
-        manual = get("manual")
+            v, d = get("value"), None
+            if type(v) is int and -_EXACT < v < _EXACT:  # the common case of number(): exact as a float
+                v = float(v)
+            else:
+                v = number(v)
+        manual, msg_id = get("manual"), get("msg_id")
+        if type(msg_id) is str and not escaped:  # the common case of _text(), without the UTF-8 check
+            msg_id = msg_id if 0 < len(msg_id) <= 128 else None
+        else:
+            msg_id = _text(msg_id)
         bad = None
         if (manual is not None and not isinstance(manual, bool)) or (source is not None and src is None):
             bad = mistyped(item, {"manual": lambda v: isinstance(v, bool), "source": _is_text})
         self._msg(msg)
         self._item_no(item_no)
-        self._msg_id(_text(get("msg_id")))
+        self._msg_id(msg_id)
         self._metric(metric)
         self._unit(unit)
         self._source(src)
