@@ -22,10 +22,12 @@ from warehouse.ledger import Batch
 # Staging of the batch in flight (warehouse/sql/001_schema.sql), filled by the stage and validate steps.
 STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
 
+# Every column of the staged reading but ``raw`` (copying the bytes cost a third of the classification; a
+# conflicting duplicate's raw is read from staging by INSERT_QUARANTINE).
 CLASSIFY = """
 CREATE OR REPLACE TEMP TABLE _classified AS
 WITH ok AS (
-    SELECT c.*,
+    SELECT c.* EXCLUDE (raw),
            row_number() OVER (PARTITION BY c.reading_id ORDER BY c.segment, c.record_no, c.item_no) AS rn,
            first_value(c.value) OVER w AS first_value, first_value(c.diastolic) OVER w AS first_diastolic
     FROM stg_candidates c
@@ -107,10 +109,11 @@ SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, 
        'message'  -- unreadable as contract v1 (the message, or a batch item that is not an object)
 FROM stg_rejects WHERE batch_id = $batch AND segment IN (SELECT segment FROM _group)
 UNION ALL
-SELECT row_key, segment, record_no, item_no, device_id, reading_id, ['conflicting_duplicate'],
-       'same device, metric and time as a loaded reading, different value', raw, received_at, now(), $run,
+SELECT k.row_key, k.segment, k.record_no, k.item_no, k.device_id, k.reading_id, ['conflicting_duplicate'],
+       'same device, metric and time as a loaded reading, different value', c.raw, k.received_at, now(), $run,
        'reading'
-FROM _classified WHERE fate = 'conflict'
+FROM _classified k JOIN stg_candidates c ON c.batch_id = $batch AND c.row_key = k.row_key
+WHERE k.fate = 'conflict'
 """
 
 # Per-segment accounting from this batch's own classification; the load refuses to commit if any segment
