@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from core.settings import Settings
+from expectations.clinical import DERIVED_SQL as CLINICAL_DERIVED
 from expectations.clinical import rules as clinical_rules
 from expectations.clinical import validate
-from expectations.clinical import DERIVED_SQL as CLINICAL_DERIVED
 from expectations.suite import INDEX_COLUMN, Rule, columns_of, null_only_columns
 from expectations.telehealth import DERIVED_SQL as TELEHEALTH_DERIVED
 from expectations.telehealth import rules as telehealth_rules

@@ -20,7 +20,15 @@ from hypothesis import strategies as st
 
 from core.landing import LandedRecord
 from tests.oracle.normalise import normalise_records as oracle_records
-from tests.unit.test_fuzz_decoder import FUZZ, RECEIVED, SEGMENT, encode, messages, reading_like, valid_readings
+from tests.unit.test_fuzz_decoder import (
+    FUZZ,
+    RECEIVED,
+    SEGMENT,
+    encode,
+    messages,
+    reading_like,
+    valid_readings,
+)
 from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
 
 DIFF_FUZZ = settings(FUZZ, max_examples=150)
