@@ -74,7 +74,7 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
             if on_reject is not None:
                 on_reject(info)
             continue
-        decode_columns(name, columns, s.max_payload_bytes, into=out.normalised)
+        decode_columns(name, columns, s.max_payload_bytes, into=out.normalised, lazy_raw=True)
         out.messages[name] = len(columns.n)
         if sum(out.messages.values()) >= chunk_messages:
             yield out
@@ -116,6 +116,9 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> None:
         con.register("_stage_items", items)
         _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({candidates_sql('_stage_messages', '_stage_items')})",
                 batch_id)
+        # batch items' raw stays null: built from their message only if they go to quarantine (warehouse/load.py)
+        con.execute("INSERT INTO stg_messages SELECT ?, segment, record_no, payload FROM _stage_messages WHERE batch",
+                    [batch_id])
         con.unregister("_stage_items")
         con.unregister("_stage_messages")
     for frame, table, columns in (

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.landing import LandedColumns, LandedRecord, from_us, to_us
-from core.payload import MAX_PAYLOAD_BYTES, NonFinite
-from transforms.decode import decode_message
+from core.payload import MAX_PAYLOAD_BYTES, NonFinite, parse_json_object
+from transforms.decode import BATCH_KEYS, decode_message
 from transforms.vocab import CGM_LOINC, METRICS
 
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
@@ -130,7 +130,7 @@ def _is_number(v: Any) -> bool:
 
 # What Python reads of each landed vitals message and of each of its items (the rest is computed by
 # CANDIDATES). Message fields are kept once per message, not once per item: a CGM upload holds a dozen.
-MESSAGE_COLUMNS = ["msg", "segment", "record_no", "device_id", "received_us", "payload"]
+MESSAGE_COLUMNS = ["msg", "segment", "record_no", "device_id", "received_us", "payload", "batch"]
 ITEM_COLUMNS = ["msg", "item_no", "msg_id", "metric", "unit", "source", "value_sent", "diastolic_sent",
                 "measured_text", "manual", "mistyped", "extra", "raw"]
 _NAN = float("nan")
@@ -154,20 +154,21 @@ class Items:
     def __len__(self) -> int:
         return len(self.columns["msg"])
 
-    def message(self, segment: str, record_no: int, device_id: str, received_us: int,
-                payload: bytes | None) -> int:
-        """Register a landed vitals message; returns its number for ``add``. ``payload``: the bytes of a
-        single-reading message (its item's raw: JSON-equal to the item), None for a batch."""
+    def message(self, segment: str, record_no: int, device_id: str, received_us: int, payload: bytes,
+                batch: bool) -> int:
+        """Register a landed vitals message; returns its number for ``add``. A single reading's raw is the
+        message as sent (JSON-equal to the item); a batch item's is its own JSON (see ``add``)."""
         m = self.messages
         n = len(m["msg"])
-        for column, value in zip(MESSAGE_COLUMNS, (n, segment, record_no, device_id, received_us, payload),
+        for column, value in zip(MESSAGE_COLUMNS, (n, segment, record_no, device_id, received_us, payload, batch),
                                  strict=True):
             m[column].append(value)
         return n
 
-    def add(self, item: dict[str, Any], msg: int, item_no: int, batch: bool, escaped: bool = True) -> None:
-        """One item of message ``msg``. ``batch``: the item's raw is built (a single reading's is the
-        message); ``escaped``: the message may hold \\u escapes (else no text holds a lone surrogate)."""
+    def add(self, item: dict[str, Any], msg: int, item_no: int, raw: bool, escaped: bool = True) -> None:
+        """One item of message ``msg``. ``raw``: build the JSON of this batch item now (else its raw is the
+        message's, or — the stage — built by ``item_raw`` only if it is quarantined); ``escaped``: the message
+        may hold \\u escapes (else no text holds a lone surrogate)."""
         get = item.get
         metric, unit, source, ts = get("metric"), get("unit"), get("source"), get("measured_at")
         metric = metric if isinstance(metric, str) else None
@@ -212,7 +213,7 @@ class Items:
         # ASCII escapes: lossless for any JSON string, lone surrogates included.
         self._extra(None if CONTRACT_FIELDS.issuperset(item)
                     else json_text({k: v for k, v in item.items() if k not in CONTRACT_FIELDS}))
-        self._raw(json.dumps(item, default=str).encode() if batch else None)
+        self._raw(json.dumps(item, default=str).encode() if raw else None)
 
     def frames(self) -> tuple[Any, Any]:
         """(messages, items) as DataFrames DuckDB can scan (NaN is null in the float columns)."""
@@ -224,7 +225,8 @@ class Items:
             "msg": np.array(m["msg"], dtype=np.int64), "segment": m["segment"],
             "record_no": np.array(m["record_no"], dtype=np.int64), "device_id": m["device_id"],
             "received_us": np.array(m["received_us"], dtype=np.int64),
-            "payload": np.array(m["payload"], dtype=object)}, columns=MESSAGE_COLUMNS)
+            "payload": np.array(m["payload"], dtype=object), "batch": np.array(m["batch"], dtype=bool)},
+            columns=MESSAGE_COLUMNS)
         items = pd.DataFrame({
             **{k: np.array(c[k], dtype=np.int64) for k in ("msg", "item_no")},
             **{k: c[k] for k in ("msg_id", "metric", "unit", "source", "measured_text", "mistyped", "extra")},
@@ -268,7 +270,7 @@ WITH conv(metric, unit, sub, mul, div) AS (VALUES
 ), known(metric, canonical_unit, loinc) AS (VALUES
         {_known()}
 ), parts AS (
-    SELECT i.*, m.segment, m.record_no, m.device_id, m.received_us, m.payload, regexp_extract(measured_text,
+    SELECT i.*, m.segment, m.record_no, m.device_id, m.received_us, m.payload, m.batch, regexp_extract(measured_text,
            '^(\\d{{4}})-(\\d{{2}})-(\\d{{2}})[Tt ](\\d{{2}}):(\\d{{2}}):(\\d{{2}})(?:\\.(\\d{{1,9}}))?(?:([Zz])|([+-])(\\d{{2}}):(\\d{{2}}))$',
            ['y', 'mo', 'd', 'h', 'mi', 's', 'frac', 'z', 'sign', 'oh', 'om']) AS p
     FROM {{items}} i JOIN {{messages}} m ON m.msg = i.msg
@@ -311,7 +313,7 @@ SELECT t.segment || ':' || t.record_no || ':' || t.item_no AS row_key,
             THEN sha256(t.device_id || '|' || t.metric || '|' || strftime(t.utc_ts, '%Y-%m-%dT%H:%M:%S.%f')
                         || '+00:00')[1:32]
        END AS reading_id,
-       t.extra, coalesce(t.raw, t.payload) AS raw, t.manual, t.mistyped
+       t.extra, CASE WHEN t.batch THEN t.raw ELSE t.payload END AS raw, t.manual, t.mistyped
 FROM timed t
 LEFT JOIN known k ON k.metric = t.metric
 LEFT JOIN conv c ON c.metric = t.metric AND c.unit = t.unit
@@ -370,7 +372,7 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
               received_at: datetime, con: Any = None) -> dict[str, Any]:
     """The candidate row of one item (``con``: a DuckDB connection to compute it on, else a new one)."""
     items = Items()
-    items.add(item, items.message(segment, record_no, device_id, to_us(received_at), None), item_no, True)
+    items.add(item, items.message(segment, record_no, device_id, to_us(received_at), b"", True), item_no, True)
     own = con is None
     con = _connection() if own else con
     try:
@@ -394,18 +396,21 @@ class Normalised:
 
 
 def decode_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-                   into: Normalised | None = None) -> Normalised:
+                   into: Normalised | None = None, lazy_raw: bool = False) -> Normalised:
     """``decode_columns`` of landed records (tests, replay of a few messages)."""
     recs = list(records)
     return decode_columns(segment, LandedColumns([r.n for r in recs], [r.topic for r in recs],
                                                  [to_us(r.received_at) for r in recs], [r.payload for r in recs],
-                                                 [r.mark for r in recs]), max_payload_bytes, into)
+                                                 [r.mark for r in recs]), max_payload_bytes, into, lazy_raw)
 
 
 def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-                   into: Normalised | None = None) -> Normalised:
+                   into: Normalised | None = None, lazy_raw: bool = False) -> Normalised:
     """Every landed message of a segment, decoded: vitals items into columns, events as rows, and a
-    structural reject per unreadable message or batch item (appended to ``into`` when given)."""
+    structural reject per unreadable message or batch item (appended to ``into`` when given).
+
+    ``lazy_raw``: leave a batch item's raw null (the stage keeps batch payloads in ``stg_messages`` and
+    builds an item's raw with ``item_raw`` only if it is quarantined: most never are)."""
     from transforms.events import event_candidate
 
     out = into if into is not None else Normalised(Items(), [], [])
@@ -420,11 +425,11 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
         device = msg.device_id
         assert device is not None
         if msg.channel == "vitals":
-            m = message(segment, n, device, received_us, None if msg.batch else payload)
-            escaped, batch = b"\\u" in payload, msg.batch
+            m = message(segment, n, device, received_us, payload, msg.batch)
+            escaped, raw = b"\\u" in payload, msg.batch and not lazy_raw
             for i, item in enumerate(msg.items):
                 if isinstance(item, dict):
-                    add(item, m, i, batch, escaped)
+                    add(item, m, i, raw, escaped)
                 else:
                     out.rejects.append(_not_an_object(segment, n, from_us(received_us), device, i, item, "reading"))
             continue
@@ -436,6 +441,14 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
             else:
                 out.rejects.append(_not_an_object(segment, n, received_at, device, i, item, "event"))
     return out
+
+
+def item_raw(payload: bytes, item_no: int) -> bytes:
+    """The raw of item ``item_no`` of a vitals batch message: exactly what ``Items.add`` builds from it (the
+    message read as the decoder reads it, the item serialised as JSON)."""
+    doc, _, _ = parse_json_object(payload)
+    assert doc is not None  # only a message the decoder read has staged items
+    return json.dumps(doc[BATCH_KEYS["vitals"]][item_no], default=str).encode()
 
 
 def _not_an_object(segment: str, n: int, received_at: datetime, device: str, i: int, item: Any,

@@ -20,7 +20,13 @@ from warehouse.db import transaction
 from warehouse.ledger import Batch
 
 # Staging of the batch in flight (warehouse/sql/001_schema.sql), filled by the stage and validate steps.
-STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated")
+STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated",
+                  "stg_messages")
+
+# A quarantined reading's raw: staged for a single-reading message (the message), built from its batch message
+# (stg_messages) by transforms.normalise.item_raw for a batch item — only for the few that are quarantined.
+READING_RAW = ("coalesce(c.raw, (SELECT rpm_item_raw(m.payload, c.item_no) FROM stg_messages m "
+               "WHERE m.batch_id = c.batch_id AND m.segment = c.segment AND m.record_no = c.record_no))")
 
 # Every column of the staged reading but ``raw`` (copying the bytes cost a third of the classification; a
 # conflicting duplicate's raw is read from staging by INSERT_QUARANTINE).
@@ -92,10 +98,10 @@ SELECT row_key, event_id, segment, record_no, item_no, received_at, $run
 FROM _events_classified WHERE fate = 'duplicate'
 """
 
-INSERT_QUARANTINE = """
+INSERT_QUARANTINE = f"""
 INSERT INTO quarantine (row_key, segment, record_no, item_no, device_id, reading_id, reasons, detail, raw,
                         received_at, quarantined_at, run_id, kind)
-SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL, c.raw,
+SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL, {READING_RAW},
        c.received_at, now(), $run, 'reading'
 FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
 WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
@@ -110,7 +116,7 @@ SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, 
 FROM stg_rejects WHERE batch_id = $batch AND segment IN (SELECT segment FROM _group)
 UNION ALL
 SELECT k.row_key, k.segment, k.record_no, k.item_no, k.device_id, k.reading_id, ['conflicting_duplicate'],
-       'same device, metric and time as a loaded reading, different value', c.raw, k.received_at, now(), $run,
+       'same device, metric and time as a loaded reading, different value', {READING_RAW}, k.received_at, now(), $run,
        'reading'
 FROM _classified k JOIN stg_candidates c ON c.batch_id = $batch AND c.row_key = k.row_key
 WHERE k.fate = 'conflict'
@@ -191,6 +197,20 @@ def _groups(pending: list[tuple[str, int]], chunk_items: int) -> list[list[str]]
     return groups
 
 
+def _item_raw_function(con) -> None:
+    """rpm_item_raw(payload, item_no) on ``con``: a batch item's raw, computed where it is quarantined."""
+    import duckdb
+    from duckdb.sqltypes import BLOB, INTEGER
+
+    from transforms.normalise import item_raw
+
+    try:
+        con.create_function("rpm_item_raw", lambda payload, item_no: item_raw(bytes(payload), item_no),
+                            [BLOB, INTEGER], BLOB)
+    except duckdb.NotImplementedException:  # already registered on this connection
+        pass
+
+
 def _load_group(con, segments: list[str], params: dict) -> None:
     """One transaction: classify and commit these segments' items with their ledger rows, or nothing."""
     with transaction(con):
@@ -220,6 +240,7 @@ def load_batch(con, batch: Batch, run_id: str, chunk_items: int) -> Loaded:
     if batch.segments and staged and staged[0] and not (validated and validated[0]):
         raise LoadError(f"batch {batch.batch_id} was staged but not validated: refusing to load")
     before = _totals(con)
+    _item_raw_function(con)
     for segments in _groups(con.execute(PENDING, [batch.batch_id]).fetchall(), chunk_items):
         _load_group(con, segments, params)
     after = _totals(con)

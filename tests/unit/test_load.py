@@ -7,6 +7,7 @@ the device was enrolled to when it was measured.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -190,6 +191,27 @@ def test_redelivery_in_a_later_segment_is_a_duplicate_and_a_changed_value_a_conf
     assert quarantine(settings) == {"ingest-1-000002:1:0": ["conflicting_duplicate"]}
     with clinical(settings) as con:
         assert con.execute("SELECT value FROM readings").fetchall() == [(72.0,)]  # never silently rewritten
+    assert accounting(settings)["balanced"] is True
+
+
+def test_a_quarantined_batch_item_keeps_its_own_json_as_raw(
+        settings: Settings, enrolled: datetime, now: datetime, make_reading, write_segment) -> None:
+    """A batch item's raw is built only when it is quarantined (rule or conflict): the item, not its batch."""
+    hr = make_reading("heart_rate", measured_at=now - timedelta(minutes=3), msg_id="hr")
+    write_segment("ingest-1-000001", [(TOPIC, hr)], received_at=now)
+    run_pipeline(settings, "t1")
+    bad = make_reading("spo2", measured_at=now - timedelta(minutes=2), value=400, msg_id="bad", extra_field=[1])
+    conflict = dict(hr, value=120)
+    fine = make_reading("spo2", measured_at=now - timedelta(minutes=1), msg_id="ok")
+    write_segment("ingest-1-000002", [(TOPIC, {"readings": [fine, bad, conflict]})], received_at=now)
+
+    out = run_pipeline(settings, "t2")
+
+    assert out["loaded"] == {"loaded": 1, "quarantined": 2, "duplicates": 0, "segments": 1}
+    with clinical(settings) as con:
+        raws = dict(con.execute("SELECT row_key, raw FROM quarantine").fetchall())
+    assert {k: json.loads(v) for k, v in raws.items()} == {"ingest-1-000002:0:1": bad,
+                                                           "ingest-1-000002:0:2": conflict}
     assert accounting(settings)["balanced"] is True
 
 
