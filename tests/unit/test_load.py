@@ -306,8 +306,9 @@ def test_claim_names_the_same_batch_when_retried(settings: Settings, write_segme
     assert capped.segments == ["ingest-1-000001"]
 
 
+@pytest.mark.parametrize("stage", [Sizes(stage_messages=1), Sizes(stage_items=1)], ids=["messages", "items"])
 def test_decoding_validating_and_loading_in_small_chunks_changes_no_outcome(
-        settings: Settings, first_segment, write_segment, make_reading, now: datetime) -> None:
+        settings: Settings, first_segment, write_segment, make_reading, now: datetime, stage: Sizes) -> None:
     """Large batches are decoded a few segments, validated a slice of rows and loaded a group of segments at
     a time (bounded memory): chunk boundaries, even between a reading and its repeats in a later segment, must
     not change what lands where."""
@@ -318,7 +319,9 @@ def test_decoding_validating_and_loading_in_small_chunks_changes_no_outcome(
                                       (TOPIC, make_reading("spo2", measured_at=at, value=20, msg_id="low")),
                                       (TOPIC, repeat), (TOPIC, dict(repeat, value=95))])
     # Every segment its own chunk and its own load transaction; three rows per validation.
-    out = run_pipeline(settings, "t1", Sizes(stage_messages=1, validate_rows=3, load_items=1))
+    # (Staged by message count or by item count: either way whole segments.)
+    out = run_pipeline(settings, "t1", Sizes(stage_messages=stage.stage_messages, stage_items=stage.stage_items,
+                                             validate_rows=3, load_items=1))
 
     assert out["staged"]["segments"] == 2 and out["staged"]["messages"] == 13
     assert out["loaded"] == {"loaded": 6, "quarantined": 5, "duplicates": 3, "segments": 2}
