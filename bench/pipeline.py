@@ -176,7 +176,10 @@ def measure(size: int, patients: int, memory_limit: str, then: int) -> dict[str,
         "balanced": next_acc.get("balanced")}
     return {"size": landed["items"], "messages": landed["messages"], "segments": landed["segments"],
             "tasks_s": tasks, "task_peak_mb": peaks, "data_s": data_s, "wall_s": wall, "airflow_fixed_s": wall - data_s,
-            "readings_per_s": landed["items"] / data_s, "peak_mb": peak_mb,
+            # Each task resets the process's high-water mark as it starts (pipeline/tasks.py), which ru_maxrss
+            # follows on Linux: the process's peak is the larger of what is left and every task's own peak.
+            "readings_per_s": landed["items"] / data_s, "peak_mb": max([peak_mb, *peaks.values()]),
+            "ru_maxrss_mb": peak_mb,
             "core_s": core_s, "core_readings_per_s": landed["items"] / core_s,
             "floor": base, "floor_readings_per_s": base["rows"] / (base["decrypt_s"] + base["duckdb_s"]),
             "steady": steady, "accounting": {k: acc.get(k) for k in ("received", "loaded", "quarantined", "duplicates", "balanced")}}
@@ -197,7 +200,7 @@ def report(results: list[dict[str, Any]]) -> None:
                 "validate + load + alerts; pipeline: every task above)",
                 ["readings", "data stages s", "data stages readings/s", "target", "pipeline readings/s",
                  "floor readings/s (decrypt + DuckDB insert)", "floor decrypt s", "floor DuckDB s",
-                 "data stages / floor", "pipeline / floor", "peak MiB (ru_maxrss)", "≤ 2 GiB"],
+                 "data stages / floor", "pipeline / floor", "peak MiB (process)", "≤ 2 GiB"],
                 [[r["size"], r["core_s"], r["core_readings_per_s"],
                   "≥ 400,000" if r["core_readings_per_s"] < TARGET_READINGS_PER_S else "met",
                   r["readings_per_s"], r["floor_readings_per_s"], r["floor"]["decrypt_s"], r["floor"]["duckdb_s"],
