@@ -23,11 +23,6 @@ from warehouse.ledger import Batch
 STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated",
                   "stg_messages")
 
-# A quarantined reading's raw: staged for a single-reading message (the message), built from its batch message
-# (stg_messages) by transforms.normalise.item_raw for a batch item — only for the few that are quarantined.
-READING_RAW = ("coalesce(c.raw, (SELECT rpm_item_raw(m.payload, c.item_no) FROM stg_messages m "
-               "WHERE m.batch_id = c.batch_id AND m.segment = c.segment AND m.record_no = c.record_no))")
-
 # Every column of the staged reading but ``raw`` (copying the bytes cost a third of the classification; a
 # conflicting duplicate's raw is read from staging by INSERT_QUARANTINE).
 CLASSIFY = """
@@ -98,13 +93,29 @@ SELECT row_key, event_id, segment, record_no, item_no, received_at, $run
 FROM _events_classified WHERE fate = 'duplicate'
 """
 
-INSERT_QUARANTINE = f"""
+INSERT_QUARANTINE = """
 INSERT INTO quarantine (row_key, segment, record_no, item_no, device_id, reading_id, reasons, detail, raw,
                         received_at, quarantined_at, run_id, kind)
-SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL, {READING_RAW},
-       c.received_at, now(), $run, 'reading'
-FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
-WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
+WITH readings_out AS (  -- the group's readings that fail a rule, and its conflicting duplicates
+    SELECT c.row_key, c.segment, c.record_no, c.item_no, c.device_id, c.reading_id, v.reasons, NULL AS detail,
+           c.raw, c.received_at
+    FROM stg_candidates c JOIN stg_verdicts v ON v.batch_id = c.batch_id AND v.row_key = c.row_key
+    WHERE c.batch_id = $batch AND c.segment IN (SELECT segment FROM _group)
+    UNION ALL
+    SELECT k.row_key, k.segment, k.record_no, k.item_no, k.device_id, k.reading_id, ['conflicting_duplicate'],
+           'same device, metric and time as a loaded reading, different value', c.raw, k.received_at
+    FROM _classified k JOIN stg_candidates c ON c.batch_id = $batch AND c.row_key = k.row_key
+    WHERE k.fate = 'conflict' AND c.segment IN (SELECT segment FROM _group)
+), batch_messages AS (  -- the batch messages those readings came in (a batch item's raw is staged null)
+    SELECT m.segment, m.record_no, m.payload FROM stg_messages m
+    WHERE m.batch_id = $batch AND m.segment IN (SELECT segment FROM _group)
+      AND (m.segment, m.record_no) IN (SELECT segment, record_no FROM readings_out WHERE raw IS NULL)
+)
+-- a single reading's raw is its message as staged; a batch item's is built from its message (rpm_item_raw:
+-- transforms.normalise.item_raw), only here, for the few that are quarantined
+SELECT r.row_key, r.segment, r.record_no, r.item_no, r.device_id, r.reading_id, r.reasons, r.detail,
+       coalesce(r.raw, rpm_item_raw(m.payload, r.item_no)), r.received_at, now(), $run, 'reading'
+FROM readings_out r LEFT JOIN batch_messages m ON m.segment = r.segment AND m.record_no = r.record_no
 UNION ALL
 SELECT e.row_key, e.segment, e.record_no, e.item_no, e.device_id, e.event_id, v.reasons, NULL, e.raw,
        e.received_at, now(), $run, CASE e.channel WHEN 'status' THEN 'status' ELSE 'event' END
@@ -114,12 +125,6 @@ UNION ALL
 SELECT row_key, segment, record_no, item_no, device_id, NULL, [reason], detail, raw, received_at, now(), $run,
        'message'  -- unreadable as contract v1 (the message, or a batch item that is not an object)
 FROM stg_rejects WHERE batch_id = $batch AND segment IN (SELECT segment FROM _group)
-UNION ALL
-SELECT k.row_key, k.segment, k.record_no, k.item_no, k.device_id, k.reading_id, ['conflicting_duplicate'],
-       'same device, metric and time as a loaded reading, different value', {READING_RAW}, k.received_at, now(), $run,
-       'reading'
-FROM _classified k JOIN stg_candidates c ON c.batch_id = $batch AND c.row_key = k.row_key
-WHERE k.fate = 'conflict'
 """
 
 # Per-segment accounting from this batch's own classification; the load refuses to commit if any segment
