@@ -77,6 +77,18 @@ def columns_of(rules: list[Rule]) -> list[str]:
     return list(cols)
 
 
+_NULL_CHECKS = ("ExpectColumnValuesToNotBeNull", "ExpectColumnValuesToBeNull")
+
+
+def null_only_columns(rules: list[Rule]) -> list[str]:
+    """Columns of which the suite reads only whether each value is null (no value, set or condition): the
+    gate may hand GX a cheap marker for them (1.0 or null) instead of their text."""
+    checked = {r.kwargs["column"] for r in rules if r.expectation in _NULL_CHECKS}
+    other = {c for r in rules if r.expectation not in _NULL_CHECKS for c in columns_of([r])}
+    conditions = {c for r in rules for c in _CONDITION_COLUMN.findall(r.kwargs.get("row_condition", ""))}
+    return sorted(checked - other - conditions)
+
+
 def validation_frame(frame: Any, rules: list[Rule]) -> Any:
     """Only the columns the suite reads, text columns as categoricals, an integer index column.
 

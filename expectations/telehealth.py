@@ -67,10 +67,18 @@ def rules(future_skew_s: int) -> list[Rule]:
     ]
 
 
+# As the clinical suite's DERIVED_SQL: what the gate fetches ready from DuckDB.
+DERIVED_SQL = {
+    "device_known": "device_kind IS NOT NULL",
+    "kind_channel": "coalesce(device_kind, 'None') || '|' || coalesce(channel, 'None')",
+}
+
+
 def validate(df: Any, future_skew_s: int) -> dict[str, list[str]]:
     """Rules each failing event broke, by row key (``df`` carries ``device_kind`` like the clinical suite's)."""
     if df.empty:
         return {}
-    frame = df.assign(device_known=df["device_kind"].notna(),
-                      kind_channel=[kind_metric(k, c) for k, c in zip(df["device_kind"], df["channel"], strict=True)])
+    frame = df if set(DERIVED_SQL) <= set(df.columns) else df.assign(
+        device_known=df["device_kind"].notna(),
+        kind_channel=[kind_metric(k, c) for k, c in zip(df["device_kind"], df["channel"], strict=True)])
     return run_suite(frame, f"{SUITE_NAME}_{future_skew_s}", rules(future_skew_s))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Sizes:
     """How much each step handles at a time: what bounds a run's memory however large its batch."""
-    stage_messages: int = 200_000    # messages decoded and committed per chunk (~1 GB at 50 readings each)
+    stage_messages: int = 200_000    # messages decoded and committed per chunk, at most ...
+    stage_items: int = 250_000       # ... and about this many items (each held as Python values until staged:
+                                     # 10M readings in chunks of 200k messages peaked at 2.17 GB)
     validate_rows: int = 500_000     # rows per GX validation (every rule is row-wise: chunks judge as a whole)
     load_items: int = 1_000_000      # items per load transaction (whole segments)

@@ -1,8 +1,8 @@
 """Stage a batch: decode and normalise its landing segments into the (encrypted) staging tables.
 
-Ordinary vitals messages are decoded and normalised in bulk inside DuckDB (transforms/fastpath.py); every
-other message — telehealth events, anything unusual or unreadable, and whatever the bulk path hands back —
-goes through the reference normaliser (transforms/normalise.py). Both produce the same candidate rows.
+Every message takes the one decoder (transforms/normalise.py): Python reads each message's structure and each
+item's typed fields once, DuckDB turns the columns into candidate rows in bulk, straight into staging.
+Telehealth events and structural rejects (rare) are staged from rows.
 
 A segment is read whole before any of its records is staged: one that cannot be read (bad header, a record
 that is not JSON, a key the keyring lacks, failed authentication) is moved to ``landing/rejected/`` and
@@ -22,20 +22,17 @@ import pandas as pd
 from core.keyring import Keyring
 from core.landing import (
     SEGMENT_SUFFIX,
-    LandedRecord,
     RejectedSegment,
     UnreadableSegment,
-    read_whole_segment,
+    read_segment_columns,
     reject_segment,
     rejected_dir,
     sealed_dir,
 )
 from core.settings import Settings
-from core.topics import parse_topic
 from pipeline import Sizes
-from transforms import fastpath
 from transforms.events import EVENT_COLUMNS
-from transforms.normalise import CANDIDATE_COLUMNS, EventRow, StructuralReject, normalise_records
+from transforms.normalise import CANDIDATE_COLUMNS, Items, Normalised, candidates_sql, decode_columns
 from warehouse.db import transaction
 from warehouse.ledger import Batch, reconcile_rejected, record_rejection
 from warehouse.load import STAGING_TABLES
@@ -44,35 +41,21 @@ log = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ["row_key", "segment", "record_no", "item_no", "device_id", "received_at", "reason",
                   "detail", "raw"]
-FAST_COLUMNS = ["i", "segment", "record_no", "device_id", "received_at", "payload", "batch"]
 
 
 @dataclass
 class Decoded:
-    """A batch's landed messages, split between the bulk (DuckDB) path and the reference path."""
+    """A chunk of a batch's landed messages, decoded, and how many messages each segment held."""
+    normalised: Normalised = field(default_factory=lambda: Normalised(Items(), [], []))
     messages: dict[str, int] = field(default_factory=dict)       # per segment
-    fast: dict[str, list] = field(default_factory=lambda: {c: [] for c in FAST_COLUMNS})
-    fast_records: list[LandedRecord] = field(default_factory=list)   # by msgs.i
-    slow: list[tuple[str, LandedRecord]] = field(default_factory=list)
-
-    def add(self, segment: str, rec: LandedRecord, max_payload_bytes: int) -> None:
-        topic = parse_topic(rec.topic)
-        text = (fastpath.precheck(rec.payload, max_payload_bytes)
-                if topic is not None and topic.channel == "vitals" else None)
-        if text is None:
-            self.slow.append((segment, rec))
-            return
-        values = (len(self.fast_records), segment, rec.n, topic.device_id, rec.received_at, text,  # type: ignore[union-attr]
-                  '"readings"' in text)
-        for column, value in zip(FAST_COLUMNS, values, strict=True):
-            self.fast[column].append(value)
-        self.fast_records.append(rec)
 
 
 def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment], None] | None = None,
-               chunk_messages: int = Sizes.stage_messages) -> Iterator[Decoded]:
-    """Decrypt the landed messages of a batch and route each to a decode path, in chunks of whole segments
-    of about ``chunk_messages`` (so memory stays bounded however many segments a run claims).
+               chunk_messages: int = Sizes.stage_messages, chunk_items: int = Sizes.stage_items,
+               ) -> Iterator[Decoded]:
+    """Decrypt and decode the landed messages of a batch, in chunks of whole segments of about
+    ``chunk_messages`` messages or ``chunk_items`` items, whichever comes first (so memory stays bounded
+    however many segments a run claims and however many readings a message holds).
 
     A segment that cannot be read whole is moved to rejected/ (``on_reject`` records it) and skipped.
     """
@@ -83,7 +66,7 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
         if not path.exists() and (rejected_dir(s.landing_dir) / path.name).exists():
             continue  # set aside by an earlier attempt of this task (its row was written or is reconciled)
         try:
-            records = read_whole_segment(path, keyring)  # ≤ 16 MiB: whole, so nothing of a poison one is staged
+            columns = read_segment_columns(path, keyring)  # whole, so nothing of a poison one is staged
         except UnreadableSegment as exc:
             info = reject_segment(s.landing_dir, path, exc.reason, exc.detail,
                                   origin=f"batch {batch.batch_id}")
@@ -93,46 +76,13 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
             if on_reject is not None:
                 on_reject(info)
             continue
-        for rec in records:
-            out.add(name, rec, s.max_payload_bytes)
-        out.messages[name] = len(records)
-        if sum(out.messages.values()) >= chunk_messages:
+        decode_columns(name, columns, s.max_payload_bytes, into=out.normalised, lazy_raw=True)
+        out.messages[name] = len(columns.n)
+        if sum(out.messages.values()) >= chunk_messages or len(out.normalised.items) >= chunk_items:
             yield out
             out = Decoded()
     if out.messages:
         yield out
-
-
-def reference_rows(records: list[tuple[str, LandedRecord]], max_payload_bytes: int,
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(reading candidates, event candidates, structural rejects) of messages, by the reference normaliser."""
-    rows: list[dict] = []
-    events: list[dict] = []
-    rejects: list[dict] = []
-    for segment, rec in records:
-        for out in normalise_records(segment, [rec], max_payload_bytes):
-            if isinstance(out, StructuralReject):
-                rejects.append({c: getattr(out, c) for c in REJECT_COLUMNS})
-            elif isinstance(out, EventRow):
-                events.append(out)
-            else:
-                rows.append(out)
-    return (pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), pd.DataFrame(events, columns=EVENT_COLUMNS),
-            pd.DataFrame(rejects, columns=REJECT_COLUMNS))
-
-
-def bulk_candidates(con, decoded: Decoded) -> list[tuple[str, LandedRecord]]:
-    """Normalise the fast messages (temp tables msgs, _fp_*); returns the messages handed back."""
-    frame = pd.DataFrame(decoded.fast, columns=FAST_COLUMNS)
-    frame["received_at"] = pd.to_datetime(frame["received_at"], utc=True)
-    # Copied into DuckDB once: scanning Python strings out of pandas holds the GIL (one thread, every scan).
-    con.register("msgs_frame", frame)
-    con.execute("CREATE OR REPLACE TEMP TABLE msgs AS SELECT * FROM msgs_frame")
-    con.unregister("msgs_frame")
-    for sql in (fastpath.ITEMS, fastpath.ROWS, fastpath.BACK):
-        con.execute(sql)
-    back = con.execute("SELECT i FROM _fp_back ORDER BY i").fetchall()
-    return [(decoded.fast["segment"][i], decoded.fast_records[i]) for (i,) in back]
 
 
 # The patient is whoever the source was enrolled to at the *measured* instant (enrollments of one device
@@ -159,15 +109,24 @@ def _insert(con, table: str, columns: list[str], source: str, batch_id: str) -> 
         FROM {source} c""", [batch_id])
 
 
-def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> int:
-    """Stage one chunk of decoded messages; returns how many messages took the bulk path."""
-    handed_back = bulk_candidates(con, decoded) if decoded.fast_records else []
-    candidates, events, rejects = reference_rows(decoded.slow + handed_back, s.max_payload_bytes)
-    if decoded.fast_records:
-        _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({fastpath.CANDIDATES})", batch_id)
-    for frame, table, columns in ((candidates, "stg_candidates", CANDIDATE_COLUMNS),
-                                  (events, "stg_events", EVENT_COLUMNS),
-                                  (rejects, "stg_rejects", REJECT_COLUMNS)):
+def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> None:
+    """Stage one chunk of decoded messages."""
+    norm = decoded.normalised
+    if len(norm.items):
+        messages, items = norm.items.frames()
+        con.register("_stage_messages", messages)
+        con.register("_stage_items", items)
+        _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({candidates_sql('_stage_messages', '_stage_items')})",
+                batch_id)
+        # batch items' raw stays null: built from their message only if they go to quarantine (warehouse/load.py)
+        con.execute("INSERT INTO stg_messages SELECT ?, segment, record_no, payload FROM _stage_messages WHERE batch",
+                    [batch_id])
+        con.unregister("_stage_items")
+        con.unregister("_stage_messages")
+    for frame, table, columns in (
+            (pd.DataFrame(norm.events, columns=EVENT_COLUMNS), "stg_events", EVENT_COLUMNS),
+            (pd.DataFrame([[getattr(r, c) for c in REJECT_COLUMNS] for r in norm.rejects], columns=REJECT_COLUMNS),
+             "stg_rejects", REJECT_COLUMNS)):
         if len(frame):
             con.register("frame", frame)
             _insert(con, table, columns, "frame", batch_id)
@@ -176,7 +135,6 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> int:
     con.register("sg", seg)
     con.execute("INSERT INTO stg_segments SELECT ?, segment, messages FROM sg", [batch_id])
     con.unregister("sg")
-    return len(decoded.fast_records) - len(handed_back)
 
 
 @dataclass(frozen=True)
@@ -187,16 +145,17 @@ class Staged:
     candidates: int
     events: int
     unreadable: int
-    bulk_decoded: int
     rejected: int  # segments set aside in landing/rejected/ by this stage
 
     def to_xcom(self) -> dict:
         return asdict(self)
 
 
-def stage_batch(con, s: Settings, batch: Batch, chunk_messages: int = Sizes.stage_messages) -> Staged:
+def stage_batch(con, s: Settings, batch: Batch, chunk_messages: int = Sizes.stage_messages,
+                chunk_items: int = Sizes.stage_items) -> Staged:
     """Replace the staging of ``batch`` (and drop any abandoned batch) with its decoded rows; ``con`` is a
-    writable warehouse connection, ``chunk_messages`` how many messages are decoded and committed at a time.
+    writable warehouse connection, ``chunk_messages`` / ``chunk_items`` how many messages / items (at most,
+    in whole segments) are decoded and committed at a time.
 
     Each chunk commits on its own, with its segments' ``stg_segments`` rows: one transaction holding a whole
     large batch kept its uncommitted rows in memory (this task's peak at 5M readings: 2.7 GB, 1.8 GB per
@@ -204,7 +163,7 @@ def stage_batch(con, s: Settings, batch: Batch, chunk_messages: int = Sizes.stag
     record included, so the load refuses the batch until validate has run again; in the DAG it runs only
     after a complete stage).
     """
-    segments = messages = bulk = 0
+    segments = messages = 0
     rejected: list[RejectedSegment] = []
 
     def set_aside(info: RejectedSegment) -> None:
@@ -215,9 +174,9 @@ def stage_batch(con, s: Settings, batch: Batch, chunk_messages: int = Sizes.stag
     with transaction(con):
         for table in STAGING_TABLES:
             con.execute(f"DELETE FROM {table}")  # max_active_runs=1: anything here is this batch or abandoned
-    for decoded in read_batch(s, batch, set_aside, chunk_messages):
+    for decoded in read_batch(s, batch, set_aside, chunk_messages, chunk_items):
         with transaction(con):
-            bulk += stage_chunk(con, s, batch.batch_id, decoded)
+            stage_chunk(con, s, batch.batch_id, decoded)
         gc.collect()  # the chunk's frames may sit in reference cycles: free them before the next chunk
         segments += len(decoded.messages)
         messages += sum(decoded.messages.values())
@@ -225,4 +184,4 @@ def stage_batch(con, s: Settings, batch: Batch, chunk_messages: int = Sizes.stag
                                    (SELECT count(*) FROM stg_events WHERE batch_id = $b),
                                    (SELECT count(*) FROM stg_rejects WHERE batch_id = $b)""",
                          {"b": batch.batch_id}).fetchone()
-    return Staged(segments, messages, counts[0], counts[1], counts[2], bulk, len(rejected))
+    return Staged(segments, messages, counts[0], counts[1], counts[2], len(rejected))

@@ -90,7 +90,7 @@ def decode_normalise(batch: dict, s: Settings | None = None) -> dict:
 
     def step() -> dict:
         with clinical(s) as con:
-            return stage_batch(con, s, Batch.from_xcom(batch), SIZES.stage_messages).to_xcom()
+            return stage_batch(con, s, Batch.from_xcom(batch), SIZES.stage_messages, SIZES.stage_items).to_xcom()
     return timed("decode_normalise", step)
 
 

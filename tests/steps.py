@@ -26,7 +26,7 @@ def claim_segments(s: Settings) -> Batch:
 
 def stage_batch(s: Settings, batch: Batch, sizes: Sizes = SIZES) -> dict:
     with clinical(s) as con:
-        return stage_step.stage_batch(con, s, batch, sizes.stage_messages).to_xcom()
+        return stage_step.stage_batch(con, s, batch, sizes.stage_messages, sizes.stage_items).to_xcom()
 
 
 def validate_batch(s: Settings, batch: Batch, sizes: Sizes = SIZES) -> dict:

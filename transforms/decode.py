@@ -22,6 +22,7 @@ class DecodedMessage:
     reason: str | None        # structural reason the whole message is unreadable
     detail: str = ""
     channel: str = "vitals"
+    batch: bool = False       # the items came from a batch key ("readings", ...), not the message itself
 
 # The batch key of each channel: devices buffer readings, apps buffer events.
 BATCH_KEYS = {"vitals": "readings", "status": "statuses", "events": "events"}
@@ -46,5 +47,5 @@ def decode_message(topic: str, payload: bytes, max_payload_bytes: int = MAX_PAYL
             return DecodedMessage(src, [], "empty_batch", "", channel)
         if len(batch) > MAX_BATCH:
             return DecodedMessage(src, [], "batch_too_large", f"{len(batch)} > {MAX_BATCH}", channel)
-        return DecodedMessage(src, batch, None, "", channel)
+        return DecodedMessage(src, batch, None, "", channel, True)
     return DecodedMessage(src, [doc], None, "", channel)

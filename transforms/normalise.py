@@ -2,29 +2,35 @@
 
 Nothing is judged here: a field that is missing or of the wrong type becomes a null, and the validation
 suite (expectations/) names the rule it breaks. The only output is data; the input is never mutated.
+
+One implementation, in two halves that every item goes through. Python reads each item once (the message
+was parsed by ``json.loads`` in transforms/decode.py, so JSON semantics — duplicate keys, NaN literals,
+big integers, escapes — are Python's) and keeps only what the item *is*: its typed fields, a column each
+(``Items``). DuckDB then does the per-row arithmetic in bulk (``CANDIDATES``): RFC 3339 times to UTC instants,
+unit conversions, codes, reading ids. The Python reference this replaced is kept as the test oracle
+(tests/oracle/normalise.py); tests/unit/test_normalise_oracle.py checks both give identical rows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any
 
-from core.landing import LandedRecord
-from core.payload import MAX_PAYLOAD_BYTES, NonFinite
-from transforms.decode import decode_message
-from transforms.vocab import METRICS, loinc_for, unit_key
+from core.landing import LandedColumns, LandedRecord, from_us, to_us
+from core.payload import MAX_PAYLOAD_BYTES, NonFinite, parse_json_object
+from transforms.decode import BATCH_KEYS, decode_message
+from transforms.vocab import CGM_LOINC, METRICS
 
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 # "manual": true marks a reading keyed in by the patient rather than transmitted by the device.
-CONTRACT_FIELDS = {"msg_id", "metric", "measured_at", "value", "values", "unit", "source", "manual"}
+CONTRACT_FIELDS = frozenset({"msg_id", "metric", "measured_at", "value", "values", "unit", "source", "manual"})
 
 CANDIDATE_COLUMNS = [
     "row_key", "segment", "record_no", "item_no", "device_id", "msg_id", "metric", "unit", "unit_key",
@@ -48,14 +54,10 @@ class StructuralReject:
     raw: bytes
 
 
-def reading_id(device_id: str, metric: str, measured_at: datetime) -> str:
-    """Idempotency key: the same device, metric and instant is the same reading, however often it arrives."""
-    key = f"{device_id}|{metric}|{measured_at.astimezone(UTC).isoformat(timespec='microseconds')}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
 def number(v: Any) -> float | None:
     """A finite JSON number as float; strings, booleans, NaN/Infinity and overflowing values are not."""
+    if type(v) is float:  # the common case first (bool and NonFinite are other types)
+        return v if v - v == 0 else None  # inf - inf and nan - nan are nan
     if isinstance(v, bool) or isinstance(v, NonFinite) or not isinstance(v, int | float):
         return None
     try:
@@ -126,80 +128,349 @@ def _is_number(v: Any) -> bool:
     return number(v) is not None
 
 
-def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: int, item_no: int,
-              received_at: datetime) -> dict[str, Any]:
-    metric, unit = text_field(item, "metric"), text_field(item, "unit")
-    spec = METRICS.get(metric or "")
-    if metric == "blood_pressure":
-        sent = item.get("values")
-        values = sent if isinstance(sent, dict) else {}
-        value_sent, diastolic_sent = number(values.get("systolic")), number(values.get("diastolic"))
-    else:
-        value_sent, diastolic_sent = number(item.get("value")), None
-    convert = spec.units.get(unit or "") if spec else None
-    value = convert(value_sent) if convert and value_sent is not None else None
-    diastolic = convert(diastolic_sent) if convert and diastolic_sent is not None else None
-    source = text_field(item, "source")
-    measured = parse_time(item.get("measured_at"))
-    offset = measured.utcoffset() if measured else None
-    extra = {k: v for k, v in item.items() if k not in CONTRACT_FIELDS}
-    return {
-        "row_key": f"{segment}:{record_no}:{item_no}",
-        "segment": segment, "record_no": record_no, "item_no": item_no, "device_id": device_id,
-        "msg_id": _text(item.get("msg_id")), "metric": metric, "unit": unit,
-        "unit_key": unit_key(metric, unit),
-        "value_sent": value_sent, "diastolic_sent": diastolic_sent,
-        "value": value, "diastolic": diastolic,
-        "canonical_unit": spec.canonical_unit if spec else None,
-        "loinc": loinc_for(metric, source) if spec and metric else None,
-        "source": source,
-        "measured_at": measured.astimezone(UTC) if measured else None,
-        "utc_offset_min": int(offset.total_seconds() // 60) if offset is not None else None,
-        "has_time": measured is not None,
-        "received_at": received_at,
-        "seconds_ahead": (measured - received_at).total_seconds() if measured else None,
-        "reading_id": reading_id(device_id, metric, measured) if metric and measured else None,
+# What Python reads of each landed vitals message and of each of its items (the rest is computed by
+# CANDIDATES). Message fields are kept once per message, not once per item: a CGM upload holds a dozen.
+MESSAGE_COLUMNS = ["msg", "segment", "record_no", "device_id", "received_us", "payload", "batch"]
+ITEM_COLUMNS = ["msg", "item_no", "msg_id", "metric", "unit", "source", "value_sent", "diastolic_sent",
+                "measured_text", "manual", "mistyped", "extra", "raw"]
+_NAN = float("nan")
+_EXACT = 2**53
+
+
+class Items:
+    """Vitals items of a chunk of messages, column by column: each item's fields as typed JSON gave them.
+
+    ``add`` is the only per-item Python of the decoder (a few dictionary look-ups and type checks); the
+    arithmetic happens in bulk in ``CANDIDATES``."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, list[Any]] = {c: [] for c in MESSAGE_COLUMNS}
+        self.columns: dict[str, list[Any]] = {c: [] for c in ITEM_COLUMNS}
+        # bound appends: add() runs once per reading
+        (self._msg, self._item_no, self._msg_id, self._metric, self._unit, self._source, self._value_sent,
+         self._diastolic_sent, self._measured_text, self._manual, self._mistyped, self._extra,
+         self._raw) = (self.columns[c].append for c in ITEM_COLUMNS)
+
+    def __len__(self) -> int:
+        return len(self.columns["msg"])
+
+    def message(self, segment: str, record_no: int, device_id: str, received_us: int, payload: bytes,
+                batch: bool) -> int:
+        """Register a landed vitals message; returns its number for ``add``. A single reading's raw is the
+        message as sent (JSON-equal to the item); a batch item's is its own JSON (see ``add``)."""
+        m = self.messages
+        n = len(m["msg"])
+        for column, value in zip(MESSAGE_COLUMNS, (n, segment, record_no, device_id, received_us, payload, batch),
+                                 strict=True):
+            m[column].append(value)
+        return n
+
+    def add(self, item: dict[str, Any], msg: int, item_no: int, raw: bool, escaped: bool = True) -> None:
+        """One item of message ``msg``. ``raw``: build the JSON of this batch item now (else its raw is the
+        message's, or — the stage — built by ``item_raw`` only if it is quarantined); ``escaped``: the message
+        may hold \\u escapes (else no text holds a lone surrogate)."""
+        get = item.get
+        metric, unit, source, ts = get("metric"), get("unit"), get("source"), get("measured_at")
+        metric = metric if isinstance(metric, str) else None
+        unit = unit if isinstance(unit, str) else None
+        src = source if isinstance(source, str) else None
+        ts = ts if isinstance(ts, str) else None
+        if escaped:
+            metric, unit, src = (clean(v) if v is not None else None for v in (metric, unit, src))
+            if ts is not None and clean(ts) is not ts:
+                ts = None  # a lone surrogate is no digit: not a time, and no store takes it
+        if metric == "blood_pressure":
+            sent = get("values")
+            if isinstance(sent, dict):
+                v, d = number(sent.get("systolic")), number(sent.get("diastolic"))
+            else:
+                v = d = None
+        else:
+            v, d = get("value"), None
+            if type(v) is int and -_EXACT < v < _EXACT:  # the common case of number(): exact as a float
+                v = float(v)
+            else:
+                v = number(v)
+        manual, msg_id = get("manual"), get("msg_id")
+        if type(msg_id) is str and not escaped:  # the common case of _text(), without the UTF-8 check
+            msg_id = msg_id if 0 < len(msg_id) <= 128 else None
+        else:
+            msg_id = _text(msg_id)
+        bad = None
+        if (manual is not None and not isinstance(manual, bool)) or (source is not None and src is None):
+            bad = mistyped(item, {"manual": lambda v: isinstance(v, bool), "source": _is_text})
+        self._msg(msg)
+        self._item_no(item_no)
+        self._msg_id(msg_id)
+        self._metric(metric)
+        self._unit(unit)
+        self._source(src)
+        self._value_sent(_NAN if v is None else v)  # never NaN otherwise (number() refuses it): NaN is null
+        self._diastolic_sent(_NAN if d is None else d)
+        self._measured_text(ts)
+        self._manual(manual is True)
+        self._mistyped(bad)
         # ASCII escapes: lossless for any JSON string, lone surrogates included.
-        "extra": json_text(extra) if extra else None,
-        "raw": json.dumps(item, default=str).encode(),
-        "manual": item.get("manual") is True,
-        "mistyped": mistyped(item, {"manual": lambda v: isinstance(v, bool), "source": _is_text}),
-    }
+        self._extra(None if CONTRACT_FIELDS.issuperset(item)
+                    else json_text({k: v for k, v in item.items() if k not in CONTRACT_FIELDS}))
+        self._raw(json.dumps(item, default=str).encode() if raw else None)
+
+    def frames(self) -> tuple[Any, Any]:
+        """(messages, items) as DataFrames DuckDB can scan (NaN is null in the float columns)."""
+        import numpy as np
+        import pandas as pd
+
+        m, c = self.messages, self.columns
+        messages = pd.DataFrame({
+            "msg": np.array(m["msg"], dtype=np.int64), "segment": m["segment"],
+            "record_no": np.array(m["record_no"], dtype=np.int64), "device_id": m["device_id"],
+            "received_us": np.array(m["received_us"], dtype=np.int64),
+            "payload": np.array(m["payload"], dtype=object), "batch": np.array(m["batch"], dtype=bool)},
+            columns=MESSAGE_COLUMNS)
+        items = pd.DataFrame({
+            **{k: np.array(c[k], dtype=np.int64) for k in ("msg", "item_no")},
+            **{k: c[k] for k in ("msg_id", "metric", "unit", "source", "measured_text", "mistyped", "extra")},
+            **{k: np.array(c[k], dtype=np.float64) for k in ("value_sent", "diastolic_sent")},
+            "manual": np.array(c["manual"], dtype=bool), "raw": np.array(c["raw"], dtype=object),
+        }, columns=ITEM_COLUMNS)
+        return messages, items
 
 
-class _Origin(TypedDict):
-    """Where a landed message came from: the fields every row built from it carries."""
+def _sql_text(v: str) -> str:
+    return "'" + v.replace("'", "''") + "'"
 
-    segment: str
-    record_no: int
-    received_at: datetime
+
+def _conversions() -> str:
+    """VALUES rows (metric, unit, canonical unit, LOINC, subtract, multiply, divide) from the vocabulary
+    (doubles parsed from their Python repr, so a conversion is the vocabulary's, bit for bit)."""
+    rows = []
+    for m in METRICS.values():
+        for unit, conv in m.units.items():
+            terms = ", ".join(f"'{x!r}'::DOUBLE" for x in (conv.subtract, conv.multiply, conv.divide))
+            rows.append(f"({_sql_text(m.name)}, {_sql_text(unit)}, {terms})")
+    return ",\n        ".join(rows)
+
+
+def _known() -> str:
+    return ",\n        ".join(f"({_sql_text(m.name)}, {_sql_text(m.canonical_unit)}, {_sql_text(m.loinc)})"
+                               for m in METRICS.values())
+
+
+# UTC instants a Python datetime can hold (years 1..9999): a time whose instant falls outside has no UTC form.
+_MIN_US = -62135596800_000_000
+_MAX_US = 253402300799_999_999
+
+# Candidate rows of an ``Items`` frame (``{items}``). Times follow Python's datetime.fromisoformat on what the
+# RFC 3339 pattern admits: 't'/' ' for 'T', 'z' for 'Z', 1..9 fraction digits (microseconds truncated),
+# calendar-valid dates of years 1..9999, hours < 24, minutes and seconds < 60 (no leap second), and an offset
+# of any ±hh:mm strictly inside ±24 h (Python adds minutes past 59 to the hours: +05:60 is +06:00).
+CANDIDATES = f"""
+WITH conv(metric, unit, sub, mul, div) AS (VALUES
+        {_conversions()}
+), known(metric, canonical_unit, loinc) AS (VALUES
+        {_known()}
+), parts AS (
+    SELECT i.*, m.segment, m.record_no, m.device_id, m.received_us, m.payload, m.batch, regexp_extract(measured_text,
+           '^(\\d{{4}})-(\\d{{2}})-(\\d{{2}})[Tt ](\\d{{2}}):(\\d{{2}}):(\\d{{2}})(?:\\.(\\d{{1,9}}))?(?:([Zz])|([+-])(\\d{{2}}):(\\d{{2}}))$',
+           ['y', 'mo', 'd', 'h', 'mi', 's', 'frac', 'z', 'sign', 'oh', 'om']) AS p
+    FROM {{items}} i JOIN {{messages}} m ON m.msg = i.msg
+), fields AS (
+    -- no match: every group is '' (so NULL here)
+    SELECT *, nullif(p.y, '')::INTEGER AS y, nullif(p.mo, '')::INTEGER AS mo, nullif(p.d, '')::INTEGER AS d,
+           nullif(p.h, '')::INTEGER AS hh, nullif(p.mi, '')::INTEGER AS mi, nullif(p.s, '')::INTEGER AS ss,
+           CASE WHEN p.frac = '' THEN 0 ELSE rpad(p.frac[1:6], 6, '0')::INTEGER END AS us,
+           CASE WHEN p.z <> '' THEN 0
+                WHEN p.sign = '-' THEN -(nullif(p.oh, '')::INTEGER * 60 + nullif(p.om, '')::INTEGER)
+                ELSE nullif(p.oh, '')::INTEGER * 60 + nullif(p.om, '')::INTEGER END AS off_min
+    FROM parts
+), local AS (
+    SELECT *,
+           CASE WHEN y BETWEEN 1 AND 9999 AND hh < 24 AND mi < 60 AND ss < 60 AND abs(off_min) < 1440
+                THEN epoch_us(try(make_date(y, mo, d))::TIMESTAMP) END AS day_us
+    FROM fields
+), instants AS (
+    SELECT *, day_us + ((hh * 3600 + mi * 60 + ss)::BIGINT * 1000000 + us) - off_min::BIGINT * 60000000 AS utc_us
+    FROM local
+), timed AS (
+    SELECT *, CASE WHEN utc_us BETWEEN {_MIN_US} AND {_MAX_US} THEN make_timestamp(utc_us) END AS utc_ts
+    FROM instants
+)
+SELECT t.segment || ':' || t.record_no || ':' || t.item_no AS row_key,
+       t.segment, t.record_no, t.item_no, t.device_id, t.msg_id, t.metric, t.unit,
+       coalesce(t.metric, 'None') || '|' || coalesce(t.unit, 'None') AS unit_key,
+       t.value_sent, t.diastolic_sent,
+       (t.value_sent - c.sub) * c.mul / c.div AS value,
+       (t.diastolic_sent - c.sub) * c.mul / c.div AS diastolic,
+       k.canonical_unit,
+       CASE WHEN t.metric = 'blood_glucose' AND t.source = 'cgm' THEN '{CGM_LOINC}' ELSE k.loinc END AS loinc,
+       t.source, t.utc_ts AT TIME ZONE 'UTC' AS measured_at,  -- whatever the session's TimeZone
+       CASE WHEN t.utc_ts IS NOT NULL THEN t.off_min END AS utc_offset_min,
+       t.utc_ts IS NOT NULL AS has_time,
+       make_timestamp(t.received_us) AT TIME ZONE 'UTC' AS received_at,
+       -- exact below 2**53 µs (285 years); beyond, within one unit in the last place of Python's division
+       CASE WHEN t.utc_ts IS NOT NULL THEN (t.utc_us - t.received_us)::DOUBLE / 1000000 END AS seconds_ahead,
+       CASE WHEN t.metric <> '' AND t.utc_ts IS NOT NULL
+            THEN sha256(t.device_id || '|' || t.metric || '|' || strftime(t.utc_ts, '%Y-%m-%dT%H:%M:%S.%f')
+                        || '+00:00')[1:32]
+       END AS reading_id,
+       t.extra, CASE WHEN t.batch THEN t.raw ELSE t.payload END AS raw, t.manual, t.mistyped
+FROM timed t
+LEFT JOIN known k ON k.metric = t.metric
+LEFT JOIN conv c ON c.metric = t.metric AND c.unit = t.unit
+"""
+
+
+def candidates_sql(messages: str, items: str) -> str:
+    """SELECT of the candidate rows (CANDIDATE_COLUMNS) of Items frames or tables named ``messages``, ``items``."""
+    return CANDIDATES.replace("{items}", items).replace("{messages}", messages)
+
+
+def reading_id(device_id: str, metric: str, measured_at: datetime) -> str:
+    """Idempotency key: the same device, metric and instant is the same reading, however often it arrives
+    (sha256 of ``device|metric|UTC instant``, as CANDIDATES computes it for every staged reading)."""
+    import hashlib
+
+    key = f"{device_id}|{metric}|{measured_at.astimezone(UTC).isoformat(timespec='microseconds')}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def candidate_rows(con: Any, items: Items) -> list[dict[str, Any]]:
+    """Candidate rows of ``items`` as dicts, in order (one item or a few: replay, tests; the stage inserts
+    from ``candidates_sql`` without materialising rows in Python)."""
+    if not len(items):
+        return []
+    messages, frame = items.frames()
+    con.register("_items_messages", messages)
+    con.register("_items_frame", frame)
+    try:
+        cur = con.execute(candidates_sql("_items_messages", "_items_frame")
+                          + " ORDER BY t.segment, t.record_no, t.item_no")
+        out = [dict(zip(CANDIDATE_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        con.unregister("_items_frame")
+        con.unregister("_items_messages")
+    for row in out:  # as Python values: instants in datetime.UTC, whatever the session's time zone
+        row["raw"] = bytes(row["raw"])
+        for col in ("measured_at", "received_at"):
+            if row[col] is not None:
+                row[col] = row[col].astimezone(UTC)
+    return out
+
+
+_MEMORY: list[Any] = []  # one in-memory database per process for row views: a cursor per call is cheap
+
+
+def _connection() -> Any:
+    if not _MEMORY:
+        import duckdb
+
+        _MEMORY.append(duckdb.connect(":memory:"))
+    return _MEMORY[0].cursor()
+
+
+def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: int, item_no: int,
+              received_at: datetime, con: Any = None) -> dict[str, Any]:
+    """The candidate row of one item (``con``: a DuckDB connection to compute it on, else a new one)."""
+    items = Items()
+    items.add(item, items.message(segment, record_no, device_id, to_us(received_at), b"", True), item_no, True)
+    own = con is None
+    con = _connection() if own else con
+    try:
+        [row] = candidate_rows(con, items)
+    finally:
+        if own:
+            con.close()
+    return row
 
 
 class EventRow(dict):
     """A telehealth event candidate (device status or app event), as opposed to a vitals reading."""
 
 
-def normalise_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-                      ) -> Iterator[dict[str, Any] | EventRow | StructuralReject]:
-    """Every landed message of a segment as candidate rows, or structural rejects (one per unreadable item)."""
+@dataclass
+class Normalised:
+    """A chunk of landed messages, decoded: vitals items (columns), event rows, structural rejects."""
+    items: Items
+    events: list[dict[str, Any]]
+    rejects: list[StructuralReject]
+
+
+def decode_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+                   into: Normalised | None = None, lazy_raw: bool = False) -> Normalised:
+    """``decode_columns`` of landed records (tests, replay of a few messages)."""
+    recs = list(records)
+    return decode_columns(segment, LandedColumns([r.n for r in recs], [r.topic for r in recs],
+                                                 [to_us(r.received_at) for r in recs], [r.payload for r in recs],
+                                                 [r.mark for r in recs]), max_payload_bytes, into, lazy_raw)
+
+
+def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+                   into: Normalised | None = None, lazy_raw: bool = False) -> Normalised:
+    """Every landed message of a segment, decoded: vitals items into columns, events as rows, and a
+    structural reject per unreadable message or batch item (appended to ``into`` when given).
+
+    ``lazy_raw``: leave a batch item's raw null (the stage keeps batch payloads in ``stg_messages`` and
+    builds an item's raw with ``item_raw`` only if it is quarantined: most never are)."""
     from transforms.events import event_candidate
 
-    for rec in records:
-        msg = decode_message(rec.topic, rec.payload, max_payload_bytes)
-        base: _Origin = {"segment": segment, "record_no": rec.n, "received_at": rec.received_at}
+    out = into if into is not None else Normalised(Items(), [], [])
+    items = out.items
+    add, message = items.add, items.message
+    for n, topic, received_us, payload in zip(cols.n, cols.topic, cols.received_at_us, cols.payload, strict=True):
+        msg = decode_message(topic, payload, max_payload_bytes)
         if msg.reason is not None:
-            yield StructuralReject(f"{segment}:{rec.n}:0", device_id=msg.device_id, item_no=0,
-                                   reason=msg.reason, detail=msg.detail, raw=rec.payload, **base)
+            out.rejects.append(StructuralReject(f"{segment}:{n}:0", segment, n, 0, msg.device_id, from_us(received_us),
+                                                msg.reason, msg.detail, payload))
             continue
-        assert msg.device_id is not None
+        device = msg.device_id
+        assert device is not None
+        if msg.channel == "vitals":
+            m = message(segment, n, device, received_us, payload, msg.batch)
+            escaped, raw = b"\\u" in payload, msg.batch and not lazy_raw
+            for i, item in enumerate(msg.items):
+                if isinstance(item, dict):
+                    add(item, m, i, raw, escaped)
+                else:
+                    out.rejects.append(_not_an_object(segment, n, from_us(received_us), device, i, item, "reading"))
+            continue
+        received_at = from_us(received_us)
         for i, item in enumerate(msg.items):
-            if not isinstance(item, dict):
-                yield StructuralReject(f"{segment}:{rec.n}:{i}", device_id=msg.device_id, item_no=i,
-                                       reason=f"{'reading' if msg.channel == 'vitals' else 'event'}_not_an_object",
-                                       detail=type(item).__name__,
-                                       raw=json.dumps(item, default=str).encode(), **base)  # ASCII: lossless
-            elif msg.channel == "vitals":
-                yield candidate(item, device_id=msg.device_id, item_no=i, **base)
+            if isinstance(item, dict):
+                out.events.append(EventRow(event_candidate(item, channel=msg.channel, device_id=device, item_no=i,
+                                                           segment=segment, record_no=n, received_at=received_at)))
             else:
-                yield EventRow(event_candidate(item, channel=msg.channel, device_id=msg.device_id, item_no=i,
-                                               **base))
+                out.rejects.append(_not_an_object(segment, n, received_at, device, i, item, "event"))
+    return out
+
+
+def item_raw(payload: bytes, item_no: int) -> bytes:
+    """The raw of item ``item_no`` of a vitals batch message: exactly what ``Items.add`` builds from it (the
+    message read as the decoder reads it, the item serialised as JSON)."""
+    doc, _, _ = parse_json_object(payload)
+    assert doc is not None  # only a message the decoder read has staged items
+    return json.dumps(doc[BATCH_KEYS["vitals"]][item_no], default=str).encode()
+
+
+def _not_an_object(segment: str, n: int, received_at: datetime, device: str, i: int, item: Any,
+                   kind: str) -> StructuralReject:
+    return StructuralReject(f"{segment}:{n}:{i}", segment, n, i, device, received_at, f"{kind}_not_an_object",
+                            type(item).__name__, json.dumps(item, default=str).encode())  # ASCII: lossless
+
+
+def normalise_records(segment: str, records: Iterable[LandedRecord], max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+                      con: Any = None) -> Iterator[dict[str, Any] | EventRow | StructuralReject]:
+    """Every landed message of a segment as candidate rows, event rows or structural rejects, in landing
+    order (a row view of ``decode_records`` + ``CANDIDATES``, for replay and tests)."""
+    decoded = decode_records(segment, list(records), max_payload_bytes)
+    own = con is None
+    con = _connection() if own else con
+    try:
+        rows: list[Any] = [*candidate_rows(con, decoded.items), *decoded.events, *decoded.rejects]
+    finally:
+        if own:
+            con.close()
+
+    def order(o: Any) -> tuple[int, int]:
+        return (o.record_no, o.item_no) if isinstance(o, StructuralReject) else (o["record_no"], o["item_no"])
+
+    yield from sorted(rows, key=order)

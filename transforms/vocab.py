@@ -16,7 +16,7 @@ LB_AV_IN_KG = 0.45359237  # avoirdupois pound, exact by definition
 @dataclass(frozen=True)
 class Linear:
     """A unit conversion ``(v - subtract) * multiply / divide``, evaluated in that order in Python and in SQL
-    (transforms/fastpath.py), so both give bit-identical doubles."""
+    (transforms/normalise.py, CANDIDATES), so both give bit-identical doubles."""
     subtract: float = 0.0
     multiply: float = 1.0
     divide: float = 1.0

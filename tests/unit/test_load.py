@@ -7,6 +7,7 @@ the device was enrolled to when it was measured.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,7 +96,7 @@ def test_first_run_sorts_every_reading_into_exactly_one_outcome(settings: Settin
 
     assert out["batch"].segments == [SEG]
     assert out["staged"] == {"segments": 1, "messages": 8, "candidates": 8, "events": 0, "unreadable": 1,
-                             "bulk_decoded": 7, "rejected": 0}  # every readable vitals message took the bulk path
+                             "rejected": 0}
     assert out["failures"] == {"plausible_heart_rate": 1}
     assert out["loaded"] == {"loaded": 5, "quarantined": 3, "duplicates": 1, "segments": 1}
     assert counts(settings) == {"readings": 5, "quarantine": 3, "duplicates": 1, "segments": 1}
@@ -193,6 +194,27 @@ def test_redelivery_in_a_later_segment_is_a_duplicate_and_a_changed_value_a_conf
     assert accounting(settings)["balanced"] is True
 
 
+def test_a_quarantined_batch_item_keeps_its_own_json_as_raw(
+        settings: Settings, enrolled: datetime, now: datetime, make_reading, write_segment) -> None:
+    """A batch item's raw is built only when it is quarantined (rule or conflict): the item, not its batch."""
+    hr = make_reading("heart_rate", measured_at=now - timedelta(minutes=3), msg_id="hr")
+    write_segment("ingest-1-000001", [(TOPIC, hr)], received_at=now)
+    run_pipeline(settings, "t1")
+    bad = make_reading("spo2", measured_at=now - timedelta(minutes=2), value=400, msg_id="bad", extra_field=[1])
+    conflict = dict(hr, value=120)
+    fine = make_reading("spo2", measured_at=now - timedelta(minutes=1), msg_id="ok")
+    write_segment("ingest-1-000002", [(TOPIC, {"readings": [fine, bad, conflict]})], received_at=now)
+
+    out = run_pipeline(settings, "t2")
+
+    assert out["loaded"] == {"loaded": 1, "quarantined": 2, "duplicates": 0, "segments": 1}
+    with clinical(settings) as con:
+        raws = dict(con.execute("SELECT row_key, raw FROM quarantine").fetchall())
+    assert {k: json.loads(v) for k, v in raws.items()} == {"ingest-1-000002:0:1": bad,
+                                                           "ingest-1-000002:0:2": conflict}
+    assert accounting(settings)["balanced"] is True
+
+
 def test_each_segment_of_a_batch_balances_in_the_ledger(
         settings: Settings, enrolled: datetime, now: datetime, make_reading, write_segment) -> None:
     hr = make_reading("heart_rate", measured_at=now - timedelta(minutes=3), msg_id="hr")
@@ -284,8 +306,9 @@ def test_claim_names_the_same_batch_when_retried(settings: Settings, write_segme
     assert capped.segments == ["ingest-1-000001"]
 
 
+@pytest.mark.parametrize("stage", [Sizes(stage_messages=1), Sizes(stage_items=1)], ids=["messages", "items"])
 def test_decoding_validating_and_loading_in_small_chunks_changes_no_outcome(
-        settings: Settings, first_segment, write_segment, make_reading, now: datetime) -> None:
+        settings: Settings, first_segment, write_segment, make_reading, now: datetime, stage: Sizes) -> None:
     """Large batches are decoded a few segments, validated a slice of rows and loaded a group of segments at
     a time (bounded memory): chunk boundaries, even between a reading and its repeats in a later segment, must
     not change what lands where."""
@@ -296,7 +319,9 @@ def test_decoding_validating_and_loading_in_small_chunks_changes_no_outcome(
                                       (TOPIC, make_reading("spo2", measured_at=at, value=20, msg_id="low")),
                                       (TOPIC, repeat), (TOPIC, dict(repeat, value=95))])
     # Every segment its own chunk and its own load transaction; three rows per validation.
-    out = run_pipeline(settings, "t1", Sizes(stage_messages=1, validate_rows=3, load_items=1))
+    # (Staged by message count or by item count: either way whole segments.)
+    out = run_pipeline(settings, "t1", Sizes(stage_messages=stage.stage_messages, stage_items=stage.stage_items,
+                                             validate_rows=3, load_items=1))
 
     assert out["staged"]["segments"] == 2 and out["staged"]["messages"] == 13
     assert out["loaded"] == {"loaded": 6, "quarantined": 5, "duplicates": 3, "segments": 2}
