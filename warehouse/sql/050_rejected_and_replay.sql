@@ -7,7 +7,7 @@
 -- absorbed (segments), rejected (here, replayed_at NULL) or pending (still in sealed/).
 CREATE TABLE IF NOT EXISTS rejected_segments (
     segment         VARCHAR PRIMARY KEY,
-    reason          VARCHAR NOT NULL,      -- bad_header | unknown_key | decrypt_failed | bad_record | unknown
+    reason          VARCHAR NOT NULL,      -- bad_header | unknown_key | decrypt_failed | truncated | bad_record | unknown
     detail          VARCHAR,               -- parser/decrypt message: positions and field names, no values
     records         INTEGER NOT NULL,      -- newline-terminated lines after the header: its messages, as known
     bytes           BIGINT NOT NULL,
