@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -52,18 +53,24 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
     tmp = d / f".{name}.tmp"
     for leftover in d.glob(".clinical-*.duckdb.tmp"):  # a publish that died (this one holds the writer)
         leftover.unlink(missing_ok=True)
-    snapshots = sorted(d.glob("clinical-*.duckdb"))
+    snapshots = _snapshots(d)
     if len(snapshots) < KEEP or not _refresh_unused(snapshots[0], tmp, s.clinical_db):
         shutil.copyfile(s.clinical_db, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
     os.replace(tmp, d / name)
     pointer_tmp = d / ".CURRENT.tmp"
     pointer_tmp.write_text(name + "\n")
     os.replace(pointer_tmp, d / "CURRENT")
-    for old in sorted(d.glob("clinical-*.duckdb"))[:-KEEP]:
+    for old in _snapshots(d)[:-KEEP]:
         old.unlink(missing_ok=True)
     return d / name
+
+
+def _snapshots(d: Path) -> list[Path]:
+    """The snapshots in ``d``, oldest first; a directory someone made there is neither reused nor removed."""
+    return [p for p in sorted(d.glob("clinical-*.duckdb")) if not p.is_dir() or p.is_symlink()]
 
 
 # A file's untouched blocks stay byte for byte the same from one checkpoint to the next (DuckDB writes changed
@@ -82,11 +89,16 @@ _SYNC_BLOCK = 4 << 20
 def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
     """Turn snapshot ``old`` into a copy of ``source`` at ``tmp``, writing only the blocks that differ; False
     (and ``old`` untouched) when some process has it open."""
-    try:
-        fd = os.open(old, os.O_RDWR)
-    except FileNotFoundError:
+    try:  # never through a symlink someone planted there (O_NONBLOCK: nor wait on a FIFO)
+        fd = os.open(old, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
         return False
     try:
+        st = os.fstat(fd)
+        # Only a file this process wrote: not another user's (who could rewrite what clinicians read), not one
+        # with a second name elsewhere (a hard link: its other name would get the warehouse).
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            return False
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
         except OSError:
@@ -99,6 +111,7 @@ def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
                 block = os.pread(src.fileno(), _SYNC_BLOCK, offset)
                 if os.pread(fd, len(block), offset) != block:
                     os.pwrite(fd, block, offset)
+        os.fchmod(fd, 0o600)
         os.fsync(fd)
         return True
     finally:

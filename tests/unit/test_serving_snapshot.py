@@ -8,6 +8,7 @@ reusing a file safe: one that any DuckDB instance still has open is left alone (
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from core.settings import Settings
@@ -67,3 +68,33 @@ def test_a_snapshot_a_reader_still_has_open_is_never_written(tmp_path: Path):
     finally:
         held.close()
     assert patients_in(snap, s) == KEEP * 10 + 50
+
+
+def test_what_is_planted_in_the_serving_folder_is_never_written_through(tmp_path: Path):
+    """Whoever can write the serving folder may leave things named like the oldest snapshot: a symlink to
+    another file, a hard link, another user's file, a directory. A publish reuses none of them — it never
+    writes through one to the file behind it, never serves a file another user can rewrite — and goes on."""
+    s = Settings(home=tmp_path / "var")
+    add_patients(s, 0, 10)
+    add_patients(s, 10, 10)
+    d = serving_dir(s)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not a snapshot\n" * 1000)
+    planted = {"link": d / "clinical-0-link.duckdb", "hard": d / "clinical-1-hard.duckdb",
+               "foreign": d / "clinical-2-foreign.duckdb", "dir": d / "clinical-3-dir.duckdb"}
+    for i, (kind, path) in enumerate(planted.items()):  # each is, in turn, the oldest "snapshot"
+        if kind == "link":
+            path.symlink_to(victim)
+        elif kind == "hard":
+            os.link(victim, path)
+        elif kind == "foreign":
+            path.write_bytes(b"x" * 4096)
+            os.chmod(path, 0o666)
+            os.chown(path, 4242, 4242)
+        else:
+            path.mkdir()
+        snap = add_patients(s, 100 * (i + 1), 10)
+        st = snap.stat()
+        assert victim.read_bytes() == b"not a snapshot\n" * 1000
+        assert st.st_uid == os.geteuid() and not st.st_mode & 0o022 and st.st_nlink == 1
+        assert current_snapshot(s) == snap
