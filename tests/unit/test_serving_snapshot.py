@@ -9,6 +9,8 @@ reusing a file safe: one that any DuckDB instance still has open is left alone (
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from core.settings import Settings
@@ -98,3 +100,34 @@ def test_what_is_planted_in_the_serving_folder_is_never_written_through(tmp_path
         assert victim.read_bytes() == b"not a snapshot\n" * 1000
         assert st.st_uid == os.geteuid() and not st.st_mode & 0o022 and st.st_nlink == 1
         assert current_snapshot(s) == snap
+
+
+def test_a_snapshot_another_process_holds_open_is_never_written(tmp_path: Path):
+    """The clinician service is another process, its cached read-only instance idle on an old snapshot: the
+    publish that would reuse that file must see the other process's lock and copy instead."""
+    s = Settings(home=tmp_path / "var")
+    for i in range(KEEP):
+        add_patients(s, i * 10, 10)
+    oldest = sorted(serving_dir(s).glob("clinical-*.duckdb"))[0]
+    before = oldest.read_bytes()
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from core.settings import Settings; "
+         "from warehouse.db import open_clinical; "
+         "con = open_clinical(Settings(home=Path(sys.argv[1])), read_only=True, db_path=Path(sys.argv[2])); "
+         "print(con.execute('SELECT count(*) FROM clinical.patients').fetchone()[0], flush=True); "
+         "sys.stdin.read(); "
+         "print(con.execute('SELECT count(*) FROM clinical.patients').fetchone()[0], flush=True)",
+         str(s.home), str(oldest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parents[2])
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "10"  # open, lock held
+        inode = os.stat(oldest).st_ino
+        with open(oldest, "rb") as held:  # the file as the reader has it, whatever name it goes by later
+            snap = add_patients(s, 1000, 50)
+            assert snap.stat().st_ino != inode
+            assert os.pread(held.fileno(), len(before), 0) == before
+        out, _ = reader.communicate("", timeout=60)
+    finally:
+        reader.kill()
+    assert out.strip() == "10" and reader.returncode == 0
+    assert patients_in(snap, s) == KEEP * 10 + 50
