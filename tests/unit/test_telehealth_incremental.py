@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.registry import enroll, upsert_patient
 from warehouse.retention import purge_landing
-from warehouse.serving import publish_snapshot
+from warehouse.serving import publish_snapshot, serving
 from warehouse.telehealth import TABLES, open_telehealth, publish_telehealth, rotate_key
 
 # Whole hours before the test starts: a silence's length is stored in whole hours measured to the build, and a
@@ -201,4 +203,65 @@ def test_a_new_install_with_nothing_registered_updates_its_empty_store(tmp_path:
         run_record(con, 1)
     publish(s)
     assert built_by(s) == "update"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def state_path(s: Settings) -> Path:
+    return Path(s.warehouse_dir) / ".telehealth-state.json"
+
+
+@pytest.mark.parametrize("tamper", ["truncated", "garbage_streams", "through_text", "claims_more"])
+def test_a_state_file_edited_or_planted_is_not_trusted(home: Settings, tmp_path: Path, tamper: str):
+    """The state file says what the store already holds. One cut short, mangled, edited to claim rows the store
+    never absorbed must never leave the store behind a rebuild, nor fail the
+    run: the store is rebuilt."""
+    s = home
+    old = state_path(s).read_text()
+    with clinical(s) as con:
+        reading(con, "cuff-a", 2)
+        event(con, "app-b", "survey_completed", 3, survey="phq-2")
+    publish_snapshot(s)
+    state = json.loads(old)
+    if tamper == "truncated":
+        state_path(s).write_text(old[: len(old) // 2])
+    else:
+        if tamper == "garbage_streams":
+            state["streams"] = "all of them"
+        elif tamper == "through_text":
+            state["streams"]["readings"]["through"] = "tomorrow"
+        elif tamper == "claims_more":  # as if the rows just loaded were already in the store
+            with serving(s) as served:
+                for stream, table in (("readings", "readings"), ("events", "telehealth_events")):
+                    through, count = served.execute(
+                        f"SELECT epoch_us(max(loaded_at)), count(*) FROM {table}").fetchone()  # type: ignore[misc]
+                    state["streams"][stream] = {**state["streams"][stream], "through": through, "count": count}
+        state_path(s).write_text(json.dumps(state))
+    publish_telehealth(s)
+    assert built_by(s) == "rebuild"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_fifo_or_symlink_where_the_state_file_goes_neither_hangs_the_run_nor_is_written_through(
+        home: Settings, tmp_path: Path):
+    s = home
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's file\n")
+    tmp_state = state_path(s).with_suffix(".tmp")
+    tmp_state.symlink_to(victim)
+    state_path(s).unlink()
+    os.mkfifo(state_path(s))
+    with clinical(s) as con:
+        reading(con, "cuff-a", 2)
+    publish_snapshot(s)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (publish_telehealth(s), done.set()), daemon=True)
+    worker.start()
+    finished = done.wait(60)
+    if not finished:  # unblock the reader so the test ends: it was waiting for a writer on the FIFO
+        with open(state_path(s), "w"):
+            pass
+        worker.join(60)
+    assert finished, "the run hung reading a FIFO planted as its state file"
+    assert victim.read_text() == "someone else's file\n"
+    assert built_by(s) == "rebuild"
     assert_same_as_rebuild(s, tmp_path)
