@@ -265,3 +265,21 @@ def test_a_fifo_or_symlink_where_the_state_file_goes_neither_hangs_the_run_nor_i
     assert victim.read_text() == "someone else's file\n"
     assert built_by(s) == "rebuild"
     assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_run_killed_between_the_store_swap_and_the_state_write_is_followed_by_a_rebuild(
+        home: Settings, tmp_path: Path):
+    """What a kill -9 there leaves on disk: the new store, the previous run's (valid, signed) state. The state
+    names the store file it describes, so the next run cannot mistake it for this store's: it rebuilds."""
+    s = home
+    before = state_path(s).read_bytes()
+    with clinical(s) as con:
+        reading(con, "cuff-a", 3)
+    publish(s)
+    assert built_by(s) == "update"
+    state_path(s).write_bytes(before)  # the state write that the kill prevented
+    with clinical(s) as con:
+        reading(con, "scale-b", 2)
+    publish(s)
+    assert built_by(s) == "rebuild"
+    assert_same_as_rebuild(s, tmp_path)
