@@ -8,6 +8,7 @@ holds the file lock right after a CHECKPOINT, so it is always a committed, consi
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -86,6 +87,17 @@ def _snapshots(d: Path) -> list[Path]:
 _SYNC_BLOCK = 4 << 20
 
 
+def _write_all(fd: int, block: bytes, offset: int) -> None:
+    # A filling disk may take part of a write and say so (no error): the rest is written, or the next
+    # attempt raises (ENOSPC) — a refresh never ends with a block part old, part new.
+    view = memoryview(block)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(errno.ENOSPC, "no byte written")
+        view, offset = view[written:], offset + written
+
+
 def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
     """Turn snapshot ``old`` into a copy of ``source`` at ``tmp``, writing only the blocks that differ; False
     (and ``old`` untouched) when some process has it open."""
@@ -110,7 +122,7 @@ def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
             for offset in range(0, size, _SYNC_BLOCK):
                 block = os.pread(src.fileno(), _SYNC_BLOCK, offset)
                 if os.pread(fd, len(block), offset) != block:
-                    os.pwrite(fd, block, offset)
+                    _write_all(fd, block, offset)
         os.fchmod(fd, 0o600)
         os.fsync(fd)
         return True

@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from core.settings import Settings
 from warehouse.db import clinical, open_clinical
-from warehouse.serving import KEEP, current_snapshot, publish_snapshot, serving, serving_dir
+from warehouse.serving import KEEP, _refresh_unused, current_snapshot, publish_snapshot, serving, serving_dir
 
 
 def add_patients(s: Settings, first: int, n: int) -> Path:
@@ -131,3 +133,31 @@ def test_a_snapshot_another_process_holds_open_is_never_written(tmp_path: Path):
         reader.kill()
     assert out.strip() == "10" and reader.returncode == 0
     assert patients_in(snap, s) == KEEP * 10 + 50
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs: a disk about to be full (root, and a kernel that lets this process mount, only)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "rpm-test", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_disk_that_fills_during_a_refresh_fails_the_publish_never_the_snapshot(small_disk: Path, tmp_path: Path):
+    """A write on a filling disk may write part of a block and say so (a short write, no error). The refresh
+    must then write the rest or fail — never return a file that is part old, part new as the new snapshot."""
+    old, tmp = small_disk / "clinical-old.duckdb", small_disk / ".clinical-new.duckdb.tmp"
+    old.write_bytes(b"o" * (256 << 10))
+    source = tmp_path / "clinical.duckdb"
+    source.write_bytes(os.urandom(3 << 20))  # grows the file past what the disk has left
+    try:
+        refreshed = _refresh_unused(old, tmp, source)
+    except OSError:
+        refreshed = False  # the publish fails (and copies nothing): CURRENT still names the previous snapshot
+    assert not refreshed or tmp.read_bytes() == source.read_bytes()
