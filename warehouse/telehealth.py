@@ -272,6 +272,14 @@ def _digest(con: duckdb.DuckDBPyConnection, s: Settings, key: str) -> str:
         h.update(path.read_bytes())
     h.update(repr(_catalogue_rows(s)).encode())
     h.update(hashlib.sha256(pseudonym_key(s)).digest() + hashlib.sha256(key.encode()).digest())
+    # The warehouse's own views and macros the tables read (stg_readings, with_local_time: the local day), which
+    # a migration may redefine, and the engine that evaluates them (its time zone data among it).
+    h.update(duckdb.__version__.encode())
+    # (Only these: DuckDB's stored text of some other views, EXCLUDE lists, varies from one file to the next.)
+    h.update(repr(con.execute("""
+        SELECT view_name, sql FROM duckdb_views() WHERE database_name = 'clinical' AND view_name = 'stg_readings'
+        UNION ALL SELECT function_name, macro_definition || parameters::VARCHAR FROM duckdb_functions()
+        WHERE database_name = 'clinical' AND function_name = 'with_local_time' ORDER BY ALL""").fetchall()).encode())
     for table in ("patients", "devices", "enrollments"):  # the registry (keyed rows: none cancels another)
         h.update(repr(con.execute(f"SELECT count(*), bit_xor(hash(t)) FROM clinical.{table} t").fetchone()).encode())
     return h.hexdigest()

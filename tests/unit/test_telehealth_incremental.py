@@ -283,3 +283,18 @@ def test_a_run_killed_between_the_store_swap_and_the_state_write_is_followed_by_
     publish(s)
     assert built_by(s) == "rebuild"
     assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_migration_that_changes_the_warehouse_s_local_time_rules_rebuilds_the_store(
+        home: Settings, tmp_path: Path):
+    """The store's days come from the warehouse's own macro and views (warehouse/sql/), which a migration or an
+    upgrade may redefine: an update would keep every untouched patient's rows under the old rule."""
+    sql = (Path(__file__).parents[2] / "warehouse" / "sql" / "010_marts.sql").read_text()
+    start = sql.index("CREATE OR REPLACE MACRO with_local_time")
+    macro = sql[start:sql.index(";", start) + 1]
+    assert "AS DATE) AS local_date" in macro
+    with clinical(home) as con:
+        con.execute(macro.replace("AS DATE) AS local_date", "AS DATE) + 1 AS local_date"))  # a changed rule
+        reading(con, "ox-c", 1)
+    publish(home)
+    assert_same_as_rebuild(home, tmp_path)
