@@ -145,6 +145,8 @@ def test_updates_over_several_batches_match_a_full_rebuild(home: Settings, tmp_p
         publish(s)
         assert built_by(s) == "update"
         assert_same_as_rebuild(s, tmp_path)
+        state = state_path(s).read_text()  # beside the store, outside its key: counts and instants only
+        assert not any(i in state for i in [*PATIENTS, *DEVICES, "apt-1"])
 
 
 def test_a_run_with_nothing_new_keeps_the_store_and_the_current_silences(home: Settings, tmp_path: Path):
