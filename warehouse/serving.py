@@ -62,7 +62,9 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
         os.chmod(tmp, 0o600)
     os.replace(tmp, d / name)
     pointer_tmp = d / ".CURRENT.tmp"
-    pointer_tmp.write_text(name + "\n")
+    pointer_tmp.unlink(missing_ok=True)  # written afresh, never through whatever was left at that name
+    with os.fdopen(os.open(pointer_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
+        f.write(name + "\n")
     os.replace(pointer_tmp, d / "CURRENT")
     for old in _snapshots(d)[:-KEEP]:
         old.unlink(missing_ok=True)

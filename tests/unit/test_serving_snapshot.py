@@ -84,6 +84,7 @@ def test_what_is_planted_in_the_serving_folder_is_never_written_through(tmp_path
     d = serving_dir(s)
     victim = tmp_path / "victim"
     victim.write_bytes(b"not a snapshot\n" * 1000)
+    (d / ".CURRENT.tmp").symlink_to(victim)  # where the pointer is written before it is renamed in
     planted = {"link": d / "clinical-0-link.duckdb", "hard": d / "clinical-1-hard.duckdb",
                "foreign": d / "clinical-2-foreign.duckdb", "dir": d / "clinical-3-dir.duckdb"}
     for i, (kind, path) in enumerate(planted.items()):  # each is, in turn, the oldest "snapshot"
