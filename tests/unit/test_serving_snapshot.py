@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,48 @@ def test_a_disk_that_fills_during_a_refresh_fails_the_publish_never_the_snapshot
     except OSError:
         refreshed = False  # the publish fails (and copies nothing): CURRENT still names the previous snapshot
     assert not refreshed or tmp.read_bytes() == source.read_bytes()
+
+
+_PUBLISHER = """
+import sys
+from pathlib import Path
+from core.settings import Settings
+from warehouse.db import clinical
+from warehouse.serving import publish_snapshot
+s = Settings(home=Path(sys.argv[1]))
+first = int(sys.argv[2])
+for i in range(first, first + 1000):
+    with clinical(s) as con:
+        con.execute("INSERT INTO patients (patient_id) SELECT printf('pt-%09d', j) FROM range(?, ?) t(j)",
+                    [i * 20_000, (i + 1) * 20_000])
+        print("publishing", flush=True)
+        publish_snapshot(s, con)
+"""
+
+
+def test_a_publish_killed_mid_way_leaves_the_current_snapshot_whole(tmp_path: Path):
+    """kill -9 a process that publishes again and again (each publish reuses the oldest snapshot): whenever it
+    dies, CURRENT names a whole snapshot holding a committed state, and the next publish cleans up after it."""
+    s = Settings(home=tmp_path / "var")
+    for i in range(KEEP):
+        add_patients(s, i * 10, 10)
+    first = 1
+    for delay_ms in (0, 20, 60, 120, 250):
+        child = subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(s.home), str(first)],
+                                 stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+        assert child.stdout is not None
+        for _ in range(2):  # a publish done, the next one under way
+            assert child.stdout.readline().strip() == "publishing"
+        time.sleep(delay_ms / 1000)  # not a wait for something: the kill is to land anywhere in the publish
+        child.kill()
+        child.wait(60)
+        snap = current_snapshot(s)
+        assert snap is not None
+        with clinical(s, read_only=True) as con:
+            committed = con.execute("SELECT count(*) FROM patients").fetchone()[0]  # type: ignore[index]
+            first = committed // 20_000 + 2
+        served = patients_in(snap, s)
+        assert served <= committed and (served - KEEP * 10) % 20_000 == 0
+    snap = add_patients(s, first * 20_000, 10)
+    assert not list(serving_dir(s).glob(".*.tmp"))
+    assert patients_in(snap, s) == committed + 10
