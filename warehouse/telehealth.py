@@ -280,8 +280,12 @@ def _digest(con: duckdb.DuckDBPyConnection, s: Settings, key: str) -> str:
         SELECT view_name, sql FROM duckdb_views() WHERE database_name = 'clinical' AND view_name = 'stg_readings'
         UNION ALL SELECT function_name, macro_definition || parameters::VARCHAR FROM duckdb_functions()
         WHERE database_name = 'clinical' AND function_name = 'with_local_time' ORDER BY ALL""").fetchall()).encode())
-    for table in ("patients", "devices", "enrollments"):  # the registry (keyed rows: none cancels another)
-        h.update(repr(con.execute(f"SELECT count(*), bit_xor(hash(t)) FROM clinical.{table} t").fetchone()).encode())
+    # The registry: a SHA-256 of each row (as JSON: no two rows read alike), in order. Not an XOR of 64-bit row
+    # hashes: that is linear, and edits crafted to cancel out (free-text names) are found in a moment.
+    for table in ("patients", "devices", "enrollments"):
+        h.update(repr(con.execute(f"""SELECT count(*), sha256(string_agg(r, '' ORDER BY r))
+                                      FROM (SELECT sha256(to_json(t)::VARCHAR) AS r FROM clinical.{table} t)""")
+                      .fetchone()).encode())
     return h.hexdigest()
 
 

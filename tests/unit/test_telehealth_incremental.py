@@ -300,3 +300,49 @@ def test_a_migration_that_changes_the_warehouse_s_local_time_rules_rebuilds_the_
         reading(con, "ox-c", 1)
     publish(home)
     assert_same_as_rebuild(home, tmp_path)
+
+
+def test_registry_edits_crafted_to_cancel_out_still_rebuild_the_store(tmp_path: Path):
+    """What the store was built from names the registry by a digest of its rows. A digest that is the XOR of
+    64-bit row hashes is linear: out of any 65 edits some subset cancels out exactly, found by elimination in
+    a moment. Whoever can edit the registry (free-text names, zones) could so move patients' days with the
+    store none the wiser until the daily rebuild. Here ~half of 70 patients move to Tokyo that way."""
+    s = Settings(home=tmp_path / "var")
+    n = 70
+    day = (NOW - timedelta(days=3)).replace(hour=20)  # 20:00 UTC: the same day in New York, the next in Tokyo
+    with clinical(s) as con:
+        for i in range(n):
+            upsert_patient(con, f"pt-{i:03d}", time_zone="America/New_York")
+            enroll(con, f"cuff-{i:03d}", f"pt-{i:03d}", kind="bp", valid_from=NOW - timedelta(days=60))
+            con.execute("""
+                INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, unit, unit_sent,
+                                      measured_at, utc_offset_min, received_at, loaded_at, msg_id, segment,
+                                      record_no, item_no, manual)
+                VALUES (?, ?, ?, 'heart_rate', '8867-4', 70, '/min', '/min', ?, 0, ?, now(), ?, 'seg', ?, 0, false)""",
+                        [f"rd-x{i}", f"pt-{i:03d}", f"cuff-{i:03d}", day, NOW, f"mx{i}", i])
+        deltas = [con.execute("""SELECT xor((SELECT hash(t) FROM patients t WHERE patient_id = $p)
+                                        , (SELECT hash(t) FROM (SELECT * REPLACE ('Asia/Tokyo' AS time_zone)
+                                                                FROM patients WHERE patient_id = $p) t))""",
+                              {"p": f"pt-{i:03d}"}).fetchone()[0] for i in range(n)]  # type: ignore[index]
+    publish(s)
+    # A non-empty subset of the edits whose hash changes XOR to zero (Gaussian elimination over GF(2)).
+    basis: dict[int, tuple[int, int]] = {}  # leading bit -> (vector, which edits make it)
+    subset = 0
+    for i, d in enumerate(deltas):
+        vec, mask = d, 1 << i
+        while vec:
+            top = vec.bit_length() - 1
+            if top not in basis:
+                basis[top] = (vec, mask)
+                break
+            vec, mask = vec ^ basis[top][0], mask ^ basis[top][1]
+        if not vec:
+            subset = mask
+            break
+    moved = [f"pt-{i:03d}" for i in range(n) if subset >> i & 1]
+    assert moved
+    with clinical(s) as con:
+        con.execute("UPDATE patients SET time_zone = 'Asia/Tokyo' WHERE patient_id IN (SELECT unnest($m))",
+                    {"m": moved})
+    publish(s)
+    assert_same_as_rebuild(s, tmp_path)
