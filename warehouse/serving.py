@@ -84,8 +84,9 @@ def _snapshots(d: Path) -> list[Path]:
 # because DuckDB 1.5 writes the whole primary-key index of `readings` again at every checkpoint (without it,
 # 4 of 203 blocks); measured there 3 s against 8 s for the copy (BENCHMARKS.md, bench/steady.py). A file some
 # process still has open must not change under it: every DuckDB instance holds a read lock on the file it
-# opened, so the snapshot is refreshed only while an open-file-description write lock on it is granted (these
-# conflict with every process's locks, this one's included), and copied otherwise.
+# opened (serving()'s readers an OFD one besides: _hold), so the snapshot is refreshed only while an
+# open-file-description write lock on it is granted (these conflict with every process's locks, this one's
+# included), and copied otherwise.
 _SYNC_BLOCK = 4 << 20
 
 
@@ -135,8 +136,31 @@ def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
 # Opening a snapshot costs ~100-150 ms (a DuckDB instance, the httpfs extension for decryption, the
 # attach); a query on it ~5-15 ms. A long-lived reader keeps one open instance per serving folder and hands
 # out cursors on it, re-opening only when a newer snapshot is published (or a rotation rewrote the file).
-_open_snapshots: dict[Path, tuple[tuple, duckdb.DuckDBPyConnection]] = {}
+_open_snapshots: dict[Path, tuple[tuple, duckdb.DuckDBPyConnection, int]] = {}
 _lock = threading.Lock()
+
+
+def _hold(snap: Path) -> int:
+    """A descriptor holding an open-file-description read lock on ``snap``, for as long as an instance here has
+    it open. DuckDB's own lock is a classic POSIX lock, which closing *any* descriptor of the file in this
+    process drops (another instance of it closed, a plain read): this one stays, so a publish never reuses
+    the file (_refresh_unused) under a reader here."""
+    fd = os.open(snap, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_held(s: Settings, snap: Path) -> tuple[duckdb.DuckDBPyConnection, int]:
+    fd = _hold(snap)
+    try:
+        return open_clinical(s, read_only=True, db_path=snap), fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _snapshot_connection(s: Settings, snap: Path) -> duckdb.DuckDBPyConnection:
@@ -146,10 +170,11 @@ def _snapshot_connection(s: Settings, snap: Path) -> duckdb.DuckDBPyConnection:
         cached = _open_snapshots.get(snap.parent)
         if cached is not None and cached[0] == identity:
             return cached[1]
-        con = open_clinical(s, read_only=True, db_path=snap)
-        _open_snapshots[snap.parent] = (identity, con)
+        con, fd = _open_held(s, snap)
+        _open_snapshots[snap.parent] = (identity, con, fd)
     if cached is not None:
         cached[1].close()
+        os.close(cached[2])
     return con
 
 
@@ -167,11 +192,12 @@ def serving(s: Settings, private: bool = False) -> Iterator[duckdb.DuckDBPyConne
             yield con
         return
     if private:  # snapshots are only ever opened read-only: instances of them never conflict
-        con = open_clinical(s, read_only=True, db_path=snap)
+        con, fd = _open_held(s, snap)
         try:
             yield con
         finally:
             con.close()
+            os.close(fd)
         return
     cur = _snapshot_connection(s, snap).cursor()
     try:

@@ -208,3 +208,22 @@ def test_a_publish_killed_mid_way_leaves_the_current_snapshot_whole(tmp_path: Pa
     snap = add_patients(s, first * 20_000, 10)
     assert not list(serving_dir(s).glob(".*.tmp"))
     assert patients_in(snap, s) == committed + 10
+
+
+def test_a_snapshot_a_long_lived_reader_holds_stays_held_after_a_private_open_of_it(tmp_path: Path):
+    """DuckDB's file lock is a classic POSIX lock: closing *any* descriptor of the file in the process drops it
+    for the whole process. A long-lived reader (the service, the metrics exporter) whose process also opened
+    and closed the same snapshot once (serving(private=True) does, as the telehealth build) must still keep
+    that snapshot from being reused under its cached instance."""
+    s = Settings(home=tmp_path / "var")
+    for i in range(KEEP):
+        add_patients(s, i * 10, 10)
+    with serving(s) as cur:  # the cached instance, on the current snapshot, kept after the block
+        assert cur.execute("SELECT count(*) FROM patients").fetchone()[0] == KEEP * 10
+    held = current_snapshot(s)
+    assert held is not None
+    inode = held.stat().st_ino
+    with serving(s, private=True) as con:  # opened and closed again in this process
+        con.execute("SELECT 1")
+    newer = [add_patients(s, 1000 * (i + 1), 10) for i in range(KEEP)]  # `held` is the oldest at the last
+    assert all(p.stat().st_ino != inode for p in newer)
