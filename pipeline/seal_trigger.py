@@ -33,17 +33,23 @@ POKE_S = 1.0  # a stat of one directory per second: the seal itself waits RPM_SE
 RESCAN_S = 15.0  # list the folder now and then even if its mtime looks unchanged (coarse timestamps)
 
 
-def _sealed(directory: str) -> set[str]:
+def _sealed(directory: str) -> set[str] | None:
+    """The sealed segments' names; None when the folder cannot be listed (a file or a symlink loop in its place,
+    unreadable): the watch goes on — a trigger that raises is restarted by the triggerer again and again."""
     try:
-        return {e.name for e in os.scandir(directory) if e.name.endswith(SEGMENT_SUFFIX)}
+        # Ingest renames regular files in: a directory, FIFO or symlink of that name is no sealed segment.
+        with os.scandir(directory) as entries:
+            return {e.name for e in entries if e.name.endswith(SEGMENT_SUFFIX) and e.is_file(follow_symlinks=False)}
     except FileNotFoundError:  # landing not created yet
         return set()
+    except OSError:
+        return None
 
 
 def _mtime(directory: str) -> int | None:
     try:
         return os.stat(directory).st_mtime_ns
-    except FileNotFoundError:
+    except OSError:
         return None
 
 
@@ -63,8 +69,9 @@ class SealedSegmentTrigger(BaseEventTrigger):
         # a run for segments a run may already have taken.
         # (Listed before the first await: the baseline is taken as soon as the triggerer starts the watch.)
         stamp = _mtime(self.sealed_dir)
-        seen = _sealed(self.sealed_dir)
+        seen = _sealed(self.sealed_dir) or set()
         listed = time.monotonic()
+        unlistable = False
         while True:
             await asyncio.sleep(self.poke_interval)
             now = _mtime(self.sealed_dir)
@@ -73,6 +80,13 @@ class SealedSegmentTrigger(BaseEventTrigger):
             stamp = now  # taken before the listing: a seal after it changes the mtime again
             current = await asyncio.to_thread(_sealed, self.sealed_dir)
             listed = time.monotonic()
+            if current is None:  # said once, not at every look; the schedule still runs the pipeline
+                if not unlistable:
+                    self.log.warning("cannot list %s: watching on, rpm_pipeline runs on its schedule meanwhile",
+                                     self.sealed_dir)
+                unlistable = True
+                continue
+            unlistable = False
             new = current - seen
             seen = current  # purged or rejected segments leave the set too
             if new:

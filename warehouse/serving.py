@@ -8,9 +8,11 @@ holds the file lock right after a CHECKPOINT, so it is always a committed, consi
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -52,18 +54,26 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
     tmp = d / f".{name}.tmp"
     for leftover in d.glob(".clinical-*.duckdb.tmp"):  # a publish that died (this one holds the writer)
         leftover.unlink(missing_ok=True)
-    snapshots = sorted(d.glob("clinical-*.duckdb"))
+    snapshots = _snapshots(d)
     if len(snapshots) < KEEP or not _refresh_unused(snapshots[0], tmp, s.clinical_db):
         shutil.copyfile(s.clinical_db, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
     os.replace(tmp, d / name)
     pointer_tmp = d / ".CURRENT.tmp"
-    pointer_tmp.write_text(name + "\n")
+    pointer_tmp.unlink(missing_ok=True)  # written afresh, never through whatever was left at that name
+    with os.fdopen(os.open(pointer_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
+        f.write(name + "\n")
     os.replace(pointer_tmp, d / "CURRENT")
-    for old in sorted(d.glob("clinical-*.duckdb"))[:-KEEP]:
+    for old in _snapshots(d)[:-KEEP]:
         old.unlink(missing_ok=True)
     return d / name
+
+
+def _snapshots(d: Path) -> list[Path]:
+    """The snapshots in ``d``, oldest first; a directory someone made there is neither reused nor removed."""
+    return [p for p in sorted(d.glob("clinical-*.duckdb")) if not p.is_dir() or p.is_symlink()]
 
 
 # A file's untouched blocks stay byte for byte the same from one checkpoint to the next (DuckDB writes changed
@@ -74,19 +84,36 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
 # because DuckDB 1.5 writes the whole primary-key index of `readings` again at every checkpoint (without it,
 # 4 of 203 blocks); measured there 3 s against 8 s for the copy (BENCHMARKS.md, bench/steady.py). A file some
 # process still has open must not change under it: every DuckDB instance holds a read lock on the file it
-# opened, so the snapshot is refreshed only while an open-file-description write lock on it is granted (these
-# conflict with every process's locks, this one's included), and copied otherwise.
+# opened (serving()'s readers an OFD one besides: _hold), so the snapshot is refreshed only while an
+# open-file-description write lock on it is granted (these conflict with every process's locks, this one's
+# included), and copied otherwise.
 _SYNC_BLOCK = 4 << 20
+
+
+def _write_all(fd: int, block: bytes, offset: int) -> None:
+    # A filling disk may take part of a write and say so (no error): the rest is written, or the next
+    # attempt raises (ENOSPC) — a refresh never ends with a block part old, part new.
+    view = memoryview(block)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(errno.ENOSPC, "no byte written")
+        view, offset = view[written:], offset + written
 
 
 def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
     """Turn snapshot ``old`` into a copy of ``source`` at ``tmp``, writing only the blocks that differ; False
     (and ``old`` untouched) when some process has it open."""
-    try:
-        fd = os.open(old, os.O_RDWR)
-    except FileNotFoundError:
+    try:  # never through a symlink someone planted there (O_NONBLOCK: nor wait on a FIFO)
+        fd = os.open(old, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
         return False
     try:
+        st = os.fstat(fd)
+        # Only a file this process wrote: not another user's (who could rewrite what clinicians read), not one
+        # with a second name elsewhere (a hard link: its other name would get the warehouse).
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            return False
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
         except OSError:
@@ -98,7 +125,8 @@ def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
             for offset in range(0, size, _SYNC_BLOCK):
                 block = os.pread(src.fileno(), _SYNC_BLOCK, offset)
                 if os.pread(fd, len(block), offset) != block:
-                    os.pwrite(fd, block, offset)
+                    _write_all(fd, block, offset)
+        os.fchmod(fd, 0o600)
         os.fsync(fd)
         return True
     finally:
@@ -108,8 +136,31 @@ def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
 # Opening a snapshot costs ~100-150 ms (a DuckDB instance, the httpfs extension for decryption, the
 # attach); a query on it ~5-15 ms. A long-lived reader keeps one open instance per serving folder and hands
 # out cursors on it, re-opening only when a newer snapshot is published (or a rotation rewrote the file).
-_open_snapshots: dict[Path, tuple[tuple, duckdb.DuckDBPyConnection]] = {}
+_open_snapshots: dict[Path, tuple[tuple, duckdb.DuckDBPyConnection, int]] = {}
 _lock = threading.Lock()
+
+
+def _hold(snap: Path) -> int:
+    """A descriptor holding an open-file-description read lock on ``snap``, for as long as an instance here has
+    it open. DuckDB's own lock is a classic POSIX lock, which closing *any* descriptor of the file in this
+    process drops (another instance of it closed, a plain read): this one stays, so a publish never reuses
+    the file (_refresh_unused) under a reader here."""
+    fd = os.open(snap, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_held(s: Settings, snap: Path) -> tuple[duckdb.DuckDBPyConnection, int]:
+    fd = _hold(snap)
+    try:
+        return open_clinical(s, read_only=True, db_path=snap), fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _snapshot_connection(s: Settings, snap: Path) -> duckdb.DuckDBPyConnection:
@@ -119,10 +170,11 @@ def _snapshot_connection(s: Settings, snap: Path) -> duckdb.DuckDBPyConnection:
         cached = _open_snapshots.get(snap.parent)
         if cached is not None and cached[0] == identity:
             return cached[1]
-        con = open_clinical(s, read_only=True, db_path=snap)
-        _open_snapshots[snap.parent] = (identity, con)
+        con, fd = _open_held(s, snap)
+        _open_snapshots[snap.parent] = (identity, con, fd)
     if cached is not None:
         cached[1].close()
+        os.close(cached[2])
     return con
 
 
@@ -140,11 +192,12 @@ def serving(s: Settings, private: bool = False) -> Iterator[duckdb.DuckDBPyConne
             yield con
         return
     if private:  # snapshots are only ever opened read-only: instances of them never conflict
-        con = open_clinical(s, read_only=True, db_path=snap)
+        con, fd = _open_held(s, snap)
         try:
             yield con
         finally:
             con.close()
+            os.close(fd)
         return
     cur = _snapshot_connection(s, snap).cursor()
     try:

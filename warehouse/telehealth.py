@@ -35,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -271,8 +272,20 @@ def _digest(con: duckdb.DuckDBPyConnection, s: Settings, key: str) -> str:
         h.update(path.read_bytes())
     h.update(repr(_catalogue_rows(s)).encode())
     h.update(hashlib.sha256(pseudonym_key(s)).digest() + hashlib.sha256(key.encode()).digest())
-    for table in ("patients", "devices", "enrollments"):  # the registry (keyed rows: none cancels another)
-        h.update(repr(con.execute(f"SELECT count(*), bit_xor(hash(t)) FROM clinical.{table} t").fetchone()).encode())
+    # The warehouse's own views and macros the tables read (stg_readings, with_local_time: the local day), which
+    # a migration may redefine, and the engine that evaluates them (its time zone data among it).
+    h.update(duckdb.__version__.encode())
+    # (Only these: DuckDB's stored text of some other views, EXCLUDE lists, varies from one file to the next.)
+    h.update(repr(con.execute("""
+        SELECT view_name, sql FROM duckdb_views() WHERE database_name = 'clinical' AND view_name = 'stg_readings'
+        UNION ALL SELECT function_name, macro_definition || parameters::VARCHAR FROM duckdb_functions()
+        WHERE database_name = 'clinical' AND function_name = 'with_local_time' ORDER BY ALL""").fetchall()).encode())
+    # The registry: a SHA-256 of each row (as JSON: no two rows read alike), in order. Not an XOR of 64-bit row
+    # hashes: that is linear, and edits crafted to cancel out (free-text names) are found in a moment.
+    for table in ("patients", "devices", "enrollments"):
+        h.update(repr(con.execute(f"""SELECT count(*), sha256(string_agg(r, '' ORDER BY r))
+                                      FROM (SELECT sha256(to_json(t)::VARCHAR) AS r FROM clinical.{table} t)""")
+                      .fetchone()).encode())
     return h.hexdigest()
 
 
@@ -290,20 +303,60 @@ def _watermarks(con: duckdb.DuckDBPyConnection, since: dict | None = None) -> di
     return out
 
 
+# The state is signed (HMAC under a key derived from the pseudonym key): one edited to claim rows the store never
+# absorbed would otherwise leave it behind a rebuild with nothing to show it. Anything unsigned, mangled or not
+# a small regular file (a FIFO would hang the run) is no state: the store is rebuilt.
+_STATE_MAX_BYTES = 64 << 10
+
+
+def _state_mac(s: Settings, state: dict) -> str:
+    key = hmac.new(pseudonym_key(s), b"rpm telehealth state", hashlib.sha256).digest()
+    return hmac.new(key, json.dumps(state, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def _valid_state(state: object) -> bool:
+    def count(v: object, nullable: bool = False) -> bool:
+        return (v is None and nullable) or (type(v) is int and 0 <= v < 1 << 62)
+
+    if not isinstance(state, dict) or not isinstance(state.get("digest"), str):
+        return False
+    store, streams = state.get("store"), state.get("streams")
+    return (isinstance(store, list) and len(store) == 3 and all(count(v) for v in store)
+            and isinstance(streams, dict) and set(streams) == set(_STREAMS)
+            and all(isinstance(m, dict) and count(m.get("through"), nullable=True) and count(m.get("count"))
+                    for m in streams.values()))
+
+
 def _read_state(s: Settings) -> dict | None:
     try:
-        state = json.loads(_state_file(s).read_text())
-    except (FileNotFoundError, ValueError):
+        fd = os.open(_state_file(s), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
         return None
-    return state if isinstance(state, dict) else None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        state = json.loads(os.read(fd, _STATE_MAX_BYTES))  # a longer one is cut, so invalid
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(state, dict):
+        return None
+    mac = state.pop("mac", None)
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _state_mac(s, state)) or not _valid_state(state):
+        return None
+    return state
 
 
 def _write_state(s: Settings, digest: str, marks: dict[str, dict], built_by: str) -> None:
-    state = {"store": _file_identity(telehealth_db(s)), "digest": digest, "built_by": built_by,
-             "streams": {k: {"through": v["through"], "count": v["count"]} for k, v in marks.items()}}
+    state: dict = {"store": _file_identity(telehealth_db(s)), "digest": digest, "built_by": built_by,
+                   "streams": {k: {"through": v["through"], "count": v["count"]} for k, v in marks.items()}}
+    state["mac"] = _state_mac(s, state)
     tmp = _state_file(s).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.chmod(tmp, 0o600)
+    tmp.unlink(missing_ok=True)  # created afresh, never written through whatever was left at that name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
     os.replace(tmp, _state_file(s))
 
 

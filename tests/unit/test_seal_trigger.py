@@ -81,3 +81,48 @@ def test_rpm_pipeline_runs_on_a_seal_or_on_its_schedule(tmp_path: Path):
     os.makedirs(kwargs["sealed_dir"])  # the serialised trigger is what the triggerer rebuilds and runs
     rebuilt = SealedSegmentTrigger(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
+
+
+def test_only_regular_files_count_and_no_name_reaches_the_event(tmp_path: Path):
+    """A directory, a FIFO or a symlink named *.seg is no sealed segment (ingest renames files in); a hostile
+    file name (a newline, a terminal escape, SQL) is counted like any other and never copied into the event."""
+    landing = tmp_path / "landing"
+    sealed = sealed_dir(landing)
+    sealed.mkdir(parents=True)
+
+    async def scenario():
+        gen = SealedSegmentTrigger(str(sealed), poke_interval=0.02).run()
+        pending = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)  # the baseline listing
+        (sealed / "a-dir.seg").mkdir()
+        os.mkfifo(sealed / "a-fifo.seg")
+        (sealed / "a-link.seg").symlink_to("/dev/zero")
+        (sealed / "evil\n\x1b[2J'); DROP TABLE readings;--.seg").write_bytes(b"x")
+        event = await asyncio.wait_for(pending, DEADLINE_S)
+        await gen.aclose()
+        return event
+
+    event = asyncio.run(scenario())
+    assert event.payload == {"sealed": 1}
+
+
+def test_a_sealed_folder_that_cannot_be_listed_never_fails_the_watch(tmp_path: Path):
+    """landing/sealed/ replaced by a file (or unreadable, a symlink loop): the trigger must not raise — the
+    triggerer would restart it again and again, each time with a traceback — and fires once it is listable."""
+    landing = tmp_path / "landing"
+    sealed = sealed_dir(landing)
+    sealed.parent.mkdir(parents=True)
+    sealed.write_text("not a folder")
+
+    async def scenario():
+        gen = SealedSegmentTrigger(str(sealed), poke_interval=0.01).run()
+        pending = asyncio.ensure_future(gen.__anext__())
+        done, _ = await asyncio.wait({pending}, timeout=0.5)  # ~50 looks at a folder that is a file
+        assert not done, pending.exception() if done else None
+        sealed.unlink()
+        seal(landing, "dev-3-000001")
+        event = await asyncio.wait_for(pending, DEADLINE_S)
+        await gen.aclose()
+        return event
+
+    assert asyncio.run(scenario()).payload == {"sealed": 1}

@@ -8,11 +8,17 @@ reusing a file safe: one that any DuckDB instance still has open is left alone (
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from core.settings import Settings
 from warehouse.db import clinical, open_clinical
-from warehouse.serving import KEEP, current_snapshot, publish_snapshot, serving, serving_dir
+from warehouse.serving import KEEP, _refresh_unused, current_snapshot, publish_snapshot, serving, serving_dir
 
 
 def add_patients(s: Settings, first: int, n: int) -> Path:
@@ -67,3 +73,157 @@ def test_a_snapshot_a_reader_still_has_open_is_never_written(tmp_path: Path):
     finally:
         held.close()
     assert patients_in(snap, s) == KEEP * 10 + 50
+
+
+def test_what_is_planted_in_the_serving_folder_is_never_written_through(tmp_path: Path):
+    """Whoever can write the serving folder may leave things named like the oldest snapshot: a symlink to
+    another file, a hard link, another user's file, a directory. A publish reuses none of them — it never
+    writes through one to the file behind it, never serves a file another user can rewrite — and goes on."""
+    s = Settings(home=tmp_path / "var")
+    add_patients(s, 0, 10)
+    add_patients(s, 10, 10)
+    d = serving_dir(s)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not a snapshot\n" * 1000)
+    (d / ".CURRENT.tmp").symlink_to(victim)  # where the pointer is written before it is renamed in
+    planted = {"link": d / "clinical-0-link.duckdb", "hard": d / "clinical-1-hard.duckdb",
+               "foreign": d / "clinical-2-foreign.duckdb", "dir": d / "clinical-3-dir.duckdb"}
+    for i, (kind, path) in enumerate(planted.items()):  # each is, in turn, the oldest "snapshot"
+        if kind == "link":
+            path.symlink_to(victim)
+        elif kind == "hard":
+            os.link(victim, path)
+        elif kind == "foreign":
+            path.write_bytes(b"x" * 4096)
+            os.chmod(path, 0o666)
+            os.chown(path, 4242, 4242)
+        else:
+            path.mkdir()
+        snap = add_patients(s, 100 * (i + 1), 10)
+        st = snap.stat()
+        assert victim.read_bytes() == b"not a snapshot\n" * 1000
+        assert st.st_uid == os.geteuid() and not st.st_mode & 0o022 and st.st_nlink == 1
+        assert current_snapshot(s) == snap
+
+
+def test_a_snapshot_another_process_holds_open_is_never_written(tmp_path: Path):
+    """The clinician service is another process, its cached read-only instance idle on an old snapshot: the
+    publish that would reuse that file must see the other process's lock and copy instead."""
+    s = Settings(home=tmp_path / "var")
+    for i in range(KEEP):
+        add_patients(s, i * 10, 10)
+    oldest = sorted(serving_dir(s).glob("clinical-*.duckdb"))[0]
+    before = oldest.read_bytes()
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from core.settings import Settings; "
+         "from warehouse.db import open_clinical; "
+         "con = open_clinical(Settings(home=Path(sys.argv[1])), read_only=True, db_path=Path(sys.argv[2])); "
+         "print(con.execute('SELECT count(*) FROM clinical.patients').fetchone()[0], flush=True); "
+         "sys.stdin.read(); "
+         "print(con.execute('SELECT count(*) FROM clinical.patients').fetchone()[0], flush=True)",
+         str(s.home), str(oldest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parents[2])
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "10"  # open, lock held
+        inode = os.stat(oldest).st_ino
+        with open(oldest, "rb") as held:  # the file as the reader has it, whatever name it goes by later
+            snap = add_patients(s, 1000, 50)
+            assert snap.stat().st_ino != inode
+            assert os.pread(held.fileno(), len(before), 0) == before
+        out, _ = reader.communicate("", timeout=60)
+    finally:
+        reader.kill()
+    assert out.strip() == "10" and reader.returncode == 0
+    assert patients_in(snap, s) == KEEP * 10 + 50
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs: a disk about to be full (root, and a kernel that lets this process mount, only)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "rpm-test", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_disk_that_fills_during_a_refresh_fails_the_publish_never_the_snapshot(small_disk: Path, tmp_path: Path):
+    """A write on a filling disk may write part of a block and say so (a short write, no error). The refresh
+    must then write the rest or fail — never return a file that is part old, part new as the new snapshot."""
+    old, tmp = small_disk / "clinical-old.duckdb", small_disk / ".clinical-new.duckdb.tmp"
+    old.write_bytes(b"o" * (256 << 10))
+    source = tmp_path / "clinical.duckdb"
+    source.write_bytes(os.urandom(3 << 20))  # grows the file past what the disk has left
+    try:
+        refreshed = _refresh_unused(old, tmp, source)
+    except OSError:
+        refreshed = False  # the publish fails (and copies nothing): CURRENT still names the previous snapshot
+    assert not refreshed or tmp.read_bytes() == source.read_bytes()
+
+
+_PUBLISHER = """
+import sys
+from pathlib import Path
+from core.settings import Settings
+from warehouse.db import clinical
+from warehouse.serving import publish_snapshot
+s = Settings(home=Path(sys.argv[1]))
+first = int(sys.argv[2])
+for i in range(first, first + 1000):
+    with clinical(s) as con:
+        con.execute("INSERT INTO patients (patient_id) SELECT printf('pt-%09d', j) FROM range(?, ?) t(j)",
+                    [i * 20_000, (i + 1) * 20_000])
+        print("publishing", flush=True)
+        publish_snapshot(s, con)
+"""
+
+
+def test_a_publish_killed_mid_way_leaves_the_current_snapshot_whole(tmp_path: Path):
+    """kill -9 a process that publishes again and again (each publish reuses the oldest snapshot): whenever it
+    dies, CURRENT names a whole snapshot holding a committed state, and the next publish cleans up after it."""
+    s = Settings(home=tmp_path / "var")
+    for i in range(KEEP):
+        add_patients(s, i * 10, 10)
+    first = 1
+    for delay_ms in (0, 20, 60, 120, 250):
+        child = subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(s.home), str(first)],
+                                 stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+        assert child.stdout is not None
+        for _ in range(2):  # a publish done, the next one under way
+            assert child.stdout.readline().strip() == "publishing"
+        time.sleep(delay_ms / 1000)  # not a wait for something: the kill is to land anywhere in the publish
+        child.kill()
+        child.wait(60)
+        snap = current_snapshot(s)
+        assert snap is not None
+        with clinical(s, read_only=True) as con:
+            committed = con.execute("SELECT count(*) FROM patients").fetchone()[0]  # type: ignore[index]
+            first = committed // 20_000 + 2
+        served = patients_in(snap, s)
+        assert served <= committed and (served - KEEP * 10) % 20_000 == 0
+    snap = add_patients(s, first * 20_000, 10)
+    assert not list(serving_dir(s).glob(".*.tmp"))
+    assert patients_in(snap, s) == committed + 10
+
+
+def test_a_snapshot_a_long_lived_reader_holds_stays_held_after_a_private_open_of_it(tmp_path: Path):
+    """DuckDB's file lock is a classic POSIX lock: closing *any* descriptor of the file in the process drops it
+    for the whole process. A long-lived reader (the service, the metrics exporter) whose process also opened
+    and closed the same snapshot once (serving(private=True) does, as the telehealth build) must still keep
+    that snapshot from being reused under its cached instance."""
+    s = Settings(home=tmp_path / "var")
+    for i in range(KEEP):
+        add_patients(s, i * 10, 10)
+    with serving(s) as cur:  # the cached instance, on the current snapshot, kept after the block
+        assert cur.execute("SELECT count(*) FROM patients").fetchone()[0] == KEEP * 10
+    held = current_snapshot(s)
+    assert held is not None
+    inode = held.stat().st_ino
+    with serving(s, private=True) as con:  # opened and closed again in this process
+        con.execute("SELECT 1")
+    newer = [add_patients(s, 1000 * (i + 1), 10) for i in range(KEEP)]  # `held` is the oldest at the last
+    assert all(p.stat().st_ino != inode for p in newer)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from core.settings import Settings
 from warehouse.db import clinical
 from warehouse.registry import enroll, upsert_patient
 from warehouse.retention import purge_landing
-from warehouse.serving import publish_snapshot
+from warehouse.serving import publish_snapshot, serving
 from warehouse.telehealth import TABLES, open_telehealth, publish_telehealth, rotate_key
 
 # Whole hours before the test starts: a silence's length is stored in whole hours measured to the build, and a
@@ -143,6 +145,8 @@ def test_updates_over_several_batches_match_a_full_rebuild(home: Settings, tmp_p
         publish(s)
         assert built_by(s) == "update"
         assert_same_as_rebuild(s, tmp_path)
+        state = state_path(s).read_text()  # beside the store, outside its key: counts and instants only
+        assert not any(i in state for i in [*PATIENTS, *DEVICES, "apt-1"])
 
 
 def test_a_run_with_nothing_new_keeps_the_store_and_the_current_silences(home: Settings, tmp_path: Path):
@@ -201,4 +205,144 @@ def test_a_new_install_with_nothing_registered_updates_its_empty_store(tmp_path:
         run_record(con, 1)
     publish(s)
     assert built_by(s) == "update"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def state_path(s: Settings) -> Path:
+    return Path(s.warehouse_dir) / ".telehealth-state.json"
+
+
+@pytest.mark.parametrize("tamper", ["truncated", "garbage_streams", "through_text", "claims_more"])
+def test_a_state_file_edited_or_planted_is_not_trusted(home: Settings, tmp_path: Path, tamper: str):
+    """The state file says what the store already holds. One cut short, mangled, edited to claim rows the store
+    never absorbed must never leave the store behind a rebuild, nor fail the
+    run: the store is rebuilt."""
+    s = home
+    old = state_path(s).read_text()
+    with clinical(s) as con:
+        reading(con, "cuff-a", 2)
+        event(con, "app-b", "survey_completed", 3, survey="phq-2")
+    publish_snapshot(s)
+    state = json.loads(old)
+    if tamper == "truncated":
+        state_path(s).write_text(old[: len(old) // 2])
+    else:
+        if tamper == "garbage_streams":
+            state["streams"] = "all of them"
+        elif tamper == "through_text":
+            state["streams"]["readings"]["through"] = "tomorrow"
+        elif tamper == "claims_more":  # as if the rows just loaded were already in the store
+            with serving(s) as served:
+                for stream, table in (("readings", "readings"), ("events", "telehealth_events")):
+                    through, count = served.execute(
+                        f"SELECT epoch_us(max(loaded_at)), count(*) FROM {table}").fetchone()  # type: ignore[misc]
+                    state["streams"][stream] = {**state["streams"][stream], "through": through, "count": count}
+        state_path(s).write_text(json.dumps(state))
+    publish_telehealth(s)
+    assert built_by(s) == "rebuild"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_fifo_or_symlink_where_the_state_file_goes_neither_hangs_the_run_nor_is_written_through(
+        home: Settings, tmp_path: Path):
+    s = home
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's file\n")
+    tmp_state = state_path(s).with_suffix(".tmp")
+    tmp_state.symlink_to(victim)
+    state_path(s).unlink()
+    os.mkfifo(state_path(s))
+    with clinical(s) as con:
+        reading(con, "cuff-a", 2)
+    publish_snapshot(s)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (publish_telehealth(s), done.set()), daemon=True)
+    worker.start()
+    finished = done.wait(60)
+    if not finished:  # unblock the reader so the test ends: it was waiting for a writer on the FIFO
+        with open(state_path(s), "w"):
+            pass
+        worker.join(60)
+    assert finished, "the run hung reading a FIFO planted as its state file"
+    assert victim.read_text() == "someone else's file\n"
+    assert built_by(s) == "rebuild"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_run_killed_between_the_store_swap_and_the_state_write_is_followed_by_a_rebuild(
+        home: Settings, tmp_path: Path):
+    """What a kill -9 there leaves on disk: the new store, the previous run's (valid, signed) state. The state
+    names the store file it describes, so the next run cannot mistake it for this store's: it rebuilds."""
+    s = home
+    before = state_path(s).read_bytes()
+    with clinical(s) as con:
+        reading(con, "cuff-a", 3)
+    publish(s)
+    assert built_by(s) == "update"
+    state_path(s).write_bytes(before)  # the state write that the kill prevented
+    with clinical(s) as con:
+        reading(con, "scale-b", 2)
+    publish(s)
+    assert built_by(s) == "rebuild"
+    assert_same_as_rebuild(s, tmp_path)
+
+
+def test_a_migration_that_changes_the_warehouse_s_local_time_rules_rebuilds_the_store(
+        home: Settings, tmp_path: Path):
+    """The store's days come from the warehouse's own macro and views (warehouse/sql/), which a migration or an
+    upgrade may redefine: an update would keep every untouched patient's rows under the old rule."""
+    sql = (Path(__file__).parents[2] / "warehouse" / "sql" / "010_marts.sql").read_text()
+    start = sql.index("CREATE OR REPLACE MACRO with_local_time")
+    macro = sql[start:sql.index(";", start) + 1]
+    assert "AS DATE) AS local_date" in macro
+    with clinical(home) as con:
+        con.execute(macro.replace("AS DATE) AS local_date", "AS DATE) + 1 AS local_date"))  # a changed rule
+        reading(con, "ox-c", 1)
+    publish(home)
+    assert_same_as_rebuild(home, tmp_path)
+
+
+def test_registry_edits_crafted_to_cancel_out_still_rebuild_the_store(tmp_path: Path):
+    """What the store was built from names the registry by a digest of its rows. A digest that is the XOR of
+    64-bit row hashes is linear: out of any 65 edits some subset cancels out exactly, found by elimination in
+    a moment. Whoever can edit the registry (free-text names, zones) could so move patients' days with the
+    store none the wiser until the daily rebuild. Here ~half of 70 patients move to Tokyo that way."""
+    s = Settings(home=tmp_path / "var")
+    n = 70
+    day = (NOW - timedelta(days=3)).replace(hour=20)  # 20:00 UTC: the same day in New York, the next in Tokyo
+    with clinical(s) as con:
+        for i in range(n):
+            upsert_patient(con, f"pt-{i:03d}", time_zone="America/New_York")
+            enroll(con, f"cuff-{i:03d}", f"pt-{i:03d}", kind="bp", valid_from=NOW - timedelta(days=60))
+            con.execute("""
+                INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, unit, unit_sent,
+                                      measured_at, utc_offset_min, received_at, loaded_at, msg_id, segment,
+                                      record_no, item_no, manual)
+                VALUES (?, ?, ?, 'heart_rate', '8867-4', 70, '/min', '/min', ?, 0, ?, now(), ?, 'seg', ?, 0, false)""",
+                        [f"rd-x{i}", f"pt-{i:03d}", f"cuff-{i:03d}", day, NOW, f"mx{i}", i])
+        deltas = [con.execute("""SELECT xor((SELECT hash(t) FROM patients t WHERE patient_id = $p)
+                                        , (SELECT hash(t) FROM (SELECT * REPLACE ('Asia/Tokyo' AS time_zone)
+                                                                FROM patients WHERE patient_id = $p) t))""",
+                              {"p": f"pt-{i:03d}"}).fetchone()[0] for i in range(n)]  # type: ignore[index]
+    publish(s)
+    # A non-empty subset of the edits whose hash changes XOR to zero (Gaussian elimination over GF(2)).
+    basis: dict[int, tuple[int, int]] = {}  # leading bit -> (vector, which edits make it)
+    subset = 0
+    for i, d in enumerate(deltas):
+        vec, mask = d, 1 << i
+        while vec:
+            top = vec.bit_length() - 1
+            if top not in basis:
+                basis[top] = (vec, mask)
+                break
+            vec, mask = vec ^ basis[top][0], mask ^ basis[top][1]
+        if not vec:
+            subset = mask
+            break
+    moved = [f"pt-{i:03d}" for i in range(n) if subset >> i & 1]
+    assert moved
+    with clinical(s) as con:
+        con.execute("UPDATE patients SET time_zone = 'Asia/Tokyo' WHERE patient_id IN (SELECT unnest($m))",
+                    {"m": moved})
+    publish(s)
     assert_same_as_rebuild(s, tmp_path)
