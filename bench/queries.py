@@ -49,8 +49,8 @@ PANEL_TARGET_MS = 100.0
 BILLING_TARGET_MS = 2000.0
 DEFAULT_SIZE, DEFAULT_PATIENTS = 2_000_000, 1_000
 # Tables the clinician views and the billing report read; the plain copy holds only these.
-PLAIN_TABLES = ("patients", "readings", "alerts", "care_team", "clinicians", "interactions",
-                "alert_thresholds")
+PLAIN_TABLES = ("patients", "readings", "patient_days", "patient_day_zones", "alerts", "care_team",
+                "clinicians", "interactions", "alert_thresholds")
 AUDIT_LOG_SIZES = (1_000, 100_000)
 
 
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--order", choices=("time", "patient"), default="time",
                    help="physical order of the generated readings (see bench/generate.py)")
     p.add_argument("--key", choices=("build", "skip"), default="build",
-                   help="primary key on readings (skip it at 50M readings: see bench/generate.py)")
+                   help="primary key on readings: kept live while loading (default) or left out")
     p.add_argument("--home",
                    help="reuse the warehouse of `python -m bench.generate --home DIR` (no generation)")
     p.add_argument("--seed", type=int, default=11)

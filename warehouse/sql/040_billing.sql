@@ -1,6 +1,7 @@
 -- RPM billing eligibility under the CY2026 Medicare physician fee schedule. Views only: always current,
 -- nothing to refresh, idempotent on every connect. Each view answers one billing question:
---   billing_days     which patient-local days count toward a device-supply code, and the readings behind each
+--   billing_device_days  which patient-local days have a device-transmitted reading (from patient_days)
+--   billing_days     the counted days of each period with the readings behind each (the evidence)
 --   billing_periods  which device-supply code (99454 / 99445) each 30-day period earns
 --   billing_time     which treatment-management codes (99470 / 99457 / 99458) each calendar month earns
 -- "Patient-local" for readings is the reading's own UTC offset (stg_readings.local_date); for "today" and for
@@ -15,6 +16,15 @@ SELECT reading_id, patient_id, device_id, measured_at, local_date
 FROM stg_readings
 WHERE manual = false;
 
+-- billing_device_days: one row per patient-local day with at least one device-transmitted reading and how many,
+-- from the per-day rollup the load keeps (005_patient_days.sql): the same days billing_device_readings gives,
+-- without reading every reading (50M readings: 30 s -> BENCHMARKS.md §4).
+CREATE OR REPLACE VIEW billing_device_days AS
+SELECT patient_id, local_date, CAST(sum(device_readings) AS INTEGER) AS readings
+FROM stg_patient_days
+GROUP BY patient_id, local_date
+HAVING sum(device_readings) > 0;
+
 -- billing_calendar: the 30-day device-supply periods of each patient. Periods are anchored on the patient-local
 -- date of the first valid device-transmitted reading and run back to back: period k covers local dates
 -- [start + 30k, start + 30k + 29]. Periods are generated up to and including the one containing today's
@@ -26,7 +36,7 @@ WITH anchors AS (
            min(r.local_date) AS first_date,
            max(r.local_date) AS last_date,
            CAST(now() AT TIME ZONE coalesce(any_value(p.time_zone), 'UTC') AS DATE) AS today
-    FROM billing_device_readings r
+    FROM billing_device_days r
     LEFT JOIN patients p ON p.patient_id = r.patient_id
     GROUP BY r.patient_id
 ), numbered AS (
@@ -70,7 +80,8 @@ WITH counted AS (
            CAST(count(d.local_date) FILTER (WHERE d.local_date >= c.today) AS INTEGER) AS days_from_today,
            c.today BETWEEN c.period_start AND c.period_end AS is_current
     FROM billing_calendar c
-    LEFT JOIN billing_days d ON d.patient_id = c.patient_id AND d.period_no = c.period_no
+    LEFT JOIN billing_device_days d
+           ON d.patient_id = c.patient_id AND d.local_date BETWEEN c.period_start AND c.period_end
     GROUP BY c.patient_id, c.period_no, c.period_start, c.period_end, c.today
 ), remaining AS (
     SELECT *,
