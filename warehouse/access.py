@@ -57,7 +57,7 @@ WITH days AS (
                 WHEN last_at >= now() - INTERVAL 30 DAY
                 THEN len(list_filter(at_us, x -> x >= epoch_us(now() - INTERVAL 30 DAY)))
                 ELSE 0 END AS in_window
-    FROM stg_patient_days WHERE list_contains($1, patient_id)
+    FROM patient_days WHERE list_contains($1, patient_id)
 ), per_patient AS (
     SELECT patient_id, max(last_at) AS last_reading_at, CAST(sum(in_window) AS BIGINT) AS readings_30d
     FROM days GROUP BY patient_id
@@ -205,7 +205,7 @@ class ClinicianSession:
             scope = self._scope(con, "panel", query)
             rows = _rows(con.execute("""
                 SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone, p.conditions,
-                       (SELECT max(last_at) FROM stg_patient_days d WHERE d.patient_id = p.patient_id)
+                       (SELECT max(last_at) FROM patient_days d WHERE d.patient_id = p.patient_id)
                            AS last_reading_at
                 FROM patients p WHERE list_contains(?, p.patient_id) ORDER BY p.patient_id""", [scope]))
             open_by_patient: dict[str, list[dict]] = {}

@@ -4,9 +4,9 @@ Billing counts patient-local days with a device-transmitted reading, the panel w
 reading and readings of the last 30 days, the patient view daily aggregates: at 50M readings each of these
 scanned every reading (BENCHMARKS.md §4). The load adds each batch's readings here in its own transaction
 (``note_loaded``), so the rollup always equals ``patient_days_of('readings')`` — what ``rebuild`` recounts —
-for the zone each patient's days were counted in. A registry change of a patient's zone is applied by
-``refresh_zones`` (the load and rpm_daily call it); until then ``stg_patient_days`` recounts that patient
-from readings, so no view answers from a stale day.
+for the zone each patient's days were counted in. A registry change of a patient's zone is recounted by
+``refresh_zones`` in the registry's own transaction (``registry.upsert_patient``); the load and the
+compaction call it too, for a zone changed any other way.
 """
 
 from __future__ import annotations

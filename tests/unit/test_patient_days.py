@@ -174,7 +174,7 @@ def rollup(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple]:
 
 
 def assert_same_answers(con: duckdb.DuckDBPyConnection, patients: list[str]) -> None:
-    assert rollup(con, "stg_patient_days") == rollup(con, "patient_days_of('readings')")
+    assert rollup(con, "patient_days") == rollup(con, "patient_days_of('readings')")
     assert table(con, "SELECT * FROM billing_periods ORDER BY ALL") == \
         table(con, "SELECT * FROM old_billing_periods ORDER BY ALL")
     assert table(con, "SELECT * FROM billing_days ORDER BY ALL") == \
@@ -198,11 +198,11 @@ def test_incremental_loads_answer_as_the_full_scans_did(con: duckdb.DuckDBPyConn
     for i, batch in enumerate(batches):
         load(con, batch)
         assert_same_answers(con, patients)
-        if i == 1:  # a patient moves: their days are recounted in the new zone by the next load
+        if i == 1:  # a patient moves: the registry recounts their days in the new zone at once
             upsert_patient(con, patients[0], time_zone="Pacific/Chatham")
-            assert_same_answers(con, patients)  # meanwhile recounted on the fly, never stale
-        if i == 2:  # a patient without a zone registers one
-            upsert_patient(con, patients[3], time_zone="Europe/Berlin")
+            assert_same_answers(con, patients)
+        if i == 2:  # a zone set by other means than the registry: the next load recounts it
+            con.execute("UPDATE patients SET time_zone = 'Europe/Berlin' WHERE patient_id = ?", [patients[3]])
     # After the loads (and the zone changes they applied) the stored rollup is a full recount.
     refresh_zones(con)
     assert rollup(con, "patient_days") == rollup(con, "patient_days_of('readings')")
@@ -213,18 +213,25 @@ def test_incremental_loads_answer_as_the_full_scans_did(con: duckdb.DuckDBPyConn
     assert_same_answers(con, patients)
 
 
-def test_zone_change_is_recounted_by_the_next_load(con: duckdb.DuckDBPyConnection) -> None:
-    """A Chicago patient's 23:30 local reading is 05:30Z the next UTC day: its day moves with the zone."""
+def test_a_zone_change_moves_the_days_at_once(con: duckdb.DuckDBPyConnection) -> None:
+    """A Chicago patient's 23:30 local reading is 04:30Z the next UTC day: its day moves with the zone."""
     upsert_patient(con, "p-1", time_zone="America/Chicago")
     at = datetime(2026, 6, 2, 4, 30, tzinfo=UTC)  # 23:30 on 1 June in Chicago, 06:30 on 2 June in Berlin
     load(con, [("r-z1", "p-1", "dev-1", "heart_rate", "8867-4", 70.0, None, "/min", -300, at, False, 1)])
     assert con.execute("SELECT local_date FROM patient_days").fetchall() == [(datetime(2026, 6, 1).date(),)]
     upsert_patient(con, "p-1", time_zone="Europe/Berlin")
-    # Readers see the new day at once (recounted on the fly); the stored row still has the old one ...
-    assert con.execute("SELECT local_date FROM stg_patient_days").fetchall() == [(datetime(2026, 6, 2).date(),)]
-    assert con.execute("SELECT local_date FROM patient_days").fetchall() == [(datetime(2026, 6, 1).date(),)]
-    # ... until the next load stores the recount, and adds its own readings once.
+    assert con.execute("SELECT local_date, readings FROM patient_days").fetchall() == \
+        [(datetime(2026, 6, 2).date(), 1)]
+    assert con.execute("SELECT time_zone FROM patient_day_zones").fetchall() == [("Europe/Berlin",)]
+
+
+def test_a_zone_changed_behind_the_registry_is_recounted_by_the_next_load(con: duckdb.DuckDBPyConnection) -> None:
+    upsert_patient(con, "p-1", time_zone="America/Chicago")
+    at = datetime(2026, 6, 2, 4, 30, tzinfo=UTC)
+    load(con, [("r-z1", "p-1", "dev-1", "heart_rate", "8867-4", 70.0, None, "/min", -300, at, False, 1)])
+    con.execute("UPDATE patients SET time_zone = 'Europe/Berlin'")
     load(con, [("r-z2", "p-1", "dev-1", "heart_rate", "8867-4", 80.0, None, "/min", 60, at, False, 2)])
+    # Recounted in Berlin, with the new batch's reading added once.
     assert con.execute("SELECT local_date, readings FROM patient_days").fetchall() == \
         [(datetime(2026, 6, 2).date(), 2)]
     assert con.execute("SELECT time_zone FROM patient_day_zones").fetchall() == [("Europe/Berlin",)]

@@ -28,8 +28,8 @@ CREATE TABLE IF NOT EXISTS patient_days (
 );
 
 -- The home zone each patient's days were counted in (NULL: the devices' offsets). A registry change of the
--- zone makes a patient's rows stale until they are recounted (patient_days.refresh_zones, run by the load
--- and by rpm_daily); meanwhile stg_patient_days recounts that patient from readings, so no answer is stale.
+-- zone moves the patient's local days: registry.upsert_patient recounts them in the same transaction
+-- (patient_days.refresh_zones), and the load and the compaction check again for a change made otherwise.
 CREATE TABLE IF NOT EXISTS patient_day_zones (
     patient_id  VARCHAR PRIMARY KEY,
     time_zone   VARCHAR

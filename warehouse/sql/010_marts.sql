@@ -80,21 +80,11 @@ SELECT patient_id, local_date, metric, unit,
 FROM query_table(source::VARCHAR)
 GROUP BY patient_id, local_date, metric, unit;
 
--- stg_day_zone_changes: patients whose registered zone changed since their days were counted.
+-- stg_day_zone_changes: patients whose registered zone changed since their days were counted (the registry
+-- recounts them at once, warehouse/patient_days.refresh_zones; the load and the compaction check again).
 CREATE OR REPLACE VIEW stg_day_zone_changes AS
 SELECT z.patient_id FROM patient_day_zones z JOIN patients p USING (patient_id)
 WHERE z.time_zone IS DISTINCT FROM p.time_zone;
-
-CREATE OR REPLACE VIEW stg_rezoned_readings AS
-SELECT * FROM readings WHERE patient_id IN (SELECT patient_id FROM stg_day_zone_changes);
-
--- stg_patient_days: patient_days as the registry stands now. A patient whose zone changed since the load
--- counted their days is recounted from readings until refresh_zones stores the recount (normally nobody:
--- the empty join costs nothing).
-CREATE OR REPLACE VIEW stg_patient_days AS
-SELECT * FROM patient_days WHERE patient_id NOT IN (SELECT patient_id FROM stg_day_zone_changes)
-UNION ALL BY NAME
-SELECT * FROM patient_days_of('stg_rezoned_readings');
 
 -- mart_latest_vitals: the most recent reading of each metric per patient (a clinician's first glance). The
 -- latest reading is chosen on the UTC instant (ties: the smallest reading_id), and only it is given its
@@ -104,7 +94,7 @@ WITH per_metric AS (
     SELECT patient_id, metric, CAST(sum(readings) AS BIGINT) AS readings_total,
            arg_min({'unit': unit, 'measured_at': last_at, 'latest': latest},
                    {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS l
-    FROM stg_patient_days
+    FROM patient_days
     GROUP BY patient_id, metric
 ), latest AS (
     SELECT patient_id, metric, l.latest.value AS value, l.latest.diastolic AS diastolic, l.unit AS unit,
@@ -119,7 +109,7 @@ FROM with_local_time('latest');
 CREATE OR REPLACE VIEW mart_daily_vitals AS
 SELECT patient_id, metric, local_date, unit, readings, min_value, sum_value / readings AS mean_value,
        max_value, sum_diastolic / nullif(diastolic_readings, 0) AS mean_diastolic
-FROM stg_patient_days;
+FROM patient_days;
 
 -- mart_trends: 7- and 30-day picture per patient and metric. The 7-day mean against the 7 days before it
 -- is the change a clinician titrates on (e.g. home BP after a dose change); 30 days is the billing horizon.

@@ -21,7 +21,7 @@ WHERE manual = false;
 -- without reading every reading (50M readings: 30 s -> BENCHMARKS.md §4).
 CREATE OR REPLACE VIEW billing_device_days AS
 SELECT patient_id, local_date, CAST(sum(device_readings) AS INTEGER) AS readings
-FROM stg_patient_days
+FROM patient_days
 GROUP BY patient_id, local_date
 HAVING sum(device_readings) > 0;
 
