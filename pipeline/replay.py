@@ -39,8 +39,8 @@ from transforms.decode import BATCH_KEYS
 from transforms.events import EVENT_COLUMNS, event_candidate
 from transforms.normalise import CANDIDATE_COLUMNS, candidate
 from warehouse.alerts import note_loaded
-from warehouse.patient_days import note_loaded as note_days
 from warehouse.db import rows, transaction
+from warehouse.patient_days import note_loaded as note_days
 
 Kind = Literal["reading", "status", "event"]
 
