@@ -177,6 +177,9 @@ def assert_same_answers(con: duckdb.DuckDBPyConnection, patients: list[str]) -> 
     assert rollup(con, "patient_days") == rollup(con, "patient_days_of('readings')")
     assert table(con, "SELECT * FROM billing_periods ORDER BY ALL") == \
         table(con, "SELECT * FROM old_billing_periods ORDER BY ALL")
+    some = patients[::3]
+    assert table(con, "SELECT * FROM billing_periods_for(?) ORDER BY ALL", [some]) == \
+        table(con, "SELECT * FROM old_billing_periods WHERE list_contains(?, patient_id) ORDER BY ALL", [some])
     assert table(con, "SELECT * FROM billing_days ORDER BY ALL") == \
         table(con, "SELECT * FROM old_billing_days ORDER BY ALL")
     assert table(con, "SELECT * FROM mart_daily_vitals ORDER BY ALL") == \

@@ -72,17 +72,37 @@ GROUP BY c.patient_id, c.period_no, c.period_start, c.period_end, r.local_date;
 -- For the current period, days_left counts the days from today to period_end that have no reading yet (today
 -- included while it has none), i.e. the days on which a reading could still add to days_with_data; the patient
 -- is at risk of missing 99454 while it is still reachable: days_with_data < 16 <= days_with_data + days_left.
-CREATE OR REPLACE VIEW billing_periods AS
-WITH counted AS (
-    SELECT c.patient_id, c.period_no, c.period_start, c.period_end, c.today,
-           CAST(count(d.local_date) AS INTEGER) AS days_with_data,
-           CAST(coalesce(sum(d.readings), 0) AS INTEGER) AS readings,
-           CAST(count(d.local_date) FILTER (WHERE d.local_date >= c.today) AS INTEGER) AS days_from_today,
-           c.today BETWEEN c.period_start AND c.period_end AS is_current
-    FROM billing_calendar c
-    LEFT JOIN billing_device_days d
-           ON d.patient_id = c.patient_id AND d.local_date BETWEEN c.period_start AND c.period_end
-    GROUP BY c.patient_id, c.period_no, c.period_start, c.period_end, c.today
+-- billing_periods_for(ids) answers for the patients in ids only, reading only their days (billing_report asks
+-- it for a clinician's scope); the view billing_periods is everyone's.
+CREATE OR REPLACE MACRO billing_periods_for(ids) AS TABLE
+WITH days AS (
+    -- the patients asked for (NULL: everyone), filtered where the days are read
+    SELECT patient_id, local_date, readings FROM billing_device_days
+    WHERE ids IS NULL OR list_contains(ids, patient_id)
+), anchors AS (  -- billing_calendar's anchors, from the same days read once
+    SELECT d.patient_id, min(d.local_date) AS first_date, max(d.local_date) AS last_date,
+           CAST(now() AT TIME ZONE coalesce(any_value(p.time_zone), 'UTC') AS DATE) AS today
+    FROM days d LEFT JOIN patients p ON p.patient_id = d.patient_id
+    GROUP BY d.patient_id
+), calendar AS (
+    SELECT patient_id, first_date, today,
+           CAST(unnest(range(0, greatest(today - first_date, last_date - first_date, 0) // 30 + 1)) AS INTEGER)
+               AS period_no
+    FROM anchors
+), per_period AS (  -- a day's period is its distance from the anchor in whole 30-day steps
+    SELECT d.patient_id, CAST((d.local_date - a.first_date) // 30 AS INTEGER) AS period_no,
+           count(*) AS days_with_data, sum(d.readings) AS readings,
+           count(*) FILTER (WHERE d.local_date >= a.today) AS days_from_today
+    FROM days d JOIN anchors a USING (patient_id)
+    GROUP BY ALL
+), counted AS (
+    SELECT c.patient_id, c.period_no, c.first_date + 30 * c.period_no AS period_start,
+           c.first_date + 30 * c.period_no + 29 AS period_end, c.today,
+           CAST(coalesce(p.days_with_data, 0) AS INTEGER) AS days_with_data,
+           CAST(coalesce(p.readings, 0) AS INTEGER) AS readings,
+           CAST(coalesce(p.days_from_today, 0) AS INTEGER) AS days_from_today,
+           c.today BETWEEN c.first_date + 30 * c.period_no AND c.first_date + 30 * c.period_no + 29 AS is_current
+    FROM calendar c LEFT JOIN per_period p USING (patient_id, period_no)
 ), remaining AS (
     SELECT *,
            CASE WHEN is_current
@@ -99,6 +119,8 @@ SELECT patient_id, period_no, period_start, period_end, days_with_data, readings
        coalesce(is_current AND days_with_data < 16 AND days_with_data + days_left >= 16, false)
            AS at_risk_99454
 FROM remaining;
+
+CREATE OR REPLACE VIEW billing_periods AS SELECT * FROM billing_periods_for(NULL);
 
 -- billing_time: treatment-management time per patient-local calendar month (interactions.occurred_at in the
 -- patient's time zone, UTC when unset), summed over every clinician:
