@@ -22,9 +22,10 @@ CREATE TABLE IF NOT EXISTS patient_days (
     -- epoch microseconds of every reading: exact counts over a window that starts inside the day
     -- ("readings in the last 30 days" starts at an instant, not at midnight)
     at_us               BIGINT[] NOT NULL,
-    -- the day's latest reading (ties: the smallest reading_id, as mart_latest_vitals always chose)
+    -- the day's latest reading (ties: the smallest reading_id, as mart_latest_vitals always chose), with its
+    -- patient-local time: the first glance needs no zone lookup at query time
     latest              STRUCT(reading_id VARCHAR, value DOUBLE, diastolic DOUBLE, device_id VARCHAR,
-                               utc_offset_min INTEGER) NOT NULL
+                               utc_offset_min INTEGER, measured_local TIMESTAMP) NOT NULL
 );
 
 -- The home zone each patient's days were counted in (NULL: the devices' offsets). A registry change of the

@@ -62,7 +62,7 @@ SELECT patient_id, local_date, metric, unit,
        sum(diastolic) AS sum_diastolic, count(diastolic) AS diastolic_readings,
        list(epoch_us(measured_at)) AS at_us,
        arg_min({'reading_id': reading_id, 'value': value, 'diastolic': diastolic, 'device_id': device_id,
-                'utc_offset_min': utc_offset_min},
+                'utc_offset_min': utc_offset_min, 'measured_local': measured_local},
                {'at': -epoch_us(measured_at), 'reading_id': reading_id}) AS latest
 FROM with_local_time(source)
 GROUP BY patient_id, local_date, metric, unit;
@@ -86,9 +86,8 @@ CREATE OR REPLACE VIEW stg_day_zone_changes AS
 SELECT z.patient_id FROM patient_day_zones z JOIN patients p USING (patient_id)
 WHERE z.time_zone IS DISTINCT FROM p.time_zone;
 
--- mart_latest_vitals: the most recent reading of each metric per patient (a clinician's first glance). The
--- latest reading is chosen on the UTC instant (ties: the smallest reading_id), and only it is given its
--- local time.
+-- mart_latest_vitals: the most recent reading of each metric per patient (a clinician's first glance), chosen on
+-- the UTC instant (ties: the smallest reading_id), with the local time the rollup stored for it.
 CREATE OR REPLACE VIEW mart_latest_vitals AS
 WITH per_metric AS (
     SELECT patient_id, metric, CAST(sum(readings) AS BIGINT) AS readings_total,
@@ -96,14 +95,11 @@ WITH per_metric AS (
                    {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS l
     FROM patient_days
     GROUP BY patient_id, metric
-), latest AS (
-    SELECT patient_id, metric, l.latest.value AS value, l.latest.diastolic AS diastolic, l.unit AS unit,
-           l.measured_at AS measured_at, l.latest.utc_offset_min AS utc_offset_min,
-           l.latest.device_id AS device_id, readings_total
-    FROM per_metric
 )
-SELECT patient_id, metric, value, diastolic, unit, measured_at, measured_local, device_id, readings_total
-FROM with_local_time('latest');
+SELECT patient_id, metric, l.latest.value AS value, l.latest.diastolic AS diastolic, l.unit AS unit,
+       l.measured_at AS measured_at, l.latest.measured_local AS measured_local, l.latest.device_id AS device_id,
+       readings_total
+FROM per_metric;
 
 -- mart_daily_vitals: per patient, metric and patient-local day: count, min, mean, max.
 CREATE OR REPLACE VIEW mart_daily_vitals AS
