@@ -464,8 +464,11 @@ def profile(b: Bench) -> list[dict[str, Any]]:
 
 # --- driver ----------------------------------------------------------------------------------------------
 
+SECTIONS = ("patient_view", "panel", "billing", "telehealth", "components", "audit_growth")
+
+
 def run(s: Settings, runs: int, baseline_runs: int, seed: int, audit_sizes: tuple[int, ...],
-        with_profile: bool = False) -> dict[str, Any]:
+        with_profile: bool = False, only: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     """Every measurement on the warehouse under ``s.home``; prints the tables and returns them."""
     with Timer() as t:
         plain = make_plain_copy(s)
@@ -486,6 +489,8 @@ def run(s: Settings, runs: int, baseline_runs: int, seed: int, audit_sizes: tupl
     ]
     try:
         for key, title, measure in sections:
+            if key not in only:
+                continue
             results[key] = measure()
             show(title, results[key])
         if with_profile:
@@ -528,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compact", action="store_true",
                    help="with --home: compact the warehouse first (readings in patient, time order, as rpm_daily "
                         "does); without it the reused warehouse is measured in the order it has")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to measure (default all: {','.join(SECTIONS)})")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--audit-sizes", default=",".join(str(n) for n in AUDIT_LOG_SIZES),
                    help="audit log lengths to time the append against (comma-separated)")
@@ -536,16 +543,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(DuckDB profiler)")
     a = p.parse_args(argv)
     sizes = tuple(int(x) for x in a.audit_sizes.split(",") if x.strip())
+    only = tuple(x.strip() for x in a.only.split(",") if x.strip())
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(sorted(unknown))}: one of {', '.join(SECTIONS)}")
     if a.home:
         s = Settings(home=Path(a.home))
         prepared = prepare(s, a.compact)
-        results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile)
+        results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile, only)
         results.update(generation=None, prepared=prepared)
     else:
         with bench_home("queries") as s:
             g = generate(s, Plan(a.patients, a.size, order=a.order, key=a.key))
             generation_report(g)
-            results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile)
+            results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile, only)
             results["generation"] = g.as_dict()
     results.update(size=a.size, patients=a.patients, order=a.order)
     write_json(a.json, "queries", json.loads(json.dumps(results, default=str)))
