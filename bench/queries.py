@@ -366,7 +366,10 @@ def measure_audit_growth(b: Bench, sizes: tuple[int, ...]) -> list[dict[str, Any
     out = []
     for records in sizes:
         home = Path(b.s.home) / f"audit-growth-{records}"  # type: ignore[arg-type]
-        scratch = Settings(home=home, secrets_dir=b.s.secrets_dir)
+        # The warehouse's keys, copied: the scratch log's anchor (secrets/audit.anchor) must not become the
+        # real log's, or the next run on this home would find the real log "rolled back".
+        shutil.copytree(b.s.secrets_dir, home / "secrets", ignore=shutil.ignore_patterns("audit.anchor"))
+        scratch = Settings(home=home, secrets_dir=home / "secrets")
         try:
             log = synthesize_audit_log(scratch, records)
             size_mb = log.path.stat().st_size / 2**20
