@@ -253,3 +253,33 @@ def test_rebuild_of_some_patients_leaves_the_others(con: duckdb.DuckDBPyConnecti
     assert con.execute("SELECT count(*) FROM patient_day_zones WHERE patient_id = 'p-1'").fetchone()[0] == 0
     assert rollup(con, "(SELECT * FROM patient_days WHERE patient_id = 'p-2')") == before
     assert rollup(con, "patient_days") == rollup(con, "patient_days_of('readings')")
+
+
+OLD_BILLING_TIME = """
+SELECT i.patient_id,
+       CAST(date_trunc('month', i.occurred_at AT TIME ZONE coalesce(p.time_zone, 'UTC')) AS DATE) AS month,
+       CAST(sum(i.minutes) AS INTEGER) AS minutes,
+       CAST(count(*) FILTER (WHERE i.interactive) AS INTEGER) AS interactive_count
+FROM interactions i LEFT JOIN patients p ON p.patient_id = i.patient_id
+GROUP BY ALL ORDER BY ALL"""
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_logged_time_falls_in_the_same_patient_local_months(con: duckdb.DuckDBPyConnection, seed: int) -> None:
+    """Management time per patient-local month (zone months as UTC ranges) equals the zone lookup per entry,
+    around every month's midnight in every zone."""
+    rng = random.Random(seed)
+    patients = [f"p-{i}" for i in range(len(ZONES))]
+    for pid, zone in zip(patients, ZONES, strict=True):
+        upsert_patient(con, pid, time_zone=zone)
+    rows = []
+    for _ in range(600):
+        month = datetime(2026, rng.randint(1, 12), 1, tzinfo=UTC)
+        at = month + timedelta(seconds=rng.randint(-16 * 3600, 16 * 3600))  # near midnight somewhere
+        if rng.random() < 0.3:
+            at = rng.choice(DST) + timedelta(seconds=rng.randint(-3600, 3600))
+        rows.append((rng.choice(patients), rng.randint(1, 30), rng.random() < 0.5, at))
+    con.executemany("INSERT INTO interactions (patient_id, clinician_id, minutes, interactive, occurred_at) "
+                    "VALUES (?, 'c-1', ?, ?, ?)", rows)
+    assert table(con, "SELECT patient_id, month, minutes, interactive_count FROM billing_time ORDER BY ALL") == \
+        table(con, OLD_BILLING_TIME)

@@ -133,14 +133,30 @@ CREATE OR REPLACE VIEW billing_periods AS SELECT * FROM billing_periods_for(NULL
 --   any management code requires at least one interactive communication (interactive = true) that month;
 --   without one no code is billed and the month is flagged needs_interactive_communication.
 -- 15-19 minutes are flagged near 99457 with the minutes still needed to reach 20.
+-- A zone's calendar months as UTC instants [starts, ends): each interaction's month is the one its instant falls
+-- in, a hash join on the zone instead of a zone lookup per interaction (~11 us each: 0.9 s for 10,000 patients'
+-- quarter of logged time). Months span the interactions, one either side.
+CREATE OR REPLACE VIEW billing_zone_months AS
+WITH zones AS (
+    SELECT DISTINCT coalesce(time_zone, 'UTC') AS zone FROM patients UNION SELECT 'UTC'
+), span AS (
+    SELECT date_trunc('month', min(occurred_at) AT TIME ZONE 'UTC') - INTERVAL 1 MONTH AS first_month,
+           date_trunc('month', max(occurred_at) AT TIME ZONE 'UTC') + INTERVAL 2 MONTH AS past_month
+    FROM interactions
+)
+SELECT z.zone, CAST(m.month AS DATE) AS month, timezone(z.zone, m.month) AS starts,
+       timezone(z.zone, m.month + INTERVAL 1 MONTH) AS ends
+FROM zones z, span, range(span.first_month, span.past_month, INTERVAL 1 MONTH) m(month);
+
 CREATE OR REPLACE VIEW billing_time AS
 WITH months AS (
-    SELECT i.patient_id,
-           CAST(date_trunc('month', i.occurred_at AT TIME ZONE coalesce(p.time_zone, 'UTC')) AS DATE) AS month,
+    SELECT i.patient_id, zm.month,
            CAST(sum(i.minutes) AS INTEGER) AS minutes,
            CAST(count(*) FILTER (WHERE i.interactive) AS INTEGER) AS interactive_count
     FROM interactions i
     LEFT JOIN patients p ON p.patient_id = i.patient_id
+    JOIN billing_zone_months zm
+      ON zm.zone = coalesce(p.time_zone, 'UTC') AND i.occurred_at >= zm.starts AND i.occurred_at < zm.ends
     GROUP BY ALL
 )
 SELECT patient_id, month, minutes, interactive_count,
