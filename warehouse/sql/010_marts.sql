@@ -1,4 +1,5 @@
--- Staging and marts over the canonical readings. Views: always current, nothing to refresh.
+-- Staging and marts over the canonical readings. Views: always current — those over patient_days because the
+-- load keeps that rollup in its own transaction (warehouse/patient_days.py).
 
 -- stg_zone_days: each registered home zone's UTC offset (microseconds) at the start and at the end of every UTC
 -- day the readings span. A zone changes its offset at most once a day (a DST transition), so where the two

@@ -1,5 +1,6 @@
--- RPM billing eligibility under the CY2026 Medicare physician fee schedule. Views only: always current,
--- nothing to refresh, idempotent on every connect. Each view answers one billing question:
+-- RPM billing eligibility under the CY2026 Medicare physician fee schedule. Views and macros only: always
+-- current (the days come from patient_days, which the load keeps), idempotent on every connect. Each view
+-- answers one billing question:
 --   billing_device_days  which patient-local days have a device-transmitted reading (from patient_days)
 --   billing_days     the counted days of each period with the readings behind each (the evidence)
 --   billing_periods  which device-supply code (99454 / 99445) each 30-day period earns
