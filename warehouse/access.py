@@ -57,7 +57,7 @@ WITH days AS (
                 WHEN last_at >= now() - INTERVAL 30 DAY
                 THEN len(list_filter(at_us, x -> x >= epoch_us(now() - INTERVAL 30 DAY)))
                 ELSE 0 END AS in_window
-    FROM patient_days WHERE list_contains($1, patient_id)
+    FROM patient_days WHERE patient_id IN (SELECT unnest($1::VARCHAR[]))  -- a join: list_contains is per id
 ), per_patient AS (
     SELECT patient_id, max(last_at) AS last_reading_at, CAST(sum(in_window) AS BIGINT) AS readings_30d
     FROM days GROUP BY patient_id

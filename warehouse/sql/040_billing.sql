@@ -77,9 +77,10 @@ GROUP BY c.patient_id, c.period_no, c.period_start, c.period_end, r.local_date;
 -- it for a clinician's scope); the view billing_periods is everyone's.
 CREATE OR REPLACE MACRO billing_periods_for(ids) AS TABLE
 WITH days AS (
-    -- the patients asked for (NULL: everyone), filtered where the days are read
+    -- the patients asked for (NULL: everyone), filtered where the days are read; a join, not list_contains,
+    -- which compares each row with every id (2 s for 10,000 ids over 2M day rows)
     SELECT patient_id, local_date, readings FROM billing_device_days
-    WHERE ids IS NULL OR list_contains(ids, patient_id)
+    WHERE ids IS NULL OR patient_id IN (SELECT unnest(ids))
 ), zone_today AS (  -- today in each zone once, not once per patient (a zone lookup is ~30 us)
     SELECT zone, CAST(now() AT TIME ZONE zone AS DATE) AS today
     FROM (SELECT DISTINCT coalesce(time_zone, 'UTC') AS zone FROM patients UNION SELECT 'UTC')
