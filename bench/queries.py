@@ -503,7 +503,7 @@ def run(s: Settings, runs: int, baseline_runs: int, seed: int, audit_sizes: tupl
     return results
 
 
-def prepare(s: Settings, compact: bool) -> dict[str, Any]:
+def prepare(s: Settings, compact: bool, memory_limit: str | None = None) -> dict[str, Any]:
     """Bring a reused warehouse to this release (migrations, views) and publish it: as it is, or first
     compacted (``warehouse.compaction``: readings rewritten in (patient, time) order); timed."""
     from warehouse.compaction import compact as compact_warehouse
@@ -511,7 +511,7 @@ def prepare(s: Settings, compact: bool) -> dict[str, Any]:
 
     with Timer() as t:
         if compact:
-            done = compact_warehouse(s).to_xcom()
+            done = compact_warehouse(s, memory_limit=memory_limit).to_xcom()
         else:
             publish_snapshot(s)
             done = {}
@@ -536,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compact", action="store_true",
                    help="with --home: compact the warehouse first (readings in patient, time order, as rpm_daily "
                         "does); without it the reused warehouse is measured in the order it has")
+    p.add_argument("--compact-memory-limit", default="8GB",
+                   help="DuckDB memory limit of the --compact rewrite (its new key index is built in memory)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to measure (default all: {','.join(SECTIONS)})")
     p.add_argument("--seed", type=int, default=11)
@@ -552,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown section(s) {', '.join(sorted(unknown))}: one of {', '.join(SECTIONS)}")
     if a.home:
         s = Settings(home=Path(a.home))
-        prepared = prepare(s, a.compact)
+        prepared = prepare(s, a.compact, a.compact_memory_limit)
         results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile, only)
         results.update(generation=None, prepared=prepared)
     else:
