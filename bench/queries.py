@@ -20,6 +20,9 @@ for every variant); the breakdown rows (raw, plain, request parts, audit growth)
 (default 20), so the default run stays within a few minutes. ``--profile`` adds a DuckDB profile of every
 statement of the patient view, panel and billing report.
 
+``--home DIR --compact`` first compacts that warehouse as rpm_daily does (``warehouse.compaction``), so one
+generation measures arrival order, then the compacted file.
+
 Targets (issue 6): patient view p95 <= 50 ms, panel p95 <= 100 ms, billing for all patients <= 2 s. A missed
 target is reported, never raised. ``--home DIR`` reuses a warehouse made by ``python -m bench.generate``.
 """
@@ -49,8 +52,8 @@ PANEL_TARGET_MS = 100.0
 BILLING_TARGET_MS = 2000.0
 DEFAULT_SIZE, DEFAULT_PATIENTS = 2_000_000, 1_000
 # Tables the clinician views and the billing report read; the plain copy holds only these.
-PLAIN_TABLES = ("patients", "readings", "alerts", "care_team", "clinicians", "interactions",
-                "alert_thresholds")
+PLAIN_TABLES = ("patients", "readings", "patient_days", "patient_day_zones", "alerts", "care_team",
+                "clinicians", "interactions", "alert_thresholds")
 AUDIT_LOG_SIZES = (1_000, 100_000)
 
 
@@ -363,7 +366,10 @@ def measure_audit_growth(b: Bench, sizes: tuple[int, ...]) -> list[dict[str, Any
     out = []
     for records in sizes:
         home = Path(b.s.home) / f"audit-growth-{records}"  # type: ignore[arg-type]
-        scratch = Settings(home=home, secrets_dir=b.s.secrets_dir)
+        # The warehouse's keys, copied: the scratch log's anchor (secrets/audit.anchor) must not become the
+        # real log's, or the next run on this home would find the real log "rolled back".
+        shutil.copytree(b.s.secrets_dir, home / "secrets", ignore=shutil.ignore_patterns("audit.anchor"))
+        scratch = Settings(home=home, secrets_dir=home / "secrets")
         try:
             log = synthesize_audit_log(scratch, records)
             size_mb = log.path.stat().st_size / 2**20
@@ -461,8 +467,11 @@ def profile(b: Bench) -> list[dict[str, Any]]:
 
 # --- driver ----------------------------------------------------------------------------------------------
 
+SECTIONS = ("patient_view", "panel", "billing", "telehealth", "components", "audit_growth")
+
+
 def run(s: Settings, runs: int, baseline_runs: int, seed: int, audit_sizes: tuple[int, ...],
-        with_profile: bool = False) -> dict[str, Any]:
+        with_profile: bool = False, only: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     """Every measurement on the warehouse under ``s.home``; prints the tables and returns them."""
     with Timer() as t:
         plain = make_plain_copy(s)
@@ -483,6 +492,8 @@ def run(s: Settings, runs: int, baseline_runs: int, seed: int, audit_sizes: tupl
     ]
     try:
         for key, title, measure in sections:
+            if key not in only:
+                continue
             results[key] = measure()
             show(title, results[key])
         if with_profile:
@@ -490,6 +501,23 @@ def run(s: Settings, runs: int, baseline_runs: int, seed: int, audit_sizes: tupl
     finally:
         plain.unlink(missing_ok=True)
     return results
+
+
+def prepare(s: Settings, compact: bool, memory_limit: str | None = None) -> dict[str, Any]:
+    """Bring a reused warehouse to this release (migrations, views) and publish it: as it is, or first
+    compacted (``warehouse.compaction``: readings rewritten in (patient, time) order); timed."""
+    from warehouse.compaction import compact as compact_warehouse
+    from warehouse.serving import publish_snapshot
+
+    with Timer() as t:
+        if compact:
+            done = compact_warehouse(s, memory_limit=memory_limit).to_xcom()
+        else:
+            publish_snapshot(s)
+            done = {}
+    print(f"{'compacted and published' if compact else 'migrated and published'} in {t.seconds:.1f} s "
+          f"{done}", flush=True)
+    return {"compacted": compact, "seconds": round(t.seconds, 1), **done}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,9 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--order", choices=("time", "patient"), default="time",
                    help="physical order of the generated readings (see bench/generate.py)")
     p.add_argument("--key", choices=("build", "skip"), default="build",
-                   help="primary key on readings (skip it at 50M readings: see bench/generate.py)")
+                   help="primary key on readings: kept live while loading (default) or left out")
     p.add_argument("--home",
                    help="reuse the warehouse of `python -m bench.generate --home DIR` (no generation)")
+    p.add_argument("--compact", action="store_true",
+                   help="with --home: compact the warehouse first (readings in patient, time order, as rpm_daily "
+                        "does); without it the reused warehouse is measured in the order it has")
+    p.add_argument("--compact-memory-limit", default="8GB",
+                   help="DuckDB memory limit of the --compact rewrite (its new key index is built in memory)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to measure (default all: {','.join(SECTIONS)})")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--audit-sizes", default=",".join(str(n) for n in AUDIT_LOG_SIZES),
                    help="audit log lengths to time the append against (comma-separated)")
@@ -513,14 +548,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(DuckDB profiler)")
     a = p.parse_args(argv)
     sizes = tuple(int(x) for x in a.audit_sizes.split(",") if x.strip())
+    only = tuple(x.strip() for x in a.only.split(",") if x.strip())
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(sorted(unknown))}: one of {', '.join(SECTIONS)}")
     if a.home:
-        results = run(Settings(home=Path(a.home)), a.runs, a.baseline_runs, a.seed, sizes, a.profile)
-        results["generation"] = None
+        s = Settings(home=Path(a.home))
+        prepared = prepare(s, a.compact, a.compact_memory_limit)
+        results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile, only)
+        results.update(generation=None, prepared=prepared)
     else:
         with bench_home("queries") as s:
             g = generate(s, Plan(a.patients, a.size, order=a.order, key=a.key))
             generation_report(g)
-            results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile)
+            results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile, only)
             results["generation"] = g.as_dict()
     results.update(size=a.size, patients=a.patients, order=a.order)
     write_json(a.json, "queries", json.loads(json.dumps(results, default=str)))

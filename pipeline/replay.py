@@ -40,6 +40,7 @@ from transforms.events import EVENT_COLUMNS, event_candidate
 from transforms.normalise import CANDIDATE_COLUMNS, candidate
 from warehouse.alerts import note_loaded
 from warehouse.db import rows, transaction
+from warehouse.patient_days import note_loaded as note_days
 
 Kind = Literal["reading", "status", "event"]
 
@@ -338,6 +339,7 @@ def replay(con: duckdb.DuckDBPyConnection, reason: str, future_skew_s: int, repl
             WHERE o.fate = 'quarantine' AND (q.reasons <> o.reasons OR q.detail IS DISTINCT FROM o.detail)
             """).fetchone()[0]  # type: ignore[index]
         con.execute(INSERT_READINGS, {"run": replay_id})
+        note_days(con, "(SELECT * REPLACE (canonical_unit AS unit) FROM _rp_classified WHERE fate = 'load')")
         con.execute(INSERT_EVENTS, {"run": replay_id})
         con.execute(INSERT_DUPLICATES, {"run": replay_id})
         con.execute(MOVE_LEDGER)

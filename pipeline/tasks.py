@@ -207,6 +207,18 @@ def purge_landing(s: Settings | None = None) -> dict:
     return timed("purge_landing", lambda: purge(s))
 
 
+def compact_warehouse(s: Settings | None = None) -> dict:
+    from warehouse.compaction import compact
+
+    s = s or Settings.from_env()
+
+    def step() -> dict:
+        if not s.clinical_db.exists():
+            return {"compacted": False}  # nothing loaded yet: nothing to sort
+        return {"compacted": True, **compact(s).to_xcom()}
+    return timed("compact_warehouse", step)
+
+
 def rebuild_reports(s: Settings | None = None) -> dict:
     from warehouse.telehealth import publish_telehealth as publish
 

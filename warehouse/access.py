@@ -47,6 +47,30 @@ VITAL_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The care team's patients from the per-patient-day rollup (patient_days): the last reading and the readings
+# of the last 30 days without reading their readings. The window starts at an instant inside a day, so a day
+# that straddles it counts its readings' own instants (at_us); days wholly after it count whole.
+PATIENTS_SQL = """
+WITH days AS (
+    SELECT patient_id, last_at,
+           CASE WHEN first_at >= now() - INTERVAL 30 DAY THEN readings
+                WHEN last_at >= now() - INTERVAL 30 DAY
+                THEN len(list_filter(at_us, x -> x >= epoch_us(now() - INTERVAL 30 DAY)))
+                ELSE 0 END AS in_window
+    FROM patient_days WHERE patient_id IN (SELECT unnest($1::VARCHAR[]))  -- a join: list_contains is per id
+), per_patient AS (
+    SELECT patient_id, max(last_at) AS last_reading_at, CAST(sum(in_window) AS BIGINT) AS readings_30d
+    FROM days GROUP BY patient_id
+)
+SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone, p.conditions,
+       d.last_reading_at, coalesce(d.readings_30d, 0) AS readings_30d,
+       (SELECT count(*) FROM alerts a WHERE a.patient_id = p.patient_id AND a.resolved_at IS NULL)
+           AS open_alerts
+FROM patients p LEFT JOIN per_patient d USING (patient_id)
+WHERE list_contains($1, p.patient_id)
+ORDER BY p.patient_id"""
+
+
 class ClinicianSession:
     """One clinician's reads and writes. ``via`` names the door they came through ("api", "web", "cli"):
     it is recorded with every audit record, beside the authenticated actor."""
@@ -78,16 +102,7 @@ class ClinicianSession:
         query = {"view": "patients"}
         with serving(self.s) as con:
             scope = self._scope(con, "patients", query)
-            rows = _rows(con.execute("""
-                SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone,
-                       p.conditions, max(r.measured_at) AS last_reading_at,
-                       count(DISTINCT r.reading_id) FILTER (r.measured_at >= now() - INTERVAL 30 DAY)
-                           AS readings_30d,
-                       (SELECT count(*) FROM alerts a WHERE a.patient_id = p.patient_id
-                          AND a.resolved_at IS NULL) AS open_alerts
-                FROM patients p LEFT JOIN readings r USING (patient_id)
-                WHERE list_contains(?, p.patient_id)
-                GROUP BY ALL ORDER BY p.patient_id""", [scope]))
+            rows = _rows(con.execute(PATIENTS_SQL, [scope]))
         self.audit.append(self.clinician_id, "patients", [r["patient_id"] for r in rows], query, len(rows))
         return rows
 
@@ -190,7 +205,7 @@ class ClinicianSession:
             scope = self._scope(con, "panel", query)
             rows = _rows(con.execute("""
                 SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone, p.conditions,
-                       (SELECT max(measured_at) FROM readings r WHERE r.patient_id = p.patient_id)
+                       (SELECT max(last_at) FROM patient_days d WHERE d.patient_id = p.patient_id)
                            AS last_reading_at
                 FROM patients p WHERE list_contains(?, p.patient_id) ORDER BY p.patient_id""", [scope]))
             open_by_patient: dict[str, list[dict]] = {}

@@ -1,6 +1,6 @@
 """RPM billing eligibility for one calendar month: device-supply and treatment-management codes, with flags.
 
-The rules live in ``sql/040_billing.sql`` (views ``billing_periods``, ``billing_days``, ``billing_time``); this
+The rules live in ``sql/040_billing.sql`` (``billing_periods_for``, views ``billing_days``, ``billing_time``); this
 module selects the periods and month a report covers and shapes them for the CLI. Callers pass the patients a
 clinician may see (care-team scope is theirs to enforce): only those are queried, always as parameters.
 """
@@ -65,9 +65,8 @@ def billing_report(con: duckdb.DuckDBPyConnection, month: str | None, patient_id
     periods = con.execute("""
         SELECT p.patient_id, p.period_no, p.period_start, p.period_end, p.days_with_data, p.device_code,
                p.is_current, p.days_left, p.days_needed_99454, p.at_risk_99454, p.readings
-        FROM billing_periods p
-        WHERE list_contains($ids, p.patient_id)
-          AND ((p.period_end >= $first AND p.period_end < $next) OR (p.is_current AND $include_current))
+        FROM billing_periods_for($ids) p
+        WHERE ((p.period_end >= $first AND p.period_end < $next) OR (p.is_current AND $include_current))
         ORDER BY p.patient_id, p.period_no""",
         {"ids": ids, "first": first, "next": nxt, "include_current": month == this_month}).fetchall()
     time = con.execute("""

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from warehouse.alerts import note_loaded
 from warehouse.db import transaction
 from warehouse.ledger import Batch
+from warehouse.patient_days import note_loaded as note_days
 
 # Staging of the batch in flight (warehouse/sql/001_schema.sql), filled by the stage and validate steps.
 STAGING_TABLES = ("stg_candidates", "stg_events", "stg_rejects", "stg_segments", "stg_verdicts", "stg_validated",
@@ -223,6 +224,7 @@ def _load_group(con, segments: list[str], params: dict) -> None:
         con.execute(CLASSIFY, {"batch": params["batch"]})
         con.execute(CLASSIFY_EVENTS, {"batch": params["batch"]})
         con.execute(INSERT_READINGS, {"run": params["run"]})
+        note_days(con, "(SELECT * REPLACE (canonical_unit AS unit) FROM _classified WHERE fate = 'load')")
         con.execute(INSERT_EVENTS, {"run": params["run"]})
         con.execute(INSERT_DUPLICATES, {"run": params["run"]})
         con.execute(INSERT_QUARANTINE, params)

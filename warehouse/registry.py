@@ -13,6 +13,7 @@ import duckdb
 
 from core.ids import check_id
 from warehouse.alerts import mark_dirty
+from warehouse.patient_days import refresh_zones
 
 FUTURE_START_TOLERANCE = timedelta(minutes=5)  # clock differences between the admin's machine and ours
 # The programmes this installation monitors: their devices, rules and education follow the condition
@@ -125,6 +126,8 @@ def upsert_patient(con: duckdb.DuckDBPyConnection, patient_id: str, *, mrn: str 
             time_zone = coalesce(excluded.time_zone, patients.time_zone),
             conditions = coalesce(excluded.conditions, patients.conditions)""",
                 [patient_id, mrn, given_name, family_name, birth_date, time_zone, conditions])
+    if time_zone is not None:
+        refresh_zones(con)  # a new home zone moves the patient's local days: recount them now
     mark_dirty(con, patient_id)  # conditions decide which rules apply
 
 

@@ -91,6 +91,7 @@ def insert_reading() -> Callable[..., str]:
     Session-scoped (it holds no state but a counter) so module-scoped warehouses can use it too.
     """
     from transforms.vocab import METRICS
+    from warehouse.patient_days import note_loaded
 
     counter = iter(range(1_000_000))
 
@@ -106,6 +107,8 @@ def insert_reading() -> Callable[..., str]:
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 'seg-1', ?, 0)""",
             [reading_id, patient_id, device_id, metric, m.loinc, float(value), diastolic, m.canonical_unit,
              m.canonical_unit, measured_at, measured_at, measured_at, f"m-{n}", n])
+        # As the load does, in the same connection: the per-patient-day rollup the views read.
+        note_loaded(con, f"(SELECT * FROM readings WHERE reading_id = '{reading_id}')")
         return reading_id
 
     return insert

@@ -19,6 +19,7 @@ import pytest
 from core.settings import Settings
 from warehouse.billing import billing_evidence, billing_report, practice_month, write_csv
 from warehouse.db import clinical
+from warehouse.patient_days import note_loaded
 
 START = date(2026, 3, 1)
 _ids = itertools.count()
@@ -46,6 +47,7 @@ def add_reading(con: duckdb.DuckDBPyConnection, patient_id: str, measured_at: da
         VALUES (?, ?, ?, 'heart_rate', '8867-4', 72, '/min', '/min', ?, ?, ?, ?, ?, 'seg-1', ?, 0, ?)""",
         [reading_id, patient_id, device_id, measured_at, offset_min, measured_at, measured_at, f"m-{n}", n,
          manual])
+    note_loaded(con, f"(SELECT * FROM readings WHERE reading_id = '{reading_id}')")  # as the load does
     return reading_id
 
 

@@ -110,7 +110,7 @@ def test_parsing_the_dags_loads_no_heavy_library_even_indirectly(tmp_path: Path)
 
 def test_rpm_daily_purges_before_rebuilding_reports_once_a_day(dagbag) -> None:
     dag = dagbag.dags["rpm_daily"]
-    assert [t.task_id for t in dag.topological_sort()] == ["purge_landing", "prune_artifacts", "rebuild_reports",
-                                                           "record_run"]
+    assert [t.task_id for t in dag.topological_sort()] == ["purge_landing", "prune_artifacts",
+                                                           "compact_warehouse", "rebuild_reports", "record_run"]
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert all(t.retries >= 1 for t in dag.tasks)

@@ -1,4 +1,5 @@
--- Staging and marts over the canonical readings. Views: always current, nothing to refresh.
+-- Staging and marts over the canonical readings. Views: always current — those over patient_days because the
+-- load keeps that rollup in its own transaction (warehouse/patient_days.py).
 
 -- stg_zone_days: each registered home zone's UTC offset (microseconds) at the start and at the end of every UTC
 -- day the readings span. A zone changes its offset at most once a day (a DST transition), so where the two
@@ -51,25 +52,61 @@ FROM (
 CREATE OR REPLACE VIEW stg_readings AS
 SELECT * FROM with_local_time('readings');
 
--- mart_latest_vitals: the most recent reading of each metric per patient (a clinician's first glance). The
--- latest reading is chosen on the UTC instant, and only it is given its local time.
+-- patient_days_of(source): the patient_days rows of `source` (readings, or rows with their columns): what
+-- the load adds for a batch, and what a rebuild recounts.
+CREATE OR REPLACE MACRO patient_days_of(source) AS TABLE
+SELECT patient_id, local_date, metric, unit,
+       count(*) AS readings,
+       count(*) FILTER (manual = false) AS device_readings,
+       min(measured_at) AS first_at, max(measured_at) AS last_at,
+       sum(value) AS sum_value, min(value) AS min_value, max(value) AS max_value,
+       sum(diastolic) AS sum_diastolic, count(diastolic) AS diastolic_readings,
+       list(epoch_us(measured_at)) AS at_us,
+       arg_min({'reading_id': reading_id, 'value': value, 'diastolic': diastolic, 'device_id': device_id,
+                'utc_offset_min': utc_offset_min, 'measured_local': measured_local},
+               {'at': -epoch_us(measured_at), 'reading_id': reading_id}) AS latest
+FROM with_local_time(source)
+GROUP BY patient_id, local_date, metric, unit;
+
+-- combined_patient_days(source): rows of patient_days for the same key (an existing day and a batch's part
+-- of it) merged into one: the aggregates of their readings together.
+CREATE OR REPLACE MACRO combined_patient_days(source) AS TABLE
+SELECT patient_id, local_date, metric, unit,
+       CAST(sum(readings) AS BIGINT) AS readings, CAST(sum(device_readings) AS BIGINT) AS device_readings,
+       min(first_at) AS first_at, max(last_at) AS last_at,
+       sum(sum_value) AS sum_value, min(min_value) AS min_value, max(max_value) AS max_value,
+       sum(sum_diastolic) AS sum_diastolic, CAST(sum(diastolic_readings) AS BIGINT) AS diastolic_readings,
+       flatten(list(at_us)) AS at_us,
+       arg_min(latest, {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS latest
+FROM query_table(source::VARCHAR)
+GROUP BY patient_id, local_date, metric, unit;
+
+-- stg_day_zone_changes: patients whose registered zone changed since their days were counted (the registry
+-- recounts them at once, warehouse/patient_days.refresh_zones; the load and the compaction check again).
+CREATE OR REPLACE VIEW stg_day_zone_changes AS
+SELECT z.patient_id FROM patient_day_zones z JOIN patients p USING (patient_id)
+WHERE z.time_zone IS DISTINCT FROM p.time_zone;
+
+-- mart_latest_vitals: the most recent reading of each metric per patient (a clinician's first glance), chosen on
+-- the UTC instant (ties: the smallest reading_id), with the local time the rollup stored for it.
 CREATE OR REPLACE VIEW mart_latest_vitals AS
-WITH latest AS (
-    SELECT patient_id, metric, value, diastolic, unit, measured_at, utc_offset_min, device_id,
-           count(*) OVER (PARTITION BY patient_id, metric) AS readings_total
-    FROM readings
-    QUALIFY row_number() OVER (PARTITION BY patient_id, metric ORDER BY measured_at DESC, reading_id) = 1
+WITH per_metric AS (
+    SELECT patient_id, metric, CAST(sum(readings) AS BIGINT) AS readings_total,
+           arg_min({'unit': unit, 'measured_at': last_at, 'latest': latest},
+                   {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS l
+    FROM patient_days
+    GROUP BY patient_id, metric
 )
-SELECT patient_id, metric, value, diastolic, unit, measured_at, measured_local, device_id, readings_total
-FROM with_local_time('latest');
+SELECT patient_id, metric, l.latest.value AS value, l.latest.diastolic AS diastolic, l.unit AS unit,
+       l.measured_at AS measured_at, l.latest.measured_local AS measured_local, l.latest.device_id AS device_id,
+       readings_total
+FROM per_metric;
 
 -- mart_daily_vitals: per patient, metric and patient-local day: count, min, mean, max.
 CREATE OR REPLACE VIEW mart_daily_vitals AS
-SELECT patient_id, metric, local_date, unit,
-       count(*) AS readings, min(value) AS min_value, avg(value) AS mean_value, max(value) AS max_value,
-       avg(diastolic) AS mean_diastolic
-FROM stg_readings
-GROUP BY ALL;
+SELECT patient_id, metric, local_date, unit, readings, min_value, sum_value / readings AS mean_value,
+       max_value, sum_diastolic / nullif(diastolic_readings, 0) AS mean_diastolic
+FROM patient_days;
 
 -- mart_trends: 7- and 30-day picture per patient and metric. The 7-day mean against the 7 days before it
 -- is the change a clinician titrates on (e.g. home BP after a dose change); 30 days is the billing horizon.

@@ -1,6 +1,8 @@
--- RPM billing eligibility under the CY2026 Medicare physician fee schedule. Views only: always current,
--- nothing to refresh, idempotent on every connect. Each view answers one billing question:
---   billing_days     which patient-local days count toward a device-supply code, and the readings behind each
+-- RPM billing eligibility under the CY2026 Medicare physician fee schedule. Views and macros only: always
+-- current (the days come from patient_days, which the load keeps), idempotent on every connect. Each view
+-- answers one billing question:
+--   billing_device_days  which patient-local days have a device-transmitted reading (from patient_days)
+--   billing_days     the counted days of each period with the readings behind each (the evidence)
 --   billing_periods  which device-supply code (99454 / 99445) each 30-day period earns
 --   billing_time     which treatment-management codes (99470 / 99457 / 99458) each calendar month earns
 -- "Patient-local" for readings is the reading's own UTC offset (stg_readings.local_date); for "today" and for
@@ -15,6 +17,15 @@ SELECT reading_id, patient_id, device_id, measured_at, local_date
 FROM stg_readings
 WHERE manual = false;
 
+-- billing_device_days: one row per patient-local day with at least one device-transmitted reading and how many,
+-- from the per-day rollup the load keeps (005_patient_days.sql): the same days billing_device_readings gives,
+-- without reading every reading (50M readings: 30 s -> BENCHMARKS.md §4).
+CREATE OR REPLACE VIEW billing_device_days AS
+SELECT patient_id, local_date, CAST(sum(device_readings) AS INTEGER) AS readings
+FROM patient_days
+GROUP BY patient_id, local_date
+HAVING sum(device_readings) > 0;
+
 -- billing_calendar: the 30-day device-supply periods of each patient. Periods are anchored on the patient-local
 -- date of the first valid device-transmitted reading and run back to back: period k covers local dates
 -- [start + 30k, start + 30k + 29]. Periods are generated up to and including the one containing today's
@@ -26,7 +37,7 @@ WITH anchors AS (
            min(r.local_date) AS first_date,
            max(r.local_date) AS last_date,
            CAST(now() AT TIME ZONE coalesce(any_value(p.time_zone), 'UTC') AS DATE) AS today
-    FROM billing_device_readings r
+    FROM billing_device_days r
     LEFT JOIN patients p ON p.patient_id = r.patient_id
     GROUP BY r.patient_id
 ), numbered AS (
@@ -62,16 +73,42 @@ GROUP BY c.patient_id, c.period_no, c.period_start, c.period_end, r.local_date;
 -- For the current period, days_left counts the days from today to period_end that have no reading yet (today
 -- included while it has none), i.e. the days on which a reading could still add to days_with_data; the patient
 -- is at risk of missing 99454 while it is still reachable: days_with_data < 16 <= days_with_data + days_left.
-CREATE OR REPLACE VIEW billing_periods AS
-WITH counted AS (
-    SELECT c.patient_id, c.period_no, c.period_start, c.period_end, c.today,
-           CAST(count(d.local_date) AS INTEGER) AS days_with_data,
-           CAST(coalesce(sum(d.readings), 0) AS INTEGER) AS readings,
-           CAST(count(d.local_date) FILTER (WHERE d.local_date >= c.today) AS INTEGER) AS days_from_today,
-           c.today BETWEEN c.period_start AND c.period_end AS is_current
-    FROM billing_calendar c
-    LEFT JOIN billing_days d ON d.patient_id = c.patient_id AND d.period_no = c.period_no
-    GROUP BY c.patient_id, c.period_no, c.period_start, c.period_end, c.today
+-- billing_periods_for(ids) answers for the patients in ids only, reading only their days (billing_report asks
+-- it for a clinician's scope); the view billing_periods is everyone's.
+CREATE OR REPLACE MACRO billing_periods_for(ids) AS TABLE
+WITH days AS (
+    -- the patients asked for (NULL: everyone), filtered where the days are read; a join, not list_contains,
+    -- which compares each row with every id (2 s for 10,000 ids over 2M day rows)
+    SELECT patient_id, local_date, readings FROM billing_device_days
+    WHERE ids IS NULL OR patient_id IN (SELECT unnest(ids))
+), zone_today AS (  -- today in each zone once, not once per patient (a zone lookup is ~30 us)
+    SELECT zone, CAST(now() AT TIME ZONE zone AS DATE) AS today
+    FROM (SELECT DISTINCT coalesce(time_zone, 'UTC') AS zone FROM patients UNION SELECT 'UTC')
+), anchors AS (  -- billing_calendar's anchors, from the same days read once
+    SELECT d.patient_id, min(d.local_date) AS first_date, max(d.local_date) AS last_date,
+           any_value(z.today) AS today
+    FROM days d LEFT JOIN patients p ON p.patient_id = d.patient_id
+    JOIN zone_today z ON z.zone = coalesce(p.time_zone, 'UTC')
+    GROUP BY d.patient_id
+), calendar AS (
+    SELECT patient_id, first_date, today,
+           CAST(unnest(range(0, greatest(today - first_date, last_date - first_date, 0) // 30 + 1)) AS INTEGER)
+               AS period_no
+    FROM anchors
+), per_period AS (  -- a day's period is its distance from the anchor in whole 30-day steps
+    SELECT d.patient_id, CAST((d.local_date - a.first_date) // 30 AS INTEGER) AS period_no,
+           count(*) AS days_with_data, sum(d.readings) AS readings,
+           count(*) FILTER (WHERE d.local_date >= a.today) AS days_from_today
+    FROM days d JOIN anchors a USING (patient_id)
+    GROUP BY ALL
+), counted AS (
+    SELECT c.patient_id, c.period_no, c.first_date + 30 * c.period_no AS period_start,
+           c.first_date + 30 * c.period_no + 29 AS period_end, c.today,
+           CAST(coalesce(p.days_with_data, 0) AS INTEGER) AS days_with_data,
+           CAST(coalesce(p.readings, 0) AS INTEGER) AS readings,
+           CAST(coalesce(p.days_from_today, 0) AS INTEGER) AS days_from_today,
+           c.today BETWEEN c.first_date + 30 * c.period_no AND c.first_date + 30 * c.period_no + 29 AS is_current
+    FROM calendar c LEFT JOIN per_period p USING (patient_id, period_no)
 ), remaining AS (
     SELECT *,
            CASE WHEN is_current
@@ -89,6 +126,8 @@ SELECT patient_id, period_no, period_start, period_end, days_with_data, readings
            AS at_risk_99454
 FROM remaining;
 
+CREATE OR REPLACE VIEW billing_periods AS SELECT * FROM billing_periods_for(NULL);
+
 -- billing_time: treatment-management time per patient-local calendar month (interactions.occurred_at in the
 -- patient's time zone, UTC when unset), summed over every clinician:
 --   10-19 minutes          -> 99470 (new in 2026)
@@ -96,14 +135,30 @@ FROM remaining;
 --   any management code requires at least one interactive communication (interactive = true) that month;
 --   without one no code is billed and the month is flagged needs_interactive_communication.
 -- 15-19 minutes are flagged near 99457 with the minutes still needed to reach 20.
+-- A zone's calendar months as UTC instants [starts, ends): each interaction's month is the one its instant falls
+-- in, a hash join on the zone instead of a zone lookup per interaction (~11 us each: 0.9 s for 10,000 patients'
+-- quarter of logged time). Months span the interactions, one either side.
+CREATE OR REPLACE VIEW billing_zone_months AS
+WITH zones AS (
+    SELECT DISTINCT coalesce(time_zone, 'UTC') AS zone FROM patients UNION SELECT 'UTC'
+), span AS (
+    SELECT date_trunc('month', min(occurred_at) AT TIME ZONE 'UTC') - INTERVAL 1 MONTH AS first_month,
+           date_trunc('month', max(occurred_at) AT TIME ZONE 'UTC') + INTERVAL 2 MONTH AS past_month
+    FROM interactions
+)
+SELECT z.zone, CAST(m.month AS DATE) AS month, timezone(z.zone, m.month) AS starts,
+       timezone(z.zone, m.month + INTERVAL 1 MONTH) AS ends
+FROM zones z, span, range(span.first_month, span.past_month, INTERVAL 1 MONTH) m(month);
+
 CREATE OR REPLACE VIEW billing_time AS
 WITH months AS (
-    SELECT i.patient_id,
-           CAST(date_trunc('month', i.occurred_at AT TIME ZONE coalesce(p.time_zone, 'UTC')) AS DATE) AS month,
+    SELECT i.patient_id, zm.month,
            CAST(sum(i.minutes) AS INTEGER) AS minutes,
            CAST(count(*) FILTER (WHERE i.interactive) AS INTEGER) AS interactive_count
     FROM interactions i
     LEFT JOIN patients p ON p.patient_id = i.patient_id
+    JOIN billing_zone_months zm
+      ON zm.zone = coalesce(p.time_zone, 'UTC') AND i.occurred_at >= zm.starts AND i.occurred_at < zm.ends
     GROUP BY ALL
 )
 SELECT patient_id, month, minutes, interactive_count,
