@@ -77,6 +77,7 @@ bench: bench-deps ## every benchmark at its small default size (~30 min); BENCHM
 	$(BIN)/python -m bench.queries
 	$(BIN)/python -m bench.peer_postgres
 	$(BIN)/python -m bench.freshness
+	$(BIN)/python -m bench.steady --size 1000000 --runs 2
 
 up: install ## the long-lived stack: broker, ingest, Airflow (UI on 127.0.0.1:8080, login printed), scheduled DAGs
 	$(BIN)/rpm up --airflow

@@ -215,7 +215,7 @@ def compact_warehouse(s: Settings | None = None) -> dict:
     def step() -> dict:
         if not s.clinical_db.exists():
             return {"compacted": False}  # nothing loaded yet: nothing to sort
-        return {"compacted": True, **compact(s).to_xcom()}
+        return {"compacted": True, **compact(s, memory_limit=s.compaction_memory_limit).to_xcom()}
     return timed("compact_warehouse", step)
 
 
