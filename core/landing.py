@@ -81,6 +81,7 @@ _FRAME = struct.Struct("<cII")         # kind, records, body length
 _COUNTS = struct.Struct("<II")         # distinct topics, distinct marks
 _AAD = struct.Struct("<QQI")           # block index, first record number, records
 _TRAILER = struct.Struct("<QQ32s")     # records, blocks, SHA-256 over the block tags
+_RECORD_MIN_BYTES = 20                 # of a block's plaintext: received_at, topic, mark, payload length
 BLOCK, TRAILER = b"B", b"T"
 TAG_BYTES = 16
 SALT_BYTES = 16
@@ -185,8 +186,8 @@ def _count_v2(f: BinaryIO, header_len: int) -> int:
         f.seek(off)
         kind, count, length = _FRAME.unpack(f.read(_FRAME.size))
         off += _FRAME.size + length
-        if kind != BLOCK or off > size:
-            break  # the trailer, or a torn tail
+        if kind != BLOCK or off > size or length < _COUNTS.size + _RECORD_MIN_BYTES * count:
+            break  # the trailer, a torn tail, or a planted head claiming more records than its body holds
         records += count
     return records
 
@@ -230,7 +231,7 @@ def _decode_block(plain: bytes, count: int) -> tuple[list[int], list[str], list[
     """A block's plaintext as columns (received_at µs, topic, payload, mark); ValueError/IndexError if its
     sizes do not add up (only a plain segment or a bug can get here: an encrypted block is authenticated)."""
     n_topics, n_marks = _COUNTS.unpack_from(plain, 0)
-    if _COUNTS.size + 4 * (n_topics + n_marks) + 20 * count > len(plain):
+    if _COUNTS.size + 4 * (n_topics + n_marks) + _RECORD_MIN_BYTES * count > len(plain):
         raise ValueError("block shorter than its record count")
     topic_lens, off = _take(_U32, plain, _COUNTS.size, n_topics)
     mark_lens, off = _take(_U32, plain, off, n_marks)
@@ -699,6 +700,9 @@ def reencrypt_segment(path: Path, keyring: Keyring) -> None:
 
 REASON_SUFFIX = ".reason.json"
 HEADER_MAX_BYTES = 64 * 1024
+# Most a segment may hold when the pipeline reads it (whole, into memory): ingest seals at
+# RPM_SEGMENT_MAX_BYTES (16 MB) plus at most one fsync group; the stage raises it with that setting.
+SEGMENT_READ_MAX_BYTES = 1 << 30
 BAD_HEADER, UNKNOWN_KEY, DECRYPT_FAILED, BAD_RECORD = "bad_header", "unknown_key", "decrypt_failed", "bad_record"
 NOT_A_REGULAR_FILE, UNAUTHENTICATED = "not_a_regular_file", "unauthenticated"
 TRUNCATED = "truncated"  # v2: blocks or the trailer cut off (a sealed segment must end with its trailer)
@@ -746,19 +750,25 @@ def read_whole_segment(path: Path, keyring: Keyring | None = None) -> list[Lande
     return list(map(LandedRecord, cols.n, cols.topic, map(from_us, cols.received_at_us), cols.payload, cols.mark))
 
 
-def read_segment_columns(path: Path, keyring: Keyring | None = None) -> LandedColumns:
+def read_segment_columns(path: Path, keyring: Keyring | None = None,
+                         max_bytes: int = SEGMENT_READ_MAX_BYTES) -> LandedColumns:
     """Every record of a sealed segment as columns (one decryption per block), or UnreadableSegment naming
-    why it cannot be read — the same semantics and reasons as ``read_whole_segment``."""
+    why it cannot be read — the same semantics and reasons as ``read_whole_segment``. A file larger than
+    ``max_bytes`` is refused unread: it is read whole, and a planted sparse file takes no disk at any size."""
     from core.keyring import DecryptError
 
     with open_regular(path) as f:
-        data = f.read(len(MAGIC))
-        if data != MAGIC:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise UnreadableSegment(path, BAD_RECORD, f"{size} bytes, larger than any segment ingest writes "
+                                    f"({max_bytes})")
+        if f.read(len(MAGIC)) != MAGIC:
             records = _read_whole_v1(path, keyring)
             return LandedColumns([r.n for r in records], [r.topic for r in records],
                                  [to_us(r.received_at) for r in records], [r.payload for r in records],
                                  [r.mark for r in records])
-        data += f.read()
+        f.seek(0)
+        data = f.read()  # one buffer (appending the rest to the magic copied the whole file once more)
     try:
         scan = _scan_v2(data)
     except (ValueError, RecursionError) as exc:
