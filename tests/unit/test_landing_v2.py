@@ -352,3 +352,18 @@ def test_a_block_head_cannot_claim_more_records_than_its_body_holds(tmp_path: Pa
     path.write_bytes(head + struct.pack("<cII", b"B", 1000, 0) * 10_000)
     assert count_records(path) == 0
     assert count_records(good) == 2  # type: ignore[arg-type]
+
+
+def test_counting_a_huge_sparse_file_does_not_read_it(tmp_path: Path) -> None:
+    """count_records (the accounting, the seal trigger, the rejected sidecar) read a file without the v2 magic
+    to its end counting lines: a planted sparse file of 1 TB (no disk used) held each of them for minutes."""
+    import time
+
+    path = sealed_dir(tmp_path) / "ingest-1-20261127T120000000000-000012.seg"
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as f:
+        f.write(b'{"rpm_landing": 1}\n')
+        f.truncate(1 << 40)
+    started = time.monotonic()
+    assert count_records(path) == 0
+    assert time.monotonic() - started < 5
