@@ -189,6 +189,7 @@ def test_a_recount_that_fails_leaves_the_rollup_as_it_was(warehouse: Settings) -
         con.execute("UPDATE patients SET time_zone = 'Europe/Berlin' WHERE patient_id = 'p-2'")
     compact(warehouse)  # the zone fixed: recounted, and the rollup equals a rebuild
     with clinical(warehouse) as con:
-        assert con.execute("SELECT * FROM patient_days ORDER BY ALL").fetchall() == con.execute(
-            "SELECT * FROM patient_days_of('readings') ORDER BY ALL").fetchall()
+        rollup, rebuilt = (con.execute(f"SELECT * REPLACE (list_sort(at_us) AS at_us) FROM {source} ORDER BY ALL"
+                                       ).fetchall() for source in ("patient_days", "patient_days_of('readings')"))
+        assert rollup == rebuilt
         assert ("p-2", "Europe/Berlin") in con.execute("SELECT * FROM patient_day_zones").fetchall()
