@@ -431,6 +431,9 @@ class _Scan(NamedTuple):
     end: int                            # after the last complete block (or the trailer)
 
 
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
 def _scan_v2(data: bytes) -> _Scan:
     """Header and block spans of a v2 segment; ValueError if the header is not one. Stops at a torn tail."""
     if len(data) < _HEAD.size:
@@ -442,13 +445,17 @@ def _scan_v2(data: bytes) -> _Scan:
     if header_len > HEADER_MAX_BYTES or _HEAD.size + header_len > len(data):
         raise ValueError("header cut short or oversized")
     header_bytes = data[_HEAD.size:_HEAD.size + header_len]
-    header = json.loads(header_bytes)
+    try:
+        header = json.loads(header_bytes)
+    except RecursionError:  # nesting within the size limit: a ValueError like any header that does not parse
+        raise ValueError("header nested too deeply") from None
     if (not isinstance(header, dict) or header.get("rpm_landing") != FORMAT_V2
             or header.get("encoding") not in ENCODINGS_V2 or not isinstance(header.get("segment"), str)
             or not isinstance(header.get("created_at"), str) or not isinstance(header.get("salt"), str)
+            or not _HEX.fullmatch(header["salt"])
             or (header["encoding"] == AESGCM_V2 and not isinstance(header.get("key_id"), str))):
         raise ValueError("unsupported landing format: a header without rpm_landing 2, a known encoding, a "
-                         "segment name, created_at, salt and (encrypted) a key id")
+                         "segment name, created_at, a hex salt and (encrypted) a key id")
     off = _HEAD.size + header_len
     blocks: list[tuple[int, int, int]] = []
     trailer = None
@@ -618,6 +625,8 @@ def _recover_v2(f: BinaryIO, data: bytes, keyring: Keyring | None) -> int | None
     try:
         scan = _scan_v2(data)
     except ValueError:
+        if len(data) > _HEAD.size and len(data) > _HEAD.size + _HEAD.unpack_from(data, 0)[1]:
+            return None  # a whole header that does not parse, blocks after it: damaged since, maybe acked
         return 0  # the header itself was never completed: no block was ever fsynced or acked
     if scan.trailer is not None:  # sealed, but the rename did not happen: only what follows it is cut
         records = sum(b[0] for b in scan.blocks)
