@@ -81,6 +81,7 @@ _FRAME = struct.Struct("<cII")         # kind, records, body length
 _COUNTS = struct.Struct("<II")         # distinct topics, distinct marks
 _AAD = struct.Struct("<QQI")           # block index, first record number, records
 _TRAILER = struct.Struct("<QQ32s")     # records, blocks, SHA-256 over the block tags
+_RECORD_MIN_BYTES = 20                 # of a block's plaintext: received_at, topic, mark, payload length
 BLOCK, TRAILER = b"B", b"T"
 TAG_BYTES = 16
 SALT_BYTES = 16
@@ -167,6 +168,8 @@ def count_records(path: Path) -> int:
     header); 0 for anything that is not a regular file or cannot be read (whoever reads it next says why)."""
     try:
         with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > SEGMENT_READ_MAX_BYTES:
+                return 0  # no segment ingest writes: a planted sparse file of any size takes no disk
             head = f.read(_HEAD.size)
             if head[:len(_PREFIX)] == _PREFIX and len(head) == _HEAD.size:
                 return _count_v2(f, _HEAD.unpack(head)[1])
@@ -185,8 +188,8 @@ def _count_v2(f: BinaryIO, header_len: int) -> int:
         f.seek(off)
         kind, count, length = _FRAME.unpack(f.read(_FRAME.size))
         off += _FRAME.size + length
-        if kind != BLOCK or off > size:
-            break  # the trailer, or a torn tail
+        if kind != BLOCK or off > size or length < _COUNTS.size + _RECORD_MIN_BYTES * count:
+            break  # the trailer, a torn tail, or a planted head claiming more records than its body holds
         records += count
     return records
 
@@ -230,7 +233,7 @@ def _decode_block(plain: bytes, count: int) -> tuple[list[int], list[str], list[
     """A block's plaintext as columns (received_at µs, topic, payload, mark); ValueError/IndexError if its
     sizes do not add up (only a plain segment or a bug can get here: an encrypted block is authenticated)."""
     n_topics, n_marks = _COUNTS.unpack_from(plain, 0)
-    if _COUNTS.size + 4 * (n_topics + n_marks) + 20 * count > len(plain):
+    if _COUNTS.size + 4 * (n_topics + n_marks) + _RECORD_MIN_BYTES * count > len(plain):
         raise ValueError("block shorter than its record count")
     topic_lens, off = _take(_U32, plain, _COUNTS.size, n_topics)
     mark_lens, off = _take(_U32, plain, off, n_marks)
@@ -428,6 +431,9 @@ class _Scan(NamedTuple):
     end: int                            # after the last complete block (or the trailer)
 
 
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
 def _scan_v2(data: bytes) -> _Scan:
     """Header and block spans of a v2 segment; ValueError if the header is not one. Stops at a torn tail."""
     if len(data) < _HEAD.size:
@@ -439,13 +445,17 @@ def _scan_v2(data: bytes) -> _Scan:
     if header_len > HEADER_MAX_BYTES or _HEAD.size + header_len > len(data):
         raise ValueError("header cut short or oversized")
     header_bytes = data[_HEAD.size:_HEAD.size + header_len]
-    header = json.loads(header_bytes)
+    try:
+        header = json.loads(header_bytes)
+    except RecursionError:  # nesting within the size limit: a ValueError like any header that does not parse
+        raise ValueError("header nested too deeply") from None
     if (not isinstance(header, dict) or header.get("rpm_landing") != FORMAT_V2
             or header.get("encoding") not in ENCODINGS_V2 or not isinstance(header.get("segment"), str)
             or not isinstance(header.get("created_at"), str) or not isinstance(header.get("salt"), str)
+            or not _HEX.fullmatch(header["salt"])
             or (header["encoding"] == AESGCM_V2 and not isinstance(header.get("key_id"), str))):
         raise ValueError("unsupported landing format: a header without rpm_landing 2, a known encoding, a "
-                         "segment name, created_at, salt and (encrypted) a key id")
+                         "segment name, created_at, a hex salt and (encrypted) a key id")
     off = _HEAD.size + header_len
     blocks: list[tuple[int, int, int]] = []
     trailer = None
@@ -615,6 +625,8 @@ def _recover_v2(f: BinaryIO, data: bytes, keyring: Keyring | None) -> int | None
     try:
         scan = _scan_v2(data)
     except ValueError:
+        if len(data) > _HEAD.size and len(data) > _HEAD.size + _HEAD.unpack_from(data, 0)[1]:
+            return None  # a whole header that does not parse, blocks after it: damaged since, maybe acked
         return 0  # the header itself was never completed: no block was ever fsynced or acked
     if scan.trailer is not None:  # sealed, but the rename did not happen: only what follows it is cut
         records = sum(b[0] for b in scan.blocks)
@@ -699,6 +711,9 @@ def reencrypt_segment(path: Path, keyring: Keyring) -> None:
 
 REASON_SUFFIX = ".reason.json"
 HEADER_MAX_BYTES = 64 * 1024
+# Most a segment may hold when the pipeline reads it (whole, into memory): ingest seals at
+# RPM_SEGMENT_MAX_BYTES (16 MB) plus at most one fsync group; the stage raises it with that setting.
+SEGMENT_READ_MAX_BYTES = 1 << 30
 BAD_HEADER, UNKNOWN_KEY, DECRYPT_FAILED, BAD_RECORD = "bad_header", "unknown_key", "decrypt_failed", "bad_record"
 NOT_A_REGULAR_FILE, UNAUTHENTICATED = "not_a_regular_file", "unauthenticated"
 TRUNCATED = "truncated"  # v2: blocks or the trailer cut off (a sealed segment must end with its trailer)
@@ -746,19 +761,25 @@ def read_whole_segment(path: Path, keyring: Keyring | None = None) -> list[Lande
     return list(map(LandedRecord, cols.n, cols.topic, map(from_us, cols.received_at_us), cols.payload, cols.mark))
 
 
-def read_segment_columns(path: Path, keyring: Keyring | None = None) -> LandedColumns:
+def read_segment_columns(path: Path, keyring: Keyring | None = None,
+                         max_bytes: int = SEGMENT_READ_MAX_BYTES) -> LandedColumns:
     """Every record of a sealed segment as columns (one decryption per block), or UnreadableSegment naming
-    why it cannot be read — the same semantics and reasons as ``read_whole_segment``."""
+    why it cannot be read — the same semantics and reasons as ``read_whole_segment``. A file larger than
+    ``max_bytes`` is refused unread: it is read whole, and a planted sparse file takes no disk at any size."""
     from core.keyring import DecryptError
 
     with open_regular(path) as f:
-        data = f.read(len(MAGIC))
-        if data != MAGIC:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise UnreadableSegment(path, BAD_RECORD, f"{size} bytes, larger than any segment ingest writes "
+                                    f"({max_bytes})")
+        if f.read(len(MAGIC)) != MAGIC:
             records = _read_whole_v1(path, keyring)
             return LandedColumns([r.n for r in records], [r.topic for r in records],
                                  [to_us(r.received_at) for r in records], [r.payload for r in records],
                                  [r.mark for r in records])
-        data += f.read()
+        f.seek(0)
+        data = f.read()  # one buffer (appending the rest to the magic copied the whole file once more)
     try:
         scan = _scan_v2(data)
     except (ValueError, RecursionError) as exc:

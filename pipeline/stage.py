@@ -21,6 +21,7 @@ import pandas as pd
 
 from core.keyring import Keyring
 from core.landing import (
+    SEGMENT_READ_MAX_BYTES,
     SEGMENT_SUFFIX,
     RejectedSegment,
     UnreadableSegment,
@@ -60,13 +61,17 @@ def read_batch(s: Settings, batch: Batch, on_reject: Callable[[RejectedSegment],
     A segment that cannot be read whole is moved to rejected/ (``on_reject`` records it) and skipped.
     """
     keyring = Keyring.load(s, "landing")
+    # A segment is sealed past segment_max_bytes by at most one fsync group (whose messages are all unacked,
+    # so at most ingest_receive_maximum broker packets): anything much larger was not written by ingest.
+    max_bytes = max(SEGMENT_READ_MAX_BYTES,
+                    2 * (s.segment_max_bytes + s.ingest_receive_maximum * (s.max_payload_bytes + 1024)))
     out = Decoded()
     for name in batch.segments:
         path = sealed_dir(s.landing_dir) / f"{name}{SEGMENT_SUFFIX}"
         if not path.exists() and (rejected_dir(s.landing_dir) / path.name).exists():
             continue  # set aside by an earlier attempt of this task (its row was written or is reconciled)
         try:
-            columns = read_segment_columns(path, keyring)  # whole, so nothing of a poison one is staged
+            columns = read_segment_columns(path, keyring, max_bytes)  # whole, so nothing of a poison one is staged
         except UnreadableSegment as exc:
             info = reject_segment(s.landing_dir, path, exc.reason, exc.detail,
                                   origin=f"batch {batch.batch_id}")

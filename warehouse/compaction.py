@@ -86,7 +86,8 @@ def compact(s: Settings, chunk_readings: int = CHUNK_READINGS,
             progress("discarded")
         if memory_limit:
             con.execute("SET memory_limit = ?", [memory_limit])
-        refresh_zones(con)  # a zone changed since the last load: store the recount before copying the rollup
+        with transaction(con):  # a recount that fails must not leave the patient's days deleted (autocommit)
+            refresh_zones(con)  # a zone changed since the last load: store the recount before copying the rollup
         con.execute("CHECKPOINT")
         key = keys.warehouse_key(s)  # opening promoted a key a rotation had staged, if any
         con.execute(f"ATTACH '{_sql_path(new)}' AS compacted (ENCRYPTION_KEY '{key}')")

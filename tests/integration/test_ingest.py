@@ -156,3 +156,30 @@ def test_killed_ingest_loses_nothing_it_acked(ingest_up: Settings):
 def _all_records(s: Settings) -> list:
     seal_open_segments(s)
     return sealed_records(s)
+
+
+def test_ingest_starts_beside_an_open_segment_with_a_damaged_header(ingest_up: Settings):
+    """A segment ingest left open whose header was damaged since (here: its salt) no longer kills ingest at
+    every start: the restarted service leaves it in open/ for an operator and lands the next message."""
+    import struct
+
+    s = ingest_up
+    password = add_device(s, "bp-9")
+    with DevicePublisher(s, "bp-9", password) as pub:
+        pub.publish(b'{"msg_id": "before"}')
+        pub.wait_all()
+    wait_until(lambda: landed(s) >= 1, 20, what="ingest to land the first message")
+    os.kill(procs.read_pid(s, services.INGEST), signal.SIGKILL)
+    wait_until(lambda: procs.read_pid(s, services.INGEST) is None, 10, what="ingest to die")
+    [left] = open_dir(s.landing_dir).glob("*.seg")  # type: ignore[arg-type]
+    data = left.read_bytes()
+    size = struct.unpack_from("<I", data, 8)[0]
+    header = json.loads(data[12:12 + size])
+    bad = json.dumps({**header, "salt": "zz" * 16}, separators=(",", ":")).encode()
+    left.write_bytes(data[:8] + struct.pack("<I", len(bad)) + bad + data[12 + size:])
+    services.up(s)
+    with DevicePublisher(s, "bp-9", password) as pub:
+        pub.publish(b'{"msg_id": "after"}')
+        pub.wait_all()
+    wait_until(lambda: landed(s) >= 1, 20, what="the restarted ingest to land")
+    assert procs.read_pid(s, services.INGEST) is not None and left.exists()

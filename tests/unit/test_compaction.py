@@ -169,3 +169,27 @@ def test_a_copy_that_lost_rows_is_never_swapped_in(warehouse: Settings, monkeypa
     with pytest.raises(compaction.CompactionError, match="readings"):
         compact(warehouse)
     assert contents(warehouse) == before
+
+
+def test_a_recount_that_fails_leaves_the_rollup_as_it_was(warehouse: Settings) -> None:
+    """The compaction recounts patients whose zone changed behind the registry. Its recount deleted their
+    days and zone record, then failed to insert them again (here: a zone this DuckDB does not know — an edit,
+    or a zone a tzdata update dropped); the deletes were committed on their own, the compaction failed, and
+    the patient dropped out of the rollup for good: no zone record, so no later load or compaction ever
+    recounted them, and billing and the panel lost their days. All or nothing: the rollup stays as it was."""
+    with clinical(warehouse) as con:
+        days = con.execute("SELECT * FROM patient_days ORDER BY ALL").fetchall()
+        assert any(d[0] == "p-2" for d in days)
+        con.execute("UPDATE patients SET time_zone = 'Mars/Olympus_Mons' WHERE patient_id = 'p-2'")
+    with pytest.raises(duckdb.Error):
+        compact(warehouse)
+    with clinical(warehouse) as con:
+        assert con.execute("SELECT * FROM patient_days ORDER BY ALL").fetchall() == days
+        assert con.execute("SELECT patient_id FROM stg_day_zone_changes").fetchall() == [("p-2",)]  # still owed
+        con.execute("UPDATE patients SET time_zone = 'Europe/Berlin' WHERE patient_id = 'p-2'")
+    compact(warehouse)  # the zone fixed: recounted, and the rollup equals a rebuild
+    with clinical(warehouse) as con:
+        rollup, rebuilt = (con.execute(f"SELECT * REPLACE (list_sort(at_us) AS at_us) FROM {source} ORDER BY ALL"
+                                       ).fetchall() for source in ("patient_days", "patient_days_of('readings')"))
+        assert rollup == rebuilt
+        assert ("p-2", "Europe/Berlin") in con.execute("SELECT * FROM patient_day_zones").fetchall()

@@ -310,3 +310,84 @@ def test_key_rotation_rewrites_v1_segments_as_v2_under_the_new_key(settings: Set
     assert as_tuples(read_whole_segment(v1, ring)) == MESSAGES
     assert as_tuples(read_whole_segment(v2, ring)) == MESSAGES[:1]  # type: ignore[arg-type]
     assert not any((sealed_dir(settings.landing_dir) / ".rewrite").iterdir())  # type: ignore[arg-type]
+
+
+# --- hostile files: memory and counts stay bounded ------------------------------------------------------------
+
+def test_an_oversized_file_is_set_aside_without_being_read(tmp_path: Path) -> None:
+    """A planted sparse file (no disk used) of any size: read whole, a 1 GB one took 2 GB of the run's memory
+    (a 10 GB one, the machine). Refused by its size alone, as no segment ingest writes is that large."""
+    import resource
+
+    sealed_dir(tmp_path).mkdir(parents=True)
+    good = segment(tmp_path, None, [MESSAGES[:1]])
+    path = sealed_dir(tmp_path) / "ingest-1-20261127T120000000000-000010.seg"
+    head = good.read_bytes()[:12 + struct.unpack_from("<I", good.read_bytes(), 8)[0]]  # type: ignore[union-attr]
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(3 << 30)  # 3 GB, sparse
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UnreadableSegment) as info:
+        read_segment_columns(path, None, max_bytes=1 << 30)
+    assert info.value.reason == BAD_RECORD and "larger than" in info.value.detail
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KB: nothing read
+    v1 = v1_copy(tmp_path, V1_PLAIN)
+    with open(v1, "ab") as f:
+        f.truncate(3 << 30)  # a v1 "record line" of 3 GB
+    with pytest.raises(UnreadableSegment) as info:
+        read_segment_columns(v1, None, max_bytes=1 << 30)
+    assert info.value.reason == BAD_RECORD and "larger than" in info.value.detail
+    assert read_segment_columns(good, None, max_bytes=len(good.read_bytes())).n == [0]  # type: ignore[union-attr]
+
+
+def test_a_block_head_cannot_claim_more_records_than_its_body_holds(tmp_path: Path) -> None:
+    """count_records reads the clear counts (no key): a planted block head claiming 4 billion records, or a
+    run of empty blocks claiming 1000 each, must not become billions of messages in the accounting and the
+    rejected sidecar; a record takes at least 20 bytes of its block."""
+    good = segment(tmp_path, None, [MESSAGES[:2]])
+    head, blocks = frames(good)  # type: ignore[arg-type]
+    path = sealed_dir(tmp_path) / "ingest-1-20261127T120000000000-000011.seg"
+    path.write_bytes(head + struct.pack("<cII", b"B", 2**32 - 1, len(blocks[0]) - 9) + blocks[0][9:] + blocks[1])
+    assert count_records(path) == 0
+    path.write_bytes(head + struct.pack("<cII", b"B", 1000, 0) * 10_000)
+    assert count_records(path) == 0
+    assert count_records(good) == 2  # type: ignore[arg-type]
+
+
+def test_counting_a_huge_sparse_file_does_not_read_it(tmp_path: Path) -> None:
+    """count_records (the accounting, the seal trigger, the rejected sidecar) read a file without the v2 magic
+    to its end counting lines: a planted sparse file of 1 TB (no disk used) held each of them for minutes."""
+    import time
+
+    path = sealed_dir(tmp_path) / "ingest-1-20261127T120000000000-000012.seg"
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as f:
+        f.write(b'{"rpm_landing": 1}\n')
+        f.truncate(1 << 40)
+    started = time.monotonic()
+    assert count_records(path) == 0
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("damage", ["salt", "nesting"])
+def test_recovery_of_an_open_segment_with_a_damaged_header_leaves_it_for_the_operator(tmp_path: Path, ring: Keyring,
+                                                                                       damage: str) -> None:
+    """Ingest recovers its open segments at every start. One whose header was damaged after its blocks were
+    acked (a salt that is not hex; JSON nested within the 64 KiB header limit, which json.loads refuses with
+    RecursionError, not ValueError) raised out of recovery: ingest died at every restart and landed nothing.
+    Such a file is left in open/ (still counted there, as one whose key is missing), never deleted."""
+    w = segment(tmp_path, ring, [MESSAGES[:2]], seal=False)
+    w.fsync()  # type: ignore[union-attr]
+    w.close_unsealed()  # type: ignore[union-attr]
+    data = w.path.read_bytes()  # type: ignore[union-attr]
+    header_len = struct.unpack_from("<I", data, 8)[0]
+    header = json.loads(data[12:12 + header_len])
+    if damage == "salt":
+        bad = json.dumps({**header, "salt": "zz" * 16}, separators=(",", ":")).encode()
+    else:
+        bad = b"[" * 30_000 + b"]" * 30_000
+    w.path.write_bytes(data[:8] + struct.pack("<I", len(bad)) + bad + data[12 + header_len:])  # type: ignore[union-attr]
+    assert recover_open_segments(tmp_path, "ingest-1", ring) == []
+    assert w.path.exists()  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        read_header(w.path)  # type: ignore[union-attr]  # what the metrics read: a ValueError, as for any bad header
