@@ -14,7 +14,7 @@ import pytest
 
 from core.settings import Settings
 from transforms.vocab import CGM_LOINC
-from warehouse import registry
+from warehouse import patient_days, registry
 from warehouse.access import AccessDenied, ClinicianSession
 from warehouse.alerts import refresh_alerts
 from warehouse.audit import AuditLog
@@ -40,8 +40,10 @@ def ward(settings: Settings, insert_reading) -> Settings:
             insert_reading(con, "p1", "blood_pressure", 120 + 10 * n, now - (4 - n) * H, diastolic=85)
         start = (now - timedelta(days=2)).replace(minute=0, second=0)  # on the hour: 4 readings an hour
         for k in range(2 * 96):
-            insert_reading(con, "p2", "blood_glucose", 60 if k % 96 < 8 else 140, start + k * timedelta(minutes=15))
+            insert_reading(con, "p2", "blood_glucose", 60 if k % 96 < 8 else 140, start + k * timedelta(minutes=15),
+                           rollup=False)
         con.execute("UPDATE readings SET source = 'cgm', loinc = ? WHERE patient_id = 'p2'", [CGM_LOINC])
+        patient_days.rebuild(con, ["p2"])
         insert_reading(con, "p3", "heart_rate", 70, now - H)
         refresh_alerts(con)
         publish_snapshot(settings, con)

@@ -20,7 +20,7 @@ import duckdb
 import pytest
 
 from core.settings import Settings
-from warehouse import db
+from warehouse import db, patient_days
 from warehouse.compaction import compact, compacting_path
 from warehouse.db import WarehouseBusy, clinical, open_clinical
 from warehouse.registry import upsert_patient
@@ -57,7 +57,8 @@ def warehouse(settings: Settings, insert_reading: Callable[..., str]) -> Setting
             upsert_patient(con, pid, time_zone="America/Chicago")
         for i in range(40):  # one reading of each patient per hour: every row group holds every patient
             for pid in PATIENTS:
-                insert_reading(con, pid, "heart_rate", 60 + i % 30, start + timedelta(hours=i))
+                insert_reading(con, pid, "heart_rate", 60 + i % 30, start + timedelta(hours=i), rollup=False)
+        patient_days.rebuild(con)
         publish_snapshot(settings, con)
     return settings
 
