@@ -88,8 +88,9 @@ def provision(s: Settings, device_id: str, patient_id: str, *, kind: str | None 
     }
 
 
-def wait_for_login(s: Settings, username: str, password: str, timeout: float = 10.0) -> None:
-    """Block until the running broker accepts the new credentials (it reloads them on SIGHUP)."""
+def wait_for_login(s: Settings, username: str, password: str, timeout: float = 30.0) -> None:
+    """Block until the running broker accepts the new credentials (it reloads them on SIGHUP; on a loaded
+    machine that has taken over 10 s, so the deadline is generous: a broker that never does is still an error)."""
     from ingest.service import make_client
 
     deadline = time.monotonic() + timeout
