@@ -338,18 +338,13 @@ class IngestService:
     def commit(self, now: float) -> None:
         """Group commit, never blocking: ack the group whose fsync returned, then write the records received
         meanwhile as one block and start its fsync on the helper thread (the loop keeps reading)."""
-        if self._fsync is not None:
-            if not self._fsync.done():
-                return
-            error = self._settle_fsync()
-            if error is not None:
-                self._fail_write(error)
-                return
-        if not self._pending or self._writer is None:
+        if self._fsync is not None and not self._fsync.done():
+            return
+        writer = self._writer_to_flush()
+        if writer is None:
             return
         if len(self._pending) < GROUP_MIN_RECORDS and now - self._oldest_pending < self._flush_s:
             return
-        writer = self._writer
         try:
             writer.flush_block()
         except OSError as exc:
@@ -359,6 +354,15 @@ class IngestService:
         self._fsync = self._fsyncer.submit(writer.fsync)
         self._fsync.add_done_callback(self._wake)
 
+    def _writer_to_flush(self) -> SegmentWriter | None:
+        """Settle the group in flight (acked, or the write failed); then the writer whose appended records wait
+        for a block, or None when there are none."""
+        error = self._settle_fsync()
+        if error is not None:
+            self._fail_write(error)
+            return None
+        return self._writer if self._pending else None
+
     def _wake(self, _: Future[None]) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -367,14 +371,11 @@ class IngestService:
 
     def flush(self) -> None:
         """fsync everything appended, then ack it (waits for the disk: used when sealing and stopping)."""
-        error = self._settle_fsync()
-        if error is not None:
-            self._fail_write(error)
-            return
-        if not self._pending or self._writer is None:
+        writer = self._writer_to_flush()
+        if writer is None:
             return
         try:
-            self._writer.sync()
+            writer.sync()
         except OSError as exc:
             self._fail_write(exc)
             return
