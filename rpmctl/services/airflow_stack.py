@@ -136,17 +136,22 @@ def api(s: Settings, method: str, path: str, body: Any = None, token: str | None
         timeout: float = 10.0) -> Any:
     """One call to the Airflow REST API on loopback; JSON in and out. Raises urllib's HTTPError.
 
-    Idempotent calls (not POST) are retried for a few seconds on a 5xx: the API server answers 500 when its
-    SQLite metadata DB is momentarily locked by the scheduler (seen on 2-core machines under load).
+    Idempotent calls (not POST) are retried for a while on a 5xx or a read that timed out: the API server
+    answers 500 when its SQLite metadata DB is momentarily locked by the scheduler, and on a loaded 2-core
+    machine a single answer has taken longer than ``timeout`` (CI, while the scheduler ran a task).
     """
-    deadline = time.monotonic() + (0 if method == "POST" else 15)
+    deadline = time.monotonic() + (0 if method == "POST" else max(15.0, 3 * timeout))
     while True:
         try:
             return _api_once(s, method, path, body, token, timeout)
         except urllib.error.HTTPError as exc:
             if exc.code < 500 or time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+        except (TimeoutError, urllib.error.URLError) as exc:
+            timed_out = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+            if not timed_out or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def _api_once(s: Settings, method: str, path: str, body: Any, token: str | None, timeout: float) -> Any:
@@ -188,8 +193,8 @@ def token(s: Settings) -> str:
 
 
 def health(s: Settings) -> dict | None:
-    try:
-        return api(s, "GET", HEALTH, timeout=2.0)
+    try:  # one quick try: callers poll, and a stack that does not answer is reported as such
+        return _api_once(s, "GET", HEALTH, None, None, 2.0)
     except (OSError, ValueError):
         return None
 
