@@ -2,8 +2,8 @@
 
 DuckDB writes encrypted files only with the OpenSSL crypto of its httpfs extension; the pinned
 ``duckdb-extension-httpfs`` wheel ships the signed binary, loaded from disk (no network). Temporary files
-are encrypted too (``temp_file_encryption``) and kept next to the warehouse, so PHI never spills in plaintext.
-One process writes at a time (DuckDB's file lock), and within a process one instance at a time may attach the
+are encrypted too (``temp_file_encryption``) and kept next to the warehouse, a folder per connection, so PHI
+never spills in plaintext. One process writes at a time (DuckDB's file lock), and within a process one instance at a time may attach the
 file while one of them writes ("Unique file handle conflict"): the service's threads take turns (a lock per
 file, held for the connection's life) and writers of other processes are retried — either way a writer
 waits up to LOCK_WAIT_S instead of failing.
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import psutil
 
 from core import keys
 from core.settings import Settings
@@ -161,6 +165,31 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
             return
 
 
+_SPILL_DIR = re.compile(r"(\d+)-[0-9a-f]{12}")
+
+
+def spill_dir(s: Settings) -> Path:
+    """A folder for one connection's temporary files, under ``warehouse/tmp``.
+
+    Every DuckDB instance names its spill files alike (``duckdb_temp_storage_DEFAULT-0.tmp`` ...), and one
+    refuses ``temp_file_encryption`` while another's files are in its folder: in a shared folder a reader's
+    open failed while a pipeline task spilled, and two spilling instances would write the same files. DuckDB
+    removes the folder it created when the connection closes; those left by processes that died are removed
+    here (a folder's name starts with its process id).
+    """
+    root = Path(s.warehouse_dir) / "tmp"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with os.scandir(root) as entries:
+            for e in entries:
+                m = _SPILL_DIR.fullmatch(e.name)
+                if m and e.is_dir(follow_symlinks=False) and not psutil.pid_exists(int(m.group(1))):
+                    shutil.rmtree(e.path, ignore_errors=True)
+    except OSError:
+        pass  # sweeping is housekeeping: an unreadable folder must not stop a read
+    return root / f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
 def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = None) -> duckdb.DuckDBPyConnection:
     """A connection with the clinical warehouse attached (and migrated, unless read-only) as ``clinical``.
 
@@ -170,11 +199,11 @@ def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = N
     """
     db_path = db_path or s.clinical_db
     Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = Path(s.warehouse_dir) / "tmp"
-    con = duckdb.connect(config={"temp_directory": str(tmp), "memory_limit": s.warehouse_memory_limit})
+    con = duckdb.connect(config={"temp_directory": str(spill_dir(s)), "memory_limit": s.warehouse_memory_limit})
     try:
         con.execute(f"LOAD '{httpfs_extension()}'")
         con.execute("SET temp_file_encryption = true")
+        con.execute("SET enable_progress_bar = false")  # drawn on stdout, into `--json` output and task logs
         if read_only and not db_path.exists():
             raise FileNotFoundError(f"no clinical warehouse at {db_path}: run `rpm pipeline run` first")
         _attach(con, s, read_only, db_path)
