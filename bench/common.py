@@ -33,19 +33,22 @@ def free_port() -> int:
 @contextmanager
 def bench_home(prefix: str, keep: bool = False, **overrides: Any) -> Iterator[Settings]:
     """Settings whose state lives in a fresh temporary folder, with every listener on a free loopback port.
-    Whatever the block started (ingest, broker) is stopped afterwards and the folder removed."""
+    Whatever the block started (broker, ingest, service, exporter) is stopped afterwards and the folder removed."""
     from rpmctl import services
-    from rpmctl.services import broker, procs
+    from rpmctl.services import procs
 
     base = Path(tempfile.mkdtemp(prefix=f"rpm-bench-{prefix}-"))
     os.chmod(base, 0o755)  # the broker drops to an unprivileged account and must traverse it
-    s = Settings(home=base / "var", broker_port=free_port(), broker_tls_port=free_port(), broker_ingest_port=free_port(),
-                 broker_tls_bind="127.0.0.1", ingest_metrics_port=free_port(), **overrides)
+    ports = {name: free_port() for name in ("broker_port", "broker_tls_port", "broker_ingest_port",
+                                             "ingest_metrics_port", "service_port", "metrics_port",
+                                             "metrics_statsd_port", "airflow_port")}
+    s = Settings(home=base / "var", broker_tls_bind="127.0.0.1", **{**ports, **overrides})
     try:
         yield s
     finally:
+        # Everything `rpm up` may have started here, whatever the script did (a collision or a crash included).
         procs.stop(s, services.INGEST, timeout=30)
-        broker.stop(s)
+        services.down(s)
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
 
