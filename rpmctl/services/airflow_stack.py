@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -456,6 +456,48 @@ def component_pids(s: Settings) -> dict[str, int]:
     return {n: p for n, p in pids.items() if type(p) is int and 0 < p <= procs.PID_MAX}
 
 
+# What grows with every run in Airflow's metadata DB: on the 1-minute schedule 1,440 runs a day, each with its
+# task instances and their history, audit-log rows, XComs, and an asset event per sealed segment. Airflow
+# never removes them itself, and a scheduler over a large SQLite file slows down (its queries scan them).
+METADATA_TABLES = ("asset_event", "dag_run", "job", "log", "task_instance", "task_instance_history", "xcom")
+CLEAN_FIRST_S = 300.0  # after the supervisor starts: not while the components start up
+CLEAN_EVERY_S = 24 * 3600.0
+
+
+def clean_argv(s: Settings, now: datetime | None = None) -> list[str]:
+    """`airflow db clean` of what is older than RPM_ARTIFACT_RETENTION_DAYS (the task logs' retention, so a
+    run's record and its log go together); Airflow keeps each DAG's latest run whatever its age. Small
+    batches: each holds SQLite's write lock, which the scheduler waits for."""
+    before = (now or datetime.now(UTC)) - timedelta(days=s.artifact_retention_days)
+    return [str(Path(sys.executable).with_name("airflow")), "db", "clean", "--clean-before-timestamp",
+            before.isoformat(), "--tables", ",".join(METADATA_TABLES), "--batch-size", "1000", "--skip-archive",
+            "--yes", "--error-on-cleanup-failure"]
+
+
+class _MetadataCleaner:
+    """The supervisor's daily `airflow db clean` (deploy/systemd runs it from a timer instead), a child process
+    of its own so the restarts it tends to are never held up by it."""
+
+    def __init__(self, s: Settings, first_s: float = CLEAN_FIRST_S, every_s: float = CLEAN_EVERY_S) -> None:
+        self.s, self.every_s = s, every_s
+        self.next_at = time.monotonic() + first_s
+        self.proc: subprocess.Popen | None = None
+
+    def tend(self) -> None:
+        if self.proc is not None and (code := self.proc.poll()) is not None:
+            print(f"rpm airflow supervisor: metadata older than {self.s.artifact_retention_days} days "
+                  + ("removed" if code == 0 else f"not removed ({describe_exit(code)}); tried again tomorrow"),
+                  flush=True)
+            self.proc = None
+        if self.proc is None and time.monotonic() >= self.next_at:
+            self.next_at = time.monotonic() + self.every_s
+            try:
+                self.proc = subprocess.Popen(clean_argv(self.s), stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except OSError as exc:
+                print(f"rpm airflow supervisor: metadata clean not started: {exc}", flush=True)
+
+
 class _Component:
     """One component under the supervisor: its process, its back-off, and its descendants as last seen."""
 
@@ -484,14 +526,16 @@ def supervise() -> int:
     stack = [_Component(name, [airflow, *argv]) for name, argv in COMPONENTS.items()]
     _write_pids(s, stack)
     print(f"rpm airflow supervisor: started {', '.join(f'{c.name}={c.proc.pid}' for c in stack)}", flush=True)
+    cleaner = _MetadataCleaner(s)
     while not stop_requested:
         trees = _descendants({c.proc.pid for c in stack})
         for c in stack:
             if not stop_requested:
                 _tend(s, c, trees[c.proc.pid], stack)
+        cleaner.tend()
         time.sleep(POLL_S)
     for sig, wait in ((signal.SIGINT, 45.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        alive = [c.proc for c in stack if c.proc.poll() is None]
+        alive = [p for p in (*(c.proc for c in stack), cleaner.proc) if p is not None and p.poll() is None]
         if not alive:
             break
         for p in alive:
@@ -580,20 +624,28 @@ def _write_pids(s: Settings, stack: list[_Component]) -> None:
 
 def run_component(name: str) -> None:
     """Replace this process with one component, started exactly as the local stack starts it (environment,
-    arguments); ``migrate`` upgrades the metadata DB first. What deploy/systemd's units run."""
+    arguments); ``migrate`` upgrades the metadata DB first, ``clean`` removes old runs (clean_argv). What
+    deploy/systemd's units run."""
     s = Settings.from_env()
     env = {**os.environ, **stack_env(s)}
     if name == "api-server":
         admin_login(s)  # written 0600 by us before Airflow would write it world-readable
     airflow = str(Path(sys.executable).with_name("airflow"))
-    os.execve(airflow, [airflow, *(["db", "migrate"] if name == "migrate" else COMPONENTS[name])], env)
+    if name == "clean":
+        argv = clean_argv(s)
+    else:
+        argv = [airflow, *(["db", "migrate"] if name == "migrate" else COMPONENTS[name])]
+    os.execve(airflow, argv, env)
+
+
+ONE_SHOTS = ("migrate", "clean")
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         return supervise()
-    if len(argv) != 1 or argv[0] not in (*COMPONENTS, "migrate"):
-        print(f"usage: python -m rpmctl.services.airflow_stack [{' | '.join((*COMPONENTS, 'migrate'))}]",
+    if len(argv) != 1 or argv[0] not in (*COMPONENTS, *ONE_SHOTS):
+        print(f"usage: python -m rpmctl.services.airflow_stack [{' | '.join((*COMPONENTS, *ONE_SHOTS))}]",
               file=sys.stderr)
         return 2
     run_component(argv[0])

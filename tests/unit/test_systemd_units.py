@@ -18,7 +18,7 @@ import pytest
 
 from core.settings import Settings
 from rpmctl.cli import build_parser
-from rpmctl.services.airflow_stack import COMPONENTS
+from rpmctl.services.airflow_stack import COMPONENTS, ONE_SHOTS
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 VENV_BIN = "/opt/rpm/.venv/bin/"
@@ -67,7 +67,7 @@ def installed_copy(tmp_path: Path) -> list[Path]:
     env_file = tmp_path / "rpm.env"
     shutil.copyfile(UNITS / "rpm.env", env_file)
     out = []
-    for unit in sorted([*UNITS.glob("*.service"), *UNITS.glob("*.target")]):
+    for unit in sorted([*UNITS.glob("*.service"), *UNITS.glob("*.target"), *UNITS.glob("*.timer")]):
         text = (unit.read_text().replace(VENV_BIN, f"{Path(sys.executable).parent}/")
                 .replace(STATE, str(state)).replace(ENV_FILE, str(env_file)))
         (tmp_path / unit.name).write_text(text)
@@ -119,12 +119,12 @@ def test_every_command_a_unit_runs_exists():
             assert build_parser().parse_args(argv[1:]).fn, path.name  # an unknown command raises
         elif argv[0] == f"{VENV_BIN}python":
             assert argv[1:3] == ["-m", "rpmctl.services.airflow_stack"], path.name
-            assert argv[3] in (*COMPONENTS, "migrate"), path.name
+            assert argv[3] in (*COMPONENTS, *ONE_SHOTS), path.name
             airflow_units.add(argv[3])
         else:
             assert argv[:2] == ["/usr/sbin/mosquitto", "-c"] and argv[2] == f"{STATE}/broker/mosquitto.conf"
             assert Settings(home=Path(STATE)).broker_dir / "mosquitto.conf" == Path(argv[2])
-    assert airflow_units == {*COMPONENTS, "migrate"}  # one unit per Airflow component, none left over
+    assert airflow_units == {*COMPONENTS, *ONE_SHOTS}  # one unit per Airflow component, none left over
 
 
 def test_the_environment_file_holds_only_real_settings():
@@ -139,3 +139,12 @@ def test_the_environment_file_holds_only_real_settings():
     assert {k for k in env if k.startswith("RPM_")} | suggested <= known
     s = Settings.from_env(env)
     assert (str(s.home), s.run_as, env["HOME"]) == (STATE, "rpm", STATE)
+
+
+def test_a_daily_timer_cleans_airflow_metadata():
+    timer = parse(UNITS / "rpm-airflow-clean.timer")
+    assert values(timer, "Timer", "OnCalendar") == ["daily"] and values(timer, "Timer", "Persistent") == ["yes"]
+    assert "rpm-airflow-clean.timer" in " ".join(values(parse(UNITS / "rpm.target"), "Unit", "Wants")).split()
+    service = parse(UNITS / "rpm-airflow-clean.service")  # the timer's unit of the same name
+    assert values(service, "Service", "Type") == ["oneshot"]
+    assert values(service, "Service", "ExecStart")[0].endswith("-m rpmctl.services.airflow_stack clean")
