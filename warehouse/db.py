@@ -183,7 +183,9 @@ def spill_dir(s: Settings) -> Path:
         with os.scandir(root) as entries:
             for e in entries:
                 m = _SPILL_DIR.fullmatch(e.name)
-                if m and e.is_dir(follow_symlinks=False) and not psutil.pid_exists(int(m.group(1))):
+                # Only our account's: another's processes may be hidden from us (systemd's ProtectProc=).
+                if (m and e.is_dir(follow_symlinks=False) and e.stat(follow_symlinks=False).st_uid == os.getuid()
+                        and not psutil.pid_exists(int(m.group(1)))):
                     shutil.rmtree(e.path, ignore_errors=True)
     except OSError:
         pass  # sweeping is housekeeping: an unreadable folder must not stop a read
