@@ -34,6 +34,7 @@ BACKDATE_MONTHS = 1
 NOTE_MAX = 1000  # characters of a clinician's note (the service's forms and API allow as many)
 # The panel compares CGM time in ranges over the last 14 days with the 14 before (the consensus window).
 PANEL_GLUCOSE_DAYS = 14
+VIEW_GLUCOSE_DAYS = 14  # the patient view's CGM summary: the consensus minimum of 14 days
 # The alert rules whose thresholds are levels of each vital (shaded on its chart). Weight rules are gains and
 # NEWS2 scores several vitals together: neither is a level of one vital.
 VITAL_RULES: dict[str, tuple[str, ...]] = {
@@ -118,6 +119,7 @@ class ClinicianSession:
 
     def patient(self, patient_id: str, days: int = 30) -> dict:
         query = {"view": "patient", "patient_id": patient_id, "days": days}
+        glucose_since = datetime.now(UTC) - timedelta(days=VIEW_GLUCOSE_DAYS)  # at or before the window's start
         with serving(self.s) as con:
             self._require(con, patient_id, "patient", query)
             demo = _rows(con.execute("""SELECT patient_id, mrn, given_name, family_name, birth_date, time_zone,
@@ -132,7 +134,10 @@ class ClinicianSession:
             trends = _rows(con.execute("SELECT * EXCLUDE (patient_id) FROM mart_trends WHERE patient_id = ? "
                                        "ORDER BY metric", [patient_id]))
             open_alerts = alerts_mod.open_alerts(con, [patient_id])
-            glucose = _glucose(con, patient_id)
+            # Most patients wear no CGM: their latest glucose (if any) says the 14-day window is empty, and
+            # the scan of their readings that would say so is skipped.
+            glucose = _glucose(con, patient_id, VIEW_GLUCOSE_DAYS) if any(
+                r["metric"] == "blood_glucose" and r["measured_at"] > glucose_since for r in latest) else None
         out = {"patient": demo[0] if demo else {"patient_id": patient_id}, "latest": latest, "daily": daily,
                "trends": trends, "alerts": open_alerts, "glucose": glucose}
         rows = len(latest) + len(daily) + len(trends) + len(open_alerts) + (1 if glucose else 0)
