@@ -110,7 +110,7 @@ def test_acknowledgements_made_before_their_history_existed_become_its_first_row
 
 
 def test_readings_loaded_before_the_rollups_existed_are_counted_in_them(settings: Settings) -> None:
-    """004 counts the days of readings already loaded and 005 folds each patient's latest reading per metric
+    """004 counts the days of readings already loaded and 006 folds each patient's latest reading per metric
     from them: the first glance (mart_latest_vitals) shows the readings the warehouse held before."""
     make_release_0_1_warehouse(settings)
     con = release_0_1_connection(settings)
