@@ -52,8 +52,8 @@ PANEL_TARGET_MS = 100.0
 BILLING_TARGET_MS = 2000.0
 DEFAULT_SIZE, DEFAULT_PATIENTS = 2_000_000, 1_000
 # Tables the clinician views and the billing report read; the plain copy holds only these.
-PLAIN_TABLES = ("patients", "readings", "patient_days", "patient_day_zones", "alerts", "care_team",
-                "clinicians", "interactions", "alert_thresholds")
+PLAIN_TABLES = ("patients", "readings", "patient_days", "patient_latest", "patient_day_zones", "alerts",
+                "care_team", "clinicians", "interactions", "alert_thresholds")
 AUDIT_LOG_SIZES = (1_000, 100_000)
 
 

@@ -34,6 +34,7 @@ BACKDATE_MONTHS = 1
 NOTE_MAX = 1000  # characters of a clinician's note (the service's forms and API allow as many)
 # The panel compares CGM time in ranges over the last 14 days with the 14 before (the consensus window).
 PANEL_GLUCOSE_DAYS = 14
+VIEW_GLUCOSE_DAYS = 14  # the patient view's CGM summary: the consensus minimum of 14 days
 # The alert rules whose thresholds are levels of each vital (shaded on its chart). Weight rules are gains and
 # NEWS2 scores several vitals together: neither is a level of one vital.
 VITAL_RULES: dict[str, tuple[str, ...]] = {
@@ -49,24 +50,34 @@ VITAL_RULES: dict[str, tuple[str, ...]] = {
 
 # The care team's patients from the per-patient-day rollup (patient_days): the last reading and the readings
 # of the last 30 days without reading their readings. The window starts at an instant inside a day, so a day
-# that straddles it counts its readings' own instants (at_us); days wholly after it count whole.
+# that straddles it counts its readings' own instants (at_us); days wholly after it count whole. Fetching
+# at_us for every day of the team read ~49M instants at 50M readings (490 ms of a 396 ms p95 panel,
+# BENCHMARKS.md §4): a vector of rows whose list column is touched at all is read whole. So the days are
+# picked from the small columns first, and at_us is read only for the straddling ones, joined back by rowid
+# (the join's bloom filter reaches the scan: ~100 rows of 2M). The team joins `patients` rather than
+# unnesting $1 for the same reason: a table on the build side lets the scan of patient_days skip the other
+# patients' rows.
 PATIENTS_SQL = """
-WITH days AS (
-    SELECT patient_id, last_at,
-           CASE WHEN first_at >= now() - INTERVAL 30 DAY THEN readings
-                WHEN last_at >= now() - INTERVAL 30 DAY
-                THEN len(list_filter(at_us, x -> x >= epoch_us(now() - INTERVAL 30 DAY)))
-                ELSE 0 END AS in_window
-    FROM patient_days WHERE patient_id IN (SELECT unnest($1::VARCHAR[]))  -- a join: list_contains is per id
+WITH days AS MATERIALIZED (
+    SELECT d.rowid AS day_row, d.patient_id, d.first_at, d.last_at, d.readings
+    FROM patients s JOIN patient_days d ON d.patient_id = s.patient_id
+    WHERE list_contains($1, s.patient_id)
+), straddling AS (
+    SELECT d.patient_id, len(list_filter(pd.at_us, x -> x >= epoch_us(now() - INTERVAL 30 DAY))) AS in_window
+    FROM patient_days pd JOIN days d ON pd.rowid = d.day_row
+    WHERE d.first_at < now() - INTERVAL 30 DAY AND d.last_at >= now() - INTERVAL 30 DAY
 ), per_patient AS (
-    SELECT patient_id, max(last_at) AS last_reading_at, CAST(sum(in_window) AS BIGINT) AS readings_30d
+    SELECT patient_id, max(last_at) AS last_reading_at,
+           CAST(sum(readings) FILTER (first_at >= now() - INTERVAL 30 DAY) AS BIGINT) AS whole_days
     FROM days GROUP BY patient_id
+), partial_days AS (
+    SELECT patient_id, CAST(sum(in_window) AS BIGINT) AS in_window FROM straddling GROUP BY patient_id
 )
 SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone, p.conditions,
-       d.last_reading_at, coalesce(d.readings_30d, 0) AS readings_30d,
+       d.last_reading_at, coalesce(d.whole_days, 0) + coalesce(w.in_window, 0) AS readings_30d,
        (SELECT count(*) FROM alerts a WHERE a.patient_id = p.patient_id AND a.resolved_at IS NULL)
            AS open_alerts
-FROM patients p LEFT JOIN per_patient d USING (patient_id)
+FROM patients p LEFT JOIN per_patient d USING (patient_id) LEFT JOIN partial_days w USING (patient_id)
 WHERE list_contains($1, p.patient_id)
 ORDER BY p.patient_id"""
 
@@ -108,6 +119,7 @@ class ClinicianSession:
 
     def patient(self, patient_id: str, days: int = 30) -> dict:
         query = {"view": "patient", "patient_id": patient_id, "days": days}
+        glucose_since = datetime.now(UTC) - timedelta(days=VIEW_GLUCOSE_DAYS)  # at or before the window's start
         with serving(self.s) as con:
             self._require(con, patient_id, "patient", query)
             demo = _rows(con.execute("""SELECT patient_id, mrn, given_name, family_name, birth_date, time_zone,
@@ -122,7 +134,10 @@ class ClinicianSession:
             trends = _rows(con.execute("SELECT * EXCLUDE (patient_id) FROM mart_trends WHERE patient_id = ? "
                                        "ORDER BY metric", [patient_id]))
             open_alerts = alerts_mod.open_alerts(con, [patient_id])
-            glucose = _glucose(con, patient_id)
+            # Most patients wear no CGM: their latest glucose (if any) says the 14-day window is empty, and
+            # the scan of their readings that would say so is skipped.
+            glucose = _glucose(con, patient_id, VIEW_GLUCOSE_DAYS) if any(
+                r["metric"] == "blood_glucose" and r["measured_at"] > glucose_since for r in latest) else None
         out = {"patient": demo[0] if demo else {"patient_id": patient_id}, "latest": latest, "daily": daily,
                "trends": trends, "alerts": open_alerts, "glucose": glucose}
         rows = len(latest) + len(daily) + len(trends) + len(open_alerts) + (1 if glucose else 0)

@@ -36,6 +36,7 @@ CHUNK_READINGS = 2_000_000  # readings per insert into the new file: whole patie
 ORDER = {
     "readings": "patient_id, measured_at, reading_id",
     "patient_days": "patient_id, local_date, metric, unit",
+    "patient_latest": "patient_id, metric",
 }
 
 

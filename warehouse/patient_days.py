@@ -6,7 +6,8 @@ scanned every reading (BENCHMARKS.md §4). The load adds each batch's readings h
 (``note_loaded``), so the rollup always equals ``patient_days_of('readings')`` — what ``rebuild`` recounts —
 for the zone each patient's days were counted in. A registry change of a patient's zone is recounted by
 ``refresh_zones`` in the registry's own transaction (``registry.upsert_patient``); the load and the
-compaction call it too, for a zone changed any other way.
+compaction call it too, for a zone changed any other way. ``patient_latest`` (each patient's latest reading
+per metric, ``patient_latest_of('patient_days')``) is kept beside it by the same calls.
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ DROP TABLE _pd_both;
 DROP TABLE _pd_merged;
 """
 
+# The latest rows of the metrics in _pd_new, merged with _pd_new's days: a load only adds readings, so the
+# latest of a metric is the later of the stored one and the batch's, and its count their sum.
+MERGE_LATEST = """
+CREATE OR REPLACE TEMP TABLE _pl_both AS
+SELECT patient_id, metric, unit, last_at, readings, latest FROM _pd_new
+UNION ALL
+SELECT l.patient_id, l.metric, l.unit, l.last_at, l.readings_total AS readings, l.latest
+FROM patient_latest l SEMI JOIN _pd_new n ON n.patient_id = l.patient_id AND n.metric = l.metric;
+CREATE OR REPLACE TEMP TABLE _pl_merged AS SELECT * FROM patient_latest_of('_pl_both');
+DELETE FROM patient_latest l USING _pl_merged m WHERE m.patient_id = l.patient_id AND m.metric = l.metric;
+INSERT INTO patient_latest BY NAME SELECT * FROM _pl_merged;
+DROP TABLE _pl_both;
+DROP TABLE _pl_merged;
+"""
+
 # New patients' zones, as their first days are counted.
 NOTE_ZONES = """
 INSERT INTO patient_day_zones
@@ -49,6 +65,7 @@ def note_loaded(con: duckdb.DuckDBPyConnection, source: str) -> int:
     con.execute("CREATE OR REPLACE TEMP TABLE _pd_new AS SELECT * FROM patient_days_of('_pd_loaded')")
     touched = _count(con, "SELECT count(*) FROM _pd_new")
     if touched:
+        con.execute(MERGE_LATEST)
         con.execute(MERGE)
         con.execute(NOTE_ZONES)
     con.execute("DROP TABLE _pd_new")
@@ -73,7 +90,9 @@ def rebuild(con: duckdb.DuckDBPyConnection, patient_ids: list[str] | None = None
     if patient_ids is None:
         con.execute("DELETE FROM patient_days")
         con.execute("DELETE FROM patient_day_zones")
+        con.execute("DELETE FROM patient_latest")
         con.execute("INSERT INTO patient_days BY NAME SELECT * FROM patient_days_of('readings')")
+        con.execute("INSERT INTO patient_latest BY NAME SELECT * FROM patient_latest_of('patient_days')")
         con.execute("""INSERT INTO patient_day_zones
                        SELECT p.patient_id, p.time_zone FROM patients p
                        WHERE p.patient_id IN (SELECT DISTINCT patient_id FROM readings)""")
@@ -82,14 +101,19 @@ def rebuild(con: duckdb.DuckDBPyConnection, patient_ids: list[str] | None = None
                 [patient_ids])
     con.execute("DELETE FROM patient_days WHERE patient_id IN (SELECT patient_id FROM _pd_patients)")
     con.execute("DELETE FROM patient_day_zones WHERE patient_id IN (SELECT patient_id FROM _pd_patients)")
+    con.execute("DELETE FROM patient_latest WHERE patient_id IN (SELECT patient_id FROM _pd_patients)")
     con.execute("""CREATE OR REPLACE TEMP VIEW _pd_readings AS
                    SELECT * FROM readings WHERE patient_id IN (SELECT patient_id FROM _pd_patients)""")
     con.execute("INSERT INTO patient_days BY NAME SELECT * FROM patient_days_of('_pd_readings')")
+    con.execute("""CREATE OR REPLACE TEMP VIEW _pd_days AS
+                   SELECT * FROM patient_days WHERE patient_id IN (SELECT patient_id FROM _pd_patients)""")
+    con.execute("INSERT INTO patient_latest BY NAME SELECT * FROM patient_latest_of('_pd_days')")
     con.execute("""INSERT INTO patient_day_zones
                    SELECT p.patient_id, p.time_zone FROM patients p
                    WHERE p.patient_id IN (SELECT DISTINCT patient_id FROM _pd_readings)""")
     written = _count(con, "SELECT count(*) FROM patient_days WHERE patient_id IN "
                           "(SELECT patient_id FROM _pd_patients)")
+    con.execute("DROP VIEW _pd_days")
     con.execute("DROP VIEW _pd_readings")
     con.execute("DROP TABLE _pd_patients")
     return written

@@ -99,3 +99,16 @@ def test_the_glucose_profile_has_percentiles_for_each_hour_of_the_day(ward):
     assert len(lows) == 2  # each day's first two hours of readings run low
     assert profile["thresholds"]["glucose_level1_low.mg_dl"] == 70
     assert last_record(ward)["rows"] == 2 * 96
+
+
+def test_the_patient_view_summarises_glucose_only_from_the_last_14_days(ward, insert_reading):
+    """The view's CGM summary covers its 14-day window: a wearer gets it, a patient with no glucose gets none,
+    and one whose last glucose reading is older than the window gets none either."""
+    with clinical(ward) as con:
+        insert_reading(con, "p1", "blood_glucose", 150, datetime.now(UTC) - timedelta(days=20))
+        publish_snapshot(ward, con)
+    session = ClinicianSession(ward, "dr-a")
+    assert session.patient("p2")["glucose"]["cgm_readings"] == 2 * 96
+    assert session.patient("p1")["glucose"] is None
+    assert [r["metric"] for r in session.patient("p1")["latest"]] == ["blood_glucose", "blood_pressure"]
+    assert ClinicianSession(ward, "dr-b").patient("p3")["glucose"] is None

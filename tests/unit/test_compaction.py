@@ -180,12 +180,14 @@ def test_a_recount_that_fails_leaves_the_rollup_as_it_was(warehouse: Settings) -
     recounted them, and billing and the panel lost their days. All or nothing: the rollup stays as it was."""
     with clinical(warehouse) as con:
         days = con.execute("SELECT * FROM patient_days ORDER BY ALL").fetchall()
-        assert any(d[0] == "p-2" for d in days)
+        latest = con.execute("SELECT * FROM patient_latest ORDER BY ALL").fetchall()
+        assert any(d[0] == "p-2" for d in days) and any(r[0] == "p-2" for r in latest)
         con.execute("UPDATE patients SET time_zone = 'Mars/Olympus_Mons' WHERE patient_id = 'p-2'")
     with pytest.raises(duckdb.Error):
         compact(warehouse)
     with clinical(warehouse) as con:
         assert con.execute("SELECT * FROM patient_days ORDER BY ALL").fetchall() == days
+        assert con.execute("SELECT * FROM patient_latest ORDER BY ALL").fetchall() == latest
         assert con.execute("SELECT patient_id FROM stg_day_zone_changes").fetchall() == [("p-2",)]  # still owed
         con.execute("UPDATE patients SET time_zone = 'Europe/Berlin' WHERE patient_id = 'p-2'")
     compact(warehouse)  # the zone fixed: recounted, and the rollup equals a rebuild
@@ -193,4 +195,7 @@ def test_a_recount_that_fails_leaves_the_rollup_as_it_was(warehouse: Settings) -
         rollup, rebuilt = (con.execute(f"SELECT * REPLACE (list_sort(at_us) AS at_us) FROM {source} ORDER BY ALL"
                                        ).fetchall() for source in ("patient_days", "patient_days_of('readings')"))
         assert rollup == rebuilt
+        latest, folded = (con.execute(f"SELECT * FROM {source} ORDER BY ALL").fetchall()
+                          for source in ("patient_latest", "patient_latest_of('patient_days')"))
+        assert latest == folded
         assert ("p-2", "Europe/Berlin") in con.execute("SELECT * FROM patient_day_zones").fetchall()

@@ -109,6 +109,27 @@ def test_acknowledgements_made_before_their_history_existed_become_its_first_row
             ("a-late", "dr-b", at, "note of dr-b", "bp_severe", True)]
 
 
+def test_readings_loaded_before_the_rollups_existed_are_counted_in_them(settings: Settings) -> None:
+    """004 counts the days of readings already loaded and 006 folds each patient's latest reading per metric
+    from them: the first glance (mart_latest_vitals) shows the readings the warehouse held before."""
+    make_release_0_1_warehouse(settings)
+    con = release_0_1_connection(settings)
+    try:
+        for reading_id, value, at in (("hr-1", 61.0, datetime(2026, 1, 5, 9, tzinfo=UTC)),
+                                      ("hr-2", 72.0, datetime(2026, 1, 6, 9, tzinfo=UTC))):
+            con.execute("""INSERT INTO readings (reading_id, patient_id, device_id, metric, loinc, value, unit,
+                                                 unit_sent, measured_at, utc_offset_min, received_at, loaded_at,
+                                                 msg_id, segment, record_no, item_no)
+                           VALUES (?, 'pt-old', 'dev-1', 'heart_rate', '8867-4', ?, '/min', '/min', ?, 0, ?, ?,
+                                   ?, 'seg', 0, 0)""", [reading_id, value, at, at, at, reading_id])
+    finally:
+        con.close()
+    with clinical(settings) as con:
+        assert con.execute("SELECT patient_id, metric, value, measured_at, readings_total FROM mart_latest_vitals"
+                           ).fetchall() == [("pt-old", "heart_rate", 72.0, datetime(2026, 1, 6, 9, tzinfo=UTC), 2)]
+        assert con.execute("SELECT count(*) FROM patient_days").fetchone() == (2,)
+
+
 def test_each_migration_runs_once(settings: Settings) -> None:
     make_release_0_1_warehouse(settings)
     with clinical(settings) as con:

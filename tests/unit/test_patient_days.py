@@ -173,8 +173,16 @@ def rollup(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple]:
                       "ORDER BY patient_id, local_date, metric, unit")
 
 
+def latest(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    """The latest rows the load keeps, and the same folded afresh from the stored days."""
+    return [table(con, f"SELECT * FROM {source} ORDER BY patient_id, metric")
+            for source in ("patient_latest", "patient_latest_of('patient_days')")]
+
+
 def assert_same_answers(con: duckdb.DuckDBPyConnection, patients: list[str]) -> None:
     assert rollup(con, "patient_days") == rollup(con, "patient_days_of('readings')")
+    kept, folded = latest(con)
+    assert kept == folded
     assert table(con, "SELECT * FROM billing_periods ORDER BY ALL") == \
         table(con, "SELECT * FROM old_billing_periods ORDER BY ALL")
     some = patients[::3]
@@ -214,6 +222,9 @@ def test_incremental_loads_answer_as_the_full_scans_did(con: duckdb.DuckDBPyConn
     rebuild(con)
     assert rollup(con, "patient_days") == stored
     assert_same_answers(con, patients)
+    # The panel's window starts inside some of these days: the part of them it counts came from their instants.
+    assert con.execute("""SELECT count(*) FROM patient_days WHERE first_at < now() - INTERVAL 30 DAY
+                          AND last_at >= now() - INTERVAL 30 DAY""").fetchone()[0] > 0
 
 
 def test_a_zone_change_moves_the_days_at_once(con: duckdb.DuckDBPyConnection) -> None:
@@ -253,6 +264,9 @@ def test_rebuild_of_some_patients_leaves_the_others(con: duckdb.DuckDBPyConnecti
     assert con.execute("SELECT count(*) FROM patient_day_zones WHERE patient_id = 'p-1'").fetchone()[0] == 0
     assert rollup(con, "(SELECT * FROM patient_days WHERE patient_id = 'p-2')") == before
     assert rollup(con, "patient_days") == rollup(con, "patient_days_of('readings')")
+    assert con.execute("SELECT count(*) FROM patient_latest WHERE patient_id = 'p-1'").fetchone()[0] == 0
+    kept, folded = latest(con)
+    assert kept == folded
 
 
 OLD_BILLING_TIME = """

@@ -87,20 +87,23 @@ CREATE OR REPLACE VIEW stg_day_zone_changes AS
 SELECT z.patient_id FROM patient_day_zones z JOIN patients p USING (patient_id)
 WHERE z.time_zone IS DISTINCT FROM p.time_zone;
 
+-- patient_latest_of(source): the patient_latest rows of `source` (patient_days, or rows with its patient_id,
+-- metric, unit, last_at, readings and latest — a batch's day rows beside the stored latest rows they add to):
+-- per patient and metric the reading latest on the UTC instant (ties: the smallest reading_id), with its day's
+-- unit, and the readings counted.
+CREATE OR REPLACE MACRO patient_latest_of(source) AS TABLE
+SELECT patient_id, metric, arg_min(unit, {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS unit,
+       max(last_at) AS last_at, CAST(sum(readings) AS BIGINT) AS readings_total,
+       arg_min(latest, {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS latest
+FROM query_table(source::VARCHAR)
+GROUP BY patient_id, metric;
+
 -- mart_latest_vitals: the most recent reading of each metric per patient (a clinician's first glance), chosen on
 -- the UTC instant (ties: the smallest reading_id), with the local time the rollup stored for it.
 CREATE OR REPLACE VIEW mart_latest_vitals AS
-WITH per_metric AS (
-    SELECT patient_id, metric, CAST(sum(readings) AS BIGINT) AS readings_total,
-           arg_min({'unit': unit, 'measured_at': last_at, 'latest': latest},
-                   {'at': -epoch_us(last_at), 'reading_id': latest.reading_id}) AS l
-    FROM patient_days
-    GROUP BY patient_id, metric
-)
-SELECT patient_id, metric, l.latest.value AS value, l.latest.diastolic AS diastolic, l.unit AS unit,
-       l.measured_at AS measured_at, l.latest.measured_local AS measured_local, l.latest.device_id AS device_id,
-       readings_total
-FROM per_metric;
+SELECT patient_id, metric, latest.value AS value, latest.diastolic AS diastolic, unit, last_at AS measured_at,
+       latest.measured_local AS measured_local, latest.device_id AS device_id, readings_total
+FROM patient_latest;
 
 -- mart_daily_vitals: per patient, metric and patient-local day: count, min, mean, max.
 CREATE OR REPLACE VIEW mart_daily_vitals AS
