@@ -21,6 +21,7 @@ from rpmctl.services import broker, procs, supervisor
 from rpmctl.services.airflow_run import airflow_env
 
 RPM = str(Path(sys.executable).with_name("rpm"))
+DURATIONS = Path(__file__).with_name("durations.json")
 # The suite runs as root and its commands keep root (the state in temporary folders belongs to root), in this
 # process and every command it starts; tests/integration/test_service_account.py sets the service account.
 os.environ["RPM_RUN_AS"] = "root"
@@ -30,6 +31,69 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- scheduling: the longest modules first -------------------------------------------------------------------
+# `--dist loadscope` keeps a module on one worker and hands modules out in order of their number of tests, so
+# the integration modules (few tests, tens of seconds each) went last and the run waited on one worker's tail.
+# Handing them out longest first (LPT) by their measured seconds (tests/durations.json, refreshed with
+# `pytest --store-durations`) lets the short unit modules fill the gaps instead.
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each module's seconds (setup, call, teardown) to {DURATIONS.name}")
+
+
+def module_costs() -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def estimated_cost(module: str, costs: dict[str, float]) -> float:
+    """A module's measured seconds; a new one is guessed from its folder (integration and browser modules start
+    services: a typical one of theirs, not last in line)."""
+    if module in costs:
+        return costs[module]
+    started = module.startswith(("tests/integration/", "tests/browser/"))
+    known = sorted(v for k, v in costs.items() if k.startswith(("tests/integration/", "tests/browser/")) == started)
+    return known[len(known) // 2] if known else (30.0 if started else 1.0)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongestFirst(LoadScopeScheduling):
+        """loadscope, with the work queue in descending order of each module's expected seconds."""
+
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "_ordered", False):
+                costs = module_costs()
+                order = sorted(self.workqueue, key=lambda scope: -estimated_cost(scope.split("::")[0], costs))
+                self.workqueue = type(self.workqueue)((scope, self.workqueue[scope]) for scope in order)
+                self._ordered = True
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _module_seconds[report.nodeid.split("::")[0]] = _module_seconds.get(report.nodeid.split("::")[0], 0.0) + (
+        report.duration)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With --store-durations, on the controller (or a run without workers): merge this run's module seconds."""
+    if not session.config.getoption("store_durations") or hasattr(session.config, "workerinput"):
+        return
+    costs = module_costs() | {k: round(v, 1) for k, v in _module_seconds.items()}
+    DURATIONS.write_text(json.dumps(dict(sorted(costs.items())), indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
