@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -97,14 +98,26 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def airflow_db_template() -> Iterator[Path]:
-    """One migrated Airflow metadata DB per session; each test copies it (migrating takes seconds)."""
-    home = Path(tempfile.mkdtemp(prefix="rpm-airflow-"))
+def airflow_db_template(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated Airflow metadata DB per test run; each test copies it (migrating takes seconds of CPU).
+
+    Under xdist the workers share it: the first to need it migrates, under a lock in the run's common temporary
+    folder, and the others wait for it rather than each migrating one of their own. pytest removes the folder
+    with its old runs."""
+    worker = hasattr(request.config, "workerinput")
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    home = root / "airflow-template"
     s = Settings(home=home / "var")
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-                   env={**os.environ, **airflow_env(s)}, check=True, capture_output=True)
-    yield Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
-    shutil.rmtree(home, ignore_errors=True)
+    db = Path(s.airflow_home) / "airflow.db"  # type: ignore[arg-type]
+    with open(root / "airflow-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "migrated").exists():
+            shutil.rmtree(home, ignore_errors=True)  # a migration that died half-way
+            home.mkdir()
+            subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+                           env={**os.environ, **airflow_env(s)}, check=True, capture_output=True)
+            (home / "migrated").touch()
+    return db
 
 
 @contextmanager
