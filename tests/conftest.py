@@ -38,7 +38,13 @@ def free_port() -> int:
 # `--dist loadscope` keeps a module on one worker and hands modules out in order of their number of tests, so
 # the integration modules (few tests, tens of seconds each) went last and the run waited on one worker's tail.
 # Handing them out longest first (LPT) by their measured seconds (tests/durations.json, refreshed with
-# `pytest --store-durations`) lets the short unit modules fill the gaps instead.
+# `pytest --store-durations`) lets the short unit modules fill the gaps instead. A worker is sent its next
+# module while it still runs the last test or two of the current one (it needs the next item to end a module):
+# one that is busy for a while yet gets the shortest module for that, not a long one another worker would start
+# sooner.
+
+BUSY_S = 10.0  # expected seconds of work left above which a worker's next module is the shortest one
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--store-durations", action="store_true",
@@ -67,15 +73,23 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    costs = module_costs()
+
+    def cost(scope: str) -> float:
+        return estimated_cost(scope.split("::")[0], costs)
+
     class LongestFirst(LoadScopeScheduling):
         """loadscope, with the work queue in descending order of each module's expected seconds."""
 
         def _assign_work_unit(self, node) -> None:
             if not getattr(self, "_ordered", False):
-                costs = module_costs()
-                order = sorted(self.workqueue, key=lambda scope: -estimated_cost(scope.split("::")[0], costs))
+                order = sorted(self.workqueue, key=lambda scope: -cost(scope))
                 self.workqueue = type(self.workqueue)((scope, self.workqueue[scope]) for scope in order)
                 self._ordered = True
+            busy_for = sum(cost(scope) * list(unit.values()).count(False) / len(unit)
+                           for scope, unit in self.assigned_work.get(node, {}).items())
+            if busy_for > BUSY_S and len(self.workqueue) > 1:
+                self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)
             super()._assign_work_unit(node)
 
     return LongestFirst(config, log)
