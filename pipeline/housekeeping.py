@@ -47,20 +47,27 @@ def _prune_tree(root: Path, cutoff: float) -> int:
         log.warning("not pruning %s: it is a symlink", root)
         return 0
     removed = 0
-    for folder, _dirs, files in os.walk(root, topdown=False):
+    emptied: set[str] = set()
+    for folder, dirs, files in os.walk(root, topdown=False):
+        kept = False
         for name in files:
-            path = Path(folder, name)
+            path = os.path.join(folder, name)
             try:
-                if path.lstat().st_mtime < cutoff:
-                    path.unlink()
+                if os.lstat(path).st_mtime < cutoff:
+                    os.unlink(path)
                     removed += 1
+                else:
+                    kept = True
             except FileNotFoundError:
                 continue
-        if Path(folder) != root:
+        # rmdir only a folder left empty: a failed rmdir of a full one costs as much as a delete (a week of runs
+        # is ~20,000 folders, most of them kept), and a linked folder in ``dirs`` is never emptied here.
+        if folder != str(root) and not kept and all(os.path.join(folder, d) in emptied for d in dirs):
             try:
-                os.rmdir(folder)  # only if empty
+                os.rmdir(folder)
+                emptied.add(folder)
             except OSError:
-                pass
+                pass  # written to meanwhile
     return removed
 
 

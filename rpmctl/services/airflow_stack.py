@@ -133,14 +133,16 @@ def admin_login(s: Settings) -> dict[str, str]:
 # --- REST API -----------------------------------------------------------------------------------------
 
 def api(s: Settings, method: str, path: str, body: Any = None, token: str | None = None,
-        timeout: float = 10.0) -> Any:
+        timeout: float = 10.0, idempotent: bool | None = None) -> Any:
     """One call to the Airflow REST API on loopback; JSON in and out. Raises urllib's HTTPError.
 
-    Idempotent calls (not POST) are retried for a while on a 5xx or a read that timed out: the API server
-    answers 500 when its SQLite metadata DB is momentarily locked by the scheduler, and on a loaded 2-core
-    machine a single answer has taken longer than ``timeout`` (CI, while the scheduler ran a task).
+    Idempotent calls (not POST, unless the caller says so) are retried for a while on a 5xx or a read that
+    timed out: the API server answers 500 when its SQLite metadata DB is momentarily locked by the scheduler,
+    and on a loaded 2-core machine a single answer has taken longer than ``timeout`` (CI, while the scheduler
+    ran a task).
     """
-    deadline = time.monotonic() + (0 if method == "POST" else max(15.0, 3 * timeout))
+    idempotent = method != "POST" if idempotent is None else idempotent
+    deadline = time.monotonic() + (max(15.0, 3 * timeout) if idempotent else 0)
     while True:
         try:
             return _api_once(s, method, path, body, token, timeout)
@@ -185,11 +187,12 @@ def trigger(s: Settings, dag_id: str, jwt: str, timeout: float = 30.0) -> dict:
             time.sleep(0.5)
 
 
-def token(s: Settings) -> str:
-    """A JWT for the REST API, from the simple auth manager's login endpoint."""
+def token(s: Settings, timeout: float = 10.0) -> str:
+    """A JWT for the REST API, from the simple auth manager's login endpoint (a login creates nothing: one whose
+    answer timed out is sent again, as a loaded machine needed once)."""
     login = admin_login(s)
-    return api(s, "POST", "/auth/token", {"username": login["username"], "password": login["password"]}
-               )["access_token"]
+    return api(s, "POST", "/auth/token", {"username": login["username"], "password": login["password"]},
+               timeout=timeout, idempotent=True)["access_token"]
 
 
 def health(s: Settings) -> dict | None:

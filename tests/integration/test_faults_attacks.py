@@ -150,9 +150,14 @@ def sealed_key_ids(s: Settings) -> set[str]:
     return set().union(*(segment_key_ids(p) for p in list_sealed(s.landing_dir)))  # type: ignore[arg-type]
 
 
+AFTER_ROTATION = 100  # messages a device streams once `rpm keys rotate` has returned
+
+
 def rotate_during(s: Settings, device: str, password: str, tag: str, hours_ago: int) -> tuple[list[bytes], dict]:
-    """Stream readings, run `rpm keys rotate` in the middle of the stream, finish it; (acked payloads, result).
-    The readings span ~2 h from ``hours_ago``: each phase its own instants, so none is another's duplicate."""
+    """Stream readings, run `rpm keys rotate` in the middle of the stream, keep streaming AFTER_ROTATION more
+    once it has returned, then stop; (acked payloads, result). The stream is sized for the slowest rotation
+    (a loaded machine) and cut short once past it, not paced to last 15 s. The readings span up to ~2 h from
+    ``hours_ago``: each phase its own instants, so none is another's duplicate."""
     payloads = hr_batches(device, 1500, 5, datetime.now(UTC) - timedelta(hours=hours_ago), tag=tag)
     old_key = Keyring.load(s, "landing").active
     with TrackingPublisher(s, device, password) as pub:
@@ -165,10 +170,14 @@ def rotate_during(s: Settings, device: str, password: str, tag: str, hours_ago: 
         switched_at = stream.sent
         out, err = rotation.communicate(timeout=120)
         assert rotation.returncode == 0, err
+        rotated_at = stream.sent
+        wait_until(lambda: stream.sent >= rotated_at + AFTER_ROTATION or not stream.is_alive(), 30,
+                   what="the stream to go on after the rotation")
+        stream.stop.set()
         stream.finish()
-        assert stream.error is None and pub.wait_all() == len(payloads)
+        assert stream.error is None and pub.wait_all() == stream.sent
         acked = pub.acked_payloads()
-    assert 100 <= switched_at < len(payloads), "the key did not change while the device was streaming"
+    assert 100 <= switched_at <= rotated_at < stream.sent, "the key did not change while the device was streaming"
     result = json.loads(out)
     wait_landed(s, acked)
     return acked, result
