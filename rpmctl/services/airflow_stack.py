@@ -75,7 +75,8 @@ def stack_env(s: Settings) -> dict[str, str]:
     """Environment of every component: loopback API, a small executor, the simple auth manager's admin."""
     return {
         **airflow_env(s),
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # LocalExecutor, its workers forked after the tasks' heavy imports (pipeline/executor.py)
+        "AIRFLOW__CORE__EXECUTOR": "pipeline.executor.PreloadedLocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
         "AIRFLOW__API__HOST": HOST,
         "AIRFLOW__API__PORT": str(s.airflow_port),
