@@ -125,6 +125,8 @@ def run_suite(frame: Any, name: str, rules: list[Rule]) -> dict[str, list[str]]:
     taken here once, with only the columns its rules read, and GX judges them with those rules unconditional —
     the same rows, the same expectation (the mask is ``DataFrame.eval`` of the condition, what ``query``
     selects by)."""
+    import pandas as pd
+
     if frame.empty:
         return {}
     for rule in rules:  # checked up front: a rule whose rows are absent from this frame must not go unread
@@ -139,7 +141,10 @@ def run_suite(frame: Any, name: str, rules: list[Rule]) -> dict[str, list[str]]:
         cols = columns_of(judged)
         if condition:
             try:
-                rows = narrow.loc[narrow.eval(condition), cols]
+                mask = narrow.eval(condition)
+                if not pd.api.types.is_bool_dtype(mask):  # query would select by label: refuse instead
+                    raise TypeError(f"it gives {mask.dtype}, not booleans")
+                rows = narrow.loc[mask, cols]
             except Exception as exc:  # noqa: BLE001 - whatever pandas raises, the rules cannot be judged
                 raise RuntimeError(f"validation rule {rules[members[0]].name} could not be evaluated: "
                                    f"row condition {condition!r}: {exc}") from exc
