@@ -1,8 +1,8 @@
 """Running a suite of named rules with Great Expectations on a pandas DataFrame (shared by both streams).
 
 GX cannot validate DuckDB over SQLAlchemy, so batches are pulled into pandas. ``result_format=COMPLETE``
-keyed by ``row_key`` returns every failing row of every rule; only those keys are read from the result —
-the values GX echoes back (PHI) are never stored or logged.
+keyed by the row's position returns every failing row of every rule, mapped back to ``row_key``; GX is told
+not to echo the failing values (PHI), and nothing else is read from the result.
 """
 
 from __future__ import annotations
@@ -90,46 +90,97 @@ def null_only_columns(rules: list[Rule]) -> list[str]:
 
 
 def validation_frame(frame: Any, rules: list[Rule]) -> Any:
-    """Only the columns the suite reads, text columns as categoricals, an integer index column.
+    """Only the columns the suite reads, text columns as categoricals, the row position as a named index.
 
-    GX applies each row condition to the whole frame it is given (a copy per conditional rule): on a
-    million rows, copying unused columns and Python string objects was most of the validation time.
-    Categoricals hold the same values, so every expectation judges exactly what it judged before."""
-    import numpy as np
+    Categoricals hold the same values, so every expectation judges exactly what it judged before; the named
+    index lets GX list failing rows without reading each one back (and without echoing their values)."""
     import pandas as pd
 
-    # A column the frame lacks stays missing: GX then reports the rule as not evaluable (run_suite raises).
     narrow = frame[[c for c in columns_of(rules) if c in frame.columns]].copy()
     for col in narrow.columns:
         if pd.api.types.infer_dtype(narrow[col], skipna=True) == "string":
             narrow[col] = narrow[col].astype("category")
-    narrow[_ROW_NO] = np.arange(len(narrow))
+    narrow.index = pd.RangeIndex(len(narrow), name=_ROW_NO)
     return narrow
 
 
+def _by_condition(rules: list[Rule]) -> dict[str, list[int]]:
+    """Positions of the rules in the suite, grouped by their row condition ("" for none), first seen first."""
+    groups: dict[str, list[int]] = {}
+    for i, rule in enumerate(rules):
+        groups.setdefault(rule.kwargs.get("row_condition", ""), []).append(i)
+    return groups
+
+
+def _unconditional(rule: Rule) -> Rule:
+    kwargs = {k: v for k, v in rule.kwargs.items() if k not in ("row_condition", "condition_parser")}
+    return Rule(rule.name, rule.protects, rule.expectation, kwargs)
+
+
 def run_suite(frame: Any, name: str, rules: list[Rule]) -> dict[str, list[str]]:
-    """Rules each failing row broke, by row key. Raises if GX could not evaluate a rule (never passes)."""
+    """Rules each failing row broke, by row key. Raises if GX could not evaluate a rule (never passes).
+
+    GX applies a rule's row condition by copying the rows that meet it (``DataFrame.query``), once per metric
+    it computes: ~5 copies of the whole frame per conditional rule. So the rows each condition selects are
+    taken here once, with only the columns its rules read, and GX judges them with those rules unconditional —
+    the same rows, the same expectation (the mask is ``DataFrame.eval`` of the condition, what ``query``
+    selects by)."""
+    import pandas as pd
+
     if frame.empty:
         return {}
+    for rule in rules:  # checked up front: a rule whose rows are absent from this frame must not go unread
+        absent = [c for c in columns_of([rule]) if c not in frame.columns]
+        if absent:
+            raise RuntimeError(f"validation rule {rule.name} could not be evaluated: no column {absent}")
     keys = frame[INDEX_COLUMN].to_numpy()
+    narrow = validation_frame(frame, rules)
+    broken: dict[int, list[int]] = defaultdict(list)  # row position -> positions of the rules it broke
+    for k, (condition, members) in enumerate(_by_condition(rules).items()):
+        judged = [_unconditional(rules[i]) for i in members]
+        cols = columns_of(judged)
+        if condition:
+            try:
+                mask = narrow.eval(condition)
+                if not pd.api.types.is_bool_dtype(mask):  # query would select by label: refuse instead
+                    raise TypeError(f"it gives {mask.dtype}, not booleans")
+                rows = narrow.loc[mask, cols]
+            except Exception as exc:  # noqa: BLE001 - whatever pandas raises, the rules cannot be judged
+                raise RuntimeError(f"validation rule {rules[members[0]].name} could not be evaluated: "
+                                   f"row condition {condition!r}: {exc}") from exc
+        else:
+            rows = narrow[cols]
+        if rows.empty:
+            continue  # no row meets the condition: none can break its rules
+        for i, row_nos in zip(members, _validate(rows, f"{name}#{k}", judged), strict=True):
+            for row_no in row_nos:
+                broken[row_no].append(i)
+    return {keys[row_no]: [rules[i].name for i in sorted(positions)] for row_no, positions in broken.items()}
+
+
+def _validate(rows: Any, suite_name: str, rules: list[Rule]) -> list[list[int]]:
+    """The failing row positions of each rule (in ``rules``' order) over ``rows``, as GX judges them."""
     batch = (_context().data_sources.get("rpm").get_asset("candidate_rows")
-             .get_batch_definition("batch").get_batch(batch_parameters={"dataframe": validation_frame(frame,
-                                                                                                   rules)}))
-    result = batch.validate(build_suite(name, rules), result_format={
+             .get_batch_definition("batch").get_batch(batch_parameters={"dataframe": rows}))
+    result = batch.validate(build_suite(suite_name, rules), result_format={
         "result_format": "COMPLETE", "unexpected_index_column_names": [_ROW_NO],
-        "return_unexpected_index_query": False, "partial_unexpected_count": 0,
+        # row positions only: GX neither reads each failing row back nor echoes its values (PHI)
+        "exclude_unexpected_values": True, "return_unexpected_index_query": False, "partial_unexpected_count": 0,
     })
-    failures: dict[str, list[str]] = defaultdict(list)
+    failing: dict[str, list[int]] = {}
     for r in result.results:
         rule = r.expectation_config.meta["rule"]
         if r.exception_info and r.exception_info.get("raised_exception"):
             raise RuntimeError(f"validation rule {rule} could not be evaluated: "
                                f"{r.exception_info.get('exception_message')}")
         if r.success:
+            failing[rule] = []
             continue
         ids = r.result.get("unexpected_index_list")
         if ids is None:
             raise RuntimeError(f"validation rule {rule} failed without naming the failing rows")
-        for entry in ids:
-            failures[keys[entry[_ROW_NO]]].append(rule)
-    return dict(failures)
+        failing[rule] = [int(row_no) for entry in ids for row_no in entry[_ROW_NO]]
+    missing = [r.name for r in rules if r.name not in failing]
+    if missing:
+        raise RuntimeError(f"validation rule {missing[0]} was not evaluated")
+    return [failing[r.name] for r in rules]

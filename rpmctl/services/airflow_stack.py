@@ -75,7 +75,8 @@ def stack_env(s: Settings) -> dict[str, str]:
     """Environment of every component: loopback API, a small executor, the simple auth manager's admin."""
     return {
         **airflow_env(s),
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # LocalExecutor, its workers forked after the tasks' heavy imports (pipeline/executor.py)
+        "AIRFLOW__CORE__EXECUTOR": "pipeline.executor.PreloadedLocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
         "AIRFLOW__API__HOST": HOST,
         "AIRFLOW__API__PORT": str(s.airflow_port),
@@ -83,6 +84,9 @@ def stack_env(s: Settings) -> dict[str, str]:
         # Task processes reach the API through this URL; its default assumes localhost:8080.
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url(s)}/execution/",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        # A task's successor is queued on the scheduler's next loop, which sleeps this long when idle (1 s by
+        # default): paid between every two of rpm_pipeline's tasks, on the path to a clinician's screen.
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",  # would listen on 0.0.0.0:8974
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__AUTH_MANAGER":

@@ -115,3 +115,25 @@ def insert_reading() -> Callable[..., str]:
         return reading_id
 
     return insert
+
+
+@pytest.fixture
+def gx_row_conditions() -> Callable[..., dict[str, list[str]]]:
+    """Factory: the oracle of expectations/suite.py — a suite as written, row conditions and all, judged by GX
+    in one validation of the whole frame (what run_suite did before it took each condition's rows itself)."""
+    from expectations.suite import _context, build_suite
+
+    def verdicts(frame: Any, rules: list) -> dict[str, list[str]]:
+        batch = (_context().data_sources.get("rpm").get_asset("candidate_rows").get_batch_definition("batch")
+                 .get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)}))
+        result = batch.validate(build_suite(f"oracle_{len(rules)}_{rules[0].name}", rules), result_format={
+            "result_format": "COMPLETE", "unexpected_index_column_names": ["row_key"],
+            "return_unexpected_index_query": False, "partial_unexpected_count": 0})
+        found: dict[str, list[str]] = {}
+        for r in result.results:
+            assert not (r.exception_info or {}).get("raised_exception"), r.exception_info
+            for entry in r.result.get("unexpected_index_list") or []:
+                found.setdefault(entry["row_key"], []).append(r.expectation_config.meta["rule"])
+        return found
+
+    return verdicts

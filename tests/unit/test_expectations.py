@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from expectations.clinical import rules, validate
+from expectations.clinical import DERIVED_SQL, rules, validate
 from transforms.normalise import CANDIDATE_COLUMNS, candidate
-from transforms.vocab import METRICS
+from transforms.vocab import METRICS, kind_metric
 
 RECEIVED = datetime(2026, 11, 27, 13, 5, tzinfo=UTC)
 MEASURED = RECEIVED - timedelta(minutes=5)
@@ -181,5 +181,54 @@ def test_a_hub_may_relay_every_vital(valid_rows, make_reading) -> None:
 
 def test_a_rule_that_cannot_be_evaluated_raises_instead_of_passing(valid_rows) -> None:
     frame = build_frame(valid_rows).drop(columns=["patient_id"])
+    with pytest.raises(RuntimeError, match="device_enrolled_at_measured_time"):
+        validate(frame, SKEW_S)
+
+
+def test_each_condition_judged_apart_decides_what_gx_row_conditions_decide(valid_rows, make_reading,
+                                                                         gx_row_conditions) -> None:
+    """run_suite hands GX each row condition's rows with the rule unconditional: on a batch mixing every
+    metric, every failing case, rows failing several rules and unknown devices, the verdicts are GX's own."""
+    rows = list(valid_rows)
+    for n, (kind, fields) in enumerate(FAILING.values()):
+        fields = dict(fields)
+        patient = fields.pop("patient", PATIENT)
+        fields.setdefault("measured_at", MEASURED)
+        rows.append((f"bad:{n}:0", make_reading(kind, **fields), patient))
+    rows.append(("multi:0:0", make_reading("blood_pressure", msg_id=None, values={"systolic": 80, "diastolic": 10},
+                                           measured_at=MEASURED, device_kind="scale"), NOT_ENROLLED))
+    rows.append(("nodev:0:0", make_reading("spo2", value=30, measured_at=MEASURED, device_kind=NO_DEVICE),
+                 NOT_ENROLLED))
+    frame = build_frame(rows)
+    frame = frame.assign(metric_is_known=frame["metric"].isin(list(METRICS)),
+                         device_known=frame["device_kind"].notna(),
+                         kind_metric=[kind_metric(k, m) for k, m in zip(frame["device_kind"], frame["metric"],
+                                                                       strict=True)])
+    assert set(DERIVED_SQL) <= set(frame.columns)
+
+    expected = gx_row_conditions(frame, rules(SKEW_S))
+    assert len(expected) == len(FAILING) + 2, "every failing case fails under GX's own row conditions"
+    assert validate(frame, SKEW_S) == expected
+
+
+def test_a_batch_without_rows_for_a_condition_still_judges_the_rest(make_reading) -> None:
+    """A chunk of heart rates only: the blood-pressure and glucose rules have no rows to judge, and the heart
+    rate's own range still applies."""
+    rows = [(f"seg:{i}:0", make_reading("heart_rate", value=60 + i, measured_at=MEASURED), PATIENT)
+            for i in range(5)]
+    rows.append((FAIL_KEY, make_reading("heart_rate", value=400, measured_at=MEASURED), PATIENT))
+    assert validate(build_frame(rows), SKEW_S) == {FAIL_KEY: ["plausible_heart_rate"]}
+
+
+def test_a_rule_with_no_rows_to_judge_still_needs_its_column(make_reading) -> None:
+    """No blood pressure in the batch, and no diastolic column: the rule cannot be evaluated — it must not
+    pass because no row happened to meet its condition."""
+    frame = build_frame([("seg:0:0", make_reading("heart_rate", measured_at=MEASURED), PATIENT)])
+    with pytest.raises(RuntimeError, match="plausible_diastolic"):
+        validate(frame.drop(columns=["diastolic"]), SKEW_S)
+
+
+def test_a_row_condition_that_cannot_be_evaluated_raises(valid_rows) -> None:
+    frame = build_frame(valid_rows).drop(columns=["has_time"])  # the enrollment rule's condition column
     with pytest.raises(RuntimeError, match="device_enrolled_at_measured_time"):
         validate(frame, SKEW_S)

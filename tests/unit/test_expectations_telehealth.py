@@ -9,6 +9,7 @@ import pytest
 
 from expectations.telehealth import rules, validate
 from transforms.events import EVENT_COLUMNS, event_candidate
+from transforms.vocab import kind_metric
 
 RECEIVED = datetime(2026, 11, 27, 13, 5, tzinfo=UTC)
 AT = (RECEIVED - timedelta(minutes=5)).isoformat()
@@ -55,3 +56,32 @@ def test_an_unknown_source_is_left_to_the_enrollment_rule() -> None:
     df = frame([*VALID, ("seg:9:0", "events", APP_EVENT, None)])
     df.loc[df["row_key"] == "seg:9:0", "patient_id"] = None
     assert validate(df, SKEW_S) == {"seg:9:0": ["source_enrolled_at_event_time"]}
+
+
+def test_each_condition_judged_apart_decides_what_gx_row_conditions_decide(gx_row_conditions) -> None:
+    """Every conditional rule of the suite broken once, among valid rows: the verdicts are GX's own."""
+    education = {"event": "education_viewed", "occurred_at": AT, "module": "salt", "minutes": 5}
+    appointment = {"event": "appointment_attended", "occurred_at": AT, "appointment_id": "ap-1",
+                   "modality": "video"}
+    bad = [("events", {**education, "module": None}), ("events", {**education, "minutes": 601}),
+           ("events", {**appointment, "appointment_id": None}), ("events", {**appointment, "modality": "fax"}),
+           ("events", {**appointment, "modality": None}),
+           ("events", {"event": "survey_completed", "occurred_at": AT}),
+           ("status", {"reported_at": AT}), ("status", {**STATUS, "battery_pct": 101}),
+           ("status", {**STATUS, "signal_dbm": 3}), ("status", {**STATUS, "uptime_s": -1}),
+           ("status", {**STATUS, "event": "x", "msg_id": None}), ("events", {**APP_EVENT, "occurred_at": None})]
+    rows = [*VALID, ("seg:3:0", "events", {**appointment, "msg_id": "a-2"}, "app"),
+            ("seg:4:0", "events", {"msg_id": "a-3", "event": "survey_completed", "occurred_at": AT,
+                                   "survey": "phq9"}, "app"),
+            *((f"bad:{n}:0", channel, {"msg_id": f"b-{n}", **item}, "app" if channel == "events" else "bp")
+              for n, (channel, item) in enumerate(bad)),
+            ("bad:90:0", "events", APP_EVENT, "bp")]
+    df = frame(rows)
+    df.loc[df["row_key"] == "bad:11:0", "patient_id"] = None  # no time, so no enrollment lookup either
+    df = df.assign(device_known=df["device_kind"].notna(),
+                   kind_channel=[kind_metric(k, c) for k, c in zip(df["device_kind"], df["channel"], strict=True)])
+
+    expected = gx_row_conditions(df, rules(SKEW_S))
+    assert {key for key in expected if key.startswith("bad:")} == {f"bad:{n}:0" for n in [*range(len(bad)), 90]}
+    assert not [key for key in expected if not key.startswith("bad:")], "a valid event failed under GX"
+    assert validate(df, SKEW_S) == expected
