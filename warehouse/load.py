@@ -9,6 +9,17 @@ Exactly-once effect: a reading whose ``reading_id`` is already loaded (or appear
 must not silently rewrite a reading a clinician may already have seen. Segments already in the ledger are
 skipped, so re-running the load, or the whole DAG run, changes nothing. Groups go in segment order, so the
 first arrival of a reading is the one loaded whether its repeats fall in the same group or a later one.
+
+A ``reading_id`` is in ``readings`` at most once, with no index enforcing it (an ART index is rewritten whole
+at every DuckDB checkpoint: sql/001_schema.sql). It holds because a row reaches ``readings`` only as a 'load'
+of a classification run in the same transaction as its insert: absent from ``readings`` (CLASSIFY's LEFT
+JOIN) and the first of its id among the rows inserted (``rn = 1``). Only this load and the quarantine replay
+(pipeline/replay.py, the same CLASSIFY) insert readings, and they never interleave: one process holds the file
+for writing (DuckDB's lock) and one connection in it (warehouse.db), and the join reads the readings its
+transaction commits onto. A load killed mid-group committed nothing of that group, and its rerun classifies
+the rest against what did commit; a compaction copies rows and checks every count. The duplicate of a loaded
+reading is counted in ``duplicates`` or quarantined as a conflict, never inserted
+(tests/unit/test_readings_unique.py breaks it each of those ways).
 """
 
 from __future__ import annotations
