@@ -22,7 +22,7 @@ import warehouse.load
 from core.settings import Settings
 from pipeline import Sizes
 from pipeline.replay import replay_quarantine
-from tests.steps import claim_segments, load_batch, stage_batch, validate_batch
+from tests.steps import SIZES, claim_segments, load_batch, stage_batch, validate_batch
 from tests.unit.test_migrations import make_release_0_1_warehouse
 from warehouse.accounting import accounting
 from warehouse.compaction import compact
@@ -34,7 +34,7 @@ TOPIC = f"rpm/v1/devices/{DEVICE}/vitals"
 ENROLLED = "device_enrolled_at_measured_time"
 
 
-def run(s: Settings, run_id: str, sizes: Sizes = Sizes()) -> dict:
+def run(s: Settings, run_id: str, sizes: Sizes = SIZES) -> dict:
     batch = claim_segments(s)
     stage_batch(s, batch, sizes)
     validate_batch(s, batch, sizes)
