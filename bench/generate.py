@@ -28,10 +28,9 @@ What the data looks like, and why:
   (``loaded_at``): what months of DAG runs produce, every row group holding all patients. ``patient`` sorts
   by (patient_id, measured_at): what a compaction or a bulk backfill would give; the best case for
   per-patient queries.
-* **The primary key on readings** is the migrated table's own, kept live while the chunks go in (each chunk
-  its own transaction, so the index grows in the buffer manager's normal blocks). Building it after the bulk
-  load (``ALTER TABLE ADD PRIMARY KEY``) failed at 50M readings inside DuckDB (``KEY_BUILD_NOTE``).
-  ``--key skip`` still loads into a copy of the table without the key.
+* **No primary key on readings**, as the migrated table has none (``warehouse/load.py`` keeps ``reading_id``
+  unique): the chunks go straight in, each its own transaction. ``--key`` is accepted for older commands and
+  changes nothing.
 * **The per-patient-day rollup** (``patient_days``) is counted once after the readings, as
   ``warehouse.patient_days.rebuild`` recounts it; the load keeps it from there.
 * **Alerts**: ``--alerts evaluate`` runs the real ``warehouse.alerts.refresh_alerts`` over all readings;
@@ -95,7 +94,6 @@ class Plan:
     alerts: str = "auto"         # auto | evaluate | direct
     seed: int = 7
     memory_limit: str = "8GB"
-    key: str = "build"           # build | skip: the primary key on readings.reading_id
     end: datetime = field(default_factory=lambda: datetime.now(UTC).replace(second=0, microsecond=0))
 
     @property
@@ -413,59 +411,23 @@ def _readings_sql(plan: Plan, vol: Volume, chunk: tuple[int, int, int, int]) -> 
                                 mmol=GLUCOSE_MG_DL_PER_MMOL_L, canonical=canonical, order=ORDERS[plan.order]))
 
 
-def _readings_without_key(con: duckdb.DuckDBPyConnection) -> str:
-    """Recreate the (empty) migrated readings table without its primary key, for the bulk load; returns
-    the migrated DDL so the key can be checked afterwards."""
-    row = con.execute("SELECT sql FROM duckdb_tables() WHERE database_name = 'clinical' "
-                      "AND table_name = 'readings'").fetchone()
-    assert row is not None
-    ddl: str = row[0]
-    if ddl.count("PRIMARY KEY") != 1:
-        raise RuntimeError(f"unexpected readings DDL, cannot defer its key: {ddl}")
-    con.execute("DROP TABLE readings")
-    con.execute(ddl.replace(" PRIMARY KEY", ""))
-    return ddl
-
-
-class KeyBuildFailed(RuntimeError):
-    """DuckDB could not build the reading_id primary key (seen at 50M readings: see KEY_BUILD_NOTE)."""
-
-
-KEY_BUILD_NOTE = (
-    "Inserting readings through the reading_id primary key failed. Building the key after the bulk load "
-    "(ALTER TABLE ADD PRIMARY KEY) failed at 10,000 patients / 50M readings: DuckDB 1.5.5 grew to 12.7 GB RSS "
-    "under an 8 GB memory_limit, then raised 'INTERNAL Error: EncryptUpdate failed' (encrypted spill of one "
-    "large index buffer); the key is now kept live chunk by chunk instead. Re-run with a higher "
-    "--memory-limit, or with --key skip (no query timed here looks a reading up by id).")
-
-
 def load_readings(con: duckdb.DuckDBPyConnection, plan: Plan, vol: Volume,
                   log: Callable[[str], None]) -> int:
-    """Insert the readings chunk by chunk, each its own transaction: through the live primary key of the
-    migrated table (``--key build``), or into a copy of the table without it (``--key skip``)."""
-    if plan.key == "skip":
-        _readings_without_key(con)
-    # One checkpoint at the end: an automatic one after each chunk's commit rewrites the whole growing index
-    # (chunk times grew 5.7 s -> 72 s over the first 10 of 45 chunks at 50M; 2x slower in total at 2M).
-    con.execute("SET checkpoint_threshold = '1TB'")
+    """Insert the readings chunk by chunk, each its own transaction."""
+    con.execute("SET checkpoint_threshold = '1TB'")  # one checkpoint at the end
     chunks = _chunks(plan)
     for n, chunk in enumerate(chunks, start=1):
         with Timer() as t:
             make_chunk, insert = _readings_sql(plan, vol, chunk)
             con.execute(make_chunk)
-            try:
-                con.execute("BEGIN TRANSACTION")
-                con.execute(insert)
-                con.execute("COMMIT")
-            except duckdb.Error as exc:
-                raise KeyBuildFailed(f"{KEY_BUILD_NOTE} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+            con.execute("BEGIN TRANSACTION")
+            con.execute(insert)
+            con.execute("COMMIT")
         if n == 1 or n % 10 == 0 or n == len(chunks):
             log(f"  readings chunk {n}/{len(chunks)} ({t.seconds:.1f} s, peak RSS {_peak_mb():,.0f} MiB)")
     con.execute("DROP TABLE IF EXISTS _chunk")
     con.execute("CHECKPOINT")
     con.execute("RESET checkpoint_threshold")
-    log("  primary key on reading_id kept live through every chunk" if plan.key == "build"
-        else "  primary key on reading_id skipped (--key skip)")
     row = con.execute("SELECT count(*) FROM readings").fetchone()
     return int(row[0]) if row else 0
 
@@ -697,7 +659,7 @@ class Generated:
 
     def as_dict(self) -> dict[str, Any]:
         return {"patients": self.plan.patients, "readings_requested": self.plan.readings,
-                "days": self.plan.days, "order": self.plan.order, "key": self.plan.key,
+                "days": self.plan.days, "order": self.plan.order,
                 "counts": self.counts, "seconds": self.seconds,
                 "sizes_mb": self.sizes_mb, "peak_rss_mb": self.peak_rss_mb}
 
@@ -778,8 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alerts", choices=("auto", "evaluate", "direct"), default="auto")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--memory-limit", default="8GB", help="DuckDB memory_limit of the generator")
-    p.add_argument("--key", choices=("build", "skip"), default="build",
-                   help="keep the readings primary key live while loading (default), or load without it")
+    p.add_argument("--key", choices=("build", "skip"), default=None,
+                   help="no effect: readings have no key index since migration 005 (kept for older commands)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     a = p.parse_args(argv)
     home = Path(a.home)
@@ -789,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    plan = Plan(a.patients, a.readings, a.days, a.order, a.alerts, a.seed, a.memory_limit, a.key)
+    plan = Plan(a.patients, a.readings, a.days, a.order, a.alerts, a.seed, a.memory_limit)
     g = generate(Settings(home=home), plan)
     report(g)
     if a.json:

@@ -529,15 +529,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed runs of the breakdown rows: raw, plain, request parts, audit growth")
     p.add_argument("--order", choices=("time", "patient"), default="time",
                    help="physical order of the generated readings (see bench/generate.py)")
-    p.add_argument("--key", choices=("build", "skip"), default="build",
-                   help="primary key on readings: kept live while loading (default) or left out")
+    p.add_argument("--key", choices=("build", "skip"), default=None,
+                   help="no effect: readings have no key index since migration 005 (kept for older commands)")
     p.add_argument("--home",
                    help="reuse the warehouse of `python -m bench.generate --home DIR` (no generation)")
     p.add_argument("--compact", action="store_true",
                    help="with --home: compact the warehouse first (readings in patient, time order, as rpm_daily "
                         "does); without it the reused warehouse is measured in the order it has")
     p.add_argument("--compact-memory-limit", default="8GB",
-                   help="DuckDB memory limit of the --compact rewrite (its new key index is built in memory)")
+                   help="DuckDB memory limit of the --compact rewrite")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to measure (default all: {','.join(SECTIONS)})")
     p.add_argument("--seed", type=int, default=11)
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(generation=None, prepared=prepared)
     else:
         with bench_home("queries") as s:
-            g = generate(s, Plan(a.patients, a.size, order=a.order, key=a.key))
+            g = generate(s, Plan(a.patients, a.size, order=a.order))
             generation_report(g)
             results = run(s, a.runs, a.baseline_runs, a.seed, sizes, a.profile, only)
             results["generation"] = g.as_dict()

@@ -99,8 +99,8 @@ class Settings(BaseSettings):
         "Keeps a pipeline run under 2 GB however large the batch (its default, 80% of RAM, lets the buffer "
         "pool grow with the data).")
     compaction_memory_limit: str = Field("4GB", description=
-        "DuckDB memory limit of rpm_daily's compaction, which builds the new file's reading key in memory "
-        "(~7 GB at 50M readings; a compaction that runs out leaves the warehouse as it was and fails the task).")
+        "DuckDB memory limit of rpm_daily's compaction, which sorts readings a chunk at a time (a compaction "
+        "that runs out leaves the warehouse as it was and fails the task).")
     pipeline_max_segments: int = Field(5000, description="Most sealed segments one DAG run claims.")
     airflow_port: int = Field(8080, description="Airflow UI/API of `make up`, bound to 127.0.0.1 only.")
     airflow_url: str = Field("", pattern=r"^(https?://[^\s/]+/?)?$", description=

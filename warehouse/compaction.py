@@ -77,9 +77,8 @@ def compact(s: Settings, chunk_readings: int = CHUNK_READINGS,
     swap it in; then publish a serving snapshot of it. ``progress`` is told each step as it completes
     ("discarded", "schema", "readings <n>", "copied", "swapped", "published").
 
-    memory_limit: DuckDB's limit for the rewrite (default: the warehouse's). The new file's reading_id key
-    index is built in memory until the final checkpoint: at 50M readings 1 GB is not enough (measured: out of
-    memory after 1.3 GB of the new file; the generator building the same index peaked at 6.5 GB)."""
+    memory_limit: DuckDB's limit for the rewrite (default: the warehouse's). Each chunk is sorted in memory
+    (spilling past the limit); readings have no key index to build since migration 005."""
     db, new = s.clinical_db, compacting_path(s)
     bytes_before = db.stat().st_size
     with clinical(s) as con:  # holds the write lock for the whole rewrite: no pipeline write can interleave
@@ -97,7 +96,7 @@ def compact(s: Settings, chunk_readings: int = CHUNK_READINGS,
             progress("schema")
             tables = [t for (t,) in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'clinical' ORDER BY 1").fetchall()]
-            # One checkpoint at the end, not one per chunk (each would rewrite the growing key index).
+            # One checkpoint at the end, not one per chunk: the new file is written once.
             con.execute("SET checkpoint_threshold = '1TB'")
             for table in tables:
                 if table == "readings":

@@ -80,9 +80,9 @@ def _snapshots(d: Path) -> list[Path]:
 # blocks only, each encrypted on its own). So rather than copying (and syncing) the whole file, the oldest
 # snapshot — two publishes old, which no reader opens any more — is brought up to date block by block: both
 # files are read (from the page cache, mostly), only differing blocks are written, and only they reach the
-# disk. How much differs is DuckDB's doing: a 5,000-reading run on a 10M warehouse changes ~40 % of the file,
-# because DuckDB 1.5 writes the whole primary-key index of `readings` again at every checkpoint (without it,
-# 4 of 203 blocks); measured there 3 s against 8 s for the copy (BENCHMARKS.md, bench/steady.py). A file some
+# disk. How much differs is DuckDB's doing: it writes a table's whole ART index again at every checkpoint, so
+# while `readings` had its primary key a 5,000-reading run on a 10M warehouse changed ~40 % of the file (now a
+# few blocks: sql/001_schema.sql, bench/readings_key.py). A file some
 # process still has open must not change under it: every DuckDB instance holds a read lock on the file it
 # opened (serving()'s readers an OFD one besides: _hold), so the snapshot is refreshed only while an
 # open-file-description write lock on it is granted (these conflict with every process's locks, this one's

@@ -26,8 +26,11 @@ CREATE TABLE IF NOT EXISTS enrollments (
 );
 
 -- Canonical readings: one row per reading_id (the idempotency key: device, metric, measured instant).
+-- No primary-key index: the load keeps reading_id unique (warehouse/load.py says why that holds), and
+-- DuckDB 1.5.5 rewrites a table's whole ART index at every checkpoint — at 10M readings a run of 5,000
+-- rewrote most of the file (bench/readings_key.py; migrations/005 drops it from existing warehouses).
 CREATE TABLE IF NOT EXISTS readings (
-    reading_id      VARCHAR PRIMARY KEY,
+    reading_id      VARCHAR NOT NULL,
     patient_id      VARCHAR NOT NULL,
     device_id       VARCHAR NOT NULL,
     metric          VARCHAR NOT NULL,
