@@ -20,7 +20,7 @@ import duckdb
 import pytest
 
 from core.settings import Settings
-from warehouse import db, patient_days
+from warehouse import compaction, db, patient_days
 from warehouse.compaction import compact, compacting_path
 from warehouse.db import WarehouseBusy, clinical, open_clinical
 from warehouse.registry import upsert_patient
@@ -168,6 +168,17 @@ def test_a_copy_that_lost_rows_is_never_swapped_in(warehouse: Settings, monkeypa
 
     monkeypatch.setattr(compaction, "_copy_readings", lossy)
     with pytest.raises(compaction.CompactionError, match="readings"):
+        compact(warehouse)
+    assert contents(warehouse) == before
+
+
+def test_a_reading_id_stored_twice_fails_the_compaction_loudly(warehouse: Settings) -> None:
+    """readings has no key index (migration 005): if anything but the load ever wrote a reading twice, the daily
+    compaction names it and swaps nothing."""
+    with clinical(warehouse) as con:
+        con.execute("INSERT INTO readings SELECT * FROM readings WHERE patient_id = 'p-2' LIMIT 2")
+    before = contents(warehouse)
+    with pytest.raises(compaction.CompactionError, match="2 readings repeat another's reading_id"):
         compact(warehouse)
     assert contents(warehouse) == before
 
