@@ -291,4 +291,4 @@ def test_the_systemd_units_airflow_entry_point_migrates_and_names_its_components
     wrong = subprocess.run([*module, "schedular"], env=env, capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == ("usage: python -m rpmctl.services.airflow_stack "
-                                    "[scheduler | dag-processor | api-server | triggerer | migrate]")
+                                    "[scheduler | dag-processor | api-server | triggerer | migrate | clean]")
