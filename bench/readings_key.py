@@ -37,28 +37,21 @@ SHAPES = ("varchar", "uhugeint", "blob", "none")
 PATIENTS_PER = 1_000  # readings per patient in the generated history
 MEMORY_LIMIT = "1GB"  # the warehouse's default (RPM_WAREHOUSE_MEMORY_LIMIT)
 
-COLUMNS = """
-    patient_id      VARCHAR NOT NULL,
-    device_id       VARCHAR NOT NULL,
-    metric          VARCHAR NOT NULL,
-    loinc           VARCHAR NOT NULL,
-    value           DOUBLE NOT NULL,
-    diastolic       DOUBLE,
-    unit            VARCHAR NOT NULL,
-    unit_sent       VARCHAR NOT NULL,
-    source          VARCHAR,
-    measured_at     TIMESTAMPTZ NOT NULL,
-    utc_offset_min  INTEGER NOT NULL,
-    received_at     TIMESTAMPTZ NOT NULL,
-    loaded_at       TIMESTAMPTZ NOT NULL,
-    msg_id          VARCHAR NOT NULL,
-    segment         VARCHAR NOT NULL,
-    record_no       INTEGER NOT NULL,
-    item_no         INTEGER NOT NULL,
-    extra           JSON,
-    run_id          VARCHAR,
-    manual          BOOLEAN DEFAULT false
-"""
+def readings_columns() -> str:
+    """Every column of this release's ``readings`` but ``reading_id``, as its schema and migrations define them
+    (the shapes measured differ only in the key)."""
+    import duckdb
+
+    from warehouse.db import migrate
+
+    con = duckdb.connect()
+    migrate(con)
+    cols = con.execute("SELECT column_name, data_type, is_nullable, column_default FROM duckdb_columns() "
+                       "WHERE table_name = 'readings' AND column_name <> 'reading_id' ORDER BY column_index")
+    return ", ".join(f"{name} {dtype}" + ("" if nullable else " NOT NULL")
+                     + (f" DEFAULT {default}" if default is not None else "")
+                     for name, dtype, nullable, default in cols.fetchall())
+
 
 KEY_COLUMN = {
     "varchar": "reading_id VARCHAR PRIMARY KEY,",
@@ -144,7 +137,7 @@ def step(shape: str, path: Path, action: str, size: int, then: int) -> dict:
     if action == "base":  # a history of `size` readings in compacted order, checkpointed
         path.unlink(missing_ok=True)
         con = connect(path)
-        con.execute(f"CREATE TABLE readings ({KEY_COLUMN[shape]} {COLUMNS})")
+        con.execute(f"CREATE TABLE readings ({KEY_COLUMN[shape]} {readings_columns()})")
         con.execute("SET checkpoint_threshold = '1TB'")
         t = time.perf_counter()
         patients = max(1, size // PATIENTS_PER)
