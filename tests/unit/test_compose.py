@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from core.settings import Settings
-from rpmctl.services import broker
+from rpmctl.services import airflow_stack, broker
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -432,7 +432,7 @@ def test_airflow_components_share_one_configuration(services: dict) -> None:
     common = {k: v for k, v in envs["airflow-scheduler"].items() if k.startswith("AIRFLOW")}
     for name, env in envs.items():
         assert {k: v for k, v in env.items() if k.startswith("AIRFLOW") and k not in listener} == common, name
-    assert common["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert common["AIRFLOW__CORE__EXECUTOR"] == airflow_stack.EXECUTOR  # as `rpm up --airflow`
     assert common["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"].lower() == "false", "DAGs would wait for a click"
     assert common["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false"
     # Tasks (in the scheduler's container) report to the API server under its compose name.
