@@ -11,6 +11,7 @@ waits up to LOCK_WAIT_S instead of failing.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import os
@@ -171,19 +172,20 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
 _SPILL_DIR = re.compile(r"(\d+)-([0-9a-f]{12})-[0-9a-f]{12}")
 _OLD_SPILL_DIR = re.compile(r"(\d+)-[0-9a-f]{12}")
 _OWNER_LOCK = re.compile(r"\d+-[0-9a-f]{12}\.lock")
-_owner: tuple[int, str, int] | None = None  # (pid, token, fd holding the owner lock) of this process
+_owners: dict[str, tuple[int, str, int]] = {}  # tmp folder -> (pid, token, fd holding its owner lock)
 _owner_guard = threading.Lock()
 
 
 def _owner_token(root: Path) -> str:
-    """This process's owner token: its lock file under ``root`` is held (flock) for the process's life.
+    """This process's owner token under ``root``: its lock file there is held (flock) for the process's life.
 
     Whether a spill folder's process is alive is asked of its lock, not of its pid: the processes sharing a
     warehouse may be in other PID namespaces (docker-compose: each container its own, all one account on
     one volume), where a live process's pid is absent or another process's here, and pids are reused."""
-    global _owner
+    key = os.path.realpath(root)
     with _owner_guard:
-        if _owner is None or _owner[0] != os.getpid():  # a forked child takes its own (it inherits the fd)
+        owner = _owners.get(key)
+        if owner is None or owner[0] != os.getpid():  # a forked child takes its own (it inherits the fd)
             token = secrets.token_hex(6)
             # Locked under a name no sweep reads, then renamed: a sweep never finds the lock free and unlinks it
             # between its creation and our flock.
@@ -196,8 +198,21 @@ def _owner_token(root: Path) -> str:
                 os.close(fd)
                 staged.unlink(missing_ok=True)
                 raise
-            _owner = (os.getpid(), token, fd)
-        return _owner[1]
+            owner = _owners[key] = (os.getpid(), token, fd)
+            atexit.register(_drop_owner_lock, root / f"{os.getpid()}-{token}.lock", os.getpid())
+        return owner[1]
+
+
+def _drop_owner_lock(lock: Path, pid: int) -> None:
+    """At a clean exit the lock goes with the process, unless a folder of a connection still open needs it (a
+    crash leaves it to the next sweep)."""
+    if os.getpid() != pid:  # a forked child that inherited the handler
+        return
+    try:
+        if not any(p.name.startswith(lock.stem + "-") for p in lock.parent.iterdir()):
+            lock.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 @contextmanager

@@ -175,3 +175,12 @@ def test_a_planted_lock_symlink_or_unwritable_tmp_stops_nothing(settings: Settin
     tmp.write_text("not a folder")  # a read that fits in memory must not fail for it
     with clinical(settings, read_only=True) as con:
         assert one_row(con.execute("SELECT count(*) FROM readings")) == (0,)
+
+
+def test_a_process_with_two_warehouses_holds_an_owner_lock_in_each(tmp_path: Path) -> None:
+    """A folder's owner lock must sit beside it: one under another warehouse would leave it judged dead."""
+    first, second = Settings(home=tmp_path / "a"), Settings(home=tmp_path / "b")
+    mine = [spill_dir(first), spill_dir(second)]
+    for folder in mine:
+        owner = folder.name.rsplit("-", 1)[0]
+        assert (folder.parent / f"{owner}.lock").is_file()
