@@ -239,9 +239,14 @@ def _lock_of_dead_owner(lock: Path) -> Iterator[bool]:
 
 def _sweep(root: Path) -> None:
     """Remove the spill folders (and owner locks) of this account's processes that have exited."""
-    mine = os.getuid()
+    def ours(e: os.DirEntry) -> bool:
+        try:
+            return e.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:  # gone meanwhile (its connection closed, another sweep removed it)
+            return False
+
     with os.scandir(root) as it:
-        entries = [e for e in it if e.stat(follow_symlinks=False).st_uid == mine]
+        entries = [e for e in it if ours(e)]
     for e in entries:
         if not e.is_dir(follow_symlinks=False):
             continue
