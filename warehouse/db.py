@@ -11,6 +11,8 @@ waits up to LOCK_WAIT_S instead of failing.
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import hashlib
 import os
 import re
@@ -165,7 +167,101 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
             return
 
 
-_SPILL_DIR = re.compile(r"(\d+)-[0-9a-f]{12}")
+# A connection's spill folder: <pid>-<owner>-<connection>, <owner> naming the process's owner lock
+# (<pid>-<owner>.lock beside it). The previous layout, <pid>-<12 hex>, had no owner lock.
+_SPILL_DIR = re.compile(r"(\d+)-([0-9a-f]{12})-[0-9a-f]{12}")
+_OLD_SPILL_DIR = re.compile(r"(\d+)-[0-9a-f]{12}")
+_OWNER_LOCK = re.compile(r"\d+-[0-9a-f]{12}\.lock")
+_owners: dict[str, tuple[int, str, int]] = {}  # tmp folder -> (pid, token, fd holding its owner lock)
+_owner_guard = threading.Lock()
+
+
+def _owner_token(root: Path) -> str:
+    """This process's owner token under ``root``: its lock file there is held (flock) for the process's life.
+
+    Whether a spill folder's process is alive is asked of its lock, not of its pid: the processes sharing a
+    warehouse may be in other PID namespaces (docker-compose: each container its own, all one account on
+    one volume), where a live process's pid is absent or another process's here, and pids are reused."""
+    key = os.path.realpath(root)
+    with _owner_guard:
+        owner = _owners.get(key)
+        if owner is None or owner[0] != os.getpid():  # a forked child takes its own (it inherits the fd)
+            token = secrets.token_hex(6)
+            # Locked under a name no sweep reads, then renamed: a sweep never finds the lock free and unlinks it
+            # between its creation and our flock.
+            staged = root / f".{os.getpid()}-{token}.lock-new"
+            fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(staged, root / f"{os.getpid()}-{token}.lock")
+            except OSError:
+                os.close(fd)
+                staged.unlink(missing_ok=True)
+                raise
+            owner = _owners[key] = (os.getpid(), token, fd)
+            atexit.register(_drop_owner_lock, root / f"{os.getpid()}-{token}.lock", os.getpid())
+        return owner[1]
+
+
+def _drop_owner_lock(lock: Path, pid: int) -> None:
+    """At a clean exit the lock goes with the process, unless a folder of a connection still open needs it (a
+    crash leaves it to the next sweep)."""
+    if os.getpid() != pid:  # a forked child that inherited the handler
+        return
+    try:
+        if not any(p.name.startswith(lock.stem + "-") for p in lock.parent.iterdir()):
+            lock.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@contextmanager
+def _lock_of_dead_owner(lock: Path) -> Iterator[bool]:
+    """True while this process holds ``lock`` (its owner has exited); False if a live process holds it."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield True  # no lock: its owner exited and a sweep already removed it
+        return
+    except OSError:
+        yield False  # not a lock we can take (a symlink, another's file): keep what it guards
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _sweep(root: Path) -> None:
+    """Remove the spill folders (and owner locks) of this account's processes that have exited."""
+    def ours(e: os.DirEntry) -> bool:
+        try:
+            return e.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:  # gone meanwhile (its connection closed, another sweep removed it)
+            return False
+
+    with os.scandir(root) as it:
+        entries = [e for e in it if ours(e)]
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False):
+            continue
+        if m := _SPILL_DIR.fullmatch(e.name):
+            with _lock_of_dead_owner(root / f"{m.group(1)}-{m.group(2)}.lock") as dead:
+                if dead:
+                    shutil.rmtree(e.path, ignore_errors=True)
+        elif (m := _OLD_SPILL_DIR.fullmatch(e.name)) and not psutil.pid_exists(int(m.group(1))):
+            shutil.rmtree(e.path, ignore_errors=True)  # the previous layout's: judged by pid, as it was
+    for e in entries:
+        if _OWNER_LOCK.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+            lock = Path(e.path)
+            with _lock_of_dead_owner(lock) as dead:
+                if dead and not any(p.name.startswith(lock.stem + "-") for p in root.iterdir()):
+                    lock.unlink(missing_ok=True)  # held while unlinked: no sweep judges it meanwhile
 
 
 def spill_dir(s: Settings) -> Path:
@@ -174,22 +270,22 @@ def spill_dir(s: Settings) -> Path:
     Every DuckDB instance names its spill files alike (``duckdb_temp_storage_DEFAULT-0.tmp`` ...), and one
     refuses ``temp_file_encryption`` while another's files are in its folder: in a shared folder a reader's
     open failed while a pipeline task spilled, and two spilling instances would write the same files. DuckDB
-    removes the folder it created when the connection closes; those left by processes that died are removed
-    here (a folder's name starts with its process id).
+    removes the folder it created when the connection closes; those left by processes that exited are
+    removed here — a process is known to have exited when its owner lock (``_owner_token``) is free.
     """
     root = Path(s.warehouse_dir) / "tmp"
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        with os.scandir(root) as entries:
-            for e in entries:
-                m = _SPILL_DIR.fullmatch(e.name)
-                # Only our account's: another's processes may be hidden from us (systemd's ProtectProc=).
-                if (m and e.is_dir(follow_symlinks=False) and e.stat(follow_symlinks=False).st_uid == os.getuid()
-                        and not psutil.pid_exists(int(m.group(1)))):
-                    shutil.rmtree(e.path, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = _owner_token(root)
+    except OSError:
+        # tmp unwritable (or not a folder): DuckDB fails only if the connection spills, as it would anyway;
+        # a read that fits in memory must not fail for it. No folder of ours can appear there to be swept.
+        return root / f"{os.getpid()}-{'0' * 12}-{secrets.token_hex(6)}"
+    try:
+        _sweep(root)
     except OSError:
         pass  # sweeping is housekeeping: an unreadable folder must not stop a read
-    return root / f"{os.getpid()}-{secrets.token_hex(6)}"
+    return root / f"{os.getpid()}-{owner}-{secrets.token_hex(6)}"
 
 
 def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = None) -> duckdb.DuckDBPyConnection:
