@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import psutil
 
 from core import keys
 from core.settings import Settings
@@ -168,9 +167,8 @@ def _attach(con: duckdb.DuckDBPyConnection, s: Settings, read_only: bool, db_pat
 
 
 # A connection's spill folder: <pid>-<owner>-<connection>, <owner> naming the process's owner lock
-# (<pid>-<owner>.lock beside it). The previous layout, <pid>-<12 hex>, had no owner lock.
+# (<pid>-<owner>.lock beside it).
 _SPILL_DIR = re.compile(r"(\d+)-([0-9a-f]{12})-[0-9a-f]{12}")
-_OLD_SPILL_DIR = re.compile(r"(\d+)-[0-9a-f]{12}")
 _OWNER_LOCK = re.compile(r"\d+-[0-9a-f]{12}\.lock")
 _owners: dict[str, tuple[int, str, int]] = {}  # tmp folder -> (pid, token, fd holding its owner lock)
 _owner_guard = threading.Lock()
@@ -254,8 +252,6 @@ def _sweep(root: Path) -> None:
             with _lock_of_dead_owner(root / f"{m.group(1)}-{m.group(2)}.lock") as dead:
                 if dead:
                     shutil.rmtree(e.path, ignore_errors=True)
-        elif (m := _OLD_SPILL_DIR.fullmatch(e.name)) and not psutil.pid_exists(int(m.group(1))):
-            shutil.rmtree(e.path, ignore_errors=True)  # the previous layout's: judged by pid, as it was
     for e in entries:
         if _OWNER_LOCK.fullmatch(e.name) and e.is_file(follow_symlinks=False):
             lock = Path(e.path)

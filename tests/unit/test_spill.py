@@ -62,29 +62,24 @@ def test_a_read_opens_while_another_process_has_spilled(settings: Settings) -> N
     assert not theirs.exists()  # DuckDB removes the folder it made when the connection closes
 
 
-def test_folders_of_dead_processes_are_swept_and_others_kept(settings: Settings, tmp_path: Path) -> None:
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
+def test_what_is_not_a_spill_folder_of_ours_is_left_alone(settings: Settings, tmp_path: Path) -> None:
+    """Only a folder named <pid>-<owner>-<connection> whose owner lock is free is swept (the killed-process test
+    below); anything else under tmp stays, and a symlink is never followed."""
     tmp = Path(settings.warehouse_dir) / "tmp"
     tmp.mkdir(parents=True)
-    dead = tmp / f"{gone.pid}-0123456789ab"
-    dead.mkdir()
-    (dead / "duckdb_temp_storage_DEFAULT-0.tmp").write_bytes(b"x" * 4096)
-    alive = tmp / f"{os.getpid()}-0123456789ab"
-    alive.mkdir()
     outside = tmp_path / "not-ours"
     outside.mkdir()
     (outside / "keep").write_text("kept")
-    planted = tmp / "1-0123456789ab"  # a symlink named like a dead process's folder: never followed
-    planted.symlink_to(outside)
-    other = tmp / "notes"
-    other.mkdir()
+    planted = tmp / "1-0123456789ab-0123456789ab"  # a symlink named like a dead process's folder
+    planted.symlink_to(outside, target_is_directory=True)
+    others = [tmp / "notes", tmp / "1-0123456789ab"]
+    for folder in others:
+        folder.mkdir()
 
     mine = spill_dir(settings)
 
-    assert not dead.exists()
-    assert alive.is_dir() and other.is_dir()
-    assert (outside / "keep").read_text() == "kept"
+    assert planted.is_symlink() and (outside / "keep").read_text() == "kept"
+    assert all(folder.is_dir() for folder in others)
     assert mine.parent == tmp and mine.name.startswith(f"{os.getpid()}-") and not mine.exists()
     assert spill_dir(settings) != mine  # a folder per connection, also within one process
 
