@@ -394,7 +394,7 @@ def _thresholds(con: duckdb.DuckDBPyConnection, patient_id: str, metric: str) ->
         [patient_id, list(VITAL_RULES[metric])]).fetchall()}
 
 
-def _glucose(con: duckdb.DuckDBPyConnection, patient_id: str, days: int = 14,
+def _glucose(con: duckdb.DuckDBPyConnection, patient_id: str, days: int = VIEW_GLUCOSE_DAYS,
              end: datetime | None = None) -> Any:
     from warehouse.glucose import glucose_summary
 

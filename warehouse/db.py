@@ -3,10 +3,10 @@
 DuckDB writes encrypted files only with the OpenSSL crypto of its httpfs extension; the pinned
 ``duckdb-extension-httpfs`` wheel ships the signed binary, loaded from disk (no network). Temporary files
 are encrypted too (``temp_file_encryption``) and kept next to the warehouse, a folder per connection, so PHI
-never spills in plaintext. One process writes at a time (DuckDB's file lock), and within a process one instance at a time may attach the
-file while one of them writes ("Unique file handle conflict"): the service's threads take turns (a lock per
-file, held for the connection's life) and writers of other processes are retried — either way a writer
-waits up to LOCK_WAIT_S instead of failing.
+never spills in plaintext. One process writes at a time (DuckDB's file lock), and within a process one
+instance at a time may attach the file while one of them writes ("Unique file handle conflict"): the
+service's threads take turns (a lock per file, held for the connection's life) and writers of other
+processes are retried — either way a writer waits up to LOCK_WAIT_S instead of failing.
 """
 
 from __future__ import annotations
@@ -284,6 +284,21 @@ def spill_dir(s: Settings) -> Path:
     return root / f"{os.getpid()}-{owner}-{secrets.token_hex(6)}"
 
 
+def encrypted_instance(s: Settings) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB instance ready to attach encrypted files (the clinical warehouse, a snapshot,
+    the telehealth store): OpenSSL's crypto loaded, spill files encrypted in a folder of its own, and no
+    progress bar (DuckDB draws it on stdout, into `--json` output and task logs)."""
+    con = duckdb.connect(config={"temp_directory": str(spill_dir(s)), "memory_limit": s.warehouse_memory_limit})
+    try:
+        con.execute(f"LOAD '{httpfs_extension()}'")
+        con.execute("SET temp_file_encryption = true")
+        con.execute("SET enable_progress_bar = false")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = None) -> duckdb.DuckDBPyConnection:
     """A connection with the clinical warehouse attached (and migrated, unless read-only) as ``clinical``.
 
@@ -293,11 +308,8 @@ def open_clinical(s: Settings, read_only: bool = False, db_path: Path | None = N
     """
     db_path = db_path or s.clinical_db
     Path(s.warehouse_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    con = duckdb.connect(config={"temp_directory": str(spill_dir(s)), "memory_limit": s.warehouse_memory_limit})
+    con = encrypted_instance(s)
     try:
-        con.execute(f"LOAD '{httpfs_extension()}'")
-        con.execute("SET temp_file_encryption = true")
-        con.execute("SET enable_progress_bar = false")  # drawn on stdout, into `--json` output and task logs
         if read_only and not db_path.exists():
             raise FileNotFoundError(f"no clinical warehouse at {db_path}: run `rpm pipeline run` first")
         _attach(con, s, read_only, db_path)

@@ -47,7 +47,7 @@ import pandas as pd
 from core import keys
 from core.settings import Settings
 from transforms import catalogue
-from warehouse.db import httpfs_extension, spill_dir
+from warehouse.db import encrypted_instance
 from warehouse.serving import serving
 
 SQL_DIR = Path(__file__).parent / "telehealth_sql"
@@ -564,11 +564,8 @@ def open_telehealth(s: Settings) -> duckdb.DuckDBPyConnection:
         raise FileNotFoundError(f"no telehealth store at {path}: run `rpm pipeline run` first")
     # A fresh in-memory instance per reader: duckdb.connect(path) would reuse a cached instance of the replaced
     # file while any older connection to it is still open in this process. Temporary files stay encrypted.
-    con = duckdb.connect(config={"temp_directory": str(spill_dir(s)), "memory_limit": s.warehouse_memory_limit})
+    con = encrypted_instance(s)
     try:
-        con.execute(f"LOAD '{httpfs_extension()}'")
-        con.execute("SET temp_file_encryption = true")
-        con.execute("SET enable_progress_bar = false")  # drawn on stdout, into `--json` output and task logs
         _attach(con, path, s)
         con.execute("USE telehealth")
     except BaseException:

@@ -59,7 +59,8 @@ COMPONENTS: dict[str, list[str]] = {
 # Both DAGs are linear with max_active_runs=1 and DuckDB takes one writer: two task slots are plenty,
 # and the LocalExecutor forks one worker process per slot up front.
 PARALLELISM = 2
-EXECUTOR = "pipeline.executor.PreloadedLocalExecutor"  # the LocalExecutor, its workers forked warm
+# The LocalExecutor, its workers forked after the tasks' heavy imports (pipeline/executor.py).
+EXECUTOR = "pipeline.executor.PreloadedLocalExecutor"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes via a proxy
 
 
@@ -76,7 +77,6 @@ def stack_env(s: Settings) -> dict[str, str]:
     """Environment of every component: loopback API, a small executor, the simple auth manager's admin."""
     return {
         **airflow_env(s),
-        # LocalExecutor, its workers forked after the tasks' heavy imports (pipeline/executor.py)
         "AIRFLOW__CORE__EXECUTOR": EXECUTOR,
         "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
         "AIRFLOW__API__HOST": HOST,
