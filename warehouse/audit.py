@@ -25,13 +25,13 @@ and a file that is not a strict extension of it is walked from the start. The ma
 MAC key, in ``audit.verified``, so a new process does not walk the whole chain again either. Tampering once
 found stays found: the process refuses every later append until it is restarted after an investigation.
 
-What an append waits for: the record and the new head are written first (the head to its temp file), then
-both are synced at once — one wait for the disk instead of two in a row (on a shared disk each sync waits for a
-journal commit that carries other writers' data: 21/43 ms p50/p95 for three syncs in a row at load 8-11) —
-and only then is the head renamed into place. So the states a crash can leave are exactly those of the
-sequential writes: the head names the new record only once the record is durable (a log one record past
-its head is the crash case rolled forward above; a log shorter than its head is still a truncation); the
-temp file is never read. The anchor is written after the head without a sync of its own: it is a tripwire
+What an append waits for: the record and the new head (to its temp file) are both written before either is
+synced, so the two syncs mostly share one journal commit instead of waiting for one each (on a shared disk a
+commit carries other writers' data: the record, head and anchor synced one after the other took 21/43 ms
+p50/p95 at load 8-11); only then is the head renamed into place. So the states a crash can leave are exactly
+those of the writes in a row: the head names the new record only once the record is durable (a log one record
+past its head is the crash case rolled forward above; a log shorter than its head is still a truncation), and
+the temp file is never read. The anchor is written after the head without a sync of its own: it is a tripwire
 for a rollback, not a record, and what a crash can do to it — leave an older copy (older than the head is
 accepted) or, on a file system that commits a rename before the data, an empty file — is no more than
 deleting it, which a missing anchor already is (an older installation); the next append writes it again.
@@ -424,8 +424,9 @@ class AuditLog:
                 f.write(line)
                 f.flush()
                 head_tmp, head_fd = _staged(self.head_path, self._head_doc(record["seq"], record["mac"]))
-                try:
-                    _fsync_together(f.fileno(), head_fd)  # the record and its head, in one wait
+                try:  # both written before either sync: the second finds the journal mostly committed
+                    os.fsync(f.fileno())
+                    os.fsync(head_fd)
                 finally:
                     os.close(head_fd)
                 self._appended(os.fstat(f.fileno()), line, record)
@@ -556,27 +557,6 @@ def _staged(path: Path, data: bytes) -> tuple[Path, int]:
         os.close(fd)
         raise
     return tmp, fd
-
-
-def _fsync_together(*fds: int) -> None:
-    """fsync every descriptor, the others on helper threads while this one syncs the first (fsync releases the
-    GIL): the syncs join the same journal commit instead of waiting for one each. Raises the first error."""
-    errors: list[OSError] = []
-
-    def sync(fd: int) -> None:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            errors.append(exc)
-
-    helpers = [threading.Thread(target=sync, args=(fd,), daemon=True) for fd in fds[1:]]
-    for t in helpers:
-        t.start()
-    sync(fds[0])
-    for t in helpers:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def _hash_prefix(f: Any, size: int, hasher: Any) -> str | None:
