@@ -56,7 +56,8 @@ VITAL_RULES: dict[str, tuple[str, ...]] = {
 # picked from the small columns first, and at_us is read only for the straddling ones, joined back by rowid
 # (the join's bloom filter reaches the scan: ~100 rows of 2M). The team joins `patients` rather than
 # unnesting $1 for the same reason: a table on the build side lets the scan of patient_days skip the other
-# patients' rows.
+# patients' rows. Open alerts are counted once for the team and joined, not by a subquery per patient (its
+# delim join cost ~2 of the query's ~28 ms of CPU at 50M readings, measured side by side).
 PATIENTS_SQL = """
 WITH days AS MATERIALIZED (
     SELECT d.rowid AS day_row, d.patient_id, d.first_at, d.last_at, d.readings
@@ -72,12 +73,15 @@ WITH days AS MATERIALIZED (
     FROM days GROUP BY patient_id
 ), partial_days AS (
     SELECT patient_id, CAST(sum(in_window) AS BIGINT) AS in_window FROM straddling GROUP BY patient_id
+), open_alerts AS (
+    SELECT patient_id, count(*) AS open_alerts FROM alerts
+    WHERE resolved_at IS NULL AND list_contains($1, patient_id) GROUP BY patient_id
 )
 SELECT p.patient_id, p.mrn, p.given_name, p.family_name, p.birth_date, p.time_zone, p.conditions,
        d.last_reading_at, coalesce(d.whole_days, 0) + coalesce(w.in_window, 0) AS readings_30d,
-       (SELECT count(*) FROM alerts a WHERE a.patient_id = p.patient_id AND a.resolved_at IS NULL)
-           AS open_alerts
+       coalesce(a.open_alerts, 0) AS open_alerts
 FROM patients p LEFT JOIN per_patient d USING (patient_id) LEFT JOIN partial_days w USING (patient_id)
+     LEFT JOIN open_alerts a USING (patient_id)
 WHERE list_contains($1, p.patient_id)
 ORDER BY p.patient_id"""
 

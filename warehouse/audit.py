@@ -24,6 +24,17 @@ someone edited it in place) the verified prefix is hashed again and compared (~5
 and a file that is not a strict extension of it is walked from the start. The mark is also kept, under the
 MAC key, in ``audit.verified``, so a new process does not walk the whole chain again either. Tampering once
 found stays found: the process refuses every later append until it is restarted after an investigation.
+
+What an append waits for: the record and the new head (to its temp file) are both written before either is
+synced, so the two syncs mostly share one journal commit instead of waiting for one each (on a shared disk a
+commit carries other writers' data: the record, head and anchor synced one after the other took 21/43 ms
+p50/p95 at load 8-11); only then is the head renamed into place. So the states a crash can leave are exactly
+those of the writes in a row: the head names the new record only once the record is durable (a log one record
+past its head is the crash case rolled forward above; a log shorter than its head is still a truncation), and
+the temp file is never read. The anchor is written after the head without a sync of its own: it is a tripwire
+for a rollback, not a record, and what a crash can do to it — leave an older copy (older than the head is
+accepted) or, on a file system that commits a rename before the data, an empty file — is no more than
+deleting it, which a missing anchor already is (an older installation); the next append writes it again.
 """
 
 from __future__ import annotations
@@ -167,16 +178,32 @@ class AuditLog:
     def _head_mac(self, seq: int, mac: str) -> str:
         return self._mac(f"head:{seq}:{mac}".encode())
 
+    def _head_doc(self, seq: int, mac: str) -> bytes:
+        return json.dumps({"seq": seq, "mac": mac, "head_mac": self._head_mac(seq, mac)}).encode()
+
     def _write_head(self, seq: int, mac: str) -> None:
-        write_private(self.head_path, json.dumps({"seq": seq, "mac": mac,
-                                                  "head_mac": self._head_mac(seq, mac)}).encode())
-        write_private(self.anchor_path, json.dumps({"seq": seq, "mac": mac,
-                                                    "anchor_mac": self._mac(f"anchor:{seq}:{mac}".encode())}).encode())
+        """Head and anchor, each synced (the genesis head and a crash rolled forward: rare, kept simple)."""
+        write_private(self.head_path, self._head_doc(seq, mac))
+        self._write_anchor(seq, mac)
+
+    def _write_anchor(self, seq: int, mac: str, durable: bool = True) -> None:
+        doc = json.dumps({"seq": seq, "mac": mac, "anchor_mac": self._mac(f"anchor:{seq}:{mac}".encode())}).encode()
+        if durable:
+            write_private(self.anchor_path, doc)
+            return
+        tmp, fd = _staged(self.anchor_path, doc)
+        os.close(fd)
+        os.replace(tmp, self.anchor_path)
 
     def _anchor_seq(self) -> int | None:
         """The newest record the anchor has seen (None if there is no anchor yet: an older installation)."""
         try:
-            doc = json.loads(read_secret(self.anchor_path))
+            text = read_secret(self.anchor_path)
+            if not text.strip("\x00"):
+                # What a crash can leave of an anchor written without a sync (see the module's docstring):
+                # no more than a removed one.
+                return None
+            doc = json.loads(text)
             seq, mac, anchor_mac = int(doc["seq"]), str(doc["mac"]), str(doc["anchor_mac"])
         except FileNotFoundError:
             return None
@@ -396,9 +423,15 @@ class AuditLog:
             with os.fdopen(fd, "ab") as f:
                 f.write(line)
                 f.flush()
-                os.fsync(f.fileno())
+                head_tmp, head_fd = _staged(self.head_path, self._head_doc(record["seq"], record["mac"]))
+                try:  # both written before either sync: the second finds the journal mostly committed
+                    os.fsync(f.fileno())
+                    os.fsync(head_fd)
+                finally:
+                    os.close(head_fd)
                 self._appended(os.fstat(f.fileno()), line, record)
-            self._write_head(record["seq"], record["mac"])
+            os.replace(head_tmp, self.head_path)  # only now, with the record it names durable
+            self._write_anchor(record["seq"], record["mac"], durable=False)
         return record
 
     def _appended(self, st: os.stat_result, line: bytes, record: dict) -> None:
@@ -507,6 +540,23 @@ class AuditLog:
             with _state_lock:
                 _verified.pop(self.path, None)  # another file now: the next check walks it once
         return len(out)
+
+
+def _staged(path: Path, data: bytes) -> tuple[Path, int]:
+    """``data`` written, not yet synced, to the owner-only temp file ``write_private`` would use for ``path``
+    (never through a planted file or link): (the temp path, its open descriptor) for the caller to sync and
+    rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return tmp, fd
 
 
 def _hash_prefix(f: Any, size: int, hasher: Any) -> str | None:

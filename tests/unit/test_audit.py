@@ -393,6 +393,40 @@ def test_restoring_an_older_copy_of_the_log_and_its_head_is_reported(log, tmp_pa
     assert log.check() is not None
 
 
+def test_a_failed_sync_leaves_the_head_at_the_last_durable_record(log, monkeypatch):
+    """The record and its head are synced together, the head renamed only after both: a sync that fails (a
+    disk error; a crash at that point likewise) leaves the head naming the record before, so the read is
+    refused, and the line that may have reached the log is the crash case the next append rolls forward."""
+    records = fill(log, 3)
+    real_fsync = audit_mod.os.fsync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit_mod.os, "fsync", failing)
+    with pytest.raises(OSError):
+        log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 3}, rows=1)
+    monkeypatch.setattr(audit_mod.os, "fsync", real_fsync)
+    head = json.loads(log.head_path.read_text())
+    assert (head["seq"], head["mac"]) == (2, records[2]["mac"])
+    nxt = log.append(ACTOR, "patient", [PATIENTS[0]], {"i": 4}, rows=1)
+    assert nxt["seq"] == 4 and log.verify()["ok"] is True
+
+
+def test_an_anchor_a_crash_left_empty_counts_as_none_and_is_written_again(log, tmp_path):
+    """The anchor is written without a sync of its own: a crash can leave it empty (a rename committed before
+    its data). Reads go on, as with no anchor, and the next append restores the rollback check."""
+    fill(log, 3)
+    saved = {p.name: p.read_bytes() for p in (log.path, log.head_path)}
+    log.anchor_path.write_bytes(b"")
+    assert log.check() is None and log.verify()["ok"] is True
+    for i in range(2):
+        log.append("dr-a", "patient", [f"pt-later-{i}"], {}, 1)
+    assert json.loads(log.anchor_path.read_text())["seq"] == 4
+    for name, data in saved.items():
+        (log.dir / name).write_bytes(data)
+    assert "rolled back" in log.verify()["problem"]
+
 # --- the whole chain is checked on every append, at the cost of what was appended since -----------------------
 # (the hostile review: `sed -i '10d' audit.log` left `verify` failing but every read served)
 
