@@ -20,6 +20,7 @@ from core.settings import Settings
 from rpmctl import services
 from rpmctl.services import broker, procs, supervisor
 from rpmctl.services.airflow_run import airflow_env
+from tests import rpm_forkserver
 
 RPM = str(Path(sys.executable).with_name("rpm"))
 DURATIONS = Path(__file__).with_name("durations.json")
@@ -208,9 +209,9 @@ def user_env(s: Settings) -> dict[str, str]:
 
 def rpm(s: Settings, *args: str, check: bool = True, timeout: float = 300,
         input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the `rpm` console command as a user would, with this test's settings in its environment."""
-    proc = subprocess.run([RPM, *args], env=user_env(s), capture_output=True, text=True, timeout=timeout,
-                          input=input)
+    """Run the `rpm` command as a user would, with this test's settings in its environment (in a process
+    forked from one that has imported it: tests/rpm_forkserver.py)."""
+    proc = rpm_forkserver.SERVER.run(RPM, list(args), user_env(s), input=input, timeout=timeout)
     if check and proc.returncode != 0:
         run_log = Path(s.run_dir) / "pipeline-run.log"  # type: ignore[arg-type]
         tail = procs.tail(run_log, 80) if args[:2] == ("pipeline", "run") else ""

@@ -21,6 +21,7 @@ import pytest
 
 from core.settings import Settings
 from rpmctl.cli import build_parser
+from tests import rpm_forkserver
 from tests.conftest import RPM
 from warehouse.audit import AuditLog
 
@@ -37,9 +38,10 @@ def _clean_env() -> dict[str, str]:
 
 def run(s: Settings | None, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
         stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
-    """The real console command with this state folder (or exactly ``env``), as a user runs it."""
-    return subprocess.run([RPM, *args], env=env if env is not None else {**_clean_env(), **s.as_env()},  # type: ignore[union-attr]
-                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, cwd=cwd)
+    """The `rpm` command with this state folder (or exactly ``env``), as a user runs it (in a process forked
+    from one that has imported it: tests/rpm_forkserver.py)."""
+    return rpm_forkserver.SERVER.run(RPM, list(args), env if env is not None else {**_clean_env(), **s.as_env()},  # type: ignore[union-attr]
+                                     cwd=cwd, stdout=stdout, timeout=120)
 
 
 def assert_one_error(proc: subprocess.CompletedProcess, code: int = 2, says: str | None = None) -> str:
