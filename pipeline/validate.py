@@ -6,6 +6,7 @@ import gc
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -79,7 +80,7 @@ def _enum(values: list[str]) -> str:
     return "ENUM(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
 
 
-def _verdicts(con, table: str, batch_id: str, failing: dict[int, list[str]]) -> None:
+def _verdicts(con, table: str, batch_id: str, failing: dict[Any, list[str]]) -> None:
     """Record the failing rows of ``table`` (by rowid, as ``_staged`` named them) under their row keys."""
     if not failing:
         return
@@ -97,7 +98,7 @@ def _verdicts(con, table: str, batch_id: str, failing: dict[int, list[str]]) -> 
 def validate_batch(con, s: Settings, batch: Batch, chunk_rows: int = Sizes.validate_rows) -> Validated:
     """Validate the staged candidates and events of ``batch``, ``chunk_rows`` at a time, and record each
     failing row's rules for the load; ``con`` is a writable warehouse connection."""
-    failing: dict[str, dict[int, list[str]]] = {}  # table -> rowid -> the rules its row broke
+    failing: dict[str, dict[Any, list[str]]] = {}  # table -> rowid -> the rules its row broke
     checked = 0
     for table, rules, derived, judge in (
             ("stg_candidates", clinical_rules(s.future_skew_s), CLINICAL_DERIVED, validate),
