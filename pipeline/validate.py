@@ -63,7 +63,7 @@ def _staged(con, table: str, rules: list[Rule], derived: dict[str, str], batch_i
     if text:
         found = con.execute(f"SELECT {', '.join(f'list(DISTINCT {c}) FILTER ({c} IS NOT NULL)' for c in text)} "
                             f"FROM ({query})", [batch_id]).fetchone() or [None] * len(text)
-        enums = {c: sorted(values) for c, values in zip(text, found, strict=True) if values}
+        enums = {c: sorted(values) for c, values in zip(text, found, strict=True) if _enumerable(values)}
         names = [*cols, *derived]
         query = f"""SELECT {", ".join(f"CAST({c} AS {_enum(enums[c])}) AS {c}" if c in enums else c for c in names)}
                     FROM ({query})"""
@@ -74,6 +74,15 @@ def _staged(con, table: str, rules: list[Rule], derived: dict[str, str], batch_i
             return
         for start in range(0, len(fetched), chunk_rows):
             yield fetched.iloc[start:start + chunk_rows]
+
+
+# An ENUM is written as a literal: a value with a NUL byte cannot be (a device may send one), and a column of
+# many distinct values (a device sending garbage) gains nothing. Such a column comes as text, as before.
+ENUM_MAX_VALUES = 1_000
+
+
+def _enumerable(values: list[str] | None) -> bool:
+    return bool(values) and len(values) <= ENUM_MAX_VALUES and not any("\x00" in v for v in values)
 
 
 def _enum(values: list[str]) -> str:
