@@ -82,7 +82,7 @@ ENUM_MAX_VALUES = 1_000
 
 
 def _enumerable(values: list[str] | None) -> bool:
-    return bool(values) and len(values) <= ENUM_MAX_VALUES and not any("\x00" in v for v in values)
+    return values is not None and 0 < len(values) <= ENUM_MAX_VALUES and not any("\x00" in v for v in values)
 
 
 def _enum(values: list[str]) -> str:
