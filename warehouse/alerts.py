@@ -83,6 +83,8 @@ JOIN alert_rules d USING (rule)
 SCOPE_EPISODES = ("SELECT * EXCLUDE (island, base) FROM _islands UNION ALL BY NAME "
                   "SELECT * FROM alert_gaps('_stream')")
 
+# The episodes into `alerts`, acknowledgements kept: one INSERT ... ON CONFLICT DO UPDATE, which finds each
+# episode's alert through the key index (a run's few hundred episodes on millions of alerts) ...
 UPSERT = """
 INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
                     last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
@@ -104,6 +106,37 @@ ON CONFLICT (alert_id) DO UPDATE SET
     resolved_reading_id = excluded.resolved_reading_id, evaluated_at = excluded.evaluated_at,
     resolution = excluded.resolution
 """
+# ... or, for many episodes (a first evaluation of a million readings opens ~150k), the stored ones updated and
+# the new ones inserted by joins: ON CONFLICT checked every row against the key, 1.2 CPU s against 0.4 for the
+# plain insert, while the joins read `alerts`' whole id column, the cheaper side only when the episodes are many.
+BULK_EPISODES = 20_000
+UPDATE_EXISTING = """
+UPDATE alerts SET
+    -- An escalation asks for attention again: an acknowledgement of the lower level no longer stands (the
+    -- audit log keeps who acknowledged what, and when).
+    acknowledged_by = CASE WHEN e.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_by END,
+    acknowledged_at = CASE WHEN e.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_at END,
+    ack_note = CASE WHEN e.severity < alerts.severity THEN NULL ELSE alerts.ack_note END,
+    rule = e.rule, severity = e.severity, description = e.description,
+    opened_rule = e.opened_rule, escalated_at = e.escalated_at,
+    last_breach_at = e.last_breach_at, last_observed = e.last_observed,
+    breaches = e.breaches, resolved_at = e.resolved_at,
+    resolved_reading_id = e.resolved_reading_id, evaluated_at = now(),
+    resolution = CASE WHEN e.resolved_at IS NOT NULL THEN 'back in range' END
+FROM _episodes e
+WHERE e.alert_id = alerts.alert_id
+"""
+INSERT_NEW = """
+INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
+                    last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
+                    resolution, opened_rule, escalated_at)
+SELECT alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id, last_breach_at,
+       last_observed, breaches, resolved_at, resolved_reading_id, now(),
+       CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END, opened_rule, escalated_at
+FROM _episodes e
+WHERE NOT EXISTS (SELECT 1 FROM alerts a WHERE a.alert_id = e.alert_id)
+"""
+UPSERT_BULK = (UPDATE_EXISTING, INSERT_NEW)
 
 # Late data (a device uploading its offline buffer) can split or erase an episode that was evaluated before
 # it arrived: an open alert whose episode no longer exists is closed, saying why, never left open forever.
@@ -188,6 +221,13 @@ def note_loaded(con: duckdb.DuckDBPyConnection, source: str) -> None:
     con.execute(MERGE_LAST_READING.format(source=source))
 
 
+def _upsert(con: duckdb.DuckDBPyConnection) -> None:
+    """_episodes into alerts, the way that is cheaper for their number (the two give the same rows)."""
+    (episodes,) = con.execute("SELECT count(*) FROM _episodes").fetchone()  # type: ignore[misc]
+    for statement in UPSERT_BULK if episodes >= BULK_EPISODES else (UPSERT,):
+        con.execute(statement)
+
+
 def rules_digest() -> str:
     return hashlib.sha256(RULES_SQL.read_bytes()).hexdigest()[:16]
 
@@ -245,7 +285,7 @@ def _evaluate(con: duckdb.DuckDBPyConnection, full: bool, chunk_readings: int) -
         for statement in MATERIALIZE:
             con.execute(statement)
         con.execute(EPISODES.format(source=SCOPE_EPISODES))
-        con.execute(UPSERT)
+        _upsert(con)
         con.execute(CLOSE_DISPROVED.format(where=IN_CHUNK))
         for table in ("alert_checkpoints", "alert_carry"):
             con.execute(f"DELETE FROM {table} c USING alert_scope s "
@@ -254,7 +294,7 @@ def _evaluate(con: duckdb.DuckDBPyConnection, full: bool, chunk_readings: int) -
             con.execute(statement)
     con.execute(SILENT)
     con.execute(EPISODES.format(source="SELECT * FROM alert_gaps('_silent')"))
-    con.execute(UPSERT)
+    _upsert(con)
     con.execute(CLOSE_DISPROVED.format(where=SILENT_OUTSIDE))
     con.execute("DELETE FROM alert_dirty WHERE patient_id IN (SELECT patient_id FROM _scope)")
     # The views show the whole scope afterwards (what this evaluation looked at, and from when).

@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from core.settings import Settings
-from warehouse import registry
+from warehouse import alerts, registry
 from warehouse.alerts import acknowledge, mark_dirty, open_alerts, refresh_alerts
 from warehouse.db import clinical
 
@@ -47,6 +47,15 @@ def add(con, insert_reading):
         con.execute("INSERT INTO patients (patient_id) VALUES (?) ON CONFLICT DO NOTHING", [patient_id])
         return insert_reading(con, patient_id, metric, value, at, diastolic=diastolic)
     return _add
+
+
+@pytest.fixture(params=["by key", "in bulk"])
+def upsert_way(request, monkeypatch) -> str:
+    """Both ways episodes reach `alerts` (warehouse/alerts.py _upsert): through the key index, and by joins
+    for many episodes (every evaluation here takes the bulk way)."""
+    if request.param == "in bulk":
+        monkeypatch.setattr(alerts, "BULK_EPISODES", 0)
+    return request.param
 
 
 def alerts_of(con: duckdb.DuckDBPyConnection, patient_id: str, rule: str | None = None) -> list[dict]:
@@ -191,7 +200,7 @@ def test_the_family_episode_lasts_while_any_level_breaches(con, add, now):
     ("blood_glucose", (62, 50, 65), None, "glucose_level1_low", "glucose_level2_low"),
 ])
 def test_a_worse_reading_escalates_the_open_alert_in_place(con, add, now, metric, values, diastolic, opened,
-                                                           escalated):
+                                                           escalated, upsert_way):
     """The same alert (id) rises to the worse level, saying when, and asks for attention again: the
     acknowledgement of the lower level no longer stands. A reading back at the lower level keeps it there:
     the episode's worst is what it is."""
@@ -219,7 +228,7 @@ def test_a_worse_reading_escalates_the_open_alert_in_place(con, add, now, metric
     assert alerts_of(con, "p1")[0]["acknowledged_by"] == "dr-a"
 
 
-def test_alerts_of_a_release_before_families_keep_their_ids_and_acks(con, add, now):
+def test_alerts_of_a_release_before_families_keep_their_ids_and_acks(con, add, now, upsert_way):
     """That release opened bp_severe and bp_stage2 on one 182/95 (keyed by rule and opening reading). The
     first evaluation under families keeps the severe one — its id, its acknowledgement — and closes its
     duplicate as merged, not as disproved."""
@@ -249,7 +258,7 @@ def _mixed_history(add, now: datetime) -> None:
     add("p2", "blood_glucose", 50, now - 29 * H)
 
 
-def test_refresh_is_idempotent(con, add, now):
+def test_refresh_is_idempotent(con, add, now, upsert_way):
     _mixed_history(add, now)
     first = refresh_alerts(con)
     # evaluated_at is the time of the evaluation itself: everything else must be unchanged.
@@ -261,7 +270,7 @@ def test_refresh_is_idempotent(con, add, now):
     assert first["no_data_24h"] == 1
 
 
-def test_acknowledgement_survives_refresh_and_alert_stays_open(con, add, now):
+def test_acknowledgement_survives_refresh_and_alert_stays_open(con, add, now, upsert_way):
     add("p1", "heart_rate", 135, now - 2 * H)
     refresh_alerts(con)
     [alert] = alerts_of(con, "p1", "hr_high")

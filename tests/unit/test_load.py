@@ -399,3 +399,25 @@ def test_a_load_that_dies_between_groups_resumes_where_it_stopped(
     assert accounting(settings)["balanced"] is True
     with clinical(settings) as con:
         assert con.execute("SELECT count(*) FROM stg_candidates").fetchone() == (0,)  # staging cleared at the end
+
+
+def test_text_no_enum_can_hold_is_judged_as_text(settings: Settings, enrolled: datetime, now: datetime,
+                                                  make_reading: Callable[..., dict[str, Any]], write_segment
+                                                  ) -> None:
+    """The quality gate hands GX a batch's text as categories built from its own values; a value with a NUL
+    byte or a quote (what a hostile device may send) is still judged exactly as its text is."""
+    at = now - timedelta(minutes=10)
+    write_segment(SEG, [
+        (TOPIC, make_reading("heart_rate", measured_at=at, msg_id="ok")),                       # 0 load
+        (TOPIC, make_reading("heart_rate", measured_at=at, msg_id="nul", unit="/min\x00")),     # 1 unit refused
+        (TOPIC, make_reading("heart_rate", measured_at=at, msg_id="quote", metric="heart'rate")),  # 2 unknown
+        (TOPIC, make_reading("spo2", measured_at=at, msg_id="pct", unit="%'")),                # 3 unit refused
+    ], received_at=now)
+    out = run_pipeline(settings, "t1")
+
+    assert out["loaded"] == {"loaded": 1, "quarantined": 3, "duplicates": 0, "segments": 1}
+    assert quarantine(settings) == {
+        f"{SEG}:1:0": ["unit_accepted_for_metric"],
+        f"{SEG}:2:0": ["metric_known"],
+        f"{SEG}:3:0": ["unit_accepted_for_metric"],
+    }

@@ -196,48 +196,51 @@ WITH prm AS (
               + coalesce(s_temp, 0) AS score
     FROM news_sets WHERE parameters >= 3  -- "several vitals arrive together"
 )
+-- (`observed` is formatted for breaches only: `rule` here is the alias of the same select list, and a CASE
+-- evaluates its branch only for the rows that take it — printf on every evaluation was a third of the marks)
 SELECT patient_id, 'bp' AS family,
        CASE WHEN value >= bp_sev_s OR diastolic >= bp_sev_d THEN 'bp_severe'
             WHEN value >= bp_s2_s OR diastolic >= bp_s2_d THEN 'bp_stage2' END AS rule,
-       reading_id, measured_at, printf('%.0f/%.0f mm[Hg]', value, diastolic) AS observed
+       reading_id, measured_at,
+       CASE WHEN rule IS NOT NULL THEN printf('%.0f/%.0f mm[Hg]', value, diastolic) END AS observed
 FROM r WHERE metric = 'blood_pressure'
 UNION ALL
 SELECT patient_id, 'glucose_low',
-       CASE WHEN value < glu_l2 THEN 'glucose_level2_low' WHEN value < glu_l1 THEN 'glucose_level1_low' END,
-       reading_id, measured_at, printf('%.0f mg/dL', value)
+       CASE WHEN value < glu_l2 THEN 'glucose_level2_low' WHEN value < glu_l1 THEN 'glucose_level1_low' END AS rule,
+       reading_id, measured_at, CASE WHEN rule IS NOT NULL THEN printf('%.0f mg/dL', value) END
 FROM r WHERE metric = 'blood_glucose'
 UNION ALL
-SELECT patient_id, 'glucose_level2_high', CASE WHEN value > glu_h2 THEN 'glucose_level2_high' END, reading_id,
-       measured_at, printf('%.0f mg/dL', value)
+SELECT patient_id, 'glucose_level2_high', CASE WHEN value > glu_h2 THEN 'glucose_level2_high' END AS rule,
+       reading_id, measured_at, CASE WHEN rule IS NOT NULL THEN printf('%.0f mg/dL', value) END
 FROM r WHERE metric = 'blood_glucose'
 UNION ALL
-SELECT patient_id, 'spo2', CASE WHEN value < spo2_u THEN 'spo2_urgent' WHEN value < spo2_l THEN 'spo2_low' END,
-       reading_id, measured_at, printf('%.0f %%', value)
+SELECT patient_id, 'spo2', CASE WHEN value < spo2_u THEN 'spo2_urgent' WHEN value < spo2_l THEN 'spo2_low' END AS rule,
+       reading_id, measured_at, CASE WHEN rule IS NOT NULL THEN printf('%.0f %%', value) END
 FROM r WHERE metric = 'spo2'
 UNION ALL
-SELECT patient_id, 'fever', CASE WHEN value >= fever THEN 'fever' END, reading_id, measured_at,
-       printf('%.1f Cel', value)
+SELECT patient_id, 'fever', CASE WHEN value >= fever THEN 'fever' END AS rule, reading_id, measured_at,
+       CASE WHEN rule IS NOT NULL THEN printf('%.1f Cel', value) END
 FROM r WHERE metric = 'body_temperature'
 UNION ALL
-SELECT patient_id, 'hr_low', CASE WHEN value < hr_lo THEN 'hr_low' END, reading_id, measured_at,
-       printf('%.0f /min', value)
+SELECT patient_id, 'hr_low', CASE WHEN value < hr_lo THEN 'hr_low' END AS rule, reading_id, measured_at,
+       CASE WHEN rule IS NOT NULL THEN printf('%.0f /min', value) END
 FROM r WHERE metric = 'heart_rate'
 UNION ALL
-SELECT patient_id, 'hr_high', CASE WHEN value > hr_hi THEN 'hr_high' END, reading_id, measured_at,
-       printf('%.0f /min', value)
+SELECT patient_id, 'hr_high', CASE WHEN value > hr_hi THEN 'hr_high' END AS rule, reading_id, measured_at,
+       CASE WHEN rule IS NOT NULL THEN printf('%.0f /min', value) END
 FROM r WHERE metric = 'heart_rate'
 UNION ALL
-SELECT patient_id, 'weight_gain_day', CASE WHEN gain_day > wg_day THEN 'weight_gain_day' END, reading_id,
-       measured_at, printf('%+.1f kg since previous weight', gain_day)
+SELECT patient_id, 'weight_gain_day', CASE WHEN gain_day > wg_day THEN 'weight_gain_day' END AS rule, reading_id,
+       measured_at, CASE WHEN rule IS NOT NULL THEN printf('%+.1f kg since previous weight', gain_day) END
 FROM weights
 UNION ALL
-SELECT patient_id, 'weight_gain_week', CASE WHEN gain_week > wg_week THEN 'weight_gain_week' END, reading_id,
-       measured_at, printf('%+.1f kg in a week', gain_week)
+SELECT patient_id, 'weight_gain_week', CASE WHEN gain_week > wg_week THEN 'weight_gain_week' END AS rule,
+       reading_id, measured_at, CASE WHEN rule IS NOT NULL THEN printf('%+.1f kg in a week', gain_week) END
 FROM weights
 UNION ALL
 SELECT patient_id, 'news2',
-       CASE WHEN score >= news_hi THEN 'news2_high' WHEN score >= news_med THEN 'news2_medium' END,
-       reading_id, measured_at, printf('score %d', score)
+       CASE WHEN score >= news_hi THEN 'news2_high' WHEN score >= news_med THEN 'news2_medium' END AS rule,
+       reading_id, measured_at, CASE WHEN rule IS NOT NULL THEN printf('score %d', score) END
 FROM news
 );
 
