@@ -114,8 +114,7 @@ TABLES = {
     "people": f"""
         SELECT pp.key AS person_key, coalesce(pg.programmes, []::VARCHAR[]) AS programmes,
                CAST(date_trunc('month', min(e.valid_from) AT TIME ZONE 'UTC') AS DATE) AS enrolled_month,
-               date_diff('hour', min(e.valid_from), min(r.measured_at) FILTER (NOT r.manual))
-                   AS hours_enrolment_to_first_reading,
+               date_diff('hour', min(e.valid_from), min(r.first_reading)) AS hours_enrolment_to_first_reading,
                coalesce(bool_or(e.valid_to IS NULL) FILTER (WHERE e.device_id IS NOT NULL), false)
                    AS currently_enrolled
         FROM clinical.patients p
@@ -126,7 +125,9 @@ TABLES = {
                    LEFT JOIN catalogue c ON c.field = 'condition' AND c.value = u.condition
                    GROUP BY u.patient_id) pg ON pg.patient_id = p.patient_id
         LEFT JOIN clinical.enrollments e ON e.patient_id = p.patient_id
-        LEFT JOIN clinical.readings r ON r.patient_id = p.patient_id
+        -- one row per patient, not one per reading and enrolment: the minima are the same
+        LEFT JOIN (SELECT patient_id, min(measured_at) FILTER (NOT manual) AS first_reading FROM clinical.readings
+                   GROUP BY patient_id) r ON r.patient_id = p.patient_id
         GROUP BY pp.key, pg.programmes""",
     # The registry's model and serial are left out: a serial identifies, a model is free text.
     "devices": """
@@ -371,8 +372,16 @@ def _write_state(s: Settings, digest: str, marks: dict[str, dict], built_by: str
 
 # --- building -----------------------------------------------------------------------------------------------
 
+def _as_table(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> None:
+    """``frame`` as a temporary table: a registered DataFrame is converted again by every query that reads it,
+    and the pseudonyms are read by nearly every statement of a build."""
+    con.register(f"{name}_frame", frame)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_frame")
+    con.unregister(f"{name}_frame")
+
+
 def _register_catalogue(con: duckdb.DuckDBPyConnection, s: Settings) -> None:
-    con.register("catalogue", pd.DataFrame(_catalogue_rows(s), columns=["field", "value", "stored"]))
+    _as_table(con, "catalogue", pd.DataFrame(_catalogue_rows(s), columns=["field", "value", "stored"]))
 
 
 def _finish(con: duckdb.DuckDBPyConnection, counts: dict[str, int]) -> None:
@@ -396,7 +405,7 @@ def _build(s: Settings, key: str) -> dict[str, int]:
     with serving(s, private=True) as con:
         marks = _watermarks(con)
         digest = _digest(con, s, key)
-        con.register("pseudo", _pseudonyms(con, pseudonym_key(s)))
+        _as_table(con, "pseudo", _pseudonyms(con, pseudonym_key(s)))
         _register_catalogue(con, s)
         con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
         for name, sql in TABLES.items():
@@ -490,7 +499,7 @@ def _update(s: Settings, key: str, state: dict) -> dict[str, int] | None:
         con.execute(f"""CREATE TEMP TABLE th_silent AS SELECT * FROM ({_ONGOING_GAPS})
                         WHERE device_id NOT IN (SELECT device_id FROM th_dirty_devices_readings)
                           AND gap_start < now() - INTERVAL 23 HOUR""")
-        con.register("pseudo", _pseudonyms(con, pseudonym_key(s), """
+        _as_table(con, "pseudo", _pseudonyms(con, pseudonym_key(s), """
             SELECT 'patient', patient_id FROM th_dirty_patients_readings
             UNION SELECT 'patient', patient_id FROM th_dirty_patients_events
             UNION SELECT 'patient', patient_id FROM th_readings UNION SELECT 'patient', patient_id FROM th_events
