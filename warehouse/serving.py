@@ -55,7 +55,7 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
     for leftover in d.glob(".clinical-*.duckdb.tmp"):  # a publish that died (this one holds the writer)
         leftover.unlink(missing_ok=True)
     snapshots = _snapshots(d)
-    if len(snapshots) < KEEP or not _refresh_unused(snapshots[0], tmp, s.clinical_db):
+    if len(snapshots) < KEEP or _refresh_unused(snapshots[0], tmp, s.clinical_db, _sealed_block_size(con)) is None:
         shutil.copyfile(s.clinical_db, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -78,16 +78,33 @@ def _snapshots(d: Path) -> list[Path]:
 
 # A file's untouched blocks stay byte for byte the same from one checkpoint to the next (DuckDB writes changed
 # blocks only, each encrypted on its own). So rather than copying (and syncing) the whole file, the oldest
-# snapshot — two publishes old, which no reader opens any more — is brought up to date block by block: both
-# files are read (from the page cache, mostly), only differing blocks are written, and only they reach the
-# disk. How much differs is DuckDB's doing: it writes a table's whole ART index again at every checkpoint, so
-# while `readings` had its primary key a 5,000-reading run on a 10M warehouse changed ~40 % of the file (now a
-# few blocks: sql/001_schema.sql, bench/readings_key.py). A file some
-# process still has open must not change under it: every DuckDB instance holds a read lock on the file it
-# opened (serving()'s readers an OFD one besides: _hold), so the snapshot is refreshed only while an
+# snapshot — two publishes old, which no reader opens any more — is brought up to date block by block, and only
+# the blocks that differ are written and reach the disk (a 5,000-reading run on a 10M warehouse: ~3 % of them).
+# A file some process still has open must not change under it: every DuckDB instance holds a read lock on the
+# file it opened (serving()'s readers an OFD one besides: _hold), so the snapshot is refreshed only while an
 # open-file-description write lock on it is granted (these conflict with every process's locks, this one's
 # included), and copied otherwise.
+#
+# Which blocks differ is learnt from their headers, not by reading both files whole. In an encrypted file
+# DuckDB (1.4+, AES-GCM) writes every block with a fresh random 12-byte nonce and the 16-byte tag at its start,
+# so a block written since the old snapshot was taken has another header, and one that was not is the same
+# bytes in both files: equal headers mean equal blocks (the nonce is 96 random bits per write; checked on the
+# snapshots of a 10.7M warehouse, tests/unit/test_serving_snapshot.py keeps checking it). The file's own
+# headers (main and the two database headers, rewritten at every checkpoint) are compared whole, and so is a
+# file that is not encrypted (its block header is a 64-bit checksum only) or not laid out in whole blocks.
+# A refresh is only ever built from a whole snapshot: one that died half-way is removed by the next publish.
 _SYNC_BLOCK = 4 << 20
+_FILE_HEADERS = 3 * 4096  # DuckDB's main header and its two alternating database headers
+_BLOCK_HEADER = 32  # nonce (12) + tag (16) + padding (4); the encrypted checksum follows
+
+
+def _sealed_block_size(con: duckdb.DuckDBPyConnection) -> int:
+    """The clinical file's block size when its blocks are encrypted (each one sealed with its own nonce and
+    tag), else 0: its changed blocks can then only be found by comparing them whole."""
+    row = con.execute("""SELECT d.encrypted, s.block_size FROM duckdb_databases() d
+                         JOIN pragma_database_size() s USING (database_name)
+                         WHERE d.database_name = 'clinical'""").fetchone()
+    return int(row[1]) if row is not None and row[0] and row[1] else 0
 
 
 def _write_all(fd: int, block: bytes, offset: int) -> None:
@@ -101,34 +118,62 @@ def _write_all(fd: int, block: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _refresh_unused(old: Path, tmp: Path, source: Path) -> bool:
-    """Turn snapshot ``old`` into a copy of ``source`` at ``tmp``, writing only the blocks that differ; False
-    (and ``old`` untouched) when some process has it open."""
+def _sync_whole(src: int, fd: int, start: int, end: int) -> int:
+    """Write what differs in [start, end) comparing the bytes; the number of bytes written."""
+    written = 0
+    for offset in range(start, end, _SYNC_BLOCK):
+        block = os.pread(src, min(_SYNC_BLOCK, end - offset), offset)
+        if os.pread(fd, len(block), offset) != block:
+            _write_all(fd, block, offset)
+            written += len(block)
+    return written
+
+
+def _sync_sealed(src: int, fd: int, block_size: int, end: int, old_end: int) -> int:
+    """Write the blocks in [_FILE_HEADERS, end) whose headers differ (and every block the old file did not
+    reach, which holds zeros here); the number of bytes written."""
+    written = 0
+    for offset in range(_FILE_HEADERS, end, block_size):
+        reached = offset + block_size <= old_end
+        if reached and os.pread(src, _BLOCK_HEADER, offset) == os.pread(fd, _BLOCK_HEADER, offset):
+            continue
+        block = os.pread(src, block_size, offset)
+        _write_all(fd, block, offset)
+        written += len(block)
+    return written
+
+
+def _refresh_unused(old: Path, tmp: Path, source: Path, block_size: int = 0) -> int | None:
+    """Turn snapshot ``old`` into a copy of ``source`` at ``tmp``, writing only the blocks that differ (found by
+    their headers when ``block_size`` says the source's blocks are sealed, else by comparing them whole); the
+    bytes written, or None (and ``old`` untouched) when some process has it open."""
     try:  # never through a symlink someone planted there (O_NONBLOCK: nor wait on a FIFO)
         fd = os.open(old, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
-        return False
+        return None
     try:
         st = os.fstat(fd)
         # Only a file this process wrote: not another user's (who could rewrite what clinicians read), not one
         # with a second name elsewhere (a hard link: its other name would get the warehouse).
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            return False
+            return None
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
         except OSError:
-            return False  # a reader still holds it
+            return None  # a reader still holds it
         os.replace(old, tmp)  # out of readers' sight before it changes
-        with open(source, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
+        with open(source, "rb") as f:
+            src = f.fileno()
+            size = os.fstat(src).st_size
             os.ftruncate(fd, size)
-            for offset in range(0, size, _SYNC_BLOCK):
-                block = os.pread(src.fileno(), _SYNC_BLOCK, offset)
-                if os.pread(fd, len(block), offset) != block:
-                    _write_all(fd, block, offset)
+            if block_size > 0 and size >= _FILE_HEADERS and (size - _FILE_HEADERS) % block_size == 0:
+                written = _sync_whole(src, fd, 0, _FILE_HEADERS)
+                written += _sync_sealed(src, fd, block_size, size, min(st.st_size, size))
+            else:
+                written = _sync_whole(src, fd, 0, size)
         os.fchmod(fd, 0o600)
         os.fsync(fd)
-        return True
+        return written
     finally:
         os.close(fd)  # releases the lock
 

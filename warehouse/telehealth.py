@@ -47,7 +47,7 @@ import pandas as pd
 from core import keys
 from core.settings import Settings
 from transforms import catalogue
-from warehouse.db import encrypted_instance
+from warehouse.db import encrypted_instance, one_row
 from warehouse.serving import serving
 
 SQL_DIR = Path(__file__).parent / "telehealth_sql"
@@ -91,7 +91,8 @@ _OUTCOME_RANK = "CASE t.event WHEN 'appointment_scheduled' THEN 0 ELSE 1 END"
 
 # Silences longer than 24 h between consecutive transmissions of a device, and the current one (measured
 # to the rebuild): UTC days and whole hours. `{gaps}` is (device_id, gap_start, gap_end), gap_end NULL for the
-# silence since the device's latest transmission.
+# silence since the device's latest transmission. Elapsed time in microseconds: subtracting two TIMESTAMPTZ
+# goes through the session's calendar (ICU), several µs a row: most of an update's time on the silences.
 _DEVICE_GAPS = f"""
         SELECT dp.key AS device_key, {_UTC_DAY.format('g.gap_start')} AS gap_start_on,
                {_UTC_DAY.format('g.gap_end')} AS gap_end_on,
@@ -99,7 +100,7 @@ _DEVICE_GAPS = f"""
                g.gap_end IS NULL AS ongoing
         FROM ({{gaps}}) g
         JOIN pseudo dp ON dp.kind = 'device' AND dp.id = g.device_id
-        WHERE coalesce(g.gap_end, now()) - g.gap_start > INTERVAL 24 HOUR"""
+        WHERE epoch_us(coalesce(g.gap_end, now())) - epoch_us(g.gap_start) > 86400000000"""  # 24 h
 # A hand-typed value is no sign of a connected device.
 _ALL_GAPS = """SELECT device_id, measured_at AS gap_start,
                      lead(measured_at) OVER (PARTITION BY device_id ORDER BY measured_at) AS gap_end
@@ -114,8 +115,7 @@ TABLES = {
     "people": f"""
         SELECT pp.key AS person_key, coalesce(pg.programmes, []::VARCHAR[]) AS programmes,
                CAST(date_trunc('month', min(e.valid_from) AT TIME ZONE 'UTC') AS DATE) AS enrolled_month,
-               date_diff('hour', min(e.valid_from), min(r.measured_at) FILTER (NOT r.manual))
-                   AS hours_enrolment_to_first_reading,
+               date_diff('hour', min(e.valid_from), min(r.first_reading)) AS hours_enrolment_to_first_reading,
                coalesce(bool_or(e.valid_to IS NULL) FILTER (WHERE e.device_id IS NOT NULL), false)
                    AS currently_enrolled
         FROM clinical.patients p
@@ -126,7 +126,9 @@ TABLES = {
                    LEFT JOIN catalogue c ON c.field = 'condition' AND c.value = u.condition
                    GROUP BY u.patient_id) pg ON pg.patient_id = p.patient_id
         LEFT JOIN clinical.enrollments e ON e.patient_id = p.patient_id
-        LEFT JOIN clinical.readings r ON r.patient_id = p.patient_id
+        -- one row per patient, not one per reading and enrolment: the minima are the same
+        LEFT JOIN (SELECT patient_id, min(measured_at) FILTER (NOT manual) AS first_reading FROM clinical.readings
+                   GROUP BY patient_id) r ON r.patient_id = p.patient_id
         GROUP BY pp.key, pg.programmes""",
     # The registry's model and serial are left out: a serial identifies, a model is free text.
     "devices": """
@@ -295,11 +297,20 @@ def _watermarks(con: duckdb.DuckDBPyConnection, since: dict | None = None) -> di
     out = {}
     for stream, table in _STREAMS.items():
         before = (since or {}).get(stream, {}).get("through")
-        row = con.execute(f"""SELECT epoch_us(max(loaded_at)), count(*),
-                                     count(*) FILTER (WHERE loaded_at <= make_timestamptz($before::BIGINT))
-                              FROM {table}""", {"before": before}).fetchone()
+        if before is None:  # a full build, or a stream the last build found empty
+            row = con.execute(f"SELECT epoch_us(max(loaded_at)), count(*) FROM {table}").fetchone()
+            assert row is not None
+            out[stream] = {"through": row[0], "count": row[1], "count_then": 0}
+            continue
+        # Only the rows loaded since are read (`loaded_at > $before`: the zone maps skip the rest of a table
+        # loaded in time order); the count up to the instant is the table's count (no column read) less them.
+        # loaded_at is NOT NULL, so this is the count of rows at or before it.
+        row = con.execute(f"""SELECT (SELECT count(*) FROM {table}), epoch_us(max(loaded_at)), count(*)
+                              FROM {table} WHERE loaded_at > make_timestamptz($before::BIGINT)""",
+                          {"before": before}).fetchone()
         assert row is not None
-        out[stream] = {"through": row[0], "count": row[1], "count_then": row[2]}
+        total, latest, new = row
+        out[stream] = {"through": before if latest is None else latest, "count": total, "count_then": total - new}
     return out
 
 
@@ -362,8 +373,16 @@ def _write_state(s: Settings, digest: str, marks: dict[str, dict], built_by: str
 
 # --- building -----------------------------------------------------------------------------------------------
 
+def _as_table(con: duckdb.DuckDBPyConnection, name: str, frame: pd.DataFrame) -> None:
+    """``frame`` as a temporary table: a registered DataFrame is converted again by every query that reads it,
+    and the pseudonyms are read by nearly every statement of a build."""
+    con.register(f"{name}_frame", frame)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_frame")
+    con.unregister(f"{name}_frame")
+
+
 def _register_catalogue(con: duckdb.DuckDBPyConnection, s: Settings) -> None:
-    con.register("catalogue", pd.DataFrame(_catalogue_rows(s), columns=["field", "value", "stored"]))
+    _as_table(con, "catalogue", pd.DataFrame(_catalogue_rows(s), columns=["field", "value", "stored"]))
 
 
 def _finish(con: duckdb.DuckDBPyConnection, counts: dict[str, int]) -> None:
@@ -387,7 +406,7 @@ def _build(s: Settings, key: str) -> dict[str, int]:
     with serving(s, private=True) as con:
         marks = _watermarks(con)
         digest = _digest(con, s, key)
-        con.register("pseudo", _pseudonyms(con, pseudonym_key(s)))
+        _as_table(con, "pseudo", _pseudonyms(con, pseudonym_key(s)))
         _register_catalogue(con, s)
         con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
         for name, sql in TABLES.items():
@@ -407,8 +426,11 @@ def _build(s: Settings, key: str) -> dict[str, int]:
 # for the patients with new readings or events, those keyed by device for the devices that sent them (a
 # device's silences span its whole history), the small daily ops tables whole. The registry-only `devices`
 # table cannot change without a registry change, which rebuilds the whole store.
-_PERSON_TABLES = ("people", "education_events", "appointments", "survey_events", "device_days")
-_DEVICE_TABLES = ("device_status", "device_gaps")
+# Each table is rebuilt for the patients (or devices) with new rows in the stream it reads: a batch of readings
+# alone leaves the rows built from events as they are, and the events are then not read at all.
+_PERSON_TABLES = {"people": "readings", "education_events": "events", "appointments": "events",
+                  "survey_events": "events", "device_days": "readings"}
+_DEVICE_TABLES = {"device_status": "events", "device_gaps": "readings"}
 _WHOLE_TABLES = ("pipeline_daily", "quarantine_daily")
 _PERSON_SOURCES = {"clinical.stg_readings": "th_stg_readings", "clinical.readings": "th_person_readings",
                    "clinical.telehealth_events": "th_person_events", "clinical.patients": "th_patients",
@@ -445,55 +467,62 @@ def _update(s: Settings, key: str, state: dict) -> dict[str, int] | None:
         if digest != state.get("digest"):
             return None
         since = {k: state["streams"][k]["through"] for k in _STREAMS}
-        con.execute("""CREATE TEMP TABLE th_new AS
-                       SELECT patient_id, device_id FROM clinical.readings
-                       WHERE loaded_at > coalesce(make_timestamptz($r::BIGINT), '-infinity'::TIMESTAMPTZ)
-                       UNION SELECT patient_id, device_id FROM clinical.telehealth_events
-                       WHERE loaded_at > coalesce(make_timestamptz($e::BIGINT), '-infinity'::TIMESTAMPTZ)""",
-                    {"r": since["readings"], "e": since["events"]})
-        con.execute("CREATE TEMP TABLE th_dirty_patients AS SELECT DISTINCT patient_id FROM th_new")
-        con.execute("CREATE TEMP TABLE th_dirty_devices AS SELECT DISTINCT device_id FROM th_new")
-        # The history of what changed, read once: the rows of the patients and of the devices with new rows
-        # (a device's history may hold another patient's readings, from before it was re-issued).
-        for scoped, table, columns in (("th_readings", "readings", _READING_COLUMNS),
-                                       ("th_events", "telehealth_events", _EVENT_COLUMNS)):
-            con.execute(f"""CREATE TEMP TABLE {scoped} AS SELECT {columns} FROM clinical.{table}
-                            WHERE patient_id IN (SELECT patient_id FROM th_dirty_patients)
-                               OR device_id IN (SELECT device_id FROM th_dirty_devices)""")
-        for view, source, column in (("th_person_readings", "th_readings", "patient_id"),
-                                     ("th_person_events", "th_events", "patient_id"),
-                                     ("th_patients", "clinical.patients", "patient_id"),
-                                     ("th_enrollments", "clinical.enrollments", "patient_id"),
-                                     ("th_device_readings", "th_readings", "device_id"),
-                                     ("th_device_events", "th_events", "device_id")):
-            dirty = "th_dirty_patients" if column == "patient_id" else "th_dirty_devices"
+        # Per stream, the patients and the devices with rows loaded since (found through the loaded_at zone maps),
+        # then their history, read once: the rows of those patients and of those devices (a device's history
+        # may hold another patient's readings, from before it was re-issued). A stream with nothing new is not
+        # read.
+        for stream, (table, columns) in {"readings": ("readings", _READING_COLUMNS),
+                                         "events": ("telehealth_events", _EVENT_COLUMNS)}.items():
+            con.execute(f"""CREATE TEMP TABLE th_new_{stream} AS SELECT DISTINCT patient_id, device_id
+                            FROM clinical.{table} WHERE loaded_at
+                                > coalesce(make_timestamptz($since::BIGINT), '-infinity'::TIMESTAMPTZ)""",
+                        {"since": since[stream]})
+            for column, dirty in (("patient_id", "patients"), ("device_id", "devices")):
+                con.execute(f"CREATE TEMP TABLE th_dirty_{dirty}_{stream} AS "
+                            f"SELECT DISTINCT {column} FROM th_new_{stream}")
+            none = "" if one_row(con.execute(f"SELECT count(*) FROM th_new_{stream}"))[0] else "AND false"
+            con.execute(f"""CREATE TEMP TABLE th_{stream} AS SELECT {columns} FROM clinical.{table}
+                            WHERE (patient_id IN (SELECT patient_id FROM th_dirty_patients_{stream})
+                                   OR device_id IN (SELECT device_id FROM th_dirty_devices_{stream})) {none}""")
+        for view, source, column, stream in (("th_person_readings", "th_readings", "patient_id", "readings"),
+                                             ("th_person_events", "th_events", "patient_id", "events"),
+                                             ("th_patients", "clinical.patients", "patient_id", "readings"),
+                                             ("th_enrollments", "clinical.enrollments", "patient_id", "readings"),
+                                             ("th_device_readings", "th_readings", "device_id", "readings"),
+                                             ("th_device_events", "th_events", "device_id", "events")):
+            dirty = f"th_dirty_{'patients' if column == 'patient_id' else 'devices'}_{stream}"
             con.execute(f"CREATE TEMP VIEW {view} AS SELECT * FROM {source} "
                         f"WHERE {column} IN (SELECT {column} FROM {dirty})")
         con.execute("CREATE TEMP VIEW th_stg_readings AS SELECT * FROM with_local_time('th_person_readings')")
-        con.register("pseudo", _pseudonyms(con, pseudonym_key(s), """
-            SELECT 'patient', patient_id FROM th_dirty_patients
+        # Every other device's current silence, which only the clock changed: its latest transmission, kept when
+        # it is nearly 24 h old (the store's rows are judged below against the clock of their own transaction,
+        # later than this one's), so that only those devices need a pseudonym.
+        con.execute(f"""CREATE TEMP TABLE th_silent AS SELECT * FROM ({_ONGOING_GAPS})
+                        WHERE device_id NOT IN (SELECT device_id FROM th_dirty_devices_readings)
+                          AND gap_start < now() - INTERVAL 23 HOUR""")
+        _as_table(con, "pseudo", _pseudonyms(con, pseudonym_key(s), """
+            SELECT 'patient', patient_id FROM th_dirty_patients_readings
+            UNION SELECT 'patient', patient_id FROM th_dirty_patients_events
             UNION SELECT 'patient', patient_id FROM th_readings UNION SELECT 'patient', patient_id FROM th_events
             UNION SELECT 'device', device_id FROM th_readings UNION SELECT 'device', device_id FROM th_events
-            UNION SELECT 'device', device_id FROM clinical.devices  -- every device's current silence
+            UNION SELECT 'device', device_id FROM th_dirty_devices_events
+            UNION SELECT 'device', device_id FROM th_silent
             UNION SELECT 'appointment', patient_id || '|' || appointment_id FROM th_person_events
                   WHERE appointment_id IS NOT NULL"""))
         _register_catalogue(con, s)
         shutil.copyfile(target, tmp)  # readers keep the current file; the copy is small next to the warehouse
         con.execute(f"ATTACH '{tmp}' AS th (ENCRYPTION_KEY '{key}')")
         con.execute("BEGIN")
-        person_keys = ("(SELECT key FROM pseudo WHERE kind = 'patient' "
-                       "AND id IN (SELECT patient_id FROM th_dirty_patients))")
-        device_keys = "(SELECT key FROM pseudo WHERE kind = 'device' AND id IN (SELECT device_id FROM th_dirty_devices))"
-        for name in _PERSON_TABLES:
-            con.execute(f"DELETE FROM th.{name} WHERE person_key IN {person_keys}")
+        for name, stream in _PERSON_TABLES.items():
+            con.execute(f"""DELETE FROM th.{name} WHERE person_key IN (SELECT key FROM pseudo WHERE kind = 'patient'
+                            AND id IN (SELECT patient_id FROM th_dirty_patients_{stream}))""")
             con.execute(f"INSERT INTO th.{name} BY NAME {_scoped(TABLES[name], _PERSON_SOURCES)}")
-        for name in _DEVICE_TABLES:
+        for name, stream in _DEVICE_TABLES.items():
             ongoing = " OR ongoing" if name == "device_gaps" else ""
-            con.execute(f"DELETE FROM th.{name} WHERE device_key IN {device_keys}{ongoing}")
+            con.execute(f"""DELETE FROM th.{name} WHERE device_key IN (SELECT key FROM pseudo WHERE kind = 'device'
+                            AND id IN (SELECT device_id FROM th_dirty_devices_{stream})){ongoing}""")
             con.execute(f"INSERT INTO th.{name} BY NAME {_scoped(TABLES[name], _DEVICE_SOURCES)}")
-        # Every other device's current silence, which only the clock changed.
-        con.execute(f"""INSERT INTO th.device_gaps BY NAME {_DEVICE_GAPS.replace('{gaps}', _ONGOING_GAPS)}
-                        AND g.device_id NOT IN (SELECT device_id FROM th_dirty_devices)""")
+        con.execute(f"INSERT INTO th.device_gaps BY NAME {_DEVICE_GAPS.replace('{gaps}', 'SELECT * FROM th_silent')}")
         for name in _WHOLE_TABLES:
             con.execute(f"DELETE FROM th.{name}")
             con.execute(f"INSERT INTO th.{name} BY NAME {TABLES[name]}")

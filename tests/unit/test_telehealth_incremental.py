@@ -128,7 +128,9 @@ def test_updates_over_several_batches_match_a_full_rebuild(home: Settings, tmp_p
     s = home
     batches = [
         # New readings today; a late one inside the 10-day silence of the cuff; a hand-typed one.
-        lambda con: [reading(con, "cuff-a", 2), reading(con, "cuff-a", 24 * 25), reading(con, "scale-b", 5, True)],
+        # The scale's last transmission 30 h ago: a silence just over a day, which the later runs remeasure.
+        lambda con: [reading(con, "cuff-a", 2), reading(con, "cuff-a", 24 * 25), reading(con, "scale-b", 5, True),
+                     reading(con, "scale-b", 30)],
         # Education, a survey, the appointment attended, device status, a run with quarantine.
         lambda con: [event(con, "app-a", "education_viewed", 30, module="salt-and-blood-pressure", minutes=4.0),
                      event(con, "app-a", "education_completed", 29, module="salt-and-blood-pressure", minutes=6.0),
@@ -136,6 +138,13 @@ def test_updates_over_several_batches_match_a_full_rebuild(home: Settings, tmp_p
                      event(con, "app-a", "appointment_attended", 24, appointment_id="apt-1", modality="phone"),
                      event(con, "cuff-a", "device_status", 3, battery_pct=15.0, signal_dbm=-80.0, firmware="2.4.1"),
                      run_record(con, 2)],
+        # Both streams at once, for different people: a reading of one patient, events of another — one of
+        # them the status of a device whose readings stopped days ago (its silence is read, not rebuilt).
+        lambda con: [reading(con, "ox-c", 0.5),
+                     event(con, "scale-b", "device_status", 2, battery_pct=40.0, signal_dbm=-70.0),
+                     event(con, "app-b", "education_viewed", 1, module="salt-and-blood-pressure", minutes=2.0),
+                     event(con, "cuff-a", "device_status", 1, battery_pct=12.0),  # that day's row changes
+                     run_record(con, 1)],
         # Only another patient's reading: the others' rows stay as they were.
         lambda con: [reading(con, "ox-c", 1), run_record(con, 0)],
     ]
