@@ -121,8 +121,14 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> None:
         messages, items = norm.items.frames()
         con.register("_stage_messages", messages)
         con.register("_stage_items", items)
-        _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({candidates_sql('_stage_messages', '_stage_items')})",
-                batch_id)
+        # Rows in any order (every reader orders or keys them: row_key, segment/record/item): DuckDB then
+        # computes and writes them on every thread, not in one ordered stream (-40% at 300k readings).
+        con.execute("SET preserve_insertion_order = false")
+        try:
+            _insert(con, "stg_candidates", CANDIDATE_COLUMNS,
+                    f"({candidates_sql('_stage_messages', '_stage_items')})", batch_id)
+        finally:
+            con.execute("RESET preserve_insertion_order")
         # batch items' raw stays null: built from their message only if they go to quarantine (warehouse/load.py)
         con.execute("INSERT INTO stg_messages SELECT ?, segment, record_no, payload FROM _stage_messages WHERE batch",
                     [batch_id])

@@ -182,6 +182,18 @@ class Items:
             m[column].append(value)
         return n
 
+    def messages_of(self, segment: str, record_no: list[int], device_id: list[str], received_us: list[int],
+                    payload: list[bytes], batch: list[bool]) -> None:
+        """Register a segment's landed vitals messages at once (numbered on from ``len(self.messages["msg"])``,
+        in order: ``message`` for each, without its per-message Python)."""
+        m = self.messages
+        n = len(m["msg"])
+        m["msg"] += range(n, n + len(record_no))
+        m["segment"] += repeat(segment, len(record_no))
+        for column, values in (("record_no", record_no), ("device_id", device_id), ("received_us", received_us),
+                               ("payload", payload), ("batch", batch)):
+            m[column] += values
+
     def read(self, items: list[dict[str, Any]], msgs: list[int], item_nos: list[int], raws: list[bool]) -> None:
         """Items (JSON objects) of registered messages ``msgs``, at positions ``item_nos``. ``raws``: build
         an item's JSON now (else its raw is the message's, or — the stage — built by ``item_raw`` only if it
@@ -420,7 +432,13 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
     from transforms.events import event_candidate
 
     out = into if into is not None else Normalised(Items(), [], [])
-    message, rejects = out.items.message, out.rejects
+    items_out, rejects = out.items, out.rejects
+    first = len(items_out.messages["msg"])  # the number of this segment's first vitals message
+    record_nos: list[int] = []
+    devices: list[str] = []
+    receipts: list[int] = []
+    payloads: list[bytes] = []
+    batches: list[bool] = []
     vitals: list[dict[str, Any]] = []
     msgs: list[int] = []
     item_nos: list[int] = []
@@ -456,7 +474,12 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
                 reject(n, device, received_us, reason, detail, payload)
                 continue
             if channel == "vitals":
-                m = message(segment, n, device, received_us, payload, batch)
+                m = first + len(record_nos)
+                record_nos.append(n)
+                devices.append(device)
+                receipts.append(received_us)
+                payloads.append(payload)
+                batches.append(batch)
                 if not batch:
                     vitals.append(doc)
                     msgs.append(m)
@@ -487,7 +510,8 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
                                                                received_at=received_at)))
                 else:
                     rejects.append(_not_an_object(segment, n, received_at, device, i, item, "event"))
-        out.items.read(vitals, msgs, item_nos, raws)
+        items_out.messages_of(segment, record_nos, devices, receipts, payloads, batches)
+        items_out.read(vitals, msgs, item_nos, raws)
     finally:
         if collecting:
             gc.enable()
