@@ -8,7 +8,9 @@ includes what Python's ``json`` module would have let through, each ambiguous fo
 - the literals ``NaN``, ``Infinity``, ``-Infinity`` (not JSON; a device that sends them sent no number);
 - a number outside a double's range (``1e400``) or an integer of more than 4,300 digits;
 - a lone UTF-16 surrogate escape (``"\\ud800"``: no Unicode text holds it, and no store accepts it);
-- nesting deeper than the interpreter's recursion limit (``nested too deeply``).
+- nesting deeper than ``MAX_DEPTH`` arrays and objects (``nested too deeply``). A fixed limit, well inside
+  the interpreter's recursion limit, so what one step read another can write again (``raw``, ``extra``)
+  whatever its own stack depth.
 
 A key given twice in one object is read as its last value (as Python's ``json`` and every mainstream parser
 do); the message's ``raw`` keeps both. Whatever parses is exact: integers of any size up to that limit, and
@@ -23,6 +25,7 @@ from typing import Any
 import msgspec
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # the default of RPM_MAX_PAYLOAD_BYTES
+MAX_DEPTH = 512  # arrays and objects inside one another, the top-level object included
 
 _DECODER = msgspec.json.Decoder()
 _NON_FINITE = re.compile(rb"-?(NaN|Infinity)")
@@ -52,6 +55,20 @@ def _why(payload: bytes, exc: Exception) -> str:
     return text[:200]
 
 
+def depth(doc: Any) -> int:
+    """How many arrays and objects deep ``doc`` goes (a walk, not a recursion: any depth)."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        v, d = todo.pop()
+        if type(v) is dict:
+            v = v.values()
+        elif type(v) is not list:
+            continue
+        deepest = max(deepest, d)
+        todo += [(x, d + 1) for x in v if type(x) is dict or type(x) is list]
+    return deepest
+
+
 def parse_json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None, str]:
     """(document, reason, detail): the payload as a JSON object, or why it is not one."""
     if not payload.isascii():
@@ -65,6 +82,9 @@ def parse_json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None
         return None, "not_json", "nested too deeply"
     except msgspec.MsgspecError as exc:
         return None, "not_json", _why(payload, exc)
+    # no deeper than its brackets: only a payload holding many can be too deep (a large batch, or hostile)
+    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and depth(doc) > MAX_DEPTH:
+        return None, "not_json", "nested too deeply"
     if type(doc) is not dict:
         return None, "not_a_json_object", f"top level is {type(doc).__name__}"
     return doc, None, ""

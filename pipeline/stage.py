@@ -1,7 +1,8 @@
 """Stage a batch: decode and normalise its landing segments into the (encrypted) staging tables.
 
-Every message takes the one decoder (transforms/normalise.py): Python reads each message's structure and each
-item's typed fields once, DuckDB turns the columns into candidate rows in bulk, straight into staging.
+Every message takes the one decoder (transforms/normalise.py): each message is parsed once, strictly, in C
+(core/payload.py), a segment's items are read field by field into columns, and DuckDB turns the columns
+into candidate rows in bulk, straight into staging.
 Telehealth events and structural rejects (rare) are staged from rows.
 
 A segment is read whole before any of its records is staged: one that cannot be read (bad header, a record

@@ -2,6 +2,7 @@
 
 A message is one reading object or a batch ``{"readings": [...]}`` (devices buffer while offline). Only the
 structure is judged here; whether an item's fields are complete and plausible is the validation suite's job.
+The bytes are read as JSON strictly (core/payload.py says what that refuses).
 """
 
 from __future__ import annotations

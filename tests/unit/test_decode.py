@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from core.payload import parse_json_object
+from core.payload import MAX_DEPTH, depth, parse_json_object
 from transforms.decode import MAX_BATCH, decode_message
 
 VITALS = "rpm/v1/devices/bp-001/vitals"
@@ -136,3 +137,27 @@ def test_lone_surrogate_escapes_are_named() -> None:
         assert (doc, reason, detail) == (None, "not_json", "lone UTF-16 surrogate escape: not Unicode text"), text
     doc, _, _ = parse_json_object(b'{"unit": "\\ud83d\\ude00"}')  # a pair is one character
     assert doc == {"unit": "\U0001f600"}
+
+
+def _at_stack_depth(frames: int, call: Any) -> Any:
+    return call() if frames == 0 else _at_stack_depth(frames - 1, call)
+
+
+def test_nesting_is_limited_by_the_contract_not_by_the_callers_stack() -> None:
+    """MAX_DEPTH arrays and objects are read, one more is not — at any stack depth a task may call from, and
+    what was read can be written again (raw, extra) a few frames deeper."""
+    def nested(levels: int) -> bytes:  # the top-level object is one level
+        return b'{"x":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+    for stack in (0, 300):
+        doc, reason, _ = _at_stack_depth(stack, lambda: parse_json_object(nested(MAX_DEPTH)))
+        assert reason is None and depth(doc) == MAX_DEPTH
+        assert _at_stack_depth(stack + 50, lambda: json.dumps(doc))  # noqa: B023 - called at once
+        assert _at_stack_depth(stack, lambda: parse_json_object(nested(MAX_DEPTH + 1))) == (
+            None, "not_json", "nested too deeply")
+
+
+def test_a_full_batch_holds_many_brackets_and_is_read() -> None:
+    items = [{"metric": "blood_pressure", "values": {"systolic": 120, "diastolic": 80}}] * MAX_BATCH
+    doc, reason, _ = parse_json_object(_json({"readings": items}))
+    assert reason is None and doc is not None and len(doc["readings"]) == MAX_BATCH
