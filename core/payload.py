@@ -82,8 +82,10 @@ def parse_json_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None
         return None, "not_json", "nested too deeply"
     except msgspec.MsgspecError as exc:
         return None, "not_json", _why(payload, exc)
-    # no deeper than its brackets: only a payload holding many can be too deep (a large batch, or hostile)
-    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and depth(doc) > MAX_DEPTH:
+    # no deeper than its brackets (each closed: two bytes a level): only a payload holding many can be too
+    # deep (a large batch, or hostile)
+    if len(payload) > 2 * MAX_DEPTH and payload.count(b"[") + payload.count(b"{") > MAX_DEPTH \
+            and depth(doc) > MAX_DEPTH:
         return None, "not_json", "nested too deeply"
     if type(doc) is not dict:
         return None, "not_a_json_object", f"top level is {type(doc).__name__}"
