@@ -20,7 +20,6 @@ pipeline run's batch between its tasks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict
@@ -28,7 +27,7 @@ from typing import Any, Literal, TypedDict
 import duckdb
 import pandas as pd
 
-from core.payload import reject_constant
+from core.payload import parse_json_object
 from core.settings import Settings
 from expectations import clinical as clinical_suite
 from expectations import telehealth as telehealth_suite
@@ -107,11 +106,8 @@ class _Where(TypedDict):
 def _item(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
-    try:
-        doc = json.loads(bytes(raw), parse_constant=reject_constant)  # as the decoder reads a payload
-    except (ValueError, RecursionError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    doc, _, _ = parse_json_object(bytes(raw))  # as the decoder reads a payload
+    return doc
 
 
 def rebuild(q: QuarantinedItem) -> Rebuilt | None:

@@ -1,7 +1,8 @@
 """Stage a batch: decode and normalise its landing segments into the (encrypted) staging tables.
 
-Every message takes the one decoder (transforms/normalise.py): Python reads each message's structure and each
-item's typed fields once, DuckDB turns the columns into candidate rows in bulk, straight into staging.
+Every message takes the one decoder (transforms/normalise.py): each message is parsed once, strictly, in C
+(core/payload.py), a segment's items are read field by field into columns, and DuckDB turns the columns
+into candidate rows in bulk, straight into staging.
 Telehealth events and structural rejects (rare) are staged from rows.
 
 A segment is read whole before any of its records is staged: one that cannot be read (bad header, a record
@@ -101,17 +102,28 @@ def patient_at(measured: str, alias: str = "c") -> str:
             f"AND {alias}.{measured} >= e.valid_from AND (e.valid_to IS NULL OR {alias}.{measured} < e.valid_to))")
 
 
-def _insert(con, table: str, columns: list[str], source: str, batch_id: str) -> None:
-    """INSERT rows of ``source`` into a staging table, with the batch id and (readings, events) the patient."""
+def _insert(con, table: str, columns: list[str], source: str, batch_id: str, rows: int) -> None:
+    """INSERT the ``rows`` rows of ``source`` into a staging table, with the batch id and (readings, events)
+    the patient.
+
+    The patient comes from a join on the device (a hash join, then the instant's range): ``patient_at``'s
+    correlated form is planned as a range join over every enrollment, 2.4 s per 250k readings at 5,000
+    devices and growing with the fleet; the join, 0.3 s. The join would repeat a row if a device's
+    enrollments ever overlapped, so the count is checked: a staging that does not hold each row once fails
+    the task rather than the accounting."""
     names, cols = ", ".join(columns), ", ".join(f"c.{c}" for c in columns)
     measured = _MEASURED.get(table)
     if measured is None:
         con.execute(f"INSERT INTO {table} ({names}, batch_id) SELECT {cols}, ? FROM {source} c", [batch_id])
         return
-    con.execute(f"""
+    (inserted,) = con.execute(f"""
         INSERT INTO {table} ({names}, batch_id, patient_id)
-        SELECT {cols}, ?, {patient_at(measured)}
-        FROM {source} c""", [batch_id])
+        SELECT {cols}, ?, e.patient_id
+        FROM {source} c LEFT JOIN enrollments e
+          ON e.device_id = c.device_id AND c.{measured} >= e.valid_from
+         AND c.{measured} < coalesce(e.valid_to, 'infinity'::TIMESTAMPTZ)""", [batch_id]).fetchone()
+    if inserted != rows:
+        raise RuntimeError(f"{table}: {inserted} rows staged for {rows} (overlapping enrollments of a device?)")
 
 
 def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> None:
@@ -121,8 +133,14 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> None:
         messages, items = norm.items.frames()
         con.register("_stage_messages", messages)
         con.register("_stage_items", items)
-        _insert(con, "stg_candidates", CANDIDATE_COLUMNS, f"({candidates_sql('_stage_messages', '_stage_items')})",
-                batch_id)
+        # Rows in any order (every reader orders or keys them: row_key, segment/record/item): DuckDB then
+        # computes and writes them on every thread, not in one ordered stream (-40% at 300k readings).
+        con.execute("SET preserve_insertion_order = false")
+        try:
+            _insert(con, "stg_candidates", CANDIDATE_COLUMNS,
+                    f"({candidates_sql('_stage_messages', '_stage_items')})", batch_id, len(items))
+        finally:
+            con.execute("RESET preserve_insertion_order")
         # batch items' raw stays null: built from their message only if they go to quarantine (warehouse/load.py)
         con.execute("INSERT INTO stg_messages SELECT ?, segment, record_no, payload FROM _stage_messages WHERE batch",
                     [batch_id])
@@ -134,7 +152,7 @@ def stage_chunk(con, s: Settings, batch_id: str, decoded: Decoded) -> None:
              "stg_rejects", REJECT_COLUMNS)):
         if len(frame):
             con.register("frame", frame)
-            _insert(con, table, columns, "frame", batch_id)
+            _insert(con, table, columns, "frame", batch_id, len(frame))
             con.unregister("frame")
     seg = pd.DataFrame({"segment": list(decoded.messages), "messages": list(decoded.messages.values())})
     con.register("sg", seg)

@@ -3,27 +3,31 @@
 Nothing is judged here: a field that is missing or of the wrong type becomes a null, and the validation
 suite (expectations/) names the rule it breaks. The only output is data; the input is never mutated.
 
-One implementation, in two halves that every item goes through. Python reads each item once (the message
-was parsed by ``json.loads`` in transforms/decode.py, so JSON semantics — duplicate keys, NaN literals,
-big integers, escapes — are Python's) and keeps only what the item *is*: its typed fields, a column each
-(``Items``). DuckDB then does the per-row arithmetic in bulk (``CANDIDATES``): RFC 3339 times to UTC instants,
-unit conversions, codes, reading ids. The Python reference this replaced is kept as the test oracle
-(tests/oracle/normalise.py); tests/unit/test_normalise_oracle.py checks both give identical rows.
+One implementation, in two halves that every item goes through. Python parses each message once, strictly
+(core/payload.py: msgspec, in C; its docstring is the JSON contract — no NaN literals, no lone surrogates),
+and reads a segment's items field by field into columns (``Items.read``: each field one C-level look-up and
+one type test per item). DuckDB then does the per-row arithmetic in bulk (``CANDIDATES``): RFC 3339 times to
+UTC instants, unit conversions, codes, reading ids. The per-row Python normaliser this replaced is kept as
+the test oracle (tests/oracle/normalise.py); tests/unit/test_normalise_oracle.py checks both give identical
+rows.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 from core.landing import LandedColumns, LandedRecord, from_us, to_us
-from core.payload import MAX_PAYLOAD_BYTES, NonFinite, parse_json_object
-from transforms.decode import BATCH_KEYS, decode_message
+from core.payload import MAX_PAYLOAD_BYTES, parse_json_object
+from core.topics import parse_topic
+from transforms.decode import BATCH_KEYS, structure
 from transforms.vocab import CGM_LOINC, METRICS
 
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
@@ -56,9 +60,9 @@ class StructuralReject:
 
 def number(v: Any) -> float | None:
     """A finite JSON number as float; strings, booleans, NaN/Infinity and overflowing values are not."""
-    if type(v) is float:  # the common case first (bool and NonFinite are other types)
-        return v if v - v == 0 else None  # inf - inf and nan - nan are nan
-    if isinstance(v, bool) or isinstance(v, NonFinite) or not isinstance(v, int | float):
+    if type(v) is float:  # the common case first (bool is another type)
+        return v if v - v == 0 else None  # inf - inf and nan - nan are nan (only from a caller: JSON has neither)
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
     try:
         f = float(v)
@@ -135,29 +139,42 @@ ITEM_COLUMNS = ["msg", "item_no", "msg_id", "metric", "unit", "source", "value_s
                 "measured_text", "manual", "mistyped", "extra", "raw"]
 _NAN = float("nan")
 _EXACT = 2**53
+_BP = "blood_pressure"
+_MISTYPED = {"manual": lambda v: isinstance(v, bool), "source": _is_text}
+
+
+def _sent(v: Any) -> float:
+    """number(), with NaN for null (the float column's null)."""
+    if type(v) is int and -_EXACT < v < _EXACT:  # the common cases first: exact as a float
+        return float(v)
+    if type(v) is float and v - v == 0:
+        return v
+    f = number(v)
+    return _NAN if f is None else f
+
+
+def _pair(values: Any, key: str) -> float:
+    return _sent(values.get(key)) if type(values) is dict else _NAN
 
 
 class Items:
     """Vitals items of a chunk of messages, column by column: each item's fields as typed JSON gave them.
 
-    ``add`` is the only per-item Python of the decoder (a few dictionary look-ups and type checks); the
-    arithmetic happens in bulk in ``CANDIDATES``."""
+    ``read`` takes a segment's items at once and reads each field as a column (C-level look-ups, one
+    comprehension per field): the only per-item Python of the decoder. The arithmetic happens in bulk in
+    ``CANDIDATES``."""
 
     def __init__(self) -> None:
         self.messages: dict[str, list[Any]] = {c: [] for c in MESSAGE_COLUMNS}
         self.columns: dict[str, list[Any]] = {c: [] for c in ITEM_COLUMNS}
-        # bound appends: add() runs once per reading
-        (self._msg, self._item_no, self._msg_id, self._metric, self._unit, self._source, self._value_sent,
-         self._diastolic_sent, self._measured_text, self._manual, self._mistyped, self._extra,
-         self._raw) = (self.columns[c].append for c in ITEM_COLUMNS)
 
     def __len__(self) -> int:
         return len(self.columns["msg"])
 
     def message(self, segment: str, record_no: int, device_id: str, received_us: int, payload: bytes,
                 batch: bool) -> int:
-        """Register a landed vitals message; returns its number for ``add``. A single reading's raw is the
-        message as sent (JSON-equal to the item); a batch item's is its own JSON (see ``add``)."""
+        """Register a landed vitals message; returns its number for ``read``. A single reading's raw is the
+        message as sent (JSON-equal to the item); a batch item's is its own JSON (see ``read``)."""
         m = self.messages
         n = len(m["msg"])
         for column, value in zip(MESSAGE_COLUMNS, (n, segment, record_no, device_id, received_us, payload, batch),
@@ -165,55 +182,50 @@ class Items:
             m[column].append(value)
         return n
 
-    def add(self, item: dict[str, Any], msg: int, item_no: int, raw: bool, escaped: bool = True) -> None:
-        """One item of message ``msg``. ``raw``: build the JSON of this batch item now (else its raw is the
-        message's, or — the stage — built by ``item_raw`` only if it is quarantined); ``escaped``: the message
-        may hold \\u escapes (else no text holds a lone surrogate)."""
-        get = item.get
-        metric, unit, source, ts = get("metric"), get("unit"), get("source"), get("measured_at")
-        metric = metric if isinstance(metric, str) else None
-        unit = unit if isinstance(unit, str) else None
-        src = source if isinstance(source, str) else None
-        ts = ts if isinstance(ts, str) else None
-        if escaped:
-            metric, unit, src = (clean(v) if v is not None else None for v in (metric, unit, src))
-            if ts is not None and clean(ts) is not ts:
-                ts = None  # a lone surrogate is no digit: not a time, and no store takes it
-        if metric == "blood_pressure":
-            sent = get("values")
-            if isinstance(sent, dict):
-                v, d = number(sent.get("systolic")), number(sent.get("diastolic"))
-            else:
-                v = d = None
-        else:
-            v, d = get("value"), None
-            if type(v) is int and -_EXACT < v < _EXACT:  # the common case of number(): exact as a float
-                v = float(v)
-            else:
-                v = number(v)
-        manual, msg_id = get("manual"), get("msg_id")
-        if type(msg_id) is str and not escaped:  # the common case of _text(), without the UTF-8 check
-            msg_id = msg_id if 0 < len(msg_id) <= 128 else None
-        else:
-            msg_id = _text(msg_id)
-        bad = None
-        if (manual is not None and not isinstance(manual, bool)) or (source is not None and src is None):
-            bad = mistyped(item, {"manual": lambda v: isinstance(v, bool), "source": _is_text})
-        self._msg(msg)
-        self._item_no(item_no)
-        self._msg_id(msg_id)
-        self._metric(metric)
-        self._unit(unit)
-        self._source(src)
-        self._value_sent(_NAN if v is None else v)  # never NaN otherwise (number() refuses it): NaN is null
-        self._diastolic_sent(_NAN if d is None else d)
-        self._measured_text(ts)
-        self._manual(manual is True)
-        self._mistyped(bad)
-        # ASCII escapes: lossless for any JSON string, lone surrogates included.
-        self._extra(None if CONTRACT_FIELDS.issuperset(item)
-                    else json_text({k: v for k, v in item.items() if k not in CONTRACT_FIELDS}))
-        self._raw(json.dumps(item, default=str).encode() if raw else None)
+    def messages_of(self, segment: str, record_no: list[int], device_id: list[str], received_us: list[int],
+                    payload: list[bytes], batch: list[bool]) -> None:
+        """Register a segment's landed vitals messages at once (numbered on from ``len(self.messages["msg"])``,
+        in order: ``message`` for each, without its per-message Python)."""
+        m = self.messages
+        n = len(m["msg"])
+        m["msg"] += range(n, n + len(record_no))
+        m["segment"] += repeat(segment, len(record_no))
+        for column, values in (("record_no", record_no), ("device_id", device_id), ("received_us", received_us),
+                               ("payload", payload), ("batch", batch)):
+            m[column] += values
+
+    def read(self, items: list[dict[str, Any]], msgs: list[int], item_nos: list[int], raws: list[bool]) -> None:
+        """Items (JSON objects) of registered messages ``msgs``, at positions ``item_nos``. ``raws``: build
+        an item's JSON now (else its raw is the message's, or — the stage — built by ``item_raw`` only if it
+        is quarantined)."""
+        get, c = dict.get, self.columns
+
+        def field(key: str) -> list[Any]:
+            return list(map(get, items, repeat(key)))
+
+        metric = [v if type(v) is str else None for v in field("metric")]
+        sources = field("source")
+        manuals = field("manual")
+        c["msg"] += msgs
+        c["item_no"] += item_nos
+        c["msg_id"] += [v if type(v) is str and 0 < len(v) <= 128 else _text(v) for v in field("msg_id")]
+        c["metric"] += metric
+        c["unit"] += [v if type(v) is str else None for v in field("unit")]
+        c["source"] += [v if type(v) is str else None for v in sources]
+        values = field("values")
+        c["value_sent"] += [_pair(s, "systolic") if m == _BP else _sent(v)
+                            for m, v, s in zip(metric, field("value"), values, strict=True)]
+        c["diastolic_sent"] += [_pair(s, "diastolic") if m == _BP else _NAN
+                                for m, s in zip(metric, values, strict=True)]
+        c["measured_text"] += [v if type(v) is str else None for v in field("measured_at")]
+        c["manual"] += [v is True for v in manuals]
+        c["mistyped"] += [None if (m is None or type(m) is bool) and (s is None or type(s) is str)
+                          else mistyped(item, _MISTYPED) for m, s, item in zip(manuals, sources, items, strict=True)]
+        within = CONTRACT_FIELDS.issuperset
+        c["extra"] += [None if within(item) else json_text({k: v for k, v in item.items() if k not in CONTRACT_FIELDS})
+                       for item in items]
+        c["raw"] += [json.dumps(item, default=str).encode() if raw else None
+                     for item, raw in zip(items, raws, strict=True)]
 
     def frames(self) -> tuple[Any, Any]:
         """(messages, items) as DataFrames DuckDB can scan (NaN is null in the float columns)."""
@@ -372,7 +384,8 @@ def candidate(item: dict[str, Any], *, device_id: str, segment: str, record_no: 
               received_at: datetime, con: Any = None) -> dict[str, Any]:
     """The candidate row of one item (``con``: a DuckDB connection to compute it on, else a new one)."""
     items = Items()
-    items.add(item, items.message(segment, record_no, device_id, to_us(received_at), b"", True), item_no, True)
+    items.read([item], [items.message(segment, record_no, device_id, to_us(received_at), b"", True)], [item_no],
+               [True])
     own = con is None
     con = _connection() if own else con
     try:
@@ -409,37 +422,99 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
     """Every landed message of a segment, decoded: vitals items into columns, events as rows, and a
     structural reject per unreadable message or batch item (appended to ``into`` when given).
 
+    Each message is parsed once (core/payload.py: msgspec, strict JSON) and judged as ``decode_message``
+    judges it; the segment's vitals items are then read column by column (``Items.read``). The cyclic
+    garbage collector is paused meanwhile: parsing allocates millions of containers, none in a cycle, and
+    its passes over them cost more than the parse.
+
     ``lazy_raw``: leave a batch item's raw null (the stage keeps batch payloads in ``stg_messages`` and
     builds an item's raw with ``item_raw`` only if it is quarantined: most never are)."""
     from transforms.events import event_candidate
 
     out = into if into is not None else Normalised(Items(), [], [])
-    items = out.items
-    add, message = items.add, items.message
-    for n, topic, received_us, payload in zip(cols.n, cols.topic, cols.received_at_us, cols.payload, strict=True):
-        msg = decode_message(topic, payload, max_payload_bytes)
-        if msg.reason is not None:
-            out.rejects.append(StructuralReject(f"{segment}:{n}:0", segment, n, 0, msg.device_id, from_us(received_us),
-                                                msg.reason, msg.detail, payload))
-            continue
-        device = msg.device_id
-        assert device is not None
-        if msg.channel == "vitals":
-            m = message(segment, n, device, received_us, payload, msg.batch)
-            escaped, raw = b"\\u" in payload, msg.batch and not lazy_raw
-            for i, item in enumerate(msg.items):
-                if isinstance(item, dict):
-                    add(item, m, i, raw, escaped)
+    items_out, rejects = out.items, out.rejects
+    first = len(items_out.messages["msg"])  # the number of this segment's first vitals message
+    record_nos: list[int] = []
+    devices: list[str] = []
+    receipts: list[int] = []
+    payloads: list[bytes] = []
+    batches: list[bool] = []
+    vitals: list[dict[str, Any]] = []
+    msgs: list[int] = []
+    item_nos: list[int] = []
+    raws: list[bool] = []
+    topics: dict[str, Any] = {}
+
+    def reject(n: int, device: str | None, received_us: int, reason: str, detail: str, payload: bytes) -> None:
+        rejects.append(StructuralReject(f"{segment}:{n}:0", segment, n, 0, device, from_us(received_us), reason,
+                                        detail, payload))
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for n, topic, received_us, payload in zip(cols.n, cols.topic, cols.received_at_us, cols.payload,
+                                                  strict=True):
+            parsed = topics.get(topic, topics)
+            if parsed is topics:
+                parsed = topics[topic] = parse_topic(topic)
+            if parsed is None:
+                reject(n, None, received_us, "unknown_topic", topic[:200], payload)
+                continue
+            device, channel = parsed.device_id, parsed.channel
+            if len(payload) > max_payload_bytes:
+                reject(n, device, received_us, "payload_too_large", f"{len(payload)} > {max_payload_bytes} bytes",
+                       payload)
+                continue
+            doc, reason, detail = parse_json_object(payload)
+            if doc is None:
+                reject(n, device, received_us, reason or "not_json", detail, payload)
+                continue
+            items, reason, detail, batch = structure(doc, channel)
+            if reason is not None:
+                reject(n, device, received_us, reason, detail, payload)
+                continue
+            if channel == "vitals":
+                m = first + len(record_nos)
+                record_nos.append(n)
+                devices.append(device)
+                receipts.append(received_us)
+                payloads.append(payload)
+                batches.append(batch)
+                if not batch:
+                    vitals.append(doc)
+                    msgs.append(m)
+                    item_nos.append(0)
+                    raws.append(False)
+                elif all(type(item) is dict for item in items):
+                    k = len(items)
+                    vitals += items
+                    msgs += repeat(m, k)
+                    item_nos += range(k)
+                    raws += repeat(not lazy_raw, k)
                 else:
-                    out.rejects.append(_not_an_object(segment, n, from_us(received_us), device, i, item, "reading"))
-            continue
-        received_at = from_us(received_us)
-        for i, item in enumerate(msg.items):
-            if isinstance(item, dict):
-                out.events.append(EventRow(event_candidate(item, channel=msg.channel, device_id=device, item_no=i,
-                                                           segment=segment, record_no=n, received_at=received_at)))
-            else:
-                out.rejects.append(_not_an_object(segment, n, received_at, device, i, item, "event"))
+                    for i, item in enumerate(items):
+                        if type(item) is dict:
+                            vitals.append(item)
+                            msgs.append(m)
+                            item_nos.append(i)
+                            raws.append(not lazy_raw)
+                        else:
+                            rejects.append(_not_an_object(segment, n, from_us(received_us), device, i, item,
+                                                          "reading"))
+                continue
+            received_at = from_us(received_us)
+            for i, item in enumerate(items):
+                if isinstance(item, dict):
+                    out.events.append(EventRow(event_candidate(item, channel=channel, device_id=device, item_no=i,
+                                                               segment=segment, record_no=n,
+                                                               received_at=received_at)))
+                else:
+                    rejects.append(_not_an_object(segment, n, received_at, device, i, item, "event"))
+        items_out.messages_of(segment, record_nos, devices, receipts, payloads, batches)
+        items_out.read(vitals, msgs, item_nos, raws)
+    finally:
+        if collecting:
+            gc.enable()
     return out
 
 

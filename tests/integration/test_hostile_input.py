@@ -113,8 +113,8 @@ def hostile_corpus(now: datetime) -> list[Hostile]:
                 one("not_json")),
         Hostile("top_level_array", v, _json([reading()]), one("not_a_json_object")),
         Hostile("top_level_string", v, _json(CANARY), one("not_a_json_object")),
-        Hostile("top_level_nan", v, b"NaN", one("not_a_json_object")),
-        Hostile("top_level_1e999", v, b"1e999", one("not_a_json_object")),
+        Hostile("top_level_nan", v, b"NaN", one("not_json")),  # not JSON (core/payload.py)
+        Hostile("top_level_1e999", v, b"1e999", one("not_json")),  # no double holds it
         # --- batches ----------------------------------------------------------------------------------------
         Hostile("empty_batch", v, _json({"readings": [], "id": CANARY}), one("empty_batch")),
         Hostile("readings_an_object", v, _json({"readings": {"0": reading()}}), one("readings_not_a_list")),
@@ -124,20 +124,24 @@ def hostile_corpus(now: datetime) -> list[Hostile]:
         Hostile("over_max_batch", v, _json({"readings": [{}] * (MAX_BATCH + 1), "id": CANARY}),
                 one("batch_too_large")),
         Hostile("mixed_batch", v,
-                _json({"readings": [reading(value=float("nan")), 7, reading(metric="blood_alcohol")]}),
+                _json({"readings": [reading(value="72"), 7, reading(metric="blood_alcohol")]}),
                 {0: ["value_is_number"], 1: ["reading_not_an_object"], 2: ["metric_known"]}),
-        # --- numbers: only finite JSON numbers are values ---------------------------------------------------
-        Hostile("value_nan", v, _json(reading(value=float("nan"))), one("value_is_number")),
-        Hostile("value_infinity", v, _json(reading(value=float("inf"))), one("value_is_number")),
-        Hostile("value_minus_infinity", v, _json(reading(value=float("-inf"))), one("value_is_number")),
+        # --- numbers: only finite JSON numbers are values; NaN/Infinity literals and numbers no double holds
+        # are not JSON, so the whole message is unreadable (core/payload.py) -------------------------------
+        Hostile("value_nan", v, _json(reading(value=float("nan"))), one("not_json")),
+        Hostile("value_infinity", v, _json(reading(value=float("inf"))), one("not_json")),
+        Hostile("value_minus_infinity", v, _json(reading(value=float("-inf"))), one("not_json")),
         Hostile("value_1e999", v, _json(reading(value=0)).replace(b'"value": 0', b'"value": 1e999'),
-                one("value_is_number")),
+                one("not_json")),
         Hostile("value_10_pow_400", v, _json(reading(value=10**400)), one("value_is_number")),
         Hostile("glucose_1e307_mmol_overflows_in_conversion", v,
                 _json(reading(metric="blood_glucose", unit="mmol/L", source="meter", value=1e307)),
                 one("plausible_blood_glucose")),
         Hostile("bp_nan_and_text", v, _json(reading(metric="blood_pressure", unit="mm[Hg]", value=...,
                                                     values={"systolic": float("nan"), "diastolic": "80"})),
+                one("not_json")),
+        Hostile("bp_null_and_text", v, _json(reading(metric="blood_pressure", unit="mm[Hg]", value=...,
+                                                     values={"systolic": None, "diastolic": "80"})),
                 one("value_is_number", "diastolic_is_number")),
         # --- wrong types ------------------------------------------------------------------------------------
         Hostile("value_string", v, _json(reading(value="72")), one("value_is_number")),
@@ -207,7 +211,7 @@ def hostile_corpus(now: datetime) -> list[Hostile]:
                 one("batch_too_large")),
         Hostile("status_every_field_garbage", st, _json(status(
             msg_id=SQL, reported_at="2026-02-30T08:00:00-05:00", battery_pct="64", signal_dbm=True,
-            firmware={"v": CANARY}, uptime_s=float("nan"))),
+            firmware={"v": CANARY}, uptime_s="NaN")),
                 one("optional_fields_typed", "occurred_at_rfc3339_with_offset", "status_has_a_measurement")),
         Hostile("status_out_of_range", st, _json(status(battery_pct=150, signal_dbm=20, uptime_s=-1)),
                 one("battery_in_range", "signal_in_range", "uptime_not_negative")),
@@ -227,7 +231,8 @@ def hostile_corpus(now: datetime) -> list[Hostile]:
         Hostile("events_over_max_batch", ev, _json({"events": [{}] * (MAX_BATCH + 1), "id": CANARY}),
                 one("batch_too_large")),
         Hostile("event_sql", ev, _json(event(event=SQL, msg_id=SQL + CANARY)), one("event_known_for_channel")),
-        Hostile("event_nan_time", ev, _json(event(occurred_at=float("nan"))),
+        Hostile("event_nan_time", ev, _json(event(occurred_at=float("nan"))), one("not_json")),
+        Hostile("event_number_time", ev, _json(event(occurred_at=1764236700)),
                 one("occurred_at_rfc3339_with_offset")),
         Hostile("event_status_from_an_app", ev, _json(event(event="device_status", module=...)),
                 one("event_known_for_channel", "status_has_a_measurement")),

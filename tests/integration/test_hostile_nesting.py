@@ -1,8 +1,9 @@
-"""JSON nested as deep as the decoder just accepts, over MQTT through the real broker and ingest, then one
-real `rpm pipeline run`. Python's JSON reader and writer both recurse, and how deep they may go depends on
-how deep the caller already is: a batch item the decode task read at one stack depth is written again (its
-``raw``, for the quarantine) by the load at another. Every message must end loaded or quarantined with a
-reason, the run green and the accounting balanced, whatever the depth."""
+"""JSON nested around the deepest the contract accepts (core/payload.py: MAX_DEPTH), over MQTT through the
+real broker and ingest, then one real `rpm pipeline run`. JSON readers and writers recurse, and how deep they
+may go depends on how deep the caller already is: a batch item the decode task read at one stack depth is
+written again (its ``raw``, for the quarantine) by the load at another — hence a fixed limit well inside the
+interpreter's. Every message must end loaded or quarantined with a reason, the run green and the accounting
+balanced, whatever the depth."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from core.payload import MAX_DEPTH
 from core.settings import Settings
 from rpmctl.tools.publish import DevicePublisher, wait_until
 from tests.conftest import rpm, rpm_json
@@ -26,7 +28,7 @@ def test_items_nested_near_the_recursion_limit_are_quarantined_and_the_run_green
     start = datetime.now(UTC) - timedelta(hours=5)
     at = (datetime.now(UTC) - timedelta(minutes=5)).isoformat(timespec="seconds")
     payloads = []
-    for depth in range(800, 1001, 4):
+    for depth in range(MAX_DEPTH - 100, MAX_DEPTH + 101, 4):  # as deep as the item may go, and beyond
         nested = "[" * depth + "]" * depth
         good = f'{{"msg_id":"ok-{depth}","metric":"heart_rate","value":70,"unit":"/min","measured_at":"{at}"}}'
         # item 1 breaks a rule (no metric): quarantined, its raw rebuilt at the load from the message

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
+from typing import Any
 
 import pytest
 
-from core.payload import parse_json_object
+from core.payload import MAX_DEPTH, depth, parse_json_object
 from transforms.decode import MAX_BATCH, decode_message
 
 VITALS = "rpm/v1/devices/bp-001/vitals"
@@ -62,7 +62,9 @@ def test_batch_of_exactly_max_batch_is_accepted() -> None:
     (b"42", "not_a_json_object"),
     (b'"text"', "not_a_json_object"),
     (b"null", "not_a_json_object"),
-    (b"NaN", "not_a_json_object"),
+    (b"NaN", "not_json"),                                     # not JSON at all (core/payload.py)
+    (b'{"metric": "heart_rate", "value": 72,}', "not_json"),  # a trailing comma
+    (b'{"metric": "heart_rate", "unit": "\\ud800"}', "not_json"),  # a lone surrogate escape
     (b'{"readings": {"metric": "heart_rate"}}', "readings_not_a_list"),
     (b'{"readings": null}', "readings_not_a_list"),
     (b'{"readings": "[]"}', "readings_not_a_list"),
@@ -107,12 +109,9 @@ def test_status_and_app_event_channels_decode_for_the_telehealth_stream() -> Non
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_nan_and_infinity_literals_do_not_become_floats(literal: str) -> None:
+def test_nan_and_infinity_literals_make_the_message_not_json(literal: str) -> None:
     msg = decode_message(VITALS, f'{{"metric": "heart_rate", "value": {literal}}}'.encode())
-    assert msg.reason is None
-    value = msg.items[0]["value"]
-    assert not isinstance(value, float)
-    assert value == literal
+    assert (msg.reason, msg.detail, msg.items) == ("not_json", "NaN/Infinity literal at byte 34: not a JSON number", [])
 
 
 def test_parse_json_object_returns_the_document() -> None:
@@ -120,8 +119,45 @@ def test_parse_json_object_returns_the_document() -> None:
     assert (doc, reason, detail) == (READING, None, "")
 
 
-def test_overflowing_exponent_is_left_for_the_number_rule() -> None:
-    """1e400 is valid JSON (it parses to inf); normalise's number() is what refuses it."""
-    doc, reason, _ = parse_json_object(b'{"value": 1e400}')
-    assert reason is None
-    assert doc is not None and math.isinf(doc["value"])
+def test_overflowing_numbers_make_the_message_not_json() -> None:
+    """1e400 has no double (Python's json made it inf); an integer past 4,300 digits no exact reading."""
+    for payload in (b'{"value": 1e400}', b'{"value": -1e400}', b'{"value": ' + b"9" * 4301 + b"}"):
+        doc, reason, detail = parse_json_object(payload)
+        assert (doc, reason) == (None, "not_json") and detail.startswith("number out of range"), detail
+
+
+def test_big_integers_and_duplicate_keys_read_as_pythons_json_reads_them() -> None:
+    doc, _, _ = parse_json_object(b'{"a": 123456789012345678901234567890, "v": 1, "v": 2}')
+    assert doc == {"a": 123456789012345678901234567890, "v": 2}  # the last of a repeated key
+
+
+def test_lone_surrogate_escapes_are_named() -> None:
+    for text in (b'"\\ud800"', b'"\\udc00x"', b'"\\ud800\\u0041"'):
+        doc, reason, detail = parse_json_object(b'{"unit": ' + text + b"}")
+        assert (doc, reason, detail) == (None, "not_json", "lone UTF-16 surrogate escape: not Unicode text"), text
+    doc, _, _ = parse_json_object(b'{"unit": "\\ud83d\\ude00"}')  # a pair is one character
+    assert doc == {"unit": "\U0001f600"}
+
+
+def _at_stack_depth(frames: int, call: Any) -> Any:
+    return call() if frames == 0 else _at_stack_depth(frames - 1, call)
+
+
+def test_nesting_is_limited_by_the_contract_not_by_the_callers_stack() -> None:
+    """MAX_DEPTH arrays and objects are read, one more is not — at any stack depth a task may call from, and
+    what was read can be written again (raw, extra) a few frames deeper."""
+    def nested(levels: int) -> bytes:  # the top-level object is one level
+        return b'{"x":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+    for stack in (0, 300):
+        doc, reason, _ = _at_stack_depth(stack, lambda: parse_json_object(nested(MAX_DEPTH)))
+        assert reason is None and depth(doc) == MAX_DEPTH
+        assert _at_stack_depth(stack + 50, lambda: json.dumps(doc))  # noqa: B023 - called at once
+        assert _at_stack_depth(stack, lambda: parse_json_object(nested(MAX_DEPTH + 1))) == (
+            None, "not_json", "nested too deeply")
+
+
+def test_a_full_batch_holds_many_brackets_and_is_read() -> None:
+    items = [{"metric": "blood_pressure", "values": {"systolic": 120, "diastolic": 80}}] * MAX_BATCH
+    doc, reason, _ = parse_json_object(_json({"readings": items}))
+    assert reason is None and doc is not None and len(doc["readings"]) == MAX_BATCH

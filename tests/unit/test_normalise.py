@@ -215,14 +215,20 @@ def test_non_numbers_become_null_values(value: Any) -> None:
     assert row["value"] is None
 
 
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
-def test_non_finite_json_numbers_are_not_numbers(literal: str) -> None:
+@pytest.mark.parametrize(("literal", "detail"), [
+    ("NaN", "NaN/Infinity literal at byte 106: not a JSON number"),
+    ("Infinity", "NaN/Infinity literal at byte 106: not a JSON number"),
+    ("-Infinity", "NaN/Infinity literal at byte 106: not a JSON number"),
+    ("1e400", "number out of range (beyond a double, or an integer of more than 4,300 digits)"),
+])
+def test_non_finite_json_numbers_make_the_message_unreadable(literal: str, detail: str) -> None:
+    """Not JSON (NaN, Infinity) or no double (1e400): the device sent no number, and the message says so
+    as a whole (core/payload.py), rather than one field of it quietly turning null."""
     payload = ('{"msg_id": "m-1", "metric": "heart_rate", "unit": "/min", '
                f'"measured_at": "2026-11-27T13:00:00Z", "value": {literal}}}').encode()
     [row] = normalise_records("seg", [LandedRecord(0, VITALS, RECEIVED, payload, None)])
-    assert isinstance(row, dict)
-    assert row["value_sent"] is None
-    assert row["value"] is None
+    assert isinstance(row, StructuralReject)
+    assert (row.reason, row.detail, row.raw) == ("not_json", detail, payload)
 
 
 def test_number_accepts_finite_ints_and_floats() -> None:
