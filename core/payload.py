@@ -29,9 +29,10 @@ MAX_DEPTH = 512  # arrays and objects inside one another, the top-level object i
 
 _DECODER = msgspec.json.Decoder()
 _NON_FINITE = re.compile(rb"-?(NaN|Infinity)")
-# A lone UTF-16 surrogate escape (a high one not followed by a low one, or a low one alone).
-_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+# Escapes read left to right: an escaped backslash (a backslash and "ud800" after it are text), a surrogate
+# pair (one character), a lone UTF-16 surrogate escape (the only match of 6 bytes).
+_SURROGATE_ESCAPES = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                                rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _AT_BYTE = re.compile(r"\(byte (\d+)\)")
 
 
@@ -39,6 +40,10 @@ def loads(payload: bytes) -> Any:
     """The JSON value of ``payload`` (bytes, UTF-8), read strictly; raises ``msgspec.MsgspecError`` (not
     JSON), ``RecursionError`` (nested too deeply)."""
     return _DECODER.decode(payload)
+
+
+def _lone_surrogate(payload: bytes) -> bool:
+    return any(len(m.group()) == 6 for m in _SURROGATE_ESCAPES.finditer(payload))
 
 
 def _why(payload: bytes, exc: Exception) -> str:
@@ -50,7 +55,7 @@ def _why(payload: bytes, exc: Exception) -> str:
         return f"NaN/Infinity literal at byte {at}: not a JSON number"
     if "out of range" in text:
         return "number out of range (beyond a double, or an integer of more than 4,300 digits)"
-    if ("truncated" in text or "surrogate" in text) and _LONE_SURROGATE.search(payload):
+    if ("truncated" in text or "surrogate" in text) and _lone_surrogate(payload):
         return "lone UTF-16 surrogate escape: not Unicode text"
     return text[:200]
 

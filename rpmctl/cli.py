@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -1083,6 +1084,11 @@ def main(argv: list[str] | None = None) -> int:
     an exit code: 2 bad input, 3 accounting broken, 4 access denied, 5 audit tampered, 1 anything else; a
     closed output pipe exits 141 silently, like any Unix tool killed by SIGPIPE."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # A character the terminal's encoding cannot show is escaped, as Python's own stderr does: a strict stream
+    # raised UnicodeEncodeError (a ValueError: reported as bad input) half-way through the output.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
     os.umask(0o077)  # everything a command writes under the state folder (warehouse, exports, logs) is private
     try:
         code = _run(argv)

@@ -11,6 +11,10 @@ the interpreter's teardown of the modules at exit; the threads are joined and th
 The console script itself is still run by the tests that pipe it, start services from it, or install it
 (test_packaging).
 
+What the interpreter sets up once at its start from the environment — the standard streams' encoding and
+error handler, the time zone, its own options (``PYTHON*``) — a forked child would inherit from the server, not
+take from the test's environment: a call whose environment differs there runs the console script itself.
+
 The server is started on first use, one per test process, and stopped when that process ends.
 """
 
@@ -30,6 +34,8 @@ import threading
 from pathlib import Path
 
 _HEADER = struct.Struct("!I")
+# What the interpreter reads from the environment at its start (and a forked child so keeps from the server).
+_AT_START = ("PYTHON", "LC_", "LANG", "TZ")
 _STATUS = struct.Struct("!ii")  # pid, then the wait status's return code
 
 
@@ -116,11 +122,12 @@ class ForkServer:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._path = ""
+        self._env: dict[str, str] = {}
 
     def _start(self) -> None:
         folder = tempfile.mkdtemp(prefix="rpm-forkserver-")
         self._path = str(Path(folder) / "sock")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RPM_", "AIRFLOW"))}
+        env = self._env = {k: v for k, v in os.environ.items() if not k.startswith(("RPM_", "AIRFLOW"))}
         self._proc = subprocess.Popen([sys.executable, "-m", "tests.rpm_forkserver", self._path], env=env,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
                                       cwd=Path(__file__).parent.parent)
@@ -143,6 +150,9 @@ class ForkServer:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
+            if _at_start(env) != _at_start(self._env):
+                return subprocess.run([rpm, *argv], env=env, cwd=cwd, input=input, stdout=stdout,
+                                      stderr=subprocess.PIPE, text=True, timeout=timeout)
             return self._run(rpm, argv, env, cwd, input, stdout, timeout)
 
     def _run(self, rpm: str, argv: list[str], env: dict[str, str], cwd: str | Path | None, input: str | None,
@@ -186,6 +196,10 @@ class ForkServer:
                 t.join(timeout)
         out = _text(streams["out"]) if out_r is not None else None
         return subprocess.CompletedProcess([rpm, *argv], code, out, _text(streams["err"]))
+
+
+def _at_start(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_AT_START)}
 
 
 def _text(data: bytes) -> str:

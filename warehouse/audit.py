@@ -450,12 +450,14 @@ class AuditLog:
     def _read_raw(self) -> tuple[bytes | None, bytes]:
         """The raw head and the log's bytes, read together, with no append in between."""
         with self._locked(fcntl.LOCK_SH):
-            try:
-                head_raw: bytes | None = self.head_path.read_bytes()
-            except FileNotFoundError:
-                head_raw = None
-            data = self.path.read_bytes() if self.path.exists() else b""
-        return head_raw, data
+            return self._read_locked()
+
+    def _read_locked(self) -> tuple[bytes | None, bytes]:
+        try:
+            head_raw: bytes | None = self.head_path.read_bytes()
+        except FileNotFoundError:
+            head_raw = None
+        return head_raw, self.path.read_bytes() if self.path.exists() else b""
 
     def _read(self) -> tuple[bytes | None, list[bytes], bool]:
         """The raw head, the log's complete lines and whether a torn line (no newline) follows them."""
@@ -493,7 +495,14 @@ class AuditLog:
         return result
 
     def _verify(self) -> dict:
-        head_raw, data = self._read_raw()
+        # The anchor too is read under the lock: read after it, an append in between makes it newer than the
+        # head read here, which looks exactly like a rollback.
+        with self._locked(fcntl.LOCK_SH):
+            head_raw, data = self._read_locked()
+            try:
+                anchored, anchor_problem = self._anchor_seq(), None
+            except AuditTampered as exc:
+                anchored, anchor_problem = None, str(exc)
         torn = bool(data) and not data.endswith(b"\n")
         walk = self._walk(data, -1, GENESIS, GENESIS)
         count, prev = walk.records, walk.mac
@@ -516,10 +525,8 @@ class AuditLog:
             where = f"ends at record {count - 1}" if count else "holds no record"
             return {"ok": False, "records": count,
                     "problem": f"log {where} but the head says {head['seq']} (records were removed from the end)"}
-        try:
-            anchored = self._anchor_seq()
-        except AuditTampered as exc:
-            return {"ok": False, "records": count, "problem": str(exc)}
+        if anchor_problem is not None:
+            return {"ok": False, "records": count, "problem": anchor_problem}
         if anchored is not None and anchored > head["seq"]:
             return {"ok": False, "records": count,
                     "problem": f"the log and its head were rolled back to record {head['seq']}: the anchor "

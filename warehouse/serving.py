@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import stat
@@ -55,12 +56,15 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
     for leftover in d.glob(".clinical-*.duckdb.tmp"):  # a publish that died (this one holds the writer)
         leftover.unlink(missing_ok=True)
     snapshots = _snapshots(d)
-    if len(snapshots) < KEEP or _refresh_unused(snapshots[0], tmp, s.clinical_db, _sealed_block_size(con)) is None:
+    published = _published(d)
+    if len(snapshots) < KEEP or _refresh_unused(snapshots[0], tmp, s.clinical_db, _sealed_block_size(con),
+                                                published.get(snapshots[0].name)) is None:
         shutil.copyfile(s.clinical_db, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
     os.replace(tmp, d / name)
+    _record_published(d, {**published, name: _identity(os.stat(d / name))})
     pointer_tmp = d / ".CURRENT.tmp"
     pointer_tmp.unlink(missing_ok=True)  # written afresh, never through whatever was left at that name
     with os.fdopen(os.open(pointer_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
@@ -69,6 +73,33 @@ def publish_snapshot(s: Settings, con: duckdb.DuckDBPyConnection | None = None) 
     for old in _snapshots(d)[:-KEEP]:
         old.unlink(missing_ok=True)
     return d / name
+
+
+# What each snapshot's file was as published (inode, size, modification and change times): the header
+# comparison below trusts the old snapshot to hold what was written to it, so a file changed since (an edit, a
+# restore, anything that wrote to it) is compared whole. Not synced: lost, every snapshot is compared whole.
+_PUBLISHED = ".published"
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _published(d: Path) -> dict[str, list[int]]:
+    try:
+        doc = json.loads((d / _PUBLISHED).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _record_published(d: Path, published: dict[str, list[int]]) -> None:
+    kept = {p.name for p in _snapshots(d)[-KEEP:]}
+    tmp = d / f"{_PUBLISHED}.tmp"
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
+        json.dump({k: v for k, v in published.items() if k in kept}, f)
+    os.replace(tmp, d / _PUBLISHED)
 
 
 def _snapshots(d: Path) -> list[Path]:
@@ -143,10 +174,12 @@ def _sync_sealed(src: int, fd: int, block_size: int, end: int, old_end: int) -> 
     return written
 
 
-def _refresh_unused(old: Path, tmp: Path, source: Path, block_size: int = 0) -> int | None:
+def _refresh_unused(old: Path, tmp: Path, source: Path, block_size: int = 0,
+                    published: list[int] | None = None) -> int | None:
     """Turn snapshot ``old`` into a copy of ``source`` at ``tmp``, writing only the blocks that differ (found by
-    their headers when ``block_size`` says the source's blocks are sealed, else by comparing them whole); the
-    bytes written, or None (and ``old`` untouched) when some process has it open."""
+    their headers when ``block_size`` says the source's blocks are sealed and ``old`` is still the file that was
+    published, ``published`` its ``_identity``; else by comparing them whole); the bytes written, or None (and
+    ``old`` untouched) when some process has it open."""
     try:  # never through a symlink someone planted there (O_NONBLOCK: nor wait on a FIFO)
         fd = os.open(old, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
@@ -166,7 +199,8 @@ def _refresh_unused(old: Path, tmp: Path, source: Path, block_size: int = 0) -> 
             src = f.fileno()
             size = os.fstat(src).st_size
             os.ftruncate(fd, size)
-            if block_size > 0 and size >= _FILE_HEADERS and (size - _FILE_HEADERS) % block_size == 0:
+            if block_size > 0 and size >= _FILE_HEADERS and (size - _FILE_HEADERS) % block_size == 0 \
+                    and published == _identity(st):
                 written = _sync_whole(src, fd, 0, _FILE_HEADERS)
                 written += _sync_sealed(src, fd, block_size, size, min(st.st_size, size))
             else:

@@ -433,6 +433,17 @@ def test_piping_into_head_prints_the_first_line_and_no_traceback(ward):
     assert proc.stderr == ""
 
 
+def test_output_the_terminal_cannot_show_is_escaped_not_an_error(tmp_path):
+    """A terminal whose encoding lacks a character the output holds (here ASCII; `rpm config`'s help text has
+    dashes and arrows) gets it escaped: the command is not cut off half-way as "bad input" (exit 2)."""
+    env = {**_clean_env(), **_settings(tmp_path).as_env(), "PYTHONIOENCODING": "ascii"}
+    proc = run(None, "config", env=env)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "\\u2014" in proc.stdout and proc.stdout.isascii()
+    assert proc.stdout == run(None, "config", env={**env, "PYTHONIOENCODING": "utf-8"}).stdout.encode(
+        "ascii", "backslashreplace").decode()
+
+
 def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths = [prefix]
     for action in parser._actions:

@@ -90,15 +90,21 @@ def clean(v: str) -> str:
         return v.encode("utf-8", "replace").decode("utf-8")
 
 
-# A lone UTF-16 surrogate escape in JSON text (a high one not followed by a low one, or a low one alone).
-_LONE_SURROGATE = re.compile(r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})"
-                             r"|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}", re.IGNORECASE)
+# JSON text's escapes that matter here, read left to right: an escaped backslash (so that a backslash and
+# "ud800" after it stays text), a surrogate pair (one character), and a lone surrogate escape (6 characters).
+_SURROGATE_ESCAPES = re.compile(r"\\\\|\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|\\ud[89a-f][0-9a-f]{2}",
+                                re.IGNORECASE)
+
+
+def _lone_to_fffd(m: re.Match[str]) -> str:
+    return "\\ufffd" if len(m.group()) == 6 else m.group()
 
 
 def json_text(v: Any) -> str:
     """JSON text for a JSON column: ASCII escapes, lone surrogates replaced by U+FFFD (DuckDB's JSON type
     refuses them; ``raw`` keeps the original bytes). No recursion of ours: any depth json.dumps handles."""
-    return _LONE_SURROGATE.sub(r"\\ufffd", json.dumps(v, default=str))
+    text = json.dumps(v, default=str)
+    return _SURROGATE_ESCAPES.sub(_lone_to_fffd, text) if "\\u" in text else text
 
 
 def text_field(item: dict[str, Any], key: str) -> str | None:

@@ -581,3 +581,31 @@ def test_ops_status_is_failing_when_a_middle_record_is_gone(log, settings):
     status = ops_status(settings)
     assert status["verdict"] == "failing"
     assert any(r.startswith("audit log: line 10") for r in status["reasons"]), status["reasons"]
+
+
+def _append_until(home: str, stop) -> None:
+    log = AuditLog(Settings(home=Path(home)))
+    i = 0
+    while not stop.is_set():
+        log.append("dr-busy", "patient", [PATIENTS[i % 2]], {"i": i}, rows=1)
+        i += 1
+
+
+def test_verify_during_appends_by_another_process_finds_nothing_wrong(settings):
+    """`rpm audit verify` (and `rpm ops status`) while the service audits reads: the head, the log and the
+    anchor are one state, read together. (The hostile review: the anchor was read after the lock was let go,
+    so an append in between made it newer than the head just read — a rollback reported on an intact log,
+    and the verifying process then refused every read of PHI.)"""
+    fill(AuditLog(settings), 3)
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_append_until, args=(str(settings.home), stop))
+    writer.start()
+    try:
+        log = AuditLog(settings)
+        problems = [v["problem"] for v in (log._verify() for _ in range(300)) if not v["ok"]]
+    finally:
+        stop.set()
+        writer.join(timeout=60)
+    assert writer.exitcode == 0
+    assert problems == []

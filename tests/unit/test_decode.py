@@ -131,6 +131,12 @@ def test_big_integers_and_duplicate_keys_read_as_pythons_json_reads_them() -> No
     assert doc == {"a": 123456789012345678901234567890, "v": 2}  # the last of a repeated key
 
 
+def test_a_truncated_payload_is_not_blamed_on_text_that_looks_like_a_surrogate_escape() -> None:
+    """`"C:\\ud800"` is a backslash and text, which the payload may hold; what is wrong here is the end."""
+    doc, reason, detail = parse_json_object(b'{"note": "C:\\\\ud800", "unit": "abc')
+    assert (doc, reason) == (None, "not_json") and "surrogate" not in detail, detail
+
+
 def test_lone_surrogate_escapes_are_named() -> None:
     for text in (b'"\\ud800"', b'"\\udc00x"', b'"\\ud800\\u0041"'):
         doc, reason, detail = parse_json_object(b'{"unit": ' + text + b"}")

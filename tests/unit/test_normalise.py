@@ -253,6 +253,13 @@ def test_fields_outside_the_contract_are_preserved_in_extra() -> None:
     assert json.loads(row["extra"]) == {"battery": 81, "firmware": "2.1.0", "flags": {"manual": True}}
 
 
+def test_extra_text_that_only_looks_like_a_surrogate_escape_is_kept_as_sent() -> None:
+    """A backslash then "ud800" is text (a Windows path, an escaped log line), not an escape: stored as sent."""
+    sent = {"note": "C:\\ud800\\data", "path": "\\udc00", "both": "\\\U0001f600"}
+    row = cand(reading(**sent))
+    assert json.loads(row["extra"]) == sent
+
+
 @pytest.mark.parametrize(("manual", "expected"), [(True, True), (False, False), ("true", False), (1, False),
                                                   (None, False)])
 def test_only_json_true_marks_a_manual_entry(manual: Any, expected: bool) -> None:
