@@ -220,4 +220,7 @@ def _recv(conn: socket.socket, size: int) -> bytes:
 SERVER = ForkServer()
 
 if __name__ == "__main__":
+    # `-m` put the repository's root first on the path; the console script sees only what is installed, so a
+    # command here must not import anything more (a stray `import tests` or `bench` would fail for users).
+    del sys.path[0]
     _serve(sys.argv[1])
