@@ -85,57 +85,40 @@ SCOPE_EPISODES = ("SELECT * EXCLUDE (island, base) FROM _islands UNION ALL BY NA
 
 # The episodes into `alerts`, acknowledgements kept: one INSERT ... ON CONFLICT DO UPDATE, which finds each
 # episode's alert through the key index (a run's few hundred episodes on millions of alerts) ...
-UPSERT = """
+_INSERT = """
 INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
                     last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
                     resolution, opened_rule, escalated_at)
 SELECT alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id, last_breach_at,
        last_observed, breaches, resolved_at, resolved_reading_id, now(),
        CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END, opened_rule, escalated_at
-FROM _episodes
-ON CONFLICT (alert_id) DO UPDATE SET
+FROM _episodes e
+"""
+# How a stored alert takes its episode's state ({new}: the episode's row, as inserted).
+_SET = """
     -- An escalation asks for attention again: an acknowledgement of the lower level no longer stands (the
     -- audit log keeps who acknowledged what, and when).
-    acknowledged_by = CASE WHEN excluded.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_by END,
-    acknowledged_at = CASE WHEN excluded.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_at END,
-    ack_note = CASE WHEN excluded.severity < alerts.severity THEN NULL ELSE alerts.ack_note END,
-    rule = excluded.rule, severity = excluded.severity, description = excluded.description,
-    opened_rule = excluded.opened_rule, escalated_at = excluded.escalated_at,
-    last_breach_at = excluded.last_breach_at, last_observed = excluded.last_observed,
-    breaches = excluded.breaches, resolved_at = excluded.resolved_at,
-    resolved_reading_id = excluded.resolved_reading_id, evaluated_at = excluded.evaluated_at,
-    resolution = excluded.resolution
+    acknowledged_by = CASE WHEN {new}.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_by END,
+    acknowledged_at = CASE WHEN {new}.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_at END,
+    ack_note = CASE WHEN {new}.severity < alerts.severity THEN NULL ELSE alerts.ack_note END,
+    rule = {new}.rule, severity = {new}.severity, description = {new}.description,
+    opened_rule = {new}.opened_rule, escalated_at = {new}.escalated_at,
+    last_breach_at = {new}.last_breach_at, last_observed = {new}.last_observed,
+    breaches = {new}.breaches, resolved_at = {new}.resolved_at,
+    resolved_reading_id = {new}.resolved_reading_id, evaluated_at = {new}.evaluated_at,
+    resolution = {new}.resolution
 """
+UPSERT = _INSERT + "ON CONFLICT (alert_id) DO UPDATE SET" + _SET.format(new="excluded")
 # ... or, for many episodes (a first evaluation of a million readings opens ~150k), the stored ones updated and
 # the new ones inserted by joins: ON CONFLICT checked every row against the key, 1.2 CPU s against 0.4 for the
 # plain insert, while the joins read `alerts`' whole id column, the cheaper side only when the episodes are many.
 BULK_EPISODES = 20_000
-UPDATE_EXISTING = """
-UPDATE alerts SET
-    -- An escalation asks for attention again: an acknowledgement of the lower level no longer stands (the
-    -- audit log keeps who acknowledged what, and when).
-    acknowledged_by = CASE WHEN e.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_by END,
-    acknowledged_at = CASE WHEN e.severity < alerts.severity THEN NULL ELSE alerts.acknowledged_at END,
-    ack_note = CASE WHEN e.severity < alerts.severity THEN NULL ELSE alerts.ack_note END,
-    rule = e.rule, severity = e.severity, description = e.description,
-    opened_rule = e.opened_rule, escalated_at = e.escalated_at,
-    last_breach_at = e.last_breach_at, last_observed = e.last_observed,
-    breaches = e.breaches, resolved_at = e.resolved_at,
-    resolved_reading_id = e.resolved_reading_id, evaluated_at = now(),
-    resolution = CASE WHEN e.resolved_at IS NOT NULL THEN 'back in range' END
-FROM _episodes e
+UPDATE_EXISTING = "UPDATE alerts SET" + _SET.format(new="e") + """
+FROM (SELECT *, now() AS evaluated_at, CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END AS resolution
+      FROM _episodes) e
 WHERE e.alert_id = alerts.alert_id
 """
-INSERT_NEW = """
-INSERT INTO alerts (alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id,
-                    last_breach_at, last_observed, breaches, resolved_at, resolved_reading_id, evaluated_at,
-                    resolution, opened_rule, escalated_at)
-SELECT alert_id, patient_id, rule, severity, description, opened_at, opened_reading_id, last_breach_at,
-       last_observed, breaches, resolved_at, resolved_reading_id, now(),
-       CASE WHEN resolved_at IS NOT NULL THEN 'back in range' END, opened_rule, escalated_at
-FROM _episodes e
-WHERE NOT EXISTS (SELECT 1 FROM alerts a WHERE a.alert_id = e.alert_id)
-"""
+INSERT_NEW = _INSERT + "WHERE NOT EXISTS (SELECT 1 FROM alerts a WHERE a.alert_id = e.alert_id)\n"
 UPSERT_BULK = (UPDATE_EXISTING, INSERT_NEW)
 
 # Late data (a device uploading its offline buffer) can split or erase an episode that was evaluated before
