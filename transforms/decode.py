@@ -29,21 +29,6 @@ class DecodedMessage:
 BATCH_KEYS = {"vitals": "readings", "status": "statuses", "events": "events"}
 
 
-def structure(doc: dict[str, Any], channel: str) -> tuple[list[Any], str | None, str, bool]:
-    """(items, reason, detail, batch) of a message read as a JSON object: its batch's items, or itself."""
-    key = BATCH_KEYS[channel]
-    if key not in doc:
-        return [doc], None, "", False
-    batch = doc[key]
-    if type(batch) is not list:
-        return [], f"{key}_not_a_list", type(batch).__name__, False
-    if not batch:
-        return [], "empty_batch", "", False
-    if len(batch) > MAX_BATCH:
-        return [], "batch_too_large", f"{len(batch)} > {MAX_BATCH}", False
-    return batch, None, "", True
-
-
 def decode_message(topic: str, payload: bytes, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> DecodedMessage:
     parsed = parse_topic(topic)
     if parsed is None:
@@ -54,5 +39,14 @@ def decode_message(topic: str, payload: bytes, max_payload_bytes: int = MAX_PAYL
     doc, reason, detail = parse_json_object(payload)
     if doc is None:
         return DecodedMessage(src, [], reason, detail, channel)
-    items, reason, detail, batch = structure(doc, channel)
-    return DecodedMessage(src, items, reason, detail, channel, batch)
+    key = BATCH_KEYS[channel]
+    if key not in doc:
+        return DecodedMessage(src, [doc], None, "", channel)
+    batch = doc[key]
+    if type(batch) is not list:
+        return DecodedMessage(src, [], f"{key}_not_a_list", type(batch).__name__, channel)
+    if not batch:
+        return DecodedMessage(src, [], "empty_batch", "", channel)
+    if len(batch) > MAX_BATCH:
+        return DecodedMessage(src, [], "batch_too_large", f"{len(batch)} > {MAX_BATCH}", channel)
+    return DecodedMessage(src, batch, None, "", channel, True)

@@ -26,8 +26,7 @@ from typing import Any
 
 from core.landing import LandedColumns, LandedRecord, from_us, to_us
 from core.payload import MAX_PAYLOAD_BYTES, parse_json_object
-from core.topics import parse_topic
-from transforms.decode import BATCH_KEYS, structure
+from transforms.decode import BATCH_KEYS, decode_message
 from transforms.vocab import CGM_LOINC, METRICS
 
 # RFC 3339 date-time with a mandatory offset ("Z" or +hh:mm): local time without an offset is ambiguous.
@@ -181,11 +180,8 @@ class Items:
                 batch: bool) -> int:
         """Register a landed vitals message; returns its number for ``read``. A single reading's raw is the
         message as sent (JSON-equal to the item); a batch item's is its own JSON (see ``read``)."""
-        m = self.messages
-        n = len(m["msg"])
-        for column, value in zip(MESSAGE_COLUMNS, (n, segment, record_no, device_id, received_us, payload, batch),
-                                 strict=True):
-            m[column].append(value)
+        n = len(self.messages["msg"])
+        self.messages_of(segment, [record_no], [device_id], [received_us], [payload], [batch])
         return n
 
     def messages_of(self, segment: str, record_no: list[int], device_id: list[str], received_us: list[int],
@@ -428,8 +424,8 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
     """Every landed message of a segment, decoded: vitals items into columns, events as rows, and a
     structural reject per unreadable message or batch item (appended to ``into`` when given).
 
-    Each message is parsed once (core/payload.py: msgspec, strict JSON) and judged as ``decode_message``
-    judges it; the segment's vitals items are then read column by column (``Items.read``). The cyclic
+    Each message is parsed once (core/payload.py: msgspec, strict JSON) and judged by ``decode_message``;
+    the segment's vitals items are then read column by column (``Items.read``). The cyclic
     garbage collector is paused meanwhile: parsing allocates millions of containers, none in a cycle, and
     its passes over them cost more than the parse.
 
@@ -449,7 +445,6 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
     msgs: list[int] = []
     item_nos: list[int] = []
     raws: list[bool] = []
-    topics: dict[str, Any] = {}
 
     def reject(n: int, device: str | None, received_us: int, reason: str, detail: str, payload: bytes) -> None:
         rejects.append(StructuralReject(f"{segment}:{n}:0", segment, n, 0, device, from_us(received_us), reason,
@@ -460,25 +455,12 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
     try:
         for n, topic, received_us, payload in zip(cols.n, cols.topic, cols.received_at_us, cols.payload,
                                                   strict=True):
-            parsed = topics.get(topic, topics)
-            if parsed is topics:
-                parsed = topics[topic] = parse_topic(topic)
-            if parsed is None:
-                reject(n, None, received_us, "unknown_topic", topic[:200], payload)
+            msg = decode_message(topic, payload, max_payload_bytes)
+            if msg.reason is not None:
+                reject(n, msg.device_id, received_us, msg.reason, msg.detail, payload)
                 continue
-            device, channel = parsed.device_id, parsed.channel
-            if len(payload) > max_payload_bytes:
-                reject(n, device, received_us, "payload_too_large", f"{len(payload)} > {max_payload_bytes} bytes",
-                       payload)
-                continue
-            doc, reason, detail = parse_json_object(payload)
-            if doc is None:
-                reject(n, device, received_us, reason or "not_json", detail, payload)
-                continue
-            items, reason, detail, batch = structure(doc, channel)
-            if reason is not None:
-                reject(n, device, received_us, reason, detail, payload)
-                continue
+            device, channel, items, batch = msg.device_id, msg.channel, msg.items, msg.batch
+            assert device is not None
             if channel == "vitals":
                 m = first + len(record_nos)
                 record_nos.append(n)
@@ -487,7 +469,7 @@ def decode_columns(segment: str, cols: LandedColumns, max_payload_bytes: int = M
                 payloads.append(payload)
                 batches.append(batch)
                 if not batch:
-                    vitals.append(doc)
+                    vitals.append(items[0])
                     msgs.append(m)
                     item_nos.append(0)
                     raws.append(False)
